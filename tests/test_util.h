@@ -1,0 +1,60 @@
+// Shared helpers for tests: seeded random fills and float64 finite differences.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <vector>
+
+namespace mamba::testing {
+
+inline std::vector<double> RandomVector(int64_t n, uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> dist(lo, hi);
+  std::vector<double> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+template <typename T>
+std::vector<T> Cast(const std::vector<double>& v) {
+  return std::vector<T>(v.begin(), v.end());
+}
+
+// Largest |a - b| relative to the largest |b| (a global relative error: robust where b is ~0).
+template <typename A, typename B>
+double RelativeError(const std::vector<A>& a, const std::vector<B>& b) {
+  double max_diff = 0, max_ref = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    max_diff = std::max(max_diff, std::abs(double(a[i]) - double(b[i])));
+    max_ref = std::max(max_ref, std::abs(double(b[i])));
+  }
+  return max_diff / std::max(max_ref, 1e-30);
+}
+
+// Central finite differences of a scalar function f with respect to every entry of x:
+// returns df/dx. f reads x (which this perturbs in place and restores).
+inline std::vector<double> FiniteDifference(std::vector<double>& x, const std::function<double()>& f,
+                                            double eps = 1e-6) {
+  std::vector<double> g(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double saved = x[i];
+    x[i] = saved + eps;
+    const double fp = f();
+    x[i] = saved - eps;
+    const double fm = f();
+    x[i] = saved;
+    g[i] = (fp - fm) / (2 * eps);
+  }
+  return g;
+}
+
+inline double Dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace mamba::testing

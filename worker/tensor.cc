@@ -1,0 +1,105 @@
+#include "worker/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "worker/check.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace mamba {
+namespace {
+
+std::mutex allocator_mutex;
+DeviceAllocator allocators[2];
+
+std::shared_ptr<void> CpuAllocate(size_t bytes) {
+  // 64-byte alignment suits AVX-512 loads and cache lines; never return null for 0 bytes.
+  size_t rounded = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  MAMBA_CHECK(p != nullptr) << "out of host memory allocating " << bytes << " bytes";
+  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+}
+
+}  // namespace
+
+size_t DTypeSize(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return 4;
+    case DType::kF64: return 8;
+    case DType::kBF16: return 2;
+    case DType::kI32: return 4;
+  }
+  return 0;
+}
+
+const char* DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return "float32";
+    case DType::kF64: return "float64";
+    case DType::kBF16: return "bfloat16";
+    case DType::kI32: return "int32";
+  }
+  return "?";
+}
+
+const char* DeviceName(Device device) { return device == Device::kCPU ? "cpu" : "cuda"; }
+
+std::string ShapeString(const Shape& shape) { return absl::StrCat("(", absl::StrJoin(shape, ", "), ")"); }
+
+int64_t NumElements(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+void RegisterAllocator(Device device, DeviceAllocator allocator) {
+  std::lock_guard<std::mutex> lock(allocator_mutex);
+  allocators[static_cast<int>(device)] = std::move(allocator);
+}
+
+Tensor Tensor::Empty(Shape shape, DType dtype, Device device) {
+  for (int64_t d : shape) MAMBA_CHECK(d >= 0) << "negative dimension in " << ShapeString(shape);
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  t.device_ = device;
+  size_t bytes = t.nbytes();
+  if (device == Device::kCPU) {
+    t.buffer_ = CpuAllocate(bytes);
+  } else {
+    DeviceAllocator alloc;
+    {
+      std::lock_guard<std::mutex> lock(allocator_mutex);
+      alloc = allocators[static_cast<int>(device)];
+    }
+    MAMBA_CHECK(alloc) << "no allocator registered for device " << DeviceName(device);
+    t.buffer_ = alloc(bytes);
+  }
+  return t;
+}
+
+Tensor Tensor::Zeros(Shape shape, DType dtype) {
+  Tensor t = Empty(std::move(shape), dtype, Device::kCPU);
+  std::memset(t.raw(), 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::Reshape(Shape shape) const {
+  MAMBA_CHECK(NumElements(shape) == numel()) << "reshape " << ShapeString(shape_) << " to " << ShapeString(shape);
+  Tensor t = *this;
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+std::string Tensor::DebugString() const {
+  return absl::StrCat("Tensor", ShapeString(shape_), " ", DTypeName(dtype_), " ", DeviceName(device_));
+}
+
+void Tensor::CheckDType(DType expected) const {
+  MAMBA_CHECK(defined()) << "access to an undefined tensor";
+  MAMBA_CHECK(dtype_ == expected) << "tensor is " << DTypeName(dtype_) << ", accessed as " << DTypeName(expected);
+}
+
+}  // namespace mamba

@@ -1,0 +1,76 @@
+// A tensor is a shape, a dtype, a device and a shared buffer. It is a handle: copies share the
+// buffer (like torch.Tensor), so ops take outputs as `Tensor&` and write through them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mamba {
+
+enum class DType : uint8_t { kF32, kF64, kBF16, kI32 };
+enum class Device : uint8_t { kCPU, kCUDA };
+
+size_t DTypeSize(DType dtype);
+const char* DTypeName(DType dtype);
+const char* DeviceName(Device device);
+
+template <typename T>
+constexpr DType DTypeOf();
+template <>
+constexpr DType DTypeOf<float>() { return DType::kF32; }
+template <>
+constexpr DType DTypeOf<double>() { return DType::kF64; }
+template <>
+constexpr DType DTypeOf<int32_t>() { return DType::kI32; }
+
+using Shape = std::vector<int64_t>;
+std::string ShapeString(const Shape& shape);
+int64_t NumElements(const Shape& shape);
+
+// Allocates `bytes` on a device and returns a deleter-owning pointer. The CPU allocator is built
+// in; a GPU backend registers its own for Device::kCUDA.
+using DeviceAllocator = std::function<std::shared_ptr<void>(size_t bytes)>;
+void RegisterAllocator(Device device, DeviceAllocator allocator);
+
+class Tensor {
+ public:
+  Tensor() = default;  // undefined: the "absent" value of optional op arguments
+  static Tensor Empty(Shape shape, DType dtype, Device device = Device::kCPU);
+  // Zero-filled; CPU only (device backends zero with their own ops).
+  static Tensor Zeros(Shape shape, DType dtype);
+
+  bool defined() const { return buffer_ != nullptr; }
+  const Shape& shape() const { return shape_; }
+  int64_t dim(int i) const { return shape_.at(i < 0 ? shape_.size() + i : i); }
+  int rank() const { return static_cast<int>(shape_.size()); }
+  int64_t numel() const { return NumElements(shape_); }
+  size_t nbytes() const { return numel() * DTypeSize(dtype_); }
+  DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
+
+  void* raw() const { return buffer_.get(); }
+  // Typed access; checks the dtype (a mismatch is a programming error and aborts).
+  template <typename T>
+  T* data() const {
+    CheckDType(DTypeOf<T>());
+    return static_cast<T*>(buffer_.get());
+  }
+
+  // Same buffer, new shape with the same number of elements.
+  Tensor Reshape(Shape shape) const;
+  std::string DebugString() const;
+
+ private:
+  void CheckDType(DType expected) const;
+
+  std::shared_ptr<void> buffer_;
+  Shape shape_;
+  DType dtype_ = DType::kF32;
+  Device device_ = Device::kCPU;
+};
+
+}  // namespace mamba
