@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Builds everything and runs every test (GPU tests skip cleanly on a machine without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-deps.sh
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$(nproc)"
+ctest --test-dir build --output-on-failure -j"$(nproc)"

@@ -1,0 +1,63 @@
+// Job specs: defaults, and every malformed or impossible spec rejected with the field named.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "worker/job_spec.h"
+#include "worker/trainer.h"
+
+namespace mamba {
+namespace {
+
+void ExpectError(const std::string& json, const std::string& field_and_rule) {
+  auto spec = ParseJobSpecJson(json);
+  absl::Status status = spec.status();
+  if (spec.ok()) status = Trainer::Create(*spec).status();
+  ASSERT_FALSE(status.ok()) << json;
+  EXPECT_NE(std::string(status.message()).find(field_and_rule), std::string::npos)
+      << "message: " << status.message();
+}
+
+TEST(JobSpec, DefaultsAreThePaperSettings) {
+  auto spec = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model().d_model(), 64);
+  EXPECT_EQ(spec->model().n_layer(), 2);
+  EXPECT_EQ(spec->model().d_state(), 16);
+  EXPECT_EQ(spec->model().dt_rank(), 4);
+  EXPECT_EQ(spec->optimizer().beta2(), 0.95);
+  EXPECT_EQ(spec->optimizer().weight_decay(), 0.1);
+  EXPECT_EQ(spec->backend(), "cpu");
+  auto trainer = Trainer::Create(*spec);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  EXPECT_EQ((*trainer)->dataset().seq_len(), 256);
+  EXPECT_EQ((*trainer)->model().config().vocab_size, 16);
+}
+
+TEST(JobSpec, ExplicitZeroIsKeptNotDefaulted) {
+  auto spec = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}, "optimizer": {"weightDecay": 0}})");
+  ASSERT_TRUE(spec.ok());
+  EXPECT_EQ(spec->optimizer().weight_decay(), 0.0);
+}
+
+TEST(JobSpec, BadSpecsNameTheFieldAndRule) {
+  ExpectError(R"({"data": {"inductionHeads": {}}, "bogus": 1})", "bogus");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "model": {"dModel": -4}})",
+              "model.d_model: must be in [1, 65536], got -4");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "model": {"dState": 300}})",
+              "model.d_state: must be in [1, 256], got 300");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "batchSize": 0})", "batch_size");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "optimizer": {"lr": -1}})", "optimizer.lr");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "steps": 0})", "steps: must be in");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "precision": "fp8"})", "precision");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "backend": "tpu"})", "backend");
+  ExpectError(R"({"model": {}})", "data: one source is required");
+  ExpectError(R"({"data": {"textFile": {"path": "/nonexistent/file.txt"}}})", "data.text_file.path");
+  ExpectError(R"({"data": {"inductionHeads": {"seqLen": -5}}})", "data.induction_heads.seq_len");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "model": {"vocabSize": 4}})", "model.vocab_size");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "parallel": {"dp": 3}})", "batch_size: must be a multiple");
+  ExpectError(R"(not json)", "job spec is not a valid JobSpec JSON");
+}
+
+}  // namespace
+}  // namespace mamba

@@ -1,0 +1,174 @@
+// The whole model on the CPU backend: loss gradient of a tiny model against float64 finite
+// differences, and initialization statistics against mamba_ssm's recipe.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "tests/test_util.h"
+#include "worker/model.h"
+
+namespace mamba {
+namespace {
+
+constexpr int32_t kIgnore = -100;
+
+ModelConfig TinyConfig() {
+  ModelConfig c;
+  c.d_model = 16;
+  c.n_layer = 2;
+  c.d_state = 4;
+  c.expand = 2;
+  c.dt_rank = ModelConfig::DefaultDtRank(16);
+  c.vocab_size = ModelConfig::PadVocab(11);
+  return c;
+}
+
+// Random tokens in [0, 11); a few targets ignored.
+std::pair<Tensor, Tensor> RandomBatch(int64_t B, int64_t L, uint64_t seed) {
+  std::mt19937 rng(seed);
+  Tensor inputs = Tensor::Empty({B, L}, DType::kI32), targets = Tensor::Empty({B, L}, DType::kI32);
+  for (int64_t i = 0; i < B * L; ++i) {
+    inputs.data<int32_t>()[i] = rng() % 11;
+    targets.data<int32_t>()[i] = (i % 7 == 3) ? kIgnore : int32_t(rng() % 11);
+  }
+  return {inputs, targets};
+}
+
+TEST(Model, ParameterNamesAndShapesFollowHuggingFace) {
+  auto backend = MakeCpuBackend();
+  MambaModel model(TinyConfig(), backend.get());
+  EXPECT_EQ(model.parameter("backbone.embeddings.weight").value.shape(), (Shape{16, 16}));
+  EXPECT_EQ(model.parameter("backbone.layers.1.mixer.in_proj.weight").value.shape(), (Shape{64, 16}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.conv1d.weight").value.shape(), (Shape{32, 1, 4}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.x_proj.weight").value.shape(), (Shape{1 + 8, 32}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.dt_proj.weight").value.shape(), (Shape{32, 1}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.A_log").value.shape(), (Shape{32, 4}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.out_proj.weight").value.shape(), (Shape{16, 32}));
+  EXPECT_EQ(model.parameter("backbone.norm_f.weight").value.shape(), (Shape{16}));
+  EXPECT_EQ(model.parameters().size(), 2u + 10u * 2u);
+  for (const auto& p : model.parameters()) {
+    const bool no_decay = p.name.find("A_log") != std::string::npos ||
+                          p.name.ends_with(".D") || p.name.find("norm") != std::string::npos ||
+                          p.name.ends_with("bias");
+    EXPECT_EQ(p.weight_decay, !no_decay) << p.name;
+  }
+}
+
+TEST(Model, LossGradientMatchesFiniteDifferences) {
+  auto backend = MakeCpuBackend();
+  MambaModel model(TinyConfig(), backend.get(), DType::kF64);
+  model.Initialize(7);
+  const int64_t B = 2, L = 33;
+  auto [inputs, targets] = RandomBatch(B, L, 3);
+  int64_t counted = 0;
+  for (int64_t i = 0; i < B * L; ++i) counted += targets.data<int32_t>()[i] != kIgnore;
+  const double scale = 1.0 / counted;
+
+  model.ZeroGrad();
+  model.ForwardBackward(inputs, targets, kIgnore, scale, true);
+  auto loss = [&]() {
+    return model.ForwardBackward(inputs, targets, kIgnore, scale, false).loss_sum * scale;
+  };
+
+  std::mt19937 rng(11);
+  for (auto& p : model.parameters()) {
+    double* w = p.value.data<double>();
+    const double* g = p.grad.data<double>();
+    const int64_t n = p.value.numel();
+    // Up to 24 entries of every parameter tensor.
+    std::vector<int64_t> idx(n);
+    for (int64_t i = 0; i < n; ++i) idx[i] = i;
+    std::shuffle(idx.begin(), idx.end(), rng);
+    idx.resize(std::min<int64_t>(n, 24));
+    double max_diff = 0, max_ref = 0;
+    for (int64_t i : idx) {
+      const double saved = w[i], eps = 1e-5;
+      w[i] = saved + eps;
+      const double lp = loss();
+      w[i] = saved - eps;
+      const double lm = loss();
+      w[i] = saved;
+      const double fd = (lp - lm) / (2 * eps);
+      max_diff = std::max(max_diff, std::abs(fd - g[i]));
+      max_ref = std::max(max_ref, std::abs(fd));
+    }
+    EXPECT_GT(max_ref, 1e-9) << p.name << ": gradient is zero, the check proves nothing";
+    EXPECT_LT(max_diff / max_ref, 1e-5) << p.name;
+  }
+}
+
+TEST(Model, FloatAndDoubleAgree) {
+  auto backend = MakeCpuBackend();
+  MambaModel m32(TinyConfig(), backend.get(), DType::kF32);
+  MambaModel m64(TinyConfig(), backend.get(), DType::kF64);
+  m32.Initialize(5);
+  m64.Initialize(5);
+  auto [inputs, targets] = RandomBatch(3, 20, 9);
+  const LossStats a = m32.ForwardBackward(inputs, targets, kIgnore, 1.0, false);
+  const LossStats b = m64.ForwardBackward(inputs, targets, kIgnore, 1.0, false);
+  EXPECT_NEAR(a.loss_sum, b.loss_sum, 1e-5 * std::abs(b.loss_sum));
+  EXPECT_EQ(a.count, b.count);
+}
+
+TEST(Model, InitializationFollowsMambaSsm) {
+  ModelConfig c;
+  c.d_model = 128;
+  c.n_layer = 4;
+  c.d_state = 16;
+  c.dt_rank = ModelConfig::DefaultDtRank(128);
+  c.vocab_size = 256;
+  auto backend = MakeCpuBackend();
+  MambaModel model(c, backend.get());
+  model.Initialize(42);
+  const int64_t E = c.d_inner(), N = c.d_state;
+
+  auto stats = [](const Tensor& t) {
+    double sum = 0, sq = 0, max_abs = 0;
+    const float* p = t.data<float>();
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      sum += p[i];
+      sq += double(p[i]) * p[i];
+      max_abs = std::max(max_abs, double(std::abs(p[i])));
+    }
+    const double mean = sum / t.numel();
+    return std::make_tuple(mean, std::sqrt(sq / t.numel() - mean * mean), max_abs);
+  };
+  auto [emb_mean, emb_std, emb_max] = stats(model.parameter("backbone.embeddings.weight").value);
+  EXPECT_NEAR(emb_mean, 0.0, 0.002);
+  EXPECT_NEAR(emb_std, 0.02, 0.001);
+
+  for (int64_t i = 0; i < c.n_layer; ++i) {
+    const std::string p = "backbone.layers." + std::to_string(i) + ".mixer.";
+    const float* a_log = model.parameter(p + "A_log").value.data<float>();
+    for (int64_t d = 0; d < E; ++d)
+      for (int64_t n = 0; n < N; ++n) ASSERT_FLOAT_EQ(a_log[d * N + n], std::log(float(n + 1)));
+    const float* D = model.parameter(p + "D").value.data<float>();
+    for (int64_t d = 0; d < E; ++d) ASSERT_EQ(D[d], 1.0f);
+    // softplus(dt bias) is the initial step size: log-uniform in [1e-3, 1e-1].
+    const float* bias = model.parameter(p + "dt_proj.bias").value.data<float>();
+    double log_sum = 0;
+    for (int64_t d = 0; d < E; ++d) {
+      const double dt = std::log1p(std::exp(double(bias[d])));
+      EXPECT_GE(dt, 1e-3 * 0.999);
+      EXPECT_LE(dt, 1e-1 * 1.001);
+      log_sum += std::log(dt);
+    }
+    EXPECT_NEAR(log_sum / E, 0.5 * (std::log(1e-3) + std::log(1e-1)), 0.4);  // mean of log U
+    auto [w_mean, w_std, w_max] = stats(model.parameter(p + "dt_proj.weight").value);
+    EXPECT_LE(w_max, 1.0 / std::sqrt(double(c.dt_rank)));
+    // out_proj: U(+-1/sqrt(E)) rescaled by 1/sqrt(n_layer): std = bound / sqrt(3).
+    const double bound = 1.0 / std::sqrt(double(E)) / std::sqrt(double(c.n_layer));
+    auto [o_mean, o_std, o_max] = stats(model.parameter(p + "out_proj.weight").value);
+    EXPECT_LE(o_max, bound);
+    EXPECT_NEAR(o_std, bound / std::sqrt(3.0), 0.05 * bound);
+    auto [n_mean, n_std, n_max] = stats(model.parameter("backbone.layers." + std::to_string(i) +
+                                                        ".norm.weight").value);
+    EXPECT_EQ(n_mean, 1.0);
+    EXPECT_EQ(n_std, 0.0);
+  }
+}
+
+}  // namespace
+}  // namespace mamba

@@ -1,0 +1,108 @@
+// The op interface the model is written against. One model, several backends: the CPU backend
+// (the reference and test oracle) and, later, the CUDA backend implement the same ops. The math of
+// each op is documented beside its CPU reference in worker/kernels/<op>_cpu.h.
+//
+// Conventions: activations are row-major (tokens, channels), tokens ordered (batch, position);
+// linear weights use torch's (out, in) layout. Activation gradients are overwritten, parameter
+// gradients accumulate (+=), so tied weights and several contributions add up. Optional inputs are
+// undefined Tensors.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "worker/kernels/cross_entropy_cpu.h"
+#include "worker/tensor.h"
+
+namespace mamba {
+
+// Inputs of the selective scan (DESIGN.md's contract), channel-contiguous:
+// u, delta, z: (B, L, D); Bm, Cm: (B, L, G, N); A: (D, N); D_skip, dt_bias: (D); h0: (B, D, N).
+struct ScanInputs {
+  Tensor u, delta, A, Bm, Cm, D_skip, z, dt_bias, h0;
+  bool delta_softplus = true;
+};
+
+// Gradients of the scan: activation gradients shaped like their inputs; dA, dD_skip, ddt_bias
+// overwritten (not accumulated) since the model maps them onto its parameters itself.
+struct ScanGrads {
+  Tensor du, ddelta, dA, dBm, dCm, dD_skip, dz, ddt_bias, dh0;
+};
+
+struct AdamWHyper {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0;
+  int64_t step = 1;  // 1-based, for bias correction
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+
+  // Memory.
+  virtual Tensor Empty(const Shape& shape, DType dtype) = 0;
+  virtual void Zero(Tensor& t) = 0;
+  virtual Tensor FromHost(const Tensor& host) = 0;  // a device copy of a CPU tensor
+  virtual Tensor ToHost(const Tensor& t) = 0;       // a CPU copy
+
+  // Embedding: out (T, C) = weight[ids]; dweight += scatter of dout.
+  virtual void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) = 0;
+  virtual void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dweight) = 0;
+
+  // Fused residual add + RMSNorm: residual_out = residual_in + x; y = RMSNorm(residual_out) * w.
+  virtual void AddRmsNormForward(const Tensor& residual_in, const Tensor& x, const Tensor& weight,
+                                 double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) = 0;
+  // dx: gradient with respect to residual_out (and so to residual_in and x).
+  virtual void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out,
+                                  const Tensor& residual_out, const Tensor& weight,
+                                  const Tensor& rstd, Tensor& dx, Tensor& dweight) = 0;
+
+  // y (M, N) = x (M, K) w (N, K)^T + bias.
+  virtual void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) = 0;
+  virtual void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx,
+                              Tensor& dw, Tensor& dbias) = 0;
+
+  // Depthwise causal conv1d along L with bias and optional fused SiLU. x, y: (B, L, C);
+  // weight (C, 1, K) as HF stores it; prefix (B, K-1, C): the positions before x, or undefined.
+  virtual void CausalConv1dForward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                   const Tensor& prefix, bool silu, Tensor& y) = 0;
+  virtual void CausalConv1dBackward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                    const Tensor& prefix, bool silu, const Tensor& dy, Tensor& dx,
+                                    Tensor& dweight, Tensor& dbias, Tensor& dprefix) = 0;
+
+  virtual void SiluForward(const Tensor& x, Tensor& y) = 0;
+  virtual void SiluBackward(const Tensor& x, const Tensor& dy, Tensor& dx) = 0;
+
+  // out: (B, L, D); h_last (B, D, N) or undefined.
+  virtual void SelectiveScanForward(const ScanInputs& in, Tensor& out, Tensor& h_last) = 0;
+  virtual void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout,
+                                     const Tensor& dh_last, ScanGrads& grads) = 0;
+
+  // Cross-entropy over rows of logits (M, V) against int32 targets; dlogits (optional) is
+  // overwritten with grad_scale * d(sum of row losses)/dlogits.
+  virtual kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
+                                                  int32_t ignore_index, double grad_scale,
+                                                  Tensor& dlogits) = 0;
+
+  // Column blocks of row-major matrices, to split fused projections: dst (M, n) = src[:, c0:c0+n]
+  // and back.
+  virtual void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) = 0;
+  virtual void WriteColumns(const Tensor& src, Tensor& dst, int64_t col0) = 0;
+
+  // Elementwise helpers.
+  virtual void NegExp(const Tensor& x, Tensor& y) = 0;                       // y = -exp(x)
+  virtual void AddProduct(const Tensor& a, const Tensor& b, Tensor& dst) = 0;  // dst += a * b
+  virtual void Add(const Tensor& src, Tensor& dst) = 0;                      // dst += src
+  virtual void Scale(Tensor& x, double s) = 0;
+  virtual double SumSquares(const Tensor& x) = 0;
+
+  // One AdamW step (torch.optim.AdamW semantics, decoupled weight decay) on fp32/fp64 params.
+  virtual void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                     const AdamWHyper& hyper) = 0;
+};
+
+// The CPU backend (float32 and float64 tensors).
+std::unique_ptr<Backend> MakeCpuBackend();
+
+}  // namespace mamba

@@ -1,0 +1,322 @@
+// The CPU backend: float32 for training, float64 for finite-difference tests. Each op checks
+// shapes, dispatches on dtype and calls the templated reference in worker/kernels/.
+#include <cmath>
+#include <cstring>
+
+#include "worker/backend.h"
+#include "worker/check.h"
+#include "worker/kernels/conv1d_cpu.h"
+#include "worker/kernels/cross_entropy_cpu.h"
+#include "worker/kernels/embedding_cpu.h"
+#include "worker/kernels/linear_cpu.h"
+#include "worker/kernels/rmsnorm_cpu.h"
+#include "worker/kernels/selective_scan_cpu.h"
+#include "worker/kernels/silu_cpu.h"
+
+namespace mamba {
+namespace {
+
+// Calls fn(T{}) with T = float or double according to the tensor's dtype.
+template <typename Fn>
+auto Dispatch(const Tensor& t, Fn&& fn) {
+  MAMBA_CHECK(t.device() == Device::kCPU) << "CPU backend given " << t.DebugString();
+  switch (t.dtype()) {
+    case DType::kF32: return fn(float{});
+    case DType::kF64: return fn(double{});
+    default: break;
+  }
+  MAMBA_CHECK(false) << "CPU backend supports float32 and float64, got " << t.DebugString();
+  return fn(float{});
+}
+
+template <typename T>
+const T* Opt(const Tensor& t) {
+  return t.defined() ? t.data<T>() : nullptr;
+}
+template <typename T>
+T* OptMut(const Tensor& t) {
+  return t.defined() ? t.data<T>() : nullptr;
+}
+
+int64_t Rows(const Tensor& t) { return t.numel() / t.dim(-1); }
+
+void CheckSameShape(const Tensor& a, const Tensor& b, const char* what) {
+  MAMBA_CHECK(a.shape() == b.shape()) << what << ": " << a.DebugString() << " vs " << b.DebugString();
+}
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+  Device device() const override { return Device::kCPU; }
+
+  Tensor Empty(const Shape& shape, DType dtype) override { return Tensor::Empty(shape, dtype); }
+  void Zero(Tensor& t) override { std::memset(t.raw(), 0, t.nbytes()); }
+  Tensor FromHost(const Tensor& host) override {
+    Tensor t = Tensor::Empty(host.shape(), host.dtype());
+    std::memcpy(t.raw(), host.raw(), host.nbytes());
+    return t;
+  }
+  Tensor ToHost(const Tensor& t) override { return FromHost(t); }
+
+  void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) override {
+    MAMBA_CHECK(out.numel() == ids.numel() * weight.dim(1));
+    Dispatch(weight, [&](auto z) {
+      using T = decltype(z);
+      kernels::EmbeddingForwardCpu<T>(ids.data<int32_t>(), ids.numel(), weight.data<T>(),
+                                      weight.dim(0), weight.dim(1), out.data<T>());
+    });
+  }
+  void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dweight) override {
+    MAMBA_CHECK(dout.numel() == ids.numel() * dweight.dim(1));
+    Dispatch(dweight, [&](auto z) {
+      using T = decltype(z);
+      kernels::EmbeddingBackwardCpu<T>(ids.data<int32_t>(), ids.numel(), dout.data<T>(),
+                                       dweight.dim(0), dweight.dim(1), dweight.data<T>());
+    });
+  }
+
+  void AddRmsNormForward(const Tensor& residual_in, const Tensor& x, const Tensor& weight,
+                         double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) override {
+    CheckSameShape(x, y, "rmsnorm");
+    CheckSameShape(x, residual_out, "rmsnorm residual");
+    MAMBA_CHECK(x.dim(-1) == weight.numel() && rstd.numel() == Rows(x));
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      kernels::AddRmsNormForwardCpu<T>(Rows(x), x.dim(-1), Opt<T>(residual_in), x.data<T>(),
+                                       weight.data<T>(), T(eps), residual_out.data<T>(),
+                                       y.data<T>(), rstd.data<T>());
+    });
+  }
+  void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out, const Tensor& residual_out,
+                          const Tensor& weight, const Tensor& rstd, Tensor& dx,
+                          Tensor& dweight) override {
+    CheckSameShape(dy, dx, "rmsnorm backward");
+    Dispatch(dy, [&](auto z) {
+      using T = decltype(z);
+      kernels::AddRmsNormBackwardCpu<T>(Rows(dy), dy.dim(-1), dy.data<T>(), Opt<T>(dresidual_out),
+                                        residual_out.data<T>(), weight.data<T>(), rstd.data<T>(),
+                                        dx.data<T>(), dweight.data<T>());
+    });
+  }
+
+  void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) override {
+    const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
+    MAMBA_CHECK(x.dim(-1) == K && y.numel() == M * N)
+        << "linear: x " << x.DebugString() << " w " << w.DebugString() << " y " << y.DebugString();
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      kernels::LinearForwardCpu<T>(M, N, K, x.data<T>(), w.data<T>(), Opt<T>(bias), y.data<T>());
+    });
+  }
+  void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
+                      Tensor& dbias) override {
+    const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
+    MAMBA_CHECK(dy.numel() == M * N && dw.shape() == w.shape());
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      kernels::LinearBackwardCpu<T>(M, N, K, dy.data<T>(), x.data<T>(), w.data<T>(), OptMut<T>(dx),
+                                    dw.data<T>(), OptMut<T>(dbias));
+    });
+  }
+
+  void CausalConv1dForward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                           const Tensor& prefix, bool silu, Tensor& y) override {
+    CheckSameShape(x, y, "conv1d");
+    const int64_t C = x.dim(2), K = weight.dim(-1);
+    MAMBA_CHECK(weight.numel() == C * K);
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      kernels::CausalConv1dForwardCpu<T>(x.dim(0), x.dim(1), C, K, x.data<T>(), weight.data<T>(),
+                                         Opt<T>(bias), Opt<T>(prefix), silu, y.data<T>());
+    });
+  }
+  void CausalConv1dBackward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                            const Tensor& prefix, bool silu, const Tensor& dy, Tensor& dx,
+                            Tensor& dweight, Tensor& dbias, Tensor& dprefix) override {
+    CheckSameShape(x, dx, "conv1d backward");
+    const int64_t C = x.dim(2), K = weight.dim(-1);
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      kernels::CausalConv1dBackwardCpu<T>(x.dim(0), x.dim(1), C, K, x.data<T>(), weight.data<T>(),
+                                          Opt<T>(bias), Opt<T>(prefix), silu, dy.data<T>(),
+                                          dx.data<T>(), dweight.data<T>(), OptMut<T>(dbias),
+                                          OptMut<T>(dprefix));
+    });
+  }
+
+  void SiluForward(const Tensor& x, Tensor& y) override {
+    CheckSameShape(x, y, "silu");
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      kernels::SiluForwardCpu<T>(x.numel(), x.data<T>(), y.data<T>());
+    });
+  }
+  void SiluBackward(const Tensor& x, const Tensor& dy, Tensor& dx) override {
+    CheckSameShape(x, dx, "silu backward");
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      kernels::SiluBackwardCpu<T>(x.numel(), x.data<T>(), dy.data<T>(), dx.data<T>());
+    });
+  }
+
+  void SelectiveScanForward(const ScanInputs& in, Tensor& out, Tensor& h_last) override {
+    const kernels::ScanShape s = ScanShapeOf(in);
+    Dispatch(in.u, [&](auto z) {
+      using T = decltype(z);
+      kernels::ScanForwardArgs<T> a = ForwardArgs<T>(in);
+      a.out = out.data<T>();
+      a.h_last = OptMut<T>(h_last);
+      kernels::SelectiveScanForwardCpu<T>(s, a);
+    });
+  }
+  void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout, const Tensor& dh_last,
+                             ScanGrads& g) override {
+    const kernels::ScanShape s = ScanShapeOf(in);
+    Dispatch(in.u, [&](auto z) {
+      using T = decltype(z);
+      kernels::ScanBackwardArgs<T> a;
+      a.fwd = ForwardArgs<T>(in);
+      a.dout = dout.data<T>();
+      a.dh_last = Opt<T>(dh_last);
+      a.du = g.du.data<T>();
+      a.ddelta = g.ddelta.data<T>();
+      a.dA = g.dA.data<T>();
+      a.dBm = g.dBm.data<T>();
+      a.dCm = g.dCm.data<T>();
+      a.dD_skip = OptMut<T>(g.dD_skip);
+      a.dz = OptMut<T>(g.dz);
+      a.ddt_bias = OptMut<T>(g.ddt_bias);
+      a.dh0 = OptMut<T>(g.dh0);
+      kernels::SelectiveScanBackwardCpu<T>(s, a);
+    });
+  }
+
+  kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
+                                          int32_t ignore_index, double grad_scale,
+                                          Tensor& dlogits) override {
+    MAMBA_CHECK(targets.numel() == Rows(logits));
+    return Dispatch(logits, [&](auto z) {
+      using T = decltype(z);
+      return kernels::CrossEntropyCpu<T>(Rows(logits), logits.dim(-1), logits.data<T>(),
+                                         targets.data<int32_t>(), ignore_index, grad_scale,
+                                         OptMut<T>(dlogits));
+    });
+  }
+
+  void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
+    const int64_t rows = Rows(src), n = dst.dim(-1), ld = src.dim(-1);
+    MAMBA_CHECK(Rows(dst) == rows && col0 + n <= ld);
+    const size_t es = DTypeSize(src.dtype());
+    const char* s = static_cast<const char*>(src.raw());
+    char* d = static_cast<char*>(dst.raw());
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(d + r * n * es, s + (r * ld + col0) * es, n * es);
+  }
+  void WriteColumns(const Tensor& src, Tensor& dst, int64_t col0) override {
+    const int64_t rows = Rows(src), n = src.dim(-1), ld = dst.dim(-1);
+    MAMBA_CHECK(Rows(dst) == rows && col0 + n <= ld);
+    const size_t es = DTypeSize(src.dtype());
+    const char* s = static_cast<const char*>(src.raw());
+    char* d = static_cast<char*>(dst.raw());
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(d + (r * ld + col0) * es, s + r * n * es, n * es);
+  }
+
+  void NegExp(const Tensor& x, Tensor& y) override {
+    CheckSameShape(x, y, "negexp");
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      const T* a = x.data<T>();
+      T* b = y.data<T>();
+      for (int64_t i = 0; i < x.numel(); ++i) b[i] = -std::exp(a[i]);
+    });
+  }
+  void AddProduct(const Tensor& a, const Tensor& b, Tensor& dst) override {
+    CheckSameShape(a, dst, "addproduct");
+    CheckSameShape(b, dst, "addproduct");
+    Dispatch(dst, [&](auto z) {
+      using T = decltype(z);
+      const T *p = a.data<T>(), *q = b.data<T>();
+      T* r = dst.data<T>();
+      for (int64_t i = 0; i < dst.numel(); ++i) r[i] += p[i] * q[i];
+    });
+  }
+  void Add(const Tensor& src, Tensor& dst) override {
+    MAMBA_CHECK(src.numel() == dst.numel()) << src.DebugString() << " += " << dst.DebugString();
+    Dispatch(dst, [&](auto z) {
+      using T = decltype(z);
+      const T* p = src.data<T>();
+      T* r = dst.data<T>();
+      for (int64_t i = 0; i < dst.numel(); ++i) r[i] += p[i];
+    });
+  }
+  void Scale(Tensor& x, double s) override {
+    Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      T* p = x.data<T>();
+      for (int64_t i = 0; i < x.numel(); ++i) p[i] *= T(s);
+    });
+  }
+  double SumSquares(const Tensor& x) override {
+    return Dispatch(x, [&](auto z) {
+      using T = decltype(z);
+      const T* p = x.data<T>();
+      double s = 0;
+      for (int64_t i = 0; i < x.numel(); ++i) s += double(p[i]) * double(p[i]);
+      return s;
+    });
+  }
+
+  void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+             const AdamWHyper& h) override {
+    CheckSameShape(param, grad, "adamw");
+    Dispatch(param, [&](auto z) {
+      using T = decltype(z);
+      T *p = param.data<T>(), *mm = m.data<T>(), *vv = v.data<T>();
+      const T* g = grad.data<T>();
+      const double bc1 = 1 - std::pow(h.beta1, double(h.step));
+      const double bc2 = 1 - std::pow(h.beta2, double(h.step));
+      const T decay = T(1 - h.lr * h.weight_decay), step_size = T(h.lr / bc1);
+      const T b1 = T(h.beta1), b2 = T(h.beta2), sqrt_bc2 = T(std::sqrt(bc2)), eps = T(h.eps);
+      for (int64_t i = 0; i < param.numel(); ++i) {
+        mm[i] = b1 * mm[i] + (1 - b1) * g[i];
+        vv[i] = b2 * vv[i] + (1 - b2) * g[i] * g[i];
+        p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / sqrt_bc2 + eps);
+      }
+    });
+  }
+
+ private:
+  static kernels::ScanShape ScanShapeOf(const ScanInputs& in) {
+    kernels::ScanShape s;
+    s.batch = in.u.dim(0);
+    s.len = in.u.dim(1);
+    s.dim = in.u.dim(2);
+    s.dstate = in.A.dim(1);
+    s.groups = in.Bm.dim(2);
+    MAMBA_CHECK(in.A.dim(0) == s.dim && s.dim % s.groups == 0);
+    MAMBA_CHECK(in.Bm.shape() == (Shape{s.batch, s.len, s.groups, s.dstate}))
+        << "scan Bm " << in.Bm.DebugString();
+    MAMBA_CHECK(in.Cm.shape() == in.Bm.shape());
+    return s;
+  }
+  template <typename T>
+  static kernels::ScanForwardArgs<T> ForwardArgs(const ScanInputs& in) {
+    kernels::ScanForwardArgs<T> a;
+    a.u = in.u.data<T>();
+    a.delta = in.delta.data<T>();
+    a.A = in.A.data<T>();
+    a.Bm = in.Bm.data<T>();
+    a.Cm = in.Cm.data<T>();
+    a.D_skip = Opt<T>(in.D_skip);
+    a.z = Opt<T>(in.z);
+    a.dt_bias = Opt<T>(in.dt_bias);
+    a.h0 = Opt<T>(in.h0);
+    a.delta_softplus = in.delta_softplus;
+    return a;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> MakeCpuBackend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace mamba

@@ -1,0 +1,249 @@
+#include "worker/model.h"
+
+#include <cmath>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "worker/check.h"
+
+namespace mamba {
+
+MambaModel::MambaModel(const ModelConfig& config, Backend* backend, DType dtype)
+    : config_(config), backend_(backend), dtype_(dtype) {
+  const int64_t dm = config.d_model, E = config.d_inner(), N = config.d_state,
+                R = config.dt_rank, K = config.d_conv;
+  params_.reserve(2 + 10 * config.n_layer);  // Layer keeps pointers into params_
+  embedding_ = &AddParameter("backbone.embeddings.weight", {config.vocab_size, dm}, true);
+  layers_.resize(config.n_layer);
+  for (int64_t i = 0; i < config.n_layer; ++i) {
+    const std::string p = absl::StrCat("backbone.layers.", i, ".");
+    Layer& l = layers_[i];
+    l.norm = &AddParameter(p + "norm.weight", {dm}, false);
+    l.in_proj = &AddParameter(p + "mixer.in_proj.weight", {2 * E, dm}, true);
+    l.conv_w = &AddParameter(p + "mixer.conv1d.weight", {E, 1, K}, true);
+    l.conv_b = &AddParameter(p + "mixer.conv1d.bias", {E}, false);
+    l.x_proj = &AddParameter(p + "mixer.x_proj.weight", {R + 2 * N, E}, true);
+    l.dt_w = &AddParameter(p + "mixer.dt_proj.weight", {E, R}, true);
+    l.dt_b = &AddParameter(p + "mixer.dt_proj.bias", {E}, false);
+    l.A_log = &AddParameter(p + "mixer.A_log", {E, N}, false);
+    l.D = &AddParameter(p + "mixer.D", {E}, false);
+    l.out_proj = &AddParameter(p + "mixer.out_proj.weight", {dm, E}, true);
+  }
+  norm_f_ = &AddParameter("backbone.norm_f.weight", {dm}, false);
+}
+
+Parameter& MambaModel::AddParameter(const std::string& name, const Shape& shape,
+                                    bool weight_decay) {
+  MAMBA_CHECK(params_.size() < params_.capacity());
+  Parameter p;
+  p.name = name;
+  p.value = backend_->Empty(shape, dtype_);
+  p.grad = backend_->Empty(shape, dtype_);
+  backend_->Zero(p.value);
+  backend_->Zero(p.grad);
+  p.weight_decay = weight_decay;
+  params_.push_back(std::move(p));
+  return params_.back();
+}
+
+Parameter& MambaModel::parameter(const std::string& name) {
+  for (auto& p : params_) {
+    if (p.name == name) return p;
+  }
+  MAMBA_CHECK(false) << "no parameter " << name;
+  return params_.front();
+}
+
+int64_t MambaModel::num_parameters() const {
+  int64_t n = 0;
+  for (const auto& p : params_) n += p.value.numel();
+  return n;
+}
+
+void MambaModel::ZeroGrad() {
+  for (auto& p : params_) backend_->Zero(p.grad);
+}
+
+void MambaModel::Initialize(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const int64_t E = config_.d_inner(), N = config_.d_state, R = config_.dt_rank,
+                K = config_.d_conv;
+  // Host values in double, converted to the model dtype and copied to the device.
+  auto set = [&](Parameter* p, const std::vector<double>& v) {
+    Tensor host = Tensor::Empty(p->value.shape(), dtype_);
+    MAMBA_CHECK(static_cast<int64_t>(v.size()) == host.numel());
+    if (dtype_ == DType::kF64) {
+      std::copy(v.begin(), v.end(), host.data<double>());
+    } else {
+      std::copy(v.begin(), v.end(), host.data<float>());
+    }
+    p->value = backend_->FromHost(host);
+  };
+  auto uniform = [&](int64_t n, double bound) {
+    std::uniform_real_distribution<double> dist(-bound, bound);
+    std::vector<double> v(n);
+    for (auto& x : v) x = dist(rng);
+    return v;
+  };
+  auto constant = [](int64_t n, double c) { return std::vector<double>(n, c); };
+
+  std::normal_distribution<double> normal(0.0, 0.02);
+  std::vector<double> emb(embedding_->value.numel());
+  for (auto& x : emb) x = normal(rng);
+  set(embedding_, emb);
+  set(norm_f_, constant(config_.d_model, 1.0));
+
+  for (Layer& l : layers_) {
+    set(l.norm, constant(config_.d_model, 1.0));
+    // nn.Linear / nn.Conv1d defaults: U(+-1/sqrt(fan_in)).
+    set(l.in_proj, uniform(l.in_proj->value.numel(), 1.0 / std::sqrt(double(config_.d_model))));
+    set(l.conv_w, uniform(E * K, 1.0 / std::sqrt(double(K))));
+    set(l.conv_b, uniform(E, 1.0 / std::sqrt(double(K))));
+    set(l.x_proj, uniform(l.x_proj->value.numel(), 1.0 / std::sqrt(double(E))));
+    // dt_proj: weight U(+-dt_rank^-0.5); bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1].
+    set(l.dt_w, uniform(E * R, 1.0 / std::sqrt(double(R))));
+    std::uniform_real_distribution<double> log_dt(std::log(1e-3), std::log(1e-1));
+    std::vector<double> dt_bias(E);
+    for (auto& b : dt_bias) {
+      const double dt = std::max(std::exp(log_dt(rng)), 1e-4);
+      b = dt + std::log(-std::expm1(-dt));  // inverse softplus
+    }
+    set(l.dt_b, dt_bias);
+    std::vector<double> a_log(E * N);
+    for (int64_t d = 0; d < E; ++d) {
+      for (int64_t n = 0; n < N; ++n) a_log[d * N + n] = std::log(double(n + 1));
+    }
+    set(l.A_log, a_log);
+    set(l.D, constant(E, 1.0));
+    // Prenorm residual rescaling: out_proj by 1/sqrt(n_layer) (one residual per Mamba block).
+    set(l.out_proj, uniform(l.out_proj->value.numel(),
+                            1.0 / std::sqrt(double(E)) / std::sqrt(double(config_.n_layer))));
+  }
+}
+
+void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in,
+                              int64_t B, int64_t L) {
+  const int64_t M = B * L, dm = config_.d_model, E = config_.d_inner(), N = config_.d_state,
+                R = config_.dt_rank;
+  Backend& be = *backend_;
+  l.residual = Act({M, dm});
+  l.h = Act({M, dm});
+  l.rstd = Act({M});
+  be.AddRmsNormForward(residual_in, hidden_in, l.norm->value, config_.norm_eps, l.residual, l.h,
+                       l.rstd);
+  l.xz = Act({M, 2 * E});
+  be.LinearForward(l.h, l.in_proj->value, Tensor(), l.xz);
+  l.x = Act({B, L, E});
+  l.z = Act({B, L, E});
+  be.CopyColumns(l.xz, 0, l.x);
+  be.CopyColumns(l.xz, E, l.z);
+  l.xa = Act({B, L, E});
+  be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), /*silu=*/true, l.xa);
+  l.dbc = Act({M, R + 2 * N});
+  be.LinearForward(l.xa, l.x_proj->value, Tensor(), l.dbc);
+  l.dt_raw = Act({M, R});
+  l.Bm = Act({B, L, 1, N});
+  l.Cm = Act({B, L, 1, N});
+  be.CopyColumns(l.dbc, 0, l.dt_raw);
+  be.CopyColumns(l.dbc, R, l.Bm);
+  be.CopyColumns(l.dbc, R + N, l.Cm);
+  // dt_proj's bias is applied inside the scan (with the softplus), as in mamba_ssm.
+  l.delta = Act({B, L, E});
+  be.LinearForward(l.dt_raw, l.dt_w->value, Tensor(), l.delta);
+  l.A = Act({E, N});
+  be.NegExp(l.A_log->value, l.A);
+  l.y = Act({B, L, E});
+  Tensor no_state;
+  be.SelectiveScanForward(
+      {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, l.y,
+      no_state);
+  l.out = Act({M, dm});
+  be.LinearForward(l.y, l.out_proj->value, Tensor(), l.out);
+}
+
+void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t L) {
+  const int64_t M = B * L, dm = config_.d_model, E = config_.d_inner(), N = config_.d_state,
+                R = config_.dt_rank;
+  Backend& be = *backend_;
+  Tensor none;
+  // out_proj
+  Tensor dy = Act({B, L, E});
+  be.LinearBackward(d_residual, l.y, l.out_proj->value, dy, l.out_proj->grad, none);
+  // scan
+  ScanGrads g;
+  g.du = Act({B, L, E});
+  g.ddelta = Act({B, L, E});
+  g.dA = Act({E, N});
+  g.dBm = Act({B, L, 1, N});
+  g.dCm = Act({B, L, 1, N});
+  g.dD_skip = Act({E});
+  g.dz = Act({B, L, E});
+  g.ddt_bias = Act({E});
+  be.SelectiveScanBackward(
+      {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, dy, none, g);
+  be.AddProduct(g.dA, l.A, l.A_log->grad);  // A = -exp(A_log): dA_log = dA * A
+  be.Add(g.dD_skip, l.D->grad);
+  be.Add(g.ddt_bias, l.dt_b->grad);
+  // dt_proj (no bias here), then x_proj's output gradient assembled from its three blocks.
+  Tensor ddbc = Act({M, R + 2 * N});
+  Tensor ddt_raw = Act({M, R});
+  be.LinearBackward(g.ddelta, l.dt_raw, l.dt_w->value, ddt_raw, l.dt_w->grad, none);
+  be.WriteColumns(ddt_raw, ddbc, 0);
+  be.WriteColumns(g.dBm, ddbc, R);
+  be.WriteColumns(g.dCm, ddbc, R + N);
+  Tensor dxa = Act({B, L, E});
+  be.LinearBackward(ddbc, l.xa, l.x_proj->value, dxa, l.x_proj->grad, none);
+  be.Add(g.du, dxa);
+  // conv1d + SiLU
+  Tensor dx = Act({B, L, E});
+  be.CausalConv1dBackward(l.x, l.conv_w->value, l.conv_b->value, none, true, dxa, dx,
+                          l.conv_w->grad, l.conv_b->grad, none);
+  Tensor dxz = Act({M, 2 * E});
+  be.WriteColumns(dx, dxz, 0);
+  be.WriteColumns(g.dz, dxz, E);
+  Tensor dh = Act({M, dm});
+  be.LinearBackward(dxz, l.h, l.in_proj->value, dh, l.in_proj->grad, none);
+  // Fused add + norm: the residual stream's gradient so far joins the norm's.
+  Tensor d_res_in = Act({M, dm});
+  be.AddRmsNormBackward(dh, d_residual, l.residual, l.norm->value, l.rstd, d_res_in,
+                        l.norm->grad);
+  d_residual = d_res_in;
+}
+
+LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& targets,
+                                      int32_t ignore_index, double grad_scale, bool backward) {
+  MAMBA_CHECK(inputs.rank() == 2 && targets.shape() == inputs.shape());
+  const int64_t B = inputs.dim(0), L = inputs.dim(1), M = B * L, dm = config_.d_model;
+  Backend& be = *backend_;
+  Tensor ids = be.FromHost(inputs);
+  Tensor tgt = be.FromHost(targets);
+
+  Tensor emb = Act({M, dm});
+  be.EmbeddingForward(ids, embedding_->value, emb);
+  Tensor residual, hidden = emb;
+  for (Layer& l : layers_) {
+    ForwardLayer(l, residual, hidden, B, L);
+    residual = l.residual;
+    hidden = l.out;
+  }
+  Tensor res_f = Act({M, dm}), hf = Act({M, dm}), rstd_f = Act({M});
+  be.AddRmsNormForward(residual, hidden, norm_f_->value, config_.norm_eps, res_f, hf, rstd_f);
+  Tensor logits = Act({M, config_.vocab_size});
+  be.LinearForward(hf, embedding_->value, Tensor(), logits);  // tied lm_head
+  Tensor dlogits = backward ? Act({M, config_.vocab_size}) : Tensor();
+  const kernels::CrossEntropyStats ce =
+      be.CrossEntropy(logits, tgt, ignore_index, grad_scale, dlogits);
+  LossStats stats{ce.loss_sum, ce.count, ce.correct};
+  if (!backward) return stats;
+
+  Tensor none;
+  Tensor dhf = Act({M, dm});
+  be.LinearBackward(dlogits, hf, embedding_->value, dhf, embedding_->grad, none);
+  Tensor d_residual = Act({M, dm});
+  be.AddRmsNormBackward(dhf, none, res_f, norm_f_->value, rstd_f, d_residual, norm_f_->grad);
+  for (int64_t i = config_.n_layer - 1; i >= 0; --i) BackwardLayer(layers_[i], d_residual, B, L);
+  be.EmbeddingBackward(ids, d_residual, embedding_->grad);
+  return stats;
+}
+
+}  // namespace mamba

@@ -1,0 +1,76 @@
+// The Mamba language model (Gu & Dao 2023), written once against the Backend op interface:
+// embedding -> n_layer x [fused add + RMSNorm -> Mamba mixer] -> add + RMSNorm -> tied lm_head ->
+// cross-entropy. Parameter names and shapes follow HF MambaForCausalLM.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "worker/backend.h"
+#include "worker/model_config.h"
+
+namespace mamba {
+
+struct Parameter {
+  std::string name;  // HF state-dict name
+  Tensor value;      // on the backend's device
+  Tensor grad;       // same shape; accumulated by ForwardBackward
+  bool weight_decay = false;  // false for A_log, D, norm weights and biases
+};
+
+struct LossStats {
+  double loss_sum = 0;  // summed over counted tokens
+  int64_t count = 0;    // tokens with a target
+  int64_t correct = 0;  // argmax == target among them
+  double mean_loss() const { return count ? loss_sum / count : 0; }
+  double accuracy() const { return count ? double(correct) / count : 0; }
+};
+
+class MambaModel {
+ public:
+  // dtype: float32 for training, float64 for gradient checks (CPU backend).
+  MambaModel(const ModelConfig& config, Backend* backend, DType dtype = DType::kF32);
+
+  // mamba_ssm's initialization, drawn on the host from `seed`.
+  void Initialize(uint64_t seed);
+
+  const ModelConfig& config() const { return config_; }
+  std::vector<Parameter>& parameters() { return params_; }
+  Parameter& parameter(const std::string& name);
+  int64_t num_parameters() const;
+  void ZeroGrad();
+
+  // inputs, targets: int32 host tensors (batch, seq_len). Computes the summed loss over targets
+  // that are not ignore_index; with backward, adds grad_scale * d(summed loss)/d(param) to every
+  // parameter's grad (grad_scale = 1 / tokens counted in the global batch gives the mean).
+  LossStats ForwardBackward(const Tensor& inputs, const Tensor& targets, int32_t ignore_index,
+                            double grad_scale, bool backward);
+
+ private:
+  // Per-layer parameters, activations saved for the backward, and gradient scratch.
+  struct Layer {
+    Parameter* norm;
+    Parameter *in_proj, *conv_w, *conv_b, *x_proj, *dt_w, *dt_b, *A_log, *D, *out_proj;
+    Tensor residual, h, rstd, xz, x, z, xa, dbc, dt_raw, Bm, Cm, delta, A, y, out;
+  };
+
+  Parameter& AddParameter(const std::string& name, const Shape& shape, bool weight_decay);
+  void ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in, int64_t B,
+                    int64_t L);
+  // d_residual: the gradient w.r.t. the residual stream after this layer, which is also the
+  // gradient w.r.t. the layer's output (it is added to the stream). Replaced by the gradient
+  // w.r.t. the stream before the layer (equal to that w.r.t. the previous layer's output).
+  void BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t L);
+  Tensor Act(const Shape& shape) { return backend_->Empty(shape, dtype_); }
+
+  ModelConfig config_;
+  Backend* backend_;
+  DType dtype_;
+  std::vector<Parameter> params_;
+  std::vector<Layer> layers_;
+  Parameter* embedding_ = nullptr;
+  Parameter* norm_f_ = nullptr;
+};
+
+}  // namespace mamba

@@ -1,0 +1,184 @@
+#include "worker/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <ostream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "worker/job_spec.h"
+
+namespace mamba {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Host int32 tensors (count, seq_len) of a batch's inputs and targets.
+std::pair<Tensor, Tensor> BatchTensors(const data::Batch& b) {
+  Tensor inputs = Tensor::Empty({b.count, b.seq_len}, DType::kI32);
+  Tensor targets = Tensor::Empty({b.count, b.seq_len}, DType::kI32);
+  std::copy(b.inputs.begin(), b.inputs.end(), inputs.data<int32_t>());
+  std::copy(b.targets.begin(), b.targets.end(), targets.data<int32_t>());
+  return {inputs, targets};
+}
+
+int64_t CountTargets(const data::Batch& b) {
+  int64_t n = 0;
+  for (int32_t t : b.targets) n += (t != data::kIgnoreIndex);
+  return n;
+}
+
+}  // namespace
+
+std::string FormatDuration(double seconds) {
+  const int64_t s = static_cast<int64_t>(std::llround(std::max(0.0, seconds)));
+  if (s >= 3600) return absl::StrFormat("%dh%02dm", s / 3600, (s % 3600) / 60);
+  if (s >= 60) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  return absl::StrFormat("%ds", s);
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec) {
+  std::unique_ptr<Trainer> t(new Trainer());
+  t->spec_ = spec;
+  if (spec.backend() != "cpu") {
+    return absl::FailedPreconditionError(
+        absl::StrCat("backend: \"", spec.backend(), "\" is not available in this build; use \"cpu\""));
+  }
+  if (spec.parallel().dp() * spec.parallel().sp() != 1) {
+    return absl::FailedPreconditionError(
+        "parallel: dp x sp > 1 needs an mpirun worker pool, which this build does not have yet");
+  }
+  auto dataset = data::MakeDataset(spec.data(), spec.seed());
+  if (!dataset.ok()) return dataset.status();
+  t->dataset_ = std::move(*dataset);
+  if (spec.model().has_vocab_size() && spec.model().vocab_size() < t->dataset_->vocab_size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.vocab_size: must be at least the dataset's vocabulary (",
+                     t->dataset_->vocab_size(), "), got ", spec.model().vocab_size()));
+  }
+  t->backend_ = MakeCpuBackend();
+  t->model_ = std::make_unique<MambaModel>(ModelConfigFromSpec(spec, t->dataset_->vocab_size()),
+                                           t->backend_.get());
+  t->model_->Initialize(spec.seed());
+  t->optimizer_ = std::make_unique<AdamWOptimizer>(OptimizerConfigFromSpec(spec), t->backend_.get(),
+                                                   &t->model_->parameters());
+  return t;
+}
+
+absl::StatusOr<EvalResult> Trainer::Evaluate(int64_t seq_len) {
+  EvalResult r;
+  r.seq_len = seq_len;
+  LossStats total;
+  for (int32_t i = 0; i < spec_.eval().batches(); ++i) {
+    auto batch = dataset_->GetBatch(data::Split::kValidation, i, 0, spec_.batch_size(), seq_len);
+    if (!batch.ok()) return batch.status();
+    auto [inputs, targets] = BatchTensors(*batch);
+    LossStats s = model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 0, false);
+    total.loss_sum += s.loss_sum;
+    total.count += s.count;
+    total.correct += s.correct;
+  }
+  r.loss = total.mean_loss();
+  r.accuracy = total.accuracy();
+  r.tokens = total.count;
+  return r;
+}
+
+absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
+  const int64_t steps = spec_.steps(), B = spec_.batch_size(), L = dataset_->seq_len();
+  const bool acc = dataset_->has_accuracy();
+  TrainSummary summary;
+  log << absl::StrFormat(
+      "job %s: %s, model d_model %d x %d layers (d_state %d, vocab %d, %d parameters), "
+      "batch %d x %d tokens, %d steps, backend %s\n",
+      spec_.name().empty() ? "(unnamed)" : spec_.name(), dataset_->name(),
+      model_->config().d_model, model_->config().n_layer, model_->config().d_state,
+      model_->config().vocab_size, model_->num_parameters(), B, L, steps, backend_->name());
+  std::vector<int64_t> eval_lens(spec_.eval().seq_lens().begin(), spec_.eval().seq_lens().end());
+  if (eval_lens.empty()) eval_lens.push_back(L);
+
+  const auto t0 = Clock::now();
+  auto window_start = t0;
+  LossStats window;
+  int64_t window_steps = 0;
+  for (int64_t step = 0; step < steps; ++step) {
+    auto batch = dataset_->GetBatch(data::Split::kTrain, step, 0, B, L);
+    if (!batch.ok()) return batch.status();
+    const int64_t counted = CountTargets(*batch);
+    if (counted == 0) {
+      return absl::FailedPreconditionError(absl::StrCat("step ", step, ": batch has no targets"));
+    }
+    auto [inputs, targets] = BatchTensors(*batch);
+    model_->ZeroGrad();
+    LossStats s =
+        model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
+    if (!std::isfinite(s.loss_sum)) {
+      return absl::InternalError(absl::StrCat("step ", step, ": loss is not finite (", s.loss_sum,
+                                              "); stopping"));
+    }
+    AdamWOptimizer::StepInfo info = optimizer_->Step();
+    if (!std::isfinite(info.grad_norm)) {
+      return absl::InternalError(absl::StrCat("step ", step, ": gradient norm is not finite"));
+    }
+    summary.losses.push_back(s.mean_loss());
+    window.loss_sum += s.loss_sum;
+    window.count += s.count;
+    window.correct += s.correct;
+    ++window_steps;
+
+    const bool last = step + 1 == steps;
+    if ((step + 1) % spec_.log_every() == 0 || last) {
+      const double elapsed = SecondsSince(t0);
+      const double window_tps = double(window_steps * B * L) / SecondsSince(window_start);
+      const double eta = elapsed / double(step + 1) * double(steps - step - 1);
+      if (summary.first_loss == 0) summary.first_loss = window.mean_loss();
+      summary.final_loss = window.mean_loss();
+      summary.final_accuracy = window.accuracy();
+      log << absl::StrFormat("step %*d/%d | loss %.4f", int(std::to_string(steps).size()), step + 1,
+                             steps, window.mean_loss());
+      if (acc) log << absl::StrFormat(" | acc %5.1f%%", 100.0 * window.accuracy());
+      log << absl::StrFormat(" | lr %.2e | grad %.3f | %.0f tok/s | ETA %s\n", info.lr,
+                             info.grad_norm, window_tps, FormatDuration(eta));
+      log.flush();
+      window = LossStats();
+      window_steps = 0;
+      window_start = Clock::now();
+    }
+    const int64_t every = spec_.eval().every_steps();
+    if (every > 0 && (step + 1) % every == 0 && !last) {
+      for (int64_t len : eval_lens) {
+        auto r = Evaluate(len);
+        if (!r.ok()) return r.status();
+        log << absl::StrFormat("  eval @ step %d, length %d: loss %.4f", step + 1, len, r->loss);
+        if (acc) log << absl::StrFormat(", acc %.1f%%", 100.0 * r->accuracy);
+        log << "\n";
+      }
+    }
+  }
+  summary.steps = steps;
+  summary.seconds = SecondsSince(t0);
+  summary.tokens_per_second = double(steps * B * L) / summary.seconds;
+
+  if (spec_.eval().batches() > 0) {
+    log << "held-out evaluation:\n";
+    for (int64_t len : eval_lens) {
+      auto r = Evaluate(len);
+      if (!r.ok()) return r.status();
+      summary.evals.push_back(*r);
+      log << absl::StrFormat("  length %7d: loss %.4f", len, r->loss);
+      if (acc) log << absl::StrFormat(", accuracy %.1f%%", 100.0 * r->accuracy);
+      log << absl::StrFormat(" (%d answer tokens)\n", r->tokens);
+    }
+  }
+  log << absl::StrFormat(
+      "done: %d steps in %s, loss %.4f -> %.4f, %.0f tokens/s\n", steps,
+      FormatDuration(summary.seconds), summary.first_loss, summary.final_loss,
+      summary.tokens_per_second);
+  return summary;
+}
+
+}  // namespace mamba

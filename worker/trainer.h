@@ -1,0 +1,64 @@
+// The single-process training loop: data -> forward/backward -> clip -> AdamW, with progress
+// lines (step, loss, accuracy, tokens/s, ETA), periodic held-out evaluation and a summary.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "proto/job.pb.h"
+#include "worker/backend.h"
+#include "worker/data/dataset.h"
+#include "worker/model.h"
+#include "worker/optimizer.h"
+
+namespace mamba {
+
+struct EvalResult {
+  int64_t seq_len = 0;
+  double loss = 0;
+  double accuracy = 0;  // over answer positions (synthetic tasks)
+  int64_t tokens = 0;   // counted targets
+};
+
+struct TrainSummary {
+  int64_t steps = 0;
+  std::vector<double> losses;  // mean training loss of every step
+  double first_loss = 0, final_loss = 0;  // means over the first and last log windows
+  double final_accuracy = 0;
+  double seconds = 0;
+  double tokens_per_second = 0;  // input tokens processed per second of training
+  std::vector<EvalResult> evals;  // the final evaluation
+};
+
+class Trainer {
+ public:
+  // The spec must be resolved (ResolveJobSpec). Fails with a named field for anything the
+  // dataset or model cannot do.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const v1::JobSpec& spec);
+
+  // Trains spec.steps steps, printing progress to `log`.
+  absl::StatusOr<TrainSummary> Run(std::ostream& log);
+  // Held-out loss and accuracy at one length (eval.batches batches of batch_size).
+  absl::StatusOr<EvalResult> Evaluate(int64_t seq_len);
+
+  MambaModel& model() { return *model_; }
+  const data::Dataset& dataset() const { return *dataset_; }
+
+ private:
+  Trainer() = default;
+
+  v1::JobSpec spec_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<data::Dataset> dataset_;
+  std::unique_ptr<MambaModel> model_;
+  std::unique_ptr<AdamWOptimizer> optimizer_;
+};
+
+// "1h02m", "3m05s", "12s".
+std::string FormatDuration(double seconds);
+
+}  // namespace mamba
