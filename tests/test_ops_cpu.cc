@@ -157,7 +157,7 @@ struct NormProblem {
   int64_t rows, dim;
   Vec res_in, x, weight;
   double eps = 1e-5;
-  NormProblem(int64_t rows, int64_t dim, uint64_t seed) : rows(rows), dim(dim) {
+  NormProblem(int64_t num_rows, int64_t width, uint64_t seed) : rows(num_rows), dim(width) {
     res_in = RandomVector(rows * dim, seed + 1);
     x = RandomVector(rows * dim, seed + 2);
     weight = RandomVector(dim, seed + 3, 0.5, 1.5);
@@ -302,7 +302,9 @@ TEST(LinearCpu, BackwardMatchesFiniteDifferences) {
       LinearBackwardCpu<double>(M, N, K, wy.data(), x.data(), w.data(), nullptr, dw1.data(),
                                 db1.data());
       EXPECT_LT(RelativeError(dw1, Scaled(dw, 2)), kExactTol) << tag;
-      if (with_bias) EXPECT_LT(RelativeError(db1, Scaled(db, 2)), kExactTol) << tag;
+      if (with_bias) {
+        EXPECT_LT(RelativeError(db1, Scaled(db, 2)), kExactTol) << tag;
+      }
     }
   }
 }
@@ -332,7 +334,8 @@ TEST(LinearCpu, FloatMatchesDouble) {
 struct ConvProblem {
   int64_t B, L, C, K;
   Vec x, weight, bias, prefix;
-  ConvProblem(int64_t B, int64_t L, int64_t C, int64_t K, uint64_t seed) : B(B), L(L), C(C), K(K) {
+  ConvProblem(int64_t batch, int64_t len, int64_t channels, int64_t width, uint64_t seed)
+      : B(batch), L(len), C(channels), K(width) {
     x = RandomVector(B * L * C, seed + 1);
     weight = RandomVector(C * K, seed + 2);
     bias = RandomVector(C, seed + 3);
@@ -411,7 +414,9 @@ TEST(CausalConv1dCpu, BackwardMatchesFiniteDifferences) {
       EXPECT_EQ(dx2, dx) << tag;
       EXPECT_EQ(dprefix2, dprefix) << tag;
       EXPECT_LT(RelativeError(dw2, Scaled(dw, 2)), kExactTol) << tag;
-      if (with_bias) EXPECT_LT(RelativeError(db2, Scaled(db, 2)), kExactTol) << tag;
+      if (with_bias) {
+        EXPECT_LT(RelativeError(db2, Scaled(db, 2)), kExactTol) << tag;
+      }
     }
   }
 }
