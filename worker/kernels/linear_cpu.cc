@@ -1,0 +1,87 @@
+#include "worker/kernels/linear_cpu.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "worker/check.h"
+
+namespace mamba::kernels {
+namespace {
+
+// Below this much work an OpenMP fork/join costs more than it saves on a few cores (and
+// stalls badly when the cores are shared).
+constexpr int64_t kMinParallelWork = 1 << 14;
+
+// CBLAS takes int sizes (OpenBLAS without INTERFACE64).
+void CheckFitsInt(int64_t m, int64_t n, int64_t k) {
+  MAMBA_CHECK(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX)
+      << "gemm size " << m << "x" << n << "x" << k << " exceeds the BLAS int range";
+}
+
+// Row-major gemm: C(m, n) = alpha * op(A) * op(B) + beta * C, dispatched on the element type.
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  CheckFitsInt(m, n, k);
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+          const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
+          int64_t ldc) {
+  CheckFitsInt(m, n, k);
+  cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+}  // namespace
+
+template <typename T>
+void LinearForwardCpu(int64_t M, int64_t N, int64_t K, const T* x, const T* w, const T* bias,
+                      T* y) {
+  if (M == 0 || N == 0) return;
+  // Seed y with the bias so that one gemm with beta = 1 adds the product to it.
+  if (bias) {
+#pragma omp parallel for schedule(static) if (M * N >= kMinParallelWork)
+    for (int64_t m = 0; m < M; ++m) std::copy(bias, bias + N, y + m * N);
+  } else {
+    std::fill(y, y + M * N, T(0));
+  }
+  if (K == 0) return;
+  Gemm(false, true, M, N, K, T(1), x, K, w, K, T(1), y, N);
+}
+
+template <typename T>
+void LinearBackwardCpu(int64_t M, int64_t N, int64_t K, const T* dy, const T* x, const T* w, T* dx,
+                       T* dw, T* dbias) {
+  if (dx && M > 0 && K > 0) {
+    if (N == 0) {
+      std::fill(dx, dx + M * K, T(0));
+    } else {
+      Gemm(false, false, M, K, N, T(1), dy, N, w, K, T(0), dx, K);  // dx(M, K) = dy(M, N) w(N, K)
+    }
+  }
+  if (M == 0) return;
+  if (N > 0 && K > 0) Gemm(true, false, N, K, M, T(1), dy, N, x, K, T(1), dw, K);  // dw += dy^T x
+  if (dbias) {
+#pragma omp parallel for schedule(static) if (M * N >= kMinParallelWork)
+    for (int64_t n = 0; n < N; ++n) {
+      double sum = 0;
+      for (int64_t m = 0; m < M; ++m) sum += double(dy[m * N + n]);
+      dbias[n] += T(sum);
+    }
+  }
+}
+
+template void LinearForwardCpu<float>(int64_t, int64_t, int64_t, const float*, const float*,
+                                      const float*, float*);
+template void LinearForwardCpu<double>(int64_t, int64_t, int64_t, const double*, const double*,
+                                       const double*, double*);
+template void LinearBackwardCpu<float>(int64_t, int64_t, int64_t, const float*, const float*,
+                                       const float*, float*, float*, float*);
+template void LinearBackwardCpu<double>(int64_t, int64_t, int64_t, const double*, const double*,
+                                        const double*, double*, double*, double*);
+
+}  // namespace mamba::kernels
