@@ -146,6 +146,25 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
   if (spec.backend() == "cpu" && spec.precision() != "fp32") {
     return Invalid("precision", "the cpu backend trains in fp32 only");
   }
+
+  // Checkpoints.
+  v1::CheckpointSpec& c = *spec.mutable_checkpoint();
+  if (!c.has_every_steps()) c.set_every_steps(0);
+  if (!c.has_keep_last()) c.set_keep_last(3);
+  if (c.dtype().empty()) c.set_dtype("fp32");
+  RETURN_IF_ERROR(InRange<int64_t>("checkpoint.every_steps", c.every_steps(), 0, int64_t{1} << 40));
+  RETURN_IF_ERROR(InRange("checkpoint.keep_last", c.keep_last(), 0, 1 << 20));
+  if (c.dtype() != "fp32" && c.dtype() != "bf16") {
+    return Invalid("checkpoint.dtype",
+                   absl::StrCat("must be \"fp32\" or \"bf16\", got \"", c.dtype(), "\""));
+  }
+  if (c.every_steps() > 0 && c.dir().empty()) {
+    return Invalid("checkpoint.dir", "required when checkpoint.every_steps is set");
+  }
+  if (!c.resume_from().empty() && !c.init_from().empty()) {
+    return Invalid("checkpoint.init_from",
+                   "cannot be combined with checkpoint.resume_from (a resumed run has weights)");
+  }
   return spec;
 }
 

@@ -1,5 +1,5 @@
 // mamba-worker: trains one job in this process.
-//   mamba-worker --job job.json [--summary_json out.json]
+//   mamba-worker --job job.json [--resume DIR] [--summary_json out.json]
 // The job spec is the JSON form of mamba.v1.JobSpec (proto/job.proto).
 #include <fstream>
 #include <iostream>
@@ -12,6 +12,9 @@
 #include "worker/trainer.h"
 
 ABSL_FLAG(std::string, job, "", "Path of the job spec (JSON form of mamba.v1.JobSpec).");
+ABSL_FLAG(std::string, resume, "",
+          "Resume from a checkpoint: a step_ directory, or a checkpoint root meaning its latest "
+          "(same as the job spec's checkpoint.resume_from).");
 ABSL_FLAG(std::string, summary_json, "", "If set, write the run's summary here as JSON.");
 
 namespace {
@@ -49,6 +52,11 @@ int main(int argc, char** argv) {
   }
   auto spec = mamba::LoadJobSpecFile(job_path);
   if (!spec.ok()) return Fail(spec.status());
+  if (const std::string resume = absl::GetFlag(FLAGS_resume); !resume.empty()) {
+    spec->mutable_checkpoint()->set_resume_from(resume);
+    spec = mamba::ResolveJobSpec(*spec);  // re-validated: resume_from excludes init_from
+    if (!spec.ok()) return Fail(spec.status());
+  }
   auto trainer = mamba::Trainer::Create(*spec);
   if (!trainer.ok()) return Fail(trainer.status());
   auto summary = (*trainer)->Run(std::cout);

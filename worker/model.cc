@@ -210,26 +210,41 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   d_residual = d_res_in;
 }
 
-LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& targets,
-                                      int32_t ignore_index, double grad_scale, bool backward) {
-  MAMBA_CHECK(inputs.rank() == 2 && targets.shape() == inputs.shape());
+MambaModel::Head MambaModel::Forward(const Tensor& inputs) {
+  MAMBA_CHECK(inputs.rank() == 2);
   const int64_t B = inputs.dim(0), L = inputs.dim(1), M = B * L, dm = config_.d_model;
   Backend& be = *backend_;
-  Tensor ids = be.FromHost(inputs);
-  Tensor tgt = be.FromHost(targets);
-
+  Head h;
+  h.ids = be.FromHost(inputs);
   Tensor emb = Act({M, dm});
-  be.EmbeddingForward(ids, embedding_->value, emb);
+  be.EmbeddingForward(h.ids, embedding_->value, emb);
   Tensor residual, hidden = emb;
   for (Layer& l : layers_) {
     ForwardLayer(l, residual, hidden, B, L);
     residual = l.residual;
     hidden = l.out;
   }
-  Tensor res_f = Act({M, dm}), hf = Act({M, dm}), rstd_f = Act({M});
-  be.AddRmsNormForward(residual, hidden, norm_f_->value, config_.norm_eps, res_f, hf, rstd_f);
-  Tensor logits = Act({M, config_.vocab_size});
-  be.LinearForward(hf, embedding_->value, Tensor(), logits);  // tied lm_head
+  h.res_f = Act({M, dm});
+  h.hf = Act({M, dm});
+  h.rstd_f = Act({M});
+  be.AddRmsNormForward(residual, hidden, norm_f_->value, config_.norm_eps, h.res_f, h.hf,
+                       h.rstd_f);
+  h.logits = Act({M, config_.vocab_size});
+  be.LinearForward(h.hf, embedding_->value, Tensor(), h.logits);  // tied lm_head
+  return h;
+}
+
+Tensor MambaModel::Logits(const Tensor& inputs) { return Forward(inputs).logits; }
+
+LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& targets,
+                                      int32_t ignore_index, double grad_scale, bool backward) {
+  MAMBA_CHECK(inputs.rank() == 2 && targets.shape() == inputs.shape());
+  const int64_t B = inputs.dim(0), L = inputs.dim(1), M = B * L, dm = config_.d_model;
+  Backend& be = *backend_;
+  Tensor tgt = be.FromHost(targets);
+  Head head = Forward(inputs);
+  const Tensor &ids = head.ids, &res_f = head.res_f, &hf = head.hf, &rstd_f = head.rstd_f,
+               &logits = head.logits;
   Tensor dlogits = backward ? Act({M, config_.vocab_size}) : Tensor();
   const kernels::CrossEntropyStats ce =
       be.CrossEntropy(logits, tgt, ignore_index, grad_scale, dlogits);

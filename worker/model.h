@@ -46,8 +46,16 @@ class MambaModel {
   // parameter's grad (grad_scale = 1 / tokens counted in the global batch gives the mean).
   LossStats ForwardBackward(const Tensor& inputs, const Tensor& targets, int32_t ignore_index,
                             double grad_scale, bool backward);
+  // Logits (batch * seq_len, vocab), rows ordered (batch, position), on the backend's device,
+  // for int32 host inputs (batch, seq_len). For evaluation and parity checks.
+  Tensor Logits(const Tensor& inputs);
 
  private:
+  // What the forward leaves for the backward of the final norm and the tied lm_head.
+  struct Head {
+    Tensor ids, res_f, hf, rstd_f, logits;
+  };
+  Head Forward(const Tensor& inputs);
   // Per-layer parameters, activations saved for the backward, and gradient scratch.
   struct Layer {
     Parameter* norm;

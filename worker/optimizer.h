@@ -34,6 +34,8 @@ class AdamWOptimizer {
   StepInfo Step();
 
   int64_t step() const { return step_; }
+  // For resuming from a checkpoint (with the moments restored through the accessors below).
+  void set_step(int64_t step) { step_ = step; }
   std::vector<Tensor>& first_moments() { return m_; }
   std::vector<Tensor>& second_moments() { return v_; }
 

@@ -6,6 +6,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoints/checkpoint.h"
+#include "checkpoints/model_io.h"
+#include "google/protobuf/util/json_util.h"
+#include "google/protobuf/util/message_differencer.h"
+#include "nlohmann/json.hpp"
 #include "worker/job_spec.h"
 
 namespace mamba {
@@ -24,6 +29,20 @@ std::pair<Tensor, Tensor> BatchTensors(const data::Batch& b) {
   std::copy(b.inputs.begin(), b.inputs.end(), inputs.data<int32_t>());
   std::copy(b.targets.begin(), b.targets.end(), targets.data<int32_t>());
   return {inputs, targets};
+}
+
+// The first field that must match for a resumed run to continue the saved one exactly, or "".
+std::string FirstDifference(const v1::JobSpec& saved, const v1::JobSpec& now) {
+  using google::protobuf::util::MessageDifferencer;
+  if (!MessageDifferencer::Equals(saved.model(), now.model())) return "model";
+  if (!MessageDifferencer::Equals(saved.data(), now.data())) return "data";
+  if (!MessageDifferencer::Equals(saved.optimizer(), now.optimizer())) return "optimizer";
+  if (!MessageDifferencer::Equals(saved.schedule(), now.schedule())) return "schedule";
+  if (!MessageDifferencer::Equals(saved.parallel(), now.parallel())) return "parallel";
+  if (saved.seed() != now.seed()) return "seed";
+  if (saved.batch_size() != now.batch_size()) return "batch_size";
+  if (saved.precision() != now.precision()) return "precision";
+  return "";
 }
 
 int64_t CountTargets(const data::Batch& b) {
@@ -66,7 +85,58 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
   t->model_->Initialize(spec.seed());
   t->optimizer_ = std::make_unique<AdamWOptimizer>(OptimizerConfigFromSpec(spec), t->backend_.get(),
                                                    &t->model_->parameters());
+  const v1::CheckpointSpec& c = spec.checkpoint();
+  if (!c.init_from().empty()) {
+    absl::Status s = ckpt::ImportModel(c.init_from(), *t->model_, *t->backend_);
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("checkpoint.init_from: ", s.message()));
+  }
+  if (!c.resume_from().empty()) {
+    absl::Status s = t->Resume(c.resume_from());
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat("resume: ", s.message()));
+  }
   return t;
+}
+
+absl::Status Trainer::Resume(const std::string& path) {
+  auto dir = ckpt::ResolveCheckpointDir(path);
+  if (!dir.ok()) return dir.status();
+  auto state = ckpt::LoadCheckpoint(*dir, *model_, *optimizer_, *backend_);
+  if (!state.ok()) return state.status();
+  v1::JobSpec saved;
+  google::protobuf::util::JsonParseOptions options;
+  options.ignore_unknown_fields = true;  // a newer worker's spec may have more fields
+  if (!google::protobuf::util::JsonStringToMessage(state->job_spec.dump(), &saved, options).ok()) {
+    return absl::DataLossError(absl::StrCat(*dir, "/trainer_state.json: job_spec is not a JobSpec"));
+  }
+  if (const std::string field = FirstDifference(saved, spec_); !field.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        *dir, ": the job's ", field, " differs from the checkpoint's (", *dir,
+        "/trainer_state.json); a resumed run must train the same model on the same data"));
+  }
+  start_step_ = state->step;
+  loss_history_ = state->losses;
+  resumed_from_ = *dir;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> Trainer::SaveCheckpoint(int64_t step,
+                                                    const std::vector<double>& losses) {
+  ckpt::TrainerState state;
+  state.step = step;
+  state.next_lr = LearningRate(OptimizerConfigFromSpec(spec_), step);
+  state.seed = spec_.seed();
+  state.losses = losses;
+  std::string spec_json;
+  if (!google::protobuf::util::MessageToJsonString(spec_, &spec_json).ok()) {
+    return absl::InternalError("cannot convert the job spec to JSON");
+  }
+  state.job_spec = nlohmann::json::parse(spec_json);
+  ckpt::SaveOptions options;
+  options.bf16 = spec_.checkpoint().dtype() == "bf16";
+  options.keep_last = spec_.checkpoint().keep_last();
+  options.protect = resumed_from_;
+  return ckpt::SaveCheckpoint(spec_.checkpoint().dir(), state, *model_, *optimizer_, *backend_,
+                              options);
 }
 
 absl::StatusOr<EvalResult> Trainer::Evaluate(int64_t seq_len) {
@@ -92,6 +162,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
   const int64_t steps = spec_.steps(), B = spec_.batch_size(), L = dataset_->seq_len();
   const bool acc = dataset_->has_accuracy();
   TrainSummary summary;
+  summary.losses = loss_history_;
   log << absl::StrFormat(
       "job %s: %s, model d_model %d x %d layers (d_state %d, vocab %d, %d parameters), "
       "batch %d x %d tokens, %d steps, backend %s\n",
@@ -100,12 +171,15 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
       model_->config().vocab_size, model_->num_parameters(), B, L, steps, backend_->name());
   std::vector<int64_t> eval_lens(spec_.eval().seq_lens().begin(), spec_.eval().seq_lens().end());
   if (eval_lens.empty()) eval_lens.push_back(L);
+  if (!resumed_from_.empty()) {
+    log << absl::StrFormat("resumed from %s at step %d\n", resumed_from_, start_step_);
+  }
 
   const auto t0 = Clock::now();
   auto window_start = t0;
   LossStats window;
   int64_t window_steps = 0;
-  for (int64_t step = 0; step < steps; ++step) {
+  for (int64_t step = start_step_; step < steps; ++step) {
     auto batch = dataset_->GetBatch(data::Split::kTrain, step, 0, B, L);
     if (!batch.ok()) return batch.status();
     const int64_t counted = CountTargets(*batch);
@@ -134,7 +208,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
     if ((step + 1) % spec_.log_every() == 0 || last) {
       const double elapsed = SecondsSince(t0);
       const double window_tps = double(window_steps * B * L) / SecondsSince(window_start);
-      const double eta = elapsed / double(step + 1) * double(steps - step - 1);
+      const double eta = elapsed / double(step + 1 - start_step_) * double(steps - step - 1);
       if (summary.first_loss == 0) summary.first_loss = window.mean_loss();
       summary.final_loss = window.mean_loss();
       summary.final_accuracy = window.accuracy();
@@ -158,10 +232,17 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
         log << "\n";
       }
     }
+    const v1::CheckpointSpec& c = spec_.checkpoint();
+    if (!c.dir().empty() && (last || (c.every_steps() > 0 && (step + 1) % c.every_steps() == 0))) {
+      auto dir = SaveCheckpoint(step + 1, summary.losses);
+      if (!dir.ok()) return dir.status();
+      log << "  checkpoint: " << *dir << "\n";
+    }
   }
   summary.steps = steps;
   summary.seconds = SecondsSince(t0);
-  summary.tokens_per_second = double(steps * B * L) / summary.seconds;
+  summary.tokens_per_second = double(std::max<int64_t>(0, steps - start_step_) * B * L) /
+                              std::max(summary.seconds, 1e-9);
 
   if (spec_.eval().batches() > 0) {
     log << "held-out evaluation:\n";

@@ -46,16 +46,27 @@ class Trainer {
   absl::StatusOr<EvalResult> Evaluate(int64_t seq_len);
 
   MambaModel& model() { return *model_; }
+  AdamWOptimizer& optimizer() { return *optimizer_; }
   const data::Dataset& dataset() const { return *dataset_; }
+  // The step training starts from: 0, or the step of the checkpoint resumed from.
+  int64_t start_step() const { return start_step_; }
 
  private:
   Trainer() = default;
+  // Loads checkpoint.resume_from (a step_ directory or a root) after checking that the saved job
+  // spec trains the same model on the same data.
+  absl::Status Resume(const std::string& path);
+  // Writes checkpoint.dir/step_<step>/ atomically; returns its path.
+  absl::StatusOr<std::string> SaveCheckpoint(int64_t step, const std::vector<double>& losses);
 
   v1::JobSpec spec_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<data::Dataset> dataset_;
   std::unique_ptr<MambaModel> model_;
   std::unique_ptr<AdamWOptimizer> optimizer_;
+  int64_t start_step_ = 0;
+  std::vector<double> loss_history_;  // of the run resumed from
+  std::string resumed_from_;          // never deleted by keep_last
 };
 
 // "1h02m", "3m05s", "12s".
