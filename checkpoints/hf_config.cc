@@ -155,7 +155,9 @@ json HfConfigJson(const ModelConfig& c, const std::string& dtype) {
       {"time_step_max", 0.1},
       {"time_step_init_scheme", "random"},
       {"time_step_floor", 1e-4},
-      {"rescale_prenorm_residual", true},  // the worker's init rescales out_proj (mamba_ssm)
+      // Only HF's own init reads it, but transformers 5.17 also applies it to out_proj weights it
+      // has just loaded (dividing them by sqrt(n_layer)), so it must stay false here.
+      {"rescale_prenorm_residual", false},
       {"use_cache", true},
       {"use_mambapy", false},
       {"tie_word_embeddings", true},
