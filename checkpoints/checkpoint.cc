@@ -18,6 +18,7 @@
 #include "checkpoints/hf_config.h"
 #include "checkpoints/model_io.h"
 #include "checkpoints/safetensors.h"
+#include "worker/check.h"
 
 namespace mamba::ckpt {
 namespace {
@@ -91,10 +92,15 @@ absl::Status Prune(const std::string& root, const std::string& keep, const SaveO
   if (!list.ok()) return list.status();
   std::error_code ec;
   const fs::path protect = o.protect.empty() ? fs::path() : fs::weakly_canonical(o.protect, ec);
+  auto is_protected = [&](const std::string& path) {
+    return !protect.empty() && fs::weakly_canonical(path, ec) == protect;
+  };
+  // The protected checkpoint is kept on top of the newest K.
   int64_t excess = static_cast<int64_t>(list->size()) - o.keep_last;
+  for (const auto& [step, path] : *list) excess -= is_protected(path);
   for (const auto& [step, path] : *list) {  // oldest first
     if (excess <= 0) break;
-    if (path == keep || (!protect.empty() && fs::weakly_canonical(path, ec) == protect)) continue;
+    if (path == keep || is_protected(path)) continue;
     fs::remove_all(path, ec);
     if (ec) return absl::InternalError(absl::StrCat(path, ": cannot delete: ", ec.message()));
     --excess;
@@ -145,6 +151,7 @@ std::string StepDirName(int64_t step) { return absl::StrFormat("%s%08d", kStepPr
 absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const TrainerState& state,
                                            MambaModel& model, AdamWOptimizer& optimizer,
                                            Backend& backend, const SaveOptions& o) {
+  MAMBA_CHECK(state.step == optimizer.step()) << state.step << " vs " << optimizer.step();
   std::error_code ec;
   fs::create_directories(root, ec);
   if (ec) return absl::InternalError(absl::StrCat(root, ": cannot create: ", ec.message()));

@@ -61,3 +61,26 @@ TEST(JobSpec, BadSpecsNameTheFieldAndRule) {
 
 }  // namespace
 }  // namespace mamba
+
+namespace mamba {
+namespace {
+
+TEST(JobSpec, CheckpointDefaultsAndRules) {
+  auto spec = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}})");
+  ASSERT_TRUE(spec.ok());
+  EXPECT_EQ(spec->checkpoint().every_steps(), 0);
+  EXPECT_EQ(spec->checkpoint().keep_last(), 3);
+  EXPECT_EQ(spec->checkpoint().dtype(), "fp32");
+  const std::string data = R"("data": {"inductionHeads": {}}, )";
+  ExpectError("{" + data + R"("checkpoint": {"dir": "c", "dtype": "fp8"}})",
+              "checkpoint.dtype: must be \"fp32\" or \"bf16\", got \"fp8\"");
+  ExpectError("{" + data + R"("checkpoint": {"everySteps": 5}})",
+              "checkpoint.dir: required when checkpoint.every_steps is set");
+  ExpectError("{" + data + R"("checkpoint": {"dir": "c", "keepLast": -1}})",
+              "checkpoint.keep_last: must be in [0, 1048576], got -1");
+  ExpectError("{" + data + R"("checkpoint": {"resumeFrom": "a", "initFrom": "b"}})",
+              "checkpoint.init_from: cannot be combined with checkpoint.resume_from");
+}
+
+}  // namespace
+}  // namespace mamba
