@@ -170,7 +170,7 @@ TEST(Import, TransformersF16AndBf16Weights) {
   Fixture a(8);
   WriteImport(dir, a, HfConfigText(), [](const std::string& name, Tensor& t, SafetensorsWriter& w) {
     if (name.find("layers.0") != std::string::npos) {
-      std::string bytes(t.numel() * 2, '\0');  // F16 of the value rounded through bf16: exact
+      std::string bytes(t.numel() * 2, '\0');  // F16 1.0 everywhere
       for (int64_t i = 0; i < t.numel(); ++i) {
         const uint16_t h = 0x3c00;  // 1.0
         std::memcpy(&bytes[2 * i], &h, 2);
