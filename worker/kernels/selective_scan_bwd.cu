@@ -20,12 +20,10 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
   const int64_t t0 = c.seg * kBwdSeg, t1 = min(p.len, t0 + kBwdSeg);
   const int N = p.dstate;
   const int64_t D = p.dim, L = p.len;
-  const int64_t u_o = c.b * p.u.sb + c.d * p.u.sd, dl_o = c.b * p.delta.sb + c.d * p.delta.sd;
-  const int64_t z_o = c.b * p.z.sb + c.d * p.z.sd, do_o = c.b * p.dout.sb + c.d * p.dout.sd;
+  const Offsets o(p, c);
   const int64_t du_o = c.b * p.du.sb + c.d * p.du.sd;
   const int64_t ddl_o = c.b * p.ddelta.sb + c.d * p.ddelta.sd;
   const int64_t dz_o = c.b * p.dz.sb + c.d * p.dz.sd;
-  const int64_t B_o = c.b * p.Bm.sb + c.g * p.Bm.sg, C_o = c.b * p.Cm.sb + c.g * p.Cm.sg;
   const float bias = p.dt_bias ? p.dt_bias[c.d] : 0.f;
   const float dsk = p.D_skip ? p.D_skip[c.d] : 0.f;
   const int64_t row = (c.b * D + c.d) * p.num_seg + c.seg;
@@ -60,14 +58,16 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
 #pragma unroll
       for (int j = 0; j < kNT; ++j) ckpt[(r * kNT + j) * nthr] = h[j];
       const int64_t te = min(t1, tb + kBwdK);
+      StepIn cur, nxt;
+      LoadStep<T, kVec, false, false, false>(p, o, n0, tb, cur);
       for (int64_t t = tb; t < te; ++t) {
+        if (t + 1 < te) LoadStep<T, kVec, false, false, false>(p, o, n0, t + 1, nxt);
         float dsp;
-        const float dt = StepSize(Ld<T>(p.delta.p, dl_o + t * p.delta.sl) + bias, p.softplus, &dsp);
-        const float dtu = dt * Ld<T>(p.u.p, u_o + t * p.u.sl);
-        float bv[kNT];
-        LoadRow<T, kVec>(p.Bm, B_o + t * p.Bm.sl, n0, N, bv);
+        const float dt = StepSize(cur.draw + bias, p.softplus, &dsp);
+        const float dtu = dt * cur.u;
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * bv[j]);
+        for (int j = 0; j < kNT; ++j) h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * cur.bv[j]);
+        cur = nxt;
       }
     }
     // Tiles from the last: recompute the tile's states, then walk it backwards.
@@ -77,34 +77,41 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
       const int tn = static_cast<int>(min(static_cast<int64_t>(kBwdK), t1 - tb));
 #pragma unroll
       for (int j = 0; j < kNT; ++j) h[j] = ckpt[(r * kNT + j) * nthr];
-      for (int k = 0; k < tn; ++k) {
-        const int64_t t = tb + k;
-        float dsp;
-        const float dt = StepSize(Ld<T>(p.delta.p, dl_o + t * p.delta.sl) + bias, p.softplus, &dsp);
-        const float dtu = dt * Ld<T>(p.u.p, u_o + t * p.u.sl);
-        float bv[kNT];
-        LoadRow<T, kVec>(p.Bm, B_o + t * p.Bm.sl, n0, N, bv);
+      {
+        StepIn cur, nxt;
+        LoadStep<T, kVec, false, false, false>(p, o, n0, tb, cur);
+        for (int k = 0; k < tn; ++k) {
+          if (k + 1 < tn) LoadStep<T, kVec, false, false, false>(p, o, n0, tb + k + 1, nxt);
+          float dsp;
+          const float dt = StepSize(cur.draw + bias, p.softplus, &dsp);
+          const float dtu = dt * cur.u;
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          hist[(k * kNT + j) * nthr] = h[j];
-          h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * bv[j]);
+          for (int j = 0; j < kNT; ++j) {
+            hist[(k * kNT + j) * nthr] = h[j];
+            h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * cur.bv[j]);
+          }
+          cur = nxt;
         }
       }
+      StepIn cur, nxt;
+      LoadStep<T, kVec, true, true, true>(p, o, n0, tb + tn - 1, cur);
       for (int k = tn - 1; k >= 0; --k) {
         const int64_t t = tb + k;
+        if (k > 0) LoadStep<T, kVec, true, true, true>(p, o, n0, t - 1, nxt);
         float dsp;
-        const float dt = StepSize(Ld<T>(p.delta.p, dl_o + t * p.delta.sl) + bias, p.softplus, &dsp);
-        const float u = Ld<T>(p.u.p, u_o + t * p.u.sl);
-        const float dout = Ld<T>(p.dout.p, do_o + t * p.dout.sl);
+        const float dt = StepSize(cur.draw + bias, p.softplus, &dsp);
+        const float u = cur.u;
+        const float dout = cur.dout;
         float zz = 0.f, sg = 0.f, dy = dout;
         if (p.z.p) {
-          zz = Ld<T>(p.z.p, z_o + t * p.z.sl);
+          zz = cur.z;
           sg = 1.f / (1.f + expf(-zz));
           dy = dout * zz * sg;
         }
         float bv[kNT], cv[kNT];
-        LoadRow<T, kVec>(p.Bm, B_o + t * p.Bm.sl, n0, N, bv);
-        LoadRow<T, kVec>(p.Cm, C_o + t * p.Cm.sl, n0, N, cv);
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) bv[j] = cur.bv[j], cv[j] = cur.cv[j];
+        cur = nxt;
         const float dtu = dt * u;
         float y = 0.f, ddt = 0.f, dub = 0.f;
         float v[2 * kNT];  // dBm (j) and dCm (kNT + j) contributions of this channel

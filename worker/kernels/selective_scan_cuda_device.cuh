@@ -159,4 +159,35 @@ __device__ __forceinline__ float ReduceScatter32(float (&v)[32]) {
   return v[0];
 }
 
+// Per-thread row offsets of one (b, d) into the (B, L, D) inputs and of one (b, g) into Bm/Cm.
+struct Offsets {
+  int64_t u, delta, z, dout, Bm, Cm;
+  __device__ Offsets(const Params& p, const Chan& c)
+      : u(c.b * p.u.sb + c.d * p.u.sd),
+        delta(c.b * p.delta.sb + c.d * p.delta.sd),
+        z(c.b * p.z.sb + c.d * p.z.sd),
+        dout(c.b * p.dout.sb + c.d * p.dout.sd),
+        Bm(c.b * p.Bm.sb + c.g * p.Bm.sg),
+        Cm(c.b * p.Cm.sb + c.g * p.Cm.sg) {}
+};
+
+// The inputs of one time step. Loops load step t +- 1 into a second StepIn while computing step
+// t, so the loads' latency overlaps the exponentials instead of stalling every step.
+struct StepIn {
+  float draw, u, z, dout;
+  float bv[kNT], cv[kNT];
+};
+
+// kC: load Cm; kZ: load z (when present); kDout: load dout.
+template <typename T, bool kVec, bool kC, bool kZ, bool kDout>
+__device__ __forceinline__ void LoadStep(const Params& p, const Offsets& o, int n0, int64_t t,
+                                         StepIn& s) {
+  s.draw = Ld<T>(p.delta.p, o.delta + t * p.delta.sl);
+  s.u = Ld<T>(p.u.p, o.u + t * p.u.sl);
+  LoadRow<T, kVec>(p.Bm, o.Bm + t * p.Bm.sl, n0, p.dstate, s.bv);
+  if constexpr (kC) LoadRow<T, kVec>(p.Cm, o.Cm + t * p.Cm.sl, n0, p.dstate, s.cv);
+  if constexpr (kZ) s.z = p.z.p ? Ld<T>(p.z.p, o.z + t * p.z.sl) : 0.f;
+  if constexpr (kDout) s.dout = Ld<T>(p.dout.p, o.dout + t * p.dout.sl);
+}
+
 }  // namespace mamba::kernels::cuda

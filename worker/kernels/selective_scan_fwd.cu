@@ -5,19 +5,6 @@
 namespace mamba::kernels::cuda {
 namespace {
 
-// Per-thread row offsets of one (b, d) into the (B, L, D) tensors and of one (b, g) into Bm/Cm.
-struct Offsets {
-  int64_t u, delta, z, out, dout, Bm, Cm;
-  __device__ Offsets(const Params& p, const Chan& c)
-      : u(c.b * p.u.sb + c.d * p.u.sd),
-        delta(c.b * p.delta.sb + c.d * p.delta.sd),
-        z(c.b * p.z.sb + c.d * p.z.sd),
-        out(c.b * p.out.sb + c.d * p.out.sd),
-        dout(c.b * p.dout.sb + c.d * p.dout.sd),
-        Bm(c.b * p.Bm.sb + c.g * p.Bm.sg),
-        Cm(c.b * p.Cm.sb + c.g * p.Cm.sg) {}
-};
-
 __device__ __forceinline__ void LoadDecay(const Params& p, const Chan& c, int n0,
                                           float (&a2)[kNT]) {
 #pragma unroll
@@ -29,7 +16,7 @@ __device__ __forceinline__ void LoadDecay(const Params& p, const Chan& c, int n0
 }  // namespace
 
 template <typename T, bool kVec, bool kBwd>
-__global__ void __launch_bounds__(kFwdThreads) ScanSegmentKernel(const Params p) {
+__global__ void __launch_bounds__(kFwdThreads, 3) ScanSegmentKernel(const Params p) {
   Chan c;
   if (!Locate(p, &c) || !c.active) return;
   const int64_t t0 = c.seg * p.seg_len, t1 = min(p.len, t0 + p.seg_len);
@@ -44,21 +31,19 @@ __global__ void __launch_bounds__(kFwdThreads) ScanSegmentKernel(const Params p)
 #pragma unroll
     for (int j = 0; j < kNT; ++j) h[j] = 0.f, P[j] = 1.f, r[j] = 0.f;
     float sum = 0.f;
+    StepIn cur, nxt;
+    LoadStep<T, kVec, kBwd, kBwd, kBwd>(p, o, n0, t0, cur);
     for (int64_t t = t0; t < t1; ++t) {
+      if (t + 1 < t1) LoadStep<T, kVec, kBwd, kBwd, kBwd>(p, o, n0, t + 1, nxt);
       float dsp;
-      const float dt = StepSize(Ld<T>(p.delta.p, o.delta + t * p.delta.sl) + bias, p.softplus, &dsp);
-      const float dtu = dt * Ld<T>(p.u.p, o.u + t * p.u.sl);
-      float bv[kNT];
-      LoadRow<T, kVec>(p.Bm, o.Bm + t * p.Bm.sl, n0, N, bv);
+      const float dt = StepSize(cur.draw + bias, p.softplus, &dsp);
+      const float dtu = dt * cur.u;
+      const float* bv = cur.bv;
       sum += dt;
       if constexpr (kBwd) {
-        float cv[kNT];
-        LoadRow<T, kVec>(p.Cm, o.Cm + t * p.Cm.sl, n0, N, cv);
-        float dy = Ld<T>(p.dout.p, o.dout + t * p.dout.sl);
-        if (p.z.p) {
-          const float zz = Ld<T>(p.z.p, o.z + t * p.z.sl);
-          dy *= zz / (1.f + expf(-zz));
-        }
+        const float* cv = cur.cv;
+        float dy = cur.dout;
+        if (p.z.p) dy *= cur.z / (1.f + expf(-cur.z));
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
           const float e = Ex2(dt * a2[j]);
@@ -70,6 +55,7 @@ __global__ void __launch_bounds__(kFwdThreads) ScanSegmentKernel(const Params p)
 #pragma unroll
         for (int j = 0; j < kNT; ++j) h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * bv[j]);
       }
+      cur = nxt;
     }
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
@@ -105,11 +91,12 @@ __global__ void ScanComposeKernel(const Params p, bool bwd) {
 }
 
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kFwdThreads) ScanForwardKernel(const Params p) {
+__global__ void __launch_bounds__(kFwdThreads, 3) ScanForwardKernel(const Params p) {
   Chan c;
   if (!Locate(p, &c) || !c.active) return;
   const int64_t t0 = c.seg * p.seg_len, t1 = min(p.len, t0 + p.seg_len);
   const Offsets o(p, c);
+  const int64_t out_o = c.b * p.out.sb + c.d * p.out.sd;
   const int N = p.dstate;
   const int64_t D = p.dim;
   const float bias = p.dt_bias ? p.dt_bias[c.d] : 0.f;
@@ -129,31 +116,30 @@ __global__ void __launch_bounds__(kFwdThreads) ScanForwardKernel(const Params p)
              : p.h0                    ? p.h0[(c.b * D + c.d) * N + n]
                                        : 0.f;
     }
+    StepIn cur, nxt;
+    LoadStep<T, kVec, true, true, false>(p, o, n0, t0, cur);
     for (int64_t t = t0; t < t1; ++t) {
+      if (t + 1 < t1) LoadStep<T, kVec, true, true, false>(p, o, n0, t + 1, nxt);
       float dsp;
-      const float dt = StepSize(Ld<T>(p.delta.p, o.delta + t * p.delta.sl) + bias, p.softplus, &dsp);
-      const float u = Ld<T>(p.u.p, o.u + t * p.u.sl);
-      float bv[kNT], cv[kNT];
-      LoadRow<T, kVec>(p.Bm, o.Bm + t * p.Bm.sl, n0, N, bv);
-      LoadRow<T, kVec>(p.Cm, o.Cm + t * p.Cm.sl, n0, N, cv);
+      const float dt = StepSize(cur.draw + bias, p.softplus, &dsp);
+      const float u = cur.u;
       const float dtu = dt * u;
       float y = 0.f;
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
-        h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * bv[j]);
-        y = fmaf(cv[j], h[j], y);
+        h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * cur.bv[j]);
+        y = fmaf(cur.cv[j], h[j], y);
       }
+      const float zz = cur.z;
+      cur = nxt;
       if (!first) y += p.ws_yacc[acc + t * D];
       if (!last) {
         p.ws_yacc[acc + t * D] = y;
         continue;
       }
       y = fmaf(dsk, u, y);
-      if (p.z.p) {
-        const float zz = Ld<T>(p.z.p, o.z + t * p.z.sl);
-        y *= zz / (1.f + expf(-zz));
-      }
-      St<T>(p.out.p, o.out + t * p.out.sl, y);
+      if (p.z.p) y *= zz / (1.f + expf(-zz));
+      St<T>(p.out.p, out_o + t * p.out.sl, y);
     }
     if (c.seg + 1 == p.num_seg && p.h_last) {
 #pragma unroll
