@@ -36,6 +36,35 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
               trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// The gemms are split into fixed blocks of output rows run by OpenMP threads, each block one
+// single-threaded BLAS call. One thread pool (OpenMP) instead of two (OpenMP + OpenBLAS's own)
+// avoids the two pools spinning against each other on few cores, and fixed blocks keep results
+// independent of the thread count.
+constexpr int64_t kRowBlock = 256;
+
+void UseSingleThreadedBlas() {
+  static const bool done = [] {
+    openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)done;
+}
+
+// C(m, n) (row-major, ldc) = op(A) * op(B) + beta * C, with A's rows (or, transposed, columns)
+// split into blocks of C's rows.
+template <typename T>
+void BlockedGemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a,
+                 int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  UseSingleThreadedBlas();
+  const int64_t blocks = (m + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(dynamic) if (blocks > 1 && m * n * k >= (1 << 20))
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t r0 = blk * kRowBlock, rows = std::min(kRowBlock, m - r0);
+    const T* a_blk = trans_a ? a + r0 : a + r0 * lda;
+    Gemm(trans_a, trans_b, rows, n, k, T(1), a_blk, lda, b, ldb, beta, c + r0 * ldc, ldc);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -50,7 +79,7 @@ void LinearForwardCpu(int64_t M, int64_t N, int64_t K, const T* x, const T* w, c
     std::fill(y, y + M * N, T(0));
   }
   if (K == 0) return;
-  Gemm(false, true, M, N, K, T(1), x, K, w, K, T(1), y, N);
+  BlockedGemm(false, true, M, N, K, x, K, w, K, T(1), y, N);
 }
 
 template <typename T>
@@ -60,11 +89,11 @@ void LinearBackwardCpu(int64_t M, int64_t N, int64_t K, const T* dy, const T* x,
     if (N == 0) {
       std::fill(dx, dx + M * K, T(0));
     } else {
-      Gemm(false, false, M, K, N, T(1), dy, N, w, K, T(0), dx, K);  // dx(M, K) = dy(M, N) w(N, K)
+      BlockedGemm(false, false, M, K, N, dy, N, w, K, T(0), dx, K);  // dx(M, K) = dy(M, N) w(N, K)
     }
   }
   if (M == 0) return;
-  if (N > 0 && K > 0) Gemm(true, false, N, K, M, T(1), dy, N, x, K, T(1), dw, K);  // dw += dy^T x
+  if (N > 0 && K > 0) BlockedGemm(true, false, N, K, M, dy, N, x, K, T(1), dw, K);  // dw += dy^T x
   if (dbias) {
 #pragma omp parallel for schedule(static) if (M * N >= kMinParallelWork)
     for (int64_t n = 0; n < N; ++n) {

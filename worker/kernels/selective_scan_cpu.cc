@@ -80,6 +80,8 @@ void SelectiveScanBackwardCpu(const ScanShape& s, const ScanBackwardArgs<T>& a) 
 #pragma omp parallel
   {
     std::vector<T> hs((L + 1) * N);  // h_{-1} .. h_{L-1} of one chain, recomputed
+    std::vector<T> es(L * N);        // exp(dt_t * A), kept from the recompute for the reverse pass
+    std::vector<T> dts(L), ddts(L);  // dt_t and d(dt_t)/d(raw delta_t)
     std::vector<T> dh(N);
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -97,11 +99,12 @@ void SelectiveScanBackwardCpu(const ScanShape& s, const ScanBackwardArgs<T>& a) 
           for (int64_t t = 0; t < L; ++t) {
             const int64_t idx = (b * L + t) * D + d;
             const T* Bt = f.Bm + ((b * L + t) * G + g) * N;
-            T dt, unused;
-            StepSize(f, idx, d, &dt, &unused);
-            const T u = f.u[idx];
+            StepSize(f, idx, d, &dts[t], &ddts[t]);
+            const T dt = dts[t], u = f.u[idx];
             for (int64_t n = 0; n < N; ++n) {
-              hs[(t + 1) * N + n] = std::exp(dt * A[n]) * hs[t * N + n] + dt * Bt[n] * u;
+              const T e = std::exp(dt * A[n]);
+              es[t * N + n] = e;
+              hs[(t + 1) * N + n] = e * hs[t * N + n] + dt * Bt[n] * u;
             }
           }
           for (int64_t n = 0; n < N; ++n) dh[n] = a.dh_last ? a.dh_last[(b * D + d) * N + n] : T(0);
@@ -112,8 +115,7 @@ void SelectiveScanBackwardCpu(const ScanShape& s, const ScanBackwardArgs<T>& a) 
             const T* Ct = f.Cm + bc;
             const T* h_prev = hs.data() + t * N;
             const T* h_cur = hs.data() + (t + 1) * N;
-            T dt, ddt_draw;
-            StepSize(f, idx, d, &dt, &ddt_draw);
+            const T dt = dts[t], ddt_draw = ddts[t];
             const T u = f.u[idx];
             T dy = a.dout[idx];
             if (f.z) {
@@ -132,7 +134,7 @@ void SelectiveScanBackwardCpu(const ScanShape& s, const ScanBackwardArgs<T>& a) 
             for (int64_t n = 0; n < N; ++n) {
               dh[n] += Ct[n] * dy;
               dC_blk[bc + n] += h_cur[n] * dy;
-              const T e = std::exp(dt * A[n]);
+              const T e = es[t * N + n];
               ddt += dh[n] * (A[n] * e * h_prev[n] + Bt[n] * u);
               dA[n] += dh[n] * dt * e * h_prev[n];
               dB_blk[bc + n] += dh[n] * dt * u;

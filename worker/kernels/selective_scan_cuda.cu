@@ -1,0 +1,195 @@
+// Host side of the CUDA selective scan: work split, workspace, launches (each in an NVTX range).
+#include <algorithm>
+#include <cstdint>
+
+#include "profiling/nvtx.h"
+#include "worker/kernels/selective_scan_cuda.h"
+#include "worker/kernels/selective_scan_cuda_kernels.h"
+
+namespace mamba::kernels::cuda {
+namespace {
+
+using profiling::ScopedRange;
+
+// Bm/Cm rows load in 16-byte pieces when n-contiguous, aligned and N is a multiple of 16.
+bool Vectorizable(const Strided4& t, int64_t N, DType dtype) {
+  const int64_t per16 = dtype == DType::kF32 ? 4 : 8;
+  return t.sn == 1 && N % kNT == 0 && t.sb % per16 == 0 && t.sl % per16 == 0 &&
+         t.sg % per16 == 0 && reinterpret_cast<uintptr_t>(t.p) % 16 == 0;
+}
+
+Params MakeParams(const ScanProblem& s, int threads_per_block) {
+  Params p;
+  static_cast<ScanProblem&>(p) = s;
+  p.dims_per_group = s.dim / s.groups;
+  p.chan_warps = CeilDiv(p.dims_per_group, 32);
+  p.chan_blocks = CeilDiv(s.batch * s.groups * p.chan_warps * 32, threads_per_block);
+  p.n_slices = static_cast<int>(CeilDiv(s.dstate, kNT));
+  return p;
+}
+
+// Stream-ordered scratch, carved into pieces; freed (stream-ordered) when it goes out of scope.
+class Workspace {
+ public:
+  explicit Workspace(cudaStream_t stream) : stream_(stream) {}
+  ~Workspace() {
+    if (base_) cudaFreeAsync(base_, stream_);
+  }
+  // Reserve `n` floats; pointers are valid after Allocate().
+  void Reserve(float** slot, int64_t n) {
+    slots_[count_] = slot;
+    offsets_[count_++] = total_;
+    total_ += CeilDiv(std::max<int64_t>(n, 1), 64) * 64;  // 256-byte aligned pieces
+  }
+  cudaError_t Allocate() {
+    static const bool pool_kept = [] {
+      // Keep freed blocks in the pool: the scan allocates the same sizes call after call.
+      int dev = 0;
+      cudaMemPool_t pool;
+      if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+        uint64_t keep = UINT64_MAX;
+        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      }
+      return true;
+    }();
+    (void)pool_kept;
+    if (total_ == 0) return cudaSuccess;
+    cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&base_), total_ * sizeof(float), stream_);
+    if (err != cudaSuccess) return err;
+    for (int i = 0; i < count_; ++i) *slots_[i] = base_ + offsets_[i];
+    return cudaSuccess;
+  }
+
+ private:
+  cudaStream_t stream_;
+  float* base_ = nullptr;
+  float** slots_[16] = {};
+  int64_t offsets_[16] = {};
+  int count_ = 0;
+  int64_t total_ = 0;
+};
+
+int SmCount() {
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    return n > 0 ? n : 132;
+  }();
+  return sms;
+}
+
+template <typename T, bool kVec>
+cudaError_t ForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& tuning) {
+  // Split L until enough threads run: a split costs one extra pass over u, delta and Bm.
+  const int64_t chains = p.batch * p.groups * p.chan_warps * 32 * p.n_slices;
+  const int64_t want = tuning.fwd_min_threads > 0 ? tuning.fwd_min_threads : SmCount() * 1024LL;
+  int64_t segs = chains >= want ? 1 : CeilDiv(want, chains);
+  segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, 64));
+  p.seg_len = CeilDiv(p.len, segs);
+  p.num_seg = CeilDiv(p.len, p.seg_len);
+
+  Workspace ws(stream);
+  const int64_t rows = p.batch * p.dim * p.num_seg;
+  if (p.num_seg > 1) {
+    ws.Reserve(&p.ws_s, rows * p.dstate);
+    ws.Reserve(&p.ws_hin, rows * p.dstate);
+    ws.Reserve(&p.ws_sum, rows);
+  }
+  if (p.n_slices > 1) ws.Reserve(&p.ws_yacc, p.batch * p.len * p.dim);
+  if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
+
+  if (p.num_seg > 1) {
+    {
+      ScopedRange range("scan_fwd_segments");
+      LaunchSegments<T, kVec>(p, false, p.num_seg - 1, stream);
+    }
+    ScopedRange range("scan_fwd_compose");
+    LaunchCompose(p, false, stream);
+  }
+  {
+    ScopedRange range("scan_fwd");
+    LaunchForwardMain<T, kVec>(p, stream);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, bool kVec>
+cudaError_t BackwardTyped(Params& p, cudaStream_t stream) {
+  p.seg_len = kBwdSeg;
+  p.num_seg = CeilDiv(p.len, kBwdSeg);
+  const int64_t rows = p.batch * p.dim * p.num_seg;
+  Workspace ws(stream);
+  if (p.num_seg > 1) {
+    ws.Reserve(&p.ws_s, rows * p.dstate);
+    ws.Reserve(&p.ws_r, rows * p.dstate);
+    ws.Reserve(&p.ws_hin, rows * p.dstate);
+    ws.Reserve(&p.ws_gin, rows * p.dstate);
+    ws.Reserve(&p.ws_sum, rows);
+  }
+  if (p.n_slices > 1) {
+    const int64_t acts = p.batch * p.len * p.dim;
+    ws.Reserve(&p.ws_yacc, acts);
+    ws.Reserve(&p.ws_duacc, acts);
+    ws.Reserve(&p.ws_ddtacc, acts);
+  }
+  ws.Reserve(&p.ws_dA, rows * p.dstate);
+  ws.Reserve(&p.ws_dD, rows);
+  ws.Reserve(&p.ws_dbias, rows);
+  const int64_t bc_count = p.batch * p.len * p.groups * 2 * p.dstate;
+  ws.Reserve(&p.ws_dbc, p.chan_warps * bc_count);
+  if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
+
+  if (p.num_seg > 1) {
+    {
+      ScopedRange range("scan_bwd_segments");
+      LaunchSegments<T, kVec>(p, true, p.num_seg, stream);
+    }
+    ScopedRange range("scan_bwd_compose");
+    LaunchCompose(p, true, stream);
+  }
+  // The channel-block count above was for kFwdThreads; the backward uses smaller blocks.
+  Params pb = p;
+  pb.chan_blocks = CeilDiv(p.batch * p.groups * p.chan_warps * 32, kBwdThreads);
+  {
+    ScopedRange range("scan_bwd");
+    if (cudaError_t err = LaunchBackwardMain<T, kVec>(pb, stream); err != cudaSuccess) return err;
+  }
+  ScopedRange range("scan_bwd_reduce");
+  const int64_t parts = p.batch * p.num_seg;
+  LaunchSumParts(p.ws_dA, parts, p.dim * p.dstate, p.dA, stream);
+  if (p.dD_skip) LaunchSumParts(p.ws_dD, parts, p.dim, p.dD_skip, stream);
+  if (p.ddt_bias) LaunchSumParts(p.ws_dbias, parts, p.dim, p.ddt_bias, stream);
+  LaunchReduceBC<T>(p, stream);
+  return cudaGetLastError();
+}
+
+template <bool kBwd>
+cudaError_t Dispatch(const ScanProblem& s, cudaStream_t stream, const ScanTuning& tuning) {
+  Params p = MakeParams(s, kFwdThreads);
+  const bool vec = Vectorizable(s.Bm, s.dstate, s.dtype) && Vectorizable(s.Cm, s.dstate, s.dtype);
+#define MAMBA_CALL(T, V) \
+  return kBwd ? BackwardTyped<T, V>(p, stream) : ForwardTyped<T, V>(p, stream, tuning)
+  if (s.dtype == DType::kF32) {
+    if (vec) MAMBA_CALL(float, true);
+    MAMBA_CALL(float, false);
+  }
+  if (vec) MAMBA_CALL(__nv_bfloat16, true);
+  MAMBA_CALL(__nv_bfloat16, false);
+#undef MAMBA_CALL
+}
+
+}  // namespace
+
+cudaError_t LaunchScanForward(const ScanProblem& p, cudaStream_t stream, const ScanTuning& tuning) {
+  ScopedRange range("selective_scan_fwd");
+  return Dispatch<false>(p, stream, tuning);
+}
+
+cudaError_t LaunchScanBackward(const ScanProblem& p, cudaStream_t stream,
+                               const ScanTuning& tuning) {
+  ScopedRange range("selective_scan_bwd");
+  return Dispatch<true>(p, stream, tuning);
+}
+
+}  // namespace mamba::kernels::cuda

@@ -1,0 +1,64 @@
+// CUDA selective scan: internal launch interface behind the C ABI in mamba_kernels.h.
+//
+// Work split: one thread owns one (batch, channel) and 16 states of it in registers (more states
+// loop over slices of 16), and one segment of the sequence. Lanes of a warp are 32 consecutive
+// channels of one group, so (B, L, D) loads are coalesced and Bm/Cm loads are warp-uniform.
+// Segments run in parallel; each segment's recurrence is the affine map h -> a*h + s, composed
+// across segments by a small kernel (forward: states at segment starts; backward: the state
+// gradient arriving at each segment's end). The backward keeps checkpoints and the states of one
+// tile in shared memory and recomputes everything else. Reductions over channels (dBm, dCm) go
+// through warp shuffles and per-warp partials summed in a fixed order: no atomics anywhere.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mamba::kernels::cuda {
+
+struct Strided3 {
+  const void* p = nullptr;
+  int64_t sb = 0, sl = 0, sd = 0;
+};
+
+struct Strided4 {
+  const void* p = nullptr;
+  int64_t sb = 0, sl = 0, sg = 0, sn = 0;
+};
+
+enum class DType { kF32, kBF16 };
+
+struct ScanProblem {
+  int64_t batch = 0, len = 0, dim = 0, dstate = 0, groups = 1;
+  DType dtype = DType::kF32;
+  bool softplus = true;
+  Strided3 u, delta, z;  // z.p may be null
+  Strided4 Bm, Cm;
+  const float* A = nullptr;
+  const float* D_skip = nullptr;
+  const float* dt_bias = nullptr;
+  const float* h0 = nullptr;
+  Strided3 out;
+  float* h_last = nullptr;
+  // Backward only.
+  Strided3 dout;
+  const float* dh_last = nullptr;
+  Strided3 du, ddelta, dz;
+  Strided4 dBm, dCm;
+  float* dA = nullptr;
+  float* dD_skip = nullptr;
+  float* ddt_bias = nullptr;
+  float* dh0 = nullptr;
+};
+
+// Tuning knobs (the benchmark sweeps them); zero means the built-in choice.
+struct ScanTuning {
+  int64_t fwd_min_threads = 0;  // forward splits L until this many threads run
+};
+
+cudaError_t LaunchScanForward(const ScanProblem& p, cudaStream_t stream,
+                              const ScanTuning& tuning = {});
+cudaError_t LaunchScanBackward(const ScanProblem& p, cudaStream_t stream,
+                               const ScanTuning& tuning = {});
+
+}  // namespace mamba::kernels::cuda

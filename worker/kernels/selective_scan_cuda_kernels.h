@@ -1,0 +1,34 @@
+// Host launchers of the selective-scan kernels, each defined in the file that defines its kernel
+// (selective_scan_{fwd,bwd}.cu): nvcc 13 keeps __global__ template stubs local to their
+// translation unit. The heavy files compile in parallel.
+#pragma once
+
+#include "worker/kernels/selective_scan_cuda_device.cuh"
+
+namespace mamba::kernels::cuda {
+
+// Zero-start aggregate of each of `segs` segments: final state, sum of steps and (bwd) the state
+// gradient the segment sends back from zero at its end.
+template <typename T, bool kVec>
+void LaunchSegments(const Params& p, bool bwd, int64_t segs, cudaStream_t stream);
+
+// Folds the segments' affine maps: entering state (and, bwd, entering state gradient) of each.
+void LaunchCompose(const Params& p, bool bwd, cudaStream_t stream);
+
+template <typename T, bool kVec>
+void LaunchForwardMain(const Params& p, cudaStream_t stream);
+
+template <typename T, bool kVec>
+cudaError_t LaunchBackwardMain(const Params& p, cudaStream_t stream);
+
+// out[i] = sum over parts of part[k * count + i], k in order.
+void LaunchSumParts(const float* part, int64_t parts, int64_t count, float* out,
+                    cudaStream_t stream);
+
+// dBm, dCm from the per-warp partials, summed over channel warps in order.
+template <typename T>
+void LaunchReduceBC(const Params& p, cudaStream_t stream);
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace mamba::kernels::cuda
