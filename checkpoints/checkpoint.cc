@@ -30,10 +30,10 @@ constexpr char kStepPrefix[] = "step_";
 constexpr char kTempPrefix[] = ".tmp-step_";
 constexpr int kFormatVersion = 1;
 
-#define RETURN_IF_ERROR(expr)  \
-  do {                         \
-    absl::Status _s = (expr);  \
-    if (!_s.ok()) return _s;   \
+#define RETURN_IF_ERROR(expr) \
+  do {                        \
+    absl::Status _s = (expr); \
+    if (!_s.ok()) return _s;  \
   } while (0)
 
 // The step of a directory named step_<digits>, or -1.
@@ -195,8 +195,8 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const Traine
   if (fs::exists(final_dir)) {
     // Swap atomically with the old one of the same step, then delete the old one.
     if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) != 0) {
-      return fail(absl::InternalError(
-          absl::StrCat(final_dir, ": cannot replace: ", std::strerror(errno))));
+      return fail(
+          absl::InternalError(absl::StrCat(final_dir, ": cannot replace: ", std::strerror(errno))));
     }
     fs::remove_all(tmp, ec);
   } else if (::rename(tmp.c_str(), final_dir.c_str()) != 0) {
@@ -270,10 +270,10 @@ absl::StatusOr<TrainerState> LoadCheckpoint(const std::string& dir, MambaModel& 
         return absl::DataLossError(absl::StrCat(label, ": missing tensor \"", name, "\""));
       }
       if (e->shape != p.value.shape() || e->dtype != SafetensorsDTypeName(p.value.dtype())) {
-        return absl::DataLossError(absl::StrCat(
-            label, ": tensor \"", name, "\" is ", e->dtype, " ", ShapeString(e->shape),
-            "; expected ", SafetensorsDTypeName(p.value.dtype()), " ",
-            ShapeString(p.value.shape())));
+        return absl::DataLossError(absl::StrCat(label, ": tensor \"", name, "\" is ", e->dtype, " ",
+                                                ShapeString(e->shape), "; expected ",
+                                                SafetensorsDTypeName(p.value.dtype()), " ",
+                                                ShapeString(p.value.shape())));
       }
       auto t = opt->Load(name, p.value.dtype());
       if (!t.ok()) return t.status();

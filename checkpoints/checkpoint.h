@@ -25,16 +25,16 @@
 namespace mamba::ckpt {
 
 struct TrainerState {
-  int64_t step = 0;      // optimizer steps done = the data cursor (data is a function of step)
-  double next_lr = 0;    // the schedule's learning rate for the next step
-  uint64_t seed = 0;     // data and initialization are pure functions of (seed, step)
+  int64_t step = 0;    // optimizer steps done = the data cursor (data is a function of step)
+  double next_lr = 0;  // the schedule's learning rate for the next step
+  uint64_t seed = 0;   // data and initialization are pure functions of (seed, step)
   std::vector<double> losses;  // mean training loss of every step so far
   nlohmann::json job_spec;     // the JobSpec (protobuf JSON mapping) the run came from
 };
 
 struct SaveOptions {
-  bool bf16 = false;   // model.safetensors in bf16 (the optimizer keeps fp32 masters)
-  int keep_last = 0;   // after saving, delete all but the newest K checkpoints; 0 keeps all
+  bool bf16 = false;    // model.safetensors in bf16 (the optimizer keeps fp32 masters)
+  int keep_last = 0;    // after saving, delete all but the newest K checkpoints; 0 keeps all
   std::string protect;  // a checkpoint directory never deleted (the one resumed from)
   // Test hook, called at each stage of a save ("model", "optimizer", "state", "config",
   // "rename"): a non-OK status stops the save there as a crash would, leaving whatever was

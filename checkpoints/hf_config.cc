@@ -49,10 +49,10 @@ absl::Status RequireBool(const json& j, const std::string& field, bool fallback,
     lhs = *_v;                          \
   } while (0)
 
-#define RETURN_IF_ERROR(expr)  \
-  do {                         \
-    absl::Status _s = (expr);  \
-    if (!_s.ok()) return _s;   \
+#define RETURN_IF_ERROR(expr) \
+  do {                        \
+    absl::Status _s = (expr); \
+    if (!_s.ok()) return _s;  \
   } while (0)
 
 absl::StatusOr<ModelConfig> ParseTransformers(const json& j, const std::string& label) {
@@ -83,14 +83,14 @@ absl::StatusOr<ModelConfig> ParseTransformers(const json& j, const std::string& 
     c.norm_eps = e.get<double>();
   }
   if (j.contains("hidden_act") && j["hidden_act"] != "silu") {
-    return Bad(label, "hidden_act", absl::StrCat("only \"silu\" is supported, got ",
-                                                 j["hidden_act"].dump()));
+    return Bad(label, "hidden_act",
+               absl::StrCat("only \"silu\" is supported, got ", j["hidden_act"].dump()));
   }
   // MambaConfig's defaults: use_bias true, use_conv_bias true, tie_word_embeddings true.
-  RETURN_IF_ERROR(RequireBool(j, "use_bias", true, false,
-                              "the model's in_proj/out_proj have no bias", label));
-  RETURN_IF_ERROR(RequireBool(j, "use_conv_bias", true, true, "the model's conv1d has a bias",
-                              label));
+  RETURN_IF_ERROR(
+      RequireBool(j, "use_bias", true, false, "the model's in_proj/out_proj have no bias", label));
+  RETURN_IF_ERROR(
+      RequireBool(j, "use_conv_bias", true, true, "the model's conv1d has a bias", label));
   RETURN_IF_ERROR(RequireBool(j, "tie_word_embeddings", true, true,
                               "the model's lm_head is tied to the embeddings", label));
   return c;
@@ -104,10 +104,12 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const json& j, const std::string& labe
   ASSIGN_OR_RETURN_INT(vocab, Int(j, "vocab_size", -1, label));
   ASSIGN_OR_RETURN_INT(multiple, Int(j, "pad_vocab_size_multiple", 8, label));
   c.vocab_size = (vocab + multiple - 1) / multiple * multiple;  // as MambaLMHeadModel pads it
-  const json ssm = j.contains("ssm_cfg") && j["ssm_cfg"].is_object() ? j["ssm_cfg"] : json::object();
+  const json ssm =
+      j.contains("ssm_cfg") && j["ssm_cfg"].is_object() ? j["ssm_cfg"] : json::object();
   const std::string ssm_label = label + ": ssm_cfg";
   if (ssm.contains("layer") && ssm["layer"] != "Mamba1") {
-    return Bad(ssm_label, "layer", absl::StrCat("only Mamba1 is supported, got ", ssm["layer"].dump()));
+    return Bad(ssm_label, "layer",
+               absl::StrCat("only Mamba1 is supported, got ", ssm["layer"].dump()));
   }
   ASSIGN_OR_RETURN_INT(c.d_state, Int(ssm, "d_state", 16, ssm_label));
   ASSIGN_OR_RETURN_INT(c.d_conv, Int(ssm, "d_conv", 4, ssm_label));
@@ -116,8 +118,8 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const json& j, const std::string& labe
   if (ssm.contains("dt_rank") && !(ssm["dt_rank"] == "auto")) {
     ASSIGN_OR_RETURN_INT(c.dt_rank, Int(ssm, "dt_rank", -1, ssm_label));
   }
-  RETURN_IF_ERROR(RequireBool(ssm, "bias", false, false, "in_proj/out_proj have no bias",
-                              ssm_label));
+  RETURN_IF_ERROR(
+      RequireBool(ssm, "bias", false, false, "in_proj/out_proj have no bias", ssm_label));
   RETURN_IF_ERROR(RequireBool(ssm, "conv_bias", true, true, "conv1d has a bias", ssm_label));
   RETURN_IF_ERROR(RequireBool(j, "rms_norm", true, true, "the model uses RMSNorm", label));
   RETURN_IF_ERROR(RequireBool(j, "tie_embeddings", true, true, "lm_head is tied", label));
@@ -204,8 +206,8 @@ absl::Status CheckSameShape(const ModelConfig& found, const ModelConfig& expecte
                 {"time_step_rank", found.dt_rank, expected.dt_rank}};
   for (const auto& f : fields) {
     if (f.found != f.expected) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          label, ": ", f.field, " is ", f.found, " but the model has ", f.expected));
+      return absl::FailedPreconditionError(
+          absl::StrCat(label, ": ", f.field, " is ", f.found, " but the model has ", f.expected));
     }
   }
   return absl::OkStatus();

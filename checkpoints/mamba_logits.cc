@@ -121,9 +121,9 @@ int main(int argc, char** argv) {
     }
     const double rel = max_diff / std::max(max_ref, 1e-30);
     const bool ok = rel <= absl::GetFlag(FLAGS_tolerance);
-    std::cout << "logits (" << B << ", " << L << ", " << config->vocab_size
-              << "): max abs diff " << max_diff << ", max |ref| " << max_ref
-              << ", relative error " << rel << (ok ? " PASS" : " FAIL") << "\n";
+    std::cout << "logits (" << B << ", " << L << ", " << config->vocab_size << "): max abs diff "
+              << max_diff << ", max |ref| " << max_ref << ", relative error " << rel
+              << (ok ? " PASS" : " FAIL") << "\n";
     return ok ? 0 : 1;
   }
   return 0;

@@ -46,14 +46,14 @@ absl::Status LoadModelWeights(const SafetensorsReader& file, MambaModel& model, 
     if (!is_lm_head) {
       auto it = by_name.find(name);
       if (it == by_name.end()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(label, ": unexpected tensor \"", e.name, "\": the model has no such parameter"));
+        return absl::InvalidArgumentError(absl::StrCat(label, ": unexpected tensor \"", e.name,
+                                                       "\": the model has no such parameter"));
       }
       p = it->second;
     }
     if (e.dtype != "F32" && e.dtype != "BF16" && e.dtype != "F16" && e.dtype != "F64") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          label, ": tensor \"", e.name, "\" has dtype ", e.dtype, "; expected F32, BF16, F16 or F64"));
+      return absl::InvalidArgumentError(absl::StrCat(label, ": tensor \"", e.name, "\" has dtype ",
+                                                     e.dtype, "; expected F32, BF16, F16 or F64"));
     }
     if (e.shape != p->value.shape()) {
       return absl::InvalidArgumentError(
@@ -70,8 +70,7 @@ absl::Status LoadModelWeights(const SafetensorsReader& file, MambaModel& model, 
   }
   for (Parameter& p : model.parameters()) {
     if (!staged.count(p.name)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(label, ": missing tensor \"", p.name, "\""));
+      return absl::InvalidArgumentError(absl::StrCat(label, ": missing tensor \"", p.name, "\""));
     }
   }
   if (lm_head.defined()) {  // must be the tied embeddings; an untied head cannot be represented

@@ -102,9 +102,9 @@ T ReadLE(const char* p) {
 
 std::optional<size_t> SafetensorsDTypeSize(std::string_view dtype) {
   static const std::map<std::string_view, size_t> kSizes = {
-      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1}, {"I16", 2},
-      {"U16", 2},  {"F16", 2}, {"BF16", 2}, {"I32", 4},    {"U32", 4},     {"F32", 4},
-      {"F64", 8},  {"I64", 8}, {"U64", 8}};
+      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1},
+      {"I16", 2},  {"U16", 2}, {"F16", 2}, {"BF16", 2},    {"I32", 4},
+      {"U32", 4},  {"F32", 4}, {"F64", 8}, {"I64", 8},     {"U64", 8}};
   auto it = kSizes.find(dtype);
   if (it == kSizes.end()) return std::nullopt;
   return it->second;
@@ -112,10 +112,14 @@ std::optional<size_t> SafetensorsDTypeSize(std::string_view dtype) {
 
 const char* SafetensorsDTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "F32";
-    case DType::kF64: return "F64";
-    case DType::kBF16: return "BF16";
-    case DType::kI32: return "I32";
+    case DType::kF32:
+      return "F32";
+    case DType::kF64:
+      return "F64";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kI32:
+      return "I32";
   }
   return "?";
 }
@@ -178,8 +182,8 @@ absl::StatusOr<SafetensorsReader> SafetensorsReader::Parse(std::string bytes, st
       if (!value.is_object()) return Corrupt(r.label_, "__metadata__ is not an object");
       for (const auto& [mk, mv] : value.items()) {
         if (!mv.is_string()) {
-          return Corrupt(r.label_, absl::StrCat("__metadata__ value of \"", mk,
-                                                "\" is not a string"));
+          return Corrupt(r.label_,
+                         absl::StrCat("__metadata__ value of \"", mk, "\" is not a string"));
         }
         r.metadata_[mk] = mv.get<std::string>();
       }
@@ -188,9 +192,9 @@ absl::StatusOr<SafetensorsReader> SafetensorsReader::Parse(std::string bytes, st
     auto e = ParseEntry(r.label_, key, value);
     if (!e.ok()) return e.status();
     if (e->end > data_size) {
-      return Corrupt(r.label_, absl::StrCat("tensor \"", key, "\": data_offsets [", e->begin, ", ",
-                                            e->end, "] out of range of the ", data_size,
-                                            "-byte data buffer"));
+      return Corrupt(r.label_,
+                     absl::StrCat("tensor \"", key, "\": data_offsets [", e->begin, ", ", e->end,
+                                  "] out of range of the ", data_size, "-byte data buffer"));
     }
     r.entries_.push_back(std::move(*e));
   }
@@ -233,7 +237,8 @@ std::string_view SafetensorsReader::Bytes(const TensorEntry& e) const {
 absl::StatusOr<Tensor> SafetensorsReader::Load(std::string_view name, DType dtype) const {
   const TensorEntry* e = Find(name);
   if (e == nullptr) {
-    return absl::NotFoundError(absl::StrCat(label_, ": missing tensor \"", std::string(name), "\""));
+    return absl::NotFoundError(
+        absl::StrCat(label_, ": missing tensor \"", std::string(name), "\""));
   }
   Tensor t = Tensor::Empty(e->shape, dtype);
   const char* src = Bytes(*e).data();
@@ -261,9 +266,9 @@ absl::StatusOr<Tensor> SafetensorsReader::Load(std::string_view name, DType dtyp
   } else if (dtype == DType::kBF16 && e->dtype == "BF16") {
     std::memcpy(t.raw(), src, t.nbytes());
   } else {
-    return absl::InvalidArgumentError(absl::StrCat(label_, ": tensor \"", std::string(name), "\" has dtype ",
-                                                   e->dtype, ", which cannot be loaded as ",
-                                                   DTypeName(dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(label_, ": tensor \"", std::string(name), "\" has dtype ", e->dtype,
+                     ", which cannot be loaded as ", DTypeName(dtype)));
   }
   return t;
 }

@@ -54,7 +54,7 @@ class SafetensorsReader {
 
  private:
   std::string label_;
-  std::string bytes_;   // the whole file
+  std::string bytes_;  // the whole file
   size_t data_start_ = 0;
   std::vector<TensorEntry> entries_;
   std::map<std::string, std::string> metadata_;

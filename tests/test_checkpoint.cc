@@ -1,13 +1,12 @@
 // Checkpoints: save/load round trips, import of transformers/mamba_ssm files, clear errors that
 // leave the model untouched, atomic saves under injected crashes, and keep-last-K.
-#include "checkpoints/checkpoint.h"
-
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 
+#include "checkpoints/checkpoint.h"
 #include "checkpoints/durable_io.h"
 #include "checkpoints/hf_config.h"
 #include "checkpoints/model_io.h"
@@ -82,8 +81,8 @@ TEST(Checkpoint, SaveLoadRoundTripIsExact) {
   auto dir = SaveCheckpoint(root, State(12, a), a.model, a.opt, *a.backend, {});
   ASSERT_TRUE(dir.ok()) << dir.status();
   EXPECT_EQ(fs::path(*dir).filename(), "step_00000012");
-  for (const char* f : {"model.safetensors", "config.json", "optimizer.safetensors",
-                        "trainer_state.json"}) {
+  for (const char* f :
+       {"model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"}) {
     EXPECT_TRUE(fs::exists(fs::path(*dir) / f)) << f;
   }
   // The tied lm_head is stored once; the config reads back as the same shape.
@@ -189,9 +188,10 @@ TEST(Import, TransformersF16AndBf16Weights) {
 }
 
 // Each bad import names the file and the problem, and leaves the model as it was.
-void ExpectImportError(const std::string& name, const std::string& config,
-                       const std::function<void(const std::string&, Tensor&, SafetensorsWriter&)>& add,
-                       const std::string& needle) {
+void ExpectImportError(
+    const std::string& name, const std::string& config,
+    const std::function<void(const std::string&, Tensor&, SafetensorsWriter&)>& add,
+    const std::string& needle) {
   const std::string dir = TempRoot("bad_" + name);
   Fixture a(10);
   WriteImport(dir, a, config, add);
@@ -207,42 +207,57 @@ void ExpectImportError(const std::string& name, const std::string& config,
 TEST(Import, MismatchesAreClearErrorsAndChangeNothing) {
   auto plain = [](const std::string& n, Tensor& t, SafetensorsWriter& w) { w.Add(n, t); };
   const std::string cfg = HfConfigText();
-  ExpectImportError("shape", cfg, [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
-    w.Add(n, n == "backbone.layers.1.mixer.A_log" ? t.Reshape({t.numel()}) : t);
-  }, "model.safetensors: tensor \"backbone.layers.1.mixer.A_log\" has shape (128) but the model's");
-  ExpectImportError("missing", cfg, [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
-    if (n != "backbone.norm_f.weight") w.Add(n, t);
-  }, "missing tensor \"backbone.norm_f.weight\"");
-  ExpectImportError("extra", cfg, [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
-    w.Add(n, t);
-    if (n == "backbone.norm_f.weight") w.Add("backbone.layers.0.mixer.in_proj.bias", t);
-  }, "unexpected tensor \"backbone.layers.0.mixer.in_proj.bias\"");
-  ExpectImportError("dtype", cfg, [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
-    if (n != "backbone.norm_f.weight") return w.Add(n, t);
-    w.AddRaw(n, "I32", t.shape(), std::string(t.nbytes(), '\0'));
-  }, "tensor \"backbone.norm_f.weight\" has dtype I32");
-  ExpectImportError("untied", cfg, [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
-    w.Add(n, t);
-    if (n == "backbone.norm_f.weight") {
-      w.Add("lm_head.weight", Tensor::Zeros({16, 16}, DType::kF32));
-    }
-  }, "lm_head.weight differs from the embeddings");
+  ExpectImportError(
+      "shape", cfg,
+      [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
+        w.Add(n, n == "backbone.layers.1.mixer.A_log" ? t.Reshape({t.numel()}) : t);
+      },
+      "model.safetensors: tensor \"backbone.layers.1.mixer.A_log\" has shape (128) but the "
+      "model's");
+  ExpectImportError(
+      "missing", cfg,
+      [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
+        if (n != "backbone.norm_f.weight") w.Add(n, t);
+      },
+      "missing tensor \"backbone.norm_f.weight\"");
+  ExpectImportError(
+      "extra", cfg,
+      [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
+        w.Add(n, t);
+        if (n == "backbone.norm_f.weight") w.Add("backbone.layers.0.mixer.in_proj.bias", t);
+      },
+      "unexpected tensor \"backbone.layers.0.mixer.in_proj.bias\"");
+  ExpectImportError(
+      "dtype", cfg,
+      [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
+        if (n != "backbone.norm_f.weight") return w.Add(n, t);
+        w.AddRaw(n, "I32", t.shape(), std::string(t.nbytes(), '\0'));
+      },
+      "tensor \"backbone.norm_f.weight\" has dtype I32");
+  ExpectImportError(
+      "untied", cfg,
+      [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
+        w.Add(n, t);
+        if (n == "backbone.norm_f.weight") {
+          w.Add("lm_head.weight", Tensor::Zeros({16, 16}, DType::kF32));
+        }
+      },
+      "lm_head.weight differs from the embeddings");
   ModelConfig wide = TinyConfig();
   wide.d_model = 32;
   ExpectImportError("config", HfConfigJson(wide).dump(), plain,
                     "config.json: hidden_size is 32 but the model has 16");
   ExpectImportError("bias", R"({"model_type":"mamba","hidden_size":16,"num_hidden_layers":2,
-      "vocab_size":16,"state_size":4,"time_step_rank":1})", plain,
-                    "use_bias: true is not supported");
+      "vocab_size":16,"state_size":4,"time_step_rank":1})",
+                    plain, "use_bias: true is not supported");
   ExpectImportError("badjson", "{\"model_type\": ", plain, "config.json: not valid JSON");
 }
 
 TEST(Import, MissingConfigOrWeightsIsNotFound) {
   const std::string dir = TempRoot("missing_files");
   Fixture a(12);
-  WriteImport(dir, a, HfConfigText(), [](const std::string& n, Tensor& t, SafetensorsWriter& w) {
-    w.Add(n, t);
-  });
+  WriteImport(dir, a, HfConfigText(),
+              [](const std::string& n, Tensor& t, SafetensorsWriter& w) { w.Add(n, t); });
   fs::remove(dir + "/config.json");
   absl::Status s = ImportModel(dir, a.model, *a.backend);
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
@@ -362,7 +377,7 @@ TEST(Checkpoint, ResolvesRootsAndStepDirs) {
   const std::string root = TempRoot("resolve");
   EXPECT_EQ(ResolveCheckpointDir(root).status().code(), absl::StatusCode::kNotFound);
   fs::create_directories(root + "/step_0000000x");  // not a step directory
-  fs::create_directories(root + "/.tmp-step_9-1");   // a crashed save
+  fs::create_directories(root + "/.tmp-step_9-1");  // a crashed save
   const absl::Status s = ResolveCheckpointDir(root).status();
   EXPECT_NE(s.message().find("no step_ checkpoint directories"), std::string::npos) << s;
   Fixture a(50);

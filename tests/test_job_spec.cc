@@ -35,7 +35,8 @@ TEST(JobSpec, DefaultsAreThePaperSettings) {
 }
 
 TEST(JobSpec, ExplicitZeroIsKeptNotDefaulted) {
-  auto spec = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}, "optimizer": {"weightDecay": 0}})");
+  auto spec =
+      ParseJobSpecJson(R"({"data": {"inductionHeads": {}}, "optimizer": {"weightDecay": 0}})");
   ASSERT_TRUE(spec.ok());
   EXPECT_EQ(spec->optimizer().weight_decay(), 0.0);
 }
@@ -52,10 +53,12 @@ TEST(JobSpec, BadSpecsNameTheFieldAndRule) {
   ExpectError(R"({"data": {"inductionHeads": {}}, "precision": "fp8"})", "precision");
   ExpectError(R"({"data": {"inductionHeads": {}}, "backend": "tpu"})", "backend");
   ExpectError(R"({"model": {}})", "data: one source is required");
-  ExpectError(R"({"data": {"textFile": {"path": "/nonexistent/file.txt"}}})", "data.text_file.path");
+  ExpectError(R"({"data": {"textFile": {"path": "/nonexistent/file.txt"}}})",
+              "data.text_file.path");
   ExpectError(R"({"data": {"inductionHeads": {"seqLen": -5}}})", "data.induction_heads.seq_len");
   ExpectError(R"({"data": {"inductionHeads": {}}, "model": {"vocabSize": 4}})", "model.vocab_size");
-  ExpectError(R"({"data": {"inductionHeads": {}}, "parallel": {"dp": 3}})", "batch_size: must be a multiple");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "parallel": {"dp": 3}})",
+              "batch_size: must be a multiple");
   ExpectError(R"(not json)", "job spec is not a valid JobSpec JSON");
 }
 

@@ -19,7 +19,8 @@ std::string Job(const std::string& checkpoint, uint64_t seed = 3) {
              "steps": 6, "batchSize": 4, "logEvery": 2, "seed": )" +
          std::to_string(seed) +
          R"(, "schedule": {"warmupSteps": 2}, "optimizer": {"lr": 0.01},
-             "eval": {"batches": 0}, "checkpoint": {)" + checkpoint + "}}";
+             "eval": {"batches": 0}, "checkpoint": {)" +
+         checkpoint + "}}";
 }
 
 struct Run {
@@ -79,8 +80,9 @@ TEST(Resume, RefusesAJobThatDiffersFromTheCheckpoint) {
   EXPECT_NE(other_seed.status().message().find("the job's seed differs"), std::string::npos)
       << other_seed.status();
   auto missing = Train(Job(R"("resumeFrom": "/nonexistent/ckpt")"));
-  EXPECT_NE(missing.status().message().find("resume: /nonexistent/ckpt: checkpoint directory not found"),
-            std::string::npos)
+  EXPECT_NE(
+      missing.status().message().find("resume: /nonexistent/ckpt: checkpoint directory not found"),
+      std::string::npos)
       << missing.status();
 }
 
@@ -98,7 +100,8 @@ TEST(Resume, InitFromImportsWeights) {
   EXPECT_EQ(std::vector<float>(p.value.data<float>(), p.value.data<float>() + p.value.numel()),
             trained->params[0]);
   auto bad = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}, "model": {"dModel": 32},
-                                  "checkpoint": {"initFrom": ")" + root + R"(/step_00000006"}})");
+                                  "checkpoint": {"initFrom": ")" +
+                              root + R"(/step_00000006"}})");
   ASSERT_TRUE(bad.ok());
   const absl::Status s = Trainer::Create(*bad).status();
   EXPECT_NE(s.message().find("checkpoint.init_from: " + root +

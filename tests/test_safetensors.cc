@@ -1,12 +1,11 @@
 // The safetensors module: round trips of every dtype and shape, bf16/f16 conversions, and a
 // clear DATA_LOSS error naming the file for every kind of corrupt file.
-#include "checkpoints/safetensors.h"
-
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 
+#include "checkpoints/safetensors.h"
 #include "tests/test_util.h"
 
 namespace mamba::ckpt {
@@ -39,8 +38,8 @@ void ExpectCorrupt(const std::string& bytes, const std::string& needle) {
   const absl::Status s = ParseError(bytes);
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
   EXPECT_NE(s.message().find("bad.safetensors: "), std::string::npos) << s;
-  EXPECT_NE(s.message().find(needle), std::string::npos) << "expected \"" << needle << "\" in "
-                                                         << s.message();
+  EXPECT_NE(s.message().find(needle), std::string::npos)
+      << "expected \"" << needle << "\" in " << s.message();
 }
 
 TEST(Safetensors, RoundTripsEveryDtypeAndShape) {
@@ -78,9 +77,9 @@ TEST(Safetensors, RoundTripsEveryDtypeAndShape) {
 
 TEST(Safetensors, Bf16RoundsToNearestEven) {
   EXPECT_EQ(FloatToBf16(1.0f), 0x3f80);
-  EXPECT_EQ(FloatToBf16(1.00390625f), 0x3f80);    // halfway, round to even (down)
-  EXPECT_EQ(FloatToBf16(1.01171875f), 0x3f82);    // halfway, round to even (up)
-  EXPECT_EQ(FloatToBf16(1.005859375f), 0x3f81);   // above halfway
+  EXPECT_EQ(FloatToBf16(1.00390625f), 0x3f80);   // halfway, round to even (down)
+  EXPECT_EQ(FloatToBf16(1.01171875f), 0x3f82);   // halfway, round to even (up)
+  EXPECT_EQ(FloatToBf16(1.005859375f), 0x3f81);  // above halfway
   EXPECT_EQ(FloatToBf16(-2.0f), 0xc000);
   EXPECT_EQ(FloatToBf16(INFINITY), 0x7f80);
   EXPECT_TRUE(std::isnan(Bf16ToFloat(FloatToBf16(NAN))));
@@ -142,8 +141,8 @@ TEST(Safetensors, EveryCorruptionIsAClearError) {
   w.Add("t", Filled({4, 4}, DType::kF32, 3));
   const std::string good = w.Serialize();
   ExpectCorrupt(good.substr(0, 5), "too short for the 8-byte header length");
-  ExpectCorrupt(good.substr(0, 40), "exceeds the");                 // truncated in the header
-  ExpectCorrupt(good.substr(0, good.size() - 1), "out of range");   // truncated in the data
+  ExpectCorrupt(good.substr(0, 40), "exceeds the");                // truncated in the header
+  ExpectCorrupt(good.substr(0, good.size() - 1), "out of range");  // truncated in the data
   ExpectCorrupt(good + "xx", "tensors cover 64 bytes but the data buffer has 66");
   ExpectCorrupt(RawFile(ok_header, data, 1000), "header length 1000 exceeds");
   ExpectCorrupt(RawFile("{\"a\": [1,", data), "header is not valid JSON");

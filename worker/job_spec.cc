@@ -29,10 +29,10 @@ absl::Status CheckRange(const std::string& field, double value, double lo, doubl
   return absl::OkStatus();
 }
 
-#define RETURN_IF_ERROR(expr)        \
-  do {                               \
-    absl::Status _st = (expr);       \
-    if (!_st.ok()) return _st;       \
+#define RETURN_IF_ERROR(expr)  \
+  do {                         \
+    absl::Status _st = (expr); \
+    if (!_st.ok()) return _st; \
   } while (0)
 
 }  // namespace
@@ -74,13 +74,15 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
   RETURN_IF_ERROR(InRange("model.d_state", m.d_state(), 1, 256));
   RETURN_IF_ERROR(InRange("model.d_conv", m.d_conv(), 1, 16));
   RETURN_IF_ERROR(InRange("model.expand", m.expand(), 1, 16));
-  if (!m.has_dt_rank()) m.set_dt_rank(static_cast<int32_t>(ModelConfig::DefaultDtRank(m.d_model())));
+  if (!m.has_dt_rank())
+    m.set_dt_rank(static_cast<int32_t>(ModelConfig::DefaultDtRank(m.d_model())));
   RETURN_IF_ERROR(InRange("model.dt_rank", m.dt_rank(), 1, m.d_model()));
   if (m.has_vocab_size()) RETURN_IF_ERROR(InRange("model.vocab_size", m.vocab_size(), 1, 1 << 24));
 
   if (spec.data().source_case() == v1::DataSpec::SOURCE_NOT_SET) {
-    return Invalid("data", "one source is required: selective_copying, induction_heads, "
-                           "text_file or token_file");
+    return Invalid("data",
+                   "one source is required: selective_copying, induction_heads, "
+                   "text_file or token_file");
   }
 
   // Optimizer.
@@ -136,7 +138,8 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
   }
   if (spec.backend().empty()) spec.set_backend("cpu");
   if (spec.backend() != "cpu" && spec.backend() != "cuda") {
-    return Invalid("backend", absl::StrCat("must be \"cpu\" or \"cuda\", got \"", spec.backend(), "\""));
+    return Invalid("backend",
+                   absl::StrCat("must be \"cpu\" or \"cuda\", got \"", spec.backend(), "\""));
   }
   if (spec.precision().empty()) spec.set_precision("fp32");
   if (spec.precision() != "fp32" && spec.precision() != "bf16") {

@@ -10,8 +10,8 @@ namespace mamba {
 
 MambaModel::MambaModel(const ModelConfig& config, Backend* backend, DType dtype)
     : config_(config), backend_(backend), dtype_(dtype) {
-  const int64_t dm = config.d_model, E = config.d_inner(), N = config.d_state,
-                R = config.dt_rank, K = config.d_conv;
+  const int64_t dm = config.d_model, E = config.d_inner(), N = config.d_state, R = config.dt_rank,
+                K = config.d_conv;
   params_.reserve(2 + 10 * config.n_layer);  // Layer keeps pointers into params_
   embedding_ = &AddParameter("backbone.embeddings.weight", {config.vocab_size, dm}, true);
   layers_.resize(config.n_layer);
@@ -66,8 +66,7 @@ void MambaModel::ZeroGrad() {
 
 void MambaModel::Initialize(uint64_t seed) {
   std::mt19937_64 rng(seed);
-  const int64_t E = config_.d_inner(), N = config_.d_state, R = config_.dt_rank,
-                K = config_.d_conv;
+  const int64_t E = config_.d_inner(), N = config_.d_state, R = config_.dt_rank, K = config_.d_conv;
   // Host values in double, converted to the model dtype and copied to the device.
   auto set = [&](Parameter* p, const std::vector<double>& v) {
     Tensor host = Tensor::Empty(p->value.shape(), dtype_);
@@ -180,7 +179,8 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   g.dz = Act({B, L, E});
   g.ddt_bias = Act({E});
   be.SelectiveScanBackward(
-      {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, dy, none, g);
+      {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, dy, none,
+      g);
   be.AddProduct(g.dA, l.A, l.A_log->grad);  // A = -exp(A_log): dA_log = dA * A
   be.Add(g.dD_skip, l.D->grad);
   be.Add(g.ddt_bias, l.dt_b->grad);
@@ -205,8 +205,7 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   be.LinearBackward(dxz, l.h, l.in_proj->value, dh, l.in_proj->grad, none);
   // Fused add + norm: the residual stream's gradient so far joins the norm's.
   Tensor d_res_in = Act({M, dm});
-  be.AddRmsNormBackward(dh, d_residual, l.residual, l.norm->value, l.rstd, d_res_in,
-                        l.norm->grad);
+  be.AddRmsNormBackward(dh, d_residual, l.residual, l.norm->value, l.rstd, d_res_in, l.norm->grad);
   d_residual = d_res_in;
 }
 
@@ -227,8 +226,7 @@ MambaModel::Head MambaModel::Forward(const Tensor& inputs) {
   h.res_f = Act({M, dm});
   h.hf = Act({M, dm});
   h.rstd_f = Act({M});
-  be.AddRmsNormForward(residual, hidden, norm_f_->value, config_.norm_eps, h.res_f, h.hf,
-                       h.rstd_f);
+  be.AddRmsNormForward(residual, hidden, norm_f_->value, config_.norm_eps, h.res_f, h.hf, h.rstd_f);
   h.logits = Act({M, config_.vocab_size});
   be.LinearForward(h.hf, embedding_->value, Tensor(), h.logits);  // tied lm_head
   return h;

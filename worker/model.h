@@ -13,9 +13,9 @@
 namespace mamba {
 
 struct Parameter {
-  std::string name;  // HF state-dict name
-  Tensor value;      // on the backend's device
-  Tensor grad;       // same shape; accumulated by ForwardBackward
+  std::string name;           // HF state-dict name
+  Tensor value;               // on the backend's device
+  Tensor grad;                // same shape; accumulated by ForwardBackward
   bool weight_decay = false;  // false for A_log, D, norm weights and biases
 };
 

@@ -64,8 +64,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
   std::unique_ptr<Trainer> t(new Trainer());
   t->spec_ = spec;
   if (spec.backend() != "cpu") {
-    return absl::FailedPreconditionError(
-        absl::StrCat("backend: \"", spec.backend(), "\" is not available in this build; use \"cpu\""));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "backend: \"", spec.backend(), "\" is not available in this build; use \"cpu\""));
   }
   if (spec.parallel().dp() * spec.parallel().sp() != 1) {
     return absl::FailedPreconditionError(
@@ -106,7 +106,8 @@ absl::Status Trainer::Resume(const std::string& path) {
   google::protobuf::util::JsonParseOptions options;
   options.ignore_unknown_fields = true;  // a newer worker's spec may have more fields
   if (!google::protobuf::util::JsonStringToMessage(state->job_spec.dump(), &saved, options).ok()) {
-    return absl::DataLossError(absl::StrCat(*dir, "/trainer_state.json: job_spec is not a JobSpec"));
+    return absl::DataLossError(
+        absl::StrCat(*dir, "/trainer_state.json: job_spec is not a JobSpec"));
   }
   if (const std::string field = FirstDifference(saved, spec_); !field.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -166,9 +167,9 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
   log << absl::StrFormat(
       "job %s: %s, model d_model %d x %d layers (d_state %d, vocab %d, %d parameters), "
       "batch %d x %d tokens, %d steps, backend %s\n",
-      spec_.name().empty() ? "(unnamed)" : spec_.name(), dataset_->name(),
-      model_->config().d_model, model_->config().n_layer, model_->config().d_state,
-      model_->config().vocab_size, model_->num_parameters(), B, L, steps, backend_->name());
+      spec_.name().empty() ? "(unnamed)" : spec_.name(), dataset_->name(), model_->config().d_model,
+      model_->config().n_layer, model_->config().d_state, model_->config().vocab_size,
+      model_->num_parameters(), B, L, steps, backend_->name());
   std::vector<int64_t> eval_lens(spec_.eval().seq_lens().begin(), spec_.eval().seq_lens().end());
   if (eval_lens.empty()) eval_lens.push_back(L);
   if (!resumed_from_.empty()) {
@@ -188,11 +189,10 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
     }
     auto [inputs, targets] = BatchTensors(*batch);
     model_->ZeroGrad();
-    LossStats s =
-        model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
+    LossStats s = model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
     if (!std::isfinite(s.loss_sum)) {
-      return absl::InternalError(absl::StrCat("step ", step, ": loss is not finite (", s.loss_sum,
-                                              "); stopping"));
+      return absl::InternalError(
+          absl::StrCat("step ", step, ": loss is not finite (", s.loss_sum, "); stopping"));
     }
     AdamWOptimizer::StepInfo info = optimizer_->Step();
     if (!std::isfinite(info.grad_norm)) {
@@ -241,8 +241,8 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
   }
   summary.steps = steps;
   summary.seconds = SecondsSince(t0);
-  summary.tokens_per_second = double(std::max<int64_t>(0, steps - start_step_) * B * L) /
-                              std::max(summary.seconds, 1e-9);
+  summary.tokens_per_second =
+      double(std::max<int64_t>(0, steps - start_step_) * B * L) / std::max(summary.seconds, 1e-9);
 
   if (spec_.eval().batches() > 0) {
     log << "held-out evaluation:\n";
@@ -255,10 +255,9 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
       log << absl::StrFormat(" (%d answer tokens)\n", r->tokens);
     }
   }
-  log << absl::StrFormat(
-      "done: %d steps in %s, loss %.4f -> %.4f, %.0f tokens/s\n", steps,
-      FormatDuration(summary.seconds), summary.first_loss, summary.final_loss,
-      summary.tokens_per_second);
+  log << absl::StrFormat("done: %d steps in %s, loss %.4f -> %.4f, %.0f tokens/s\n", steps,
+                         FormatDuration(summary.seconds), summary.first_loss, summary.final_loss,
+                         summary.tokens_per_second);
   return summary;
 }
 

@@ -26,11 +26,11 @@ struct EvalResult {
 
 struct TrainSummary {
   int64_t steps = 0;
-  std::vector<double> losses;  // mean training loss of every step
+  std::vector<double> losses;             // mean training loss of every step
   double first_loss = 0, final_loss = 0;  // means over the first and last log windows
   double final_accuracy = 0;
   double seconds = 0;
-  double tokens_per_second = 0;  // input tokens processed per second of training
+  double tokens_per_second = 0;   // input tokens processed per second of training
   std::vector<EvalResult> evals;  // the final evaluation
 };
 
