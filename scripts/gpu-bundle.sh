@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the full project here (Debian 12, nvcc, sm_90) and gathers what a GPU machine without the
+# service's dependencies (abseil, OpenBLAS, ...) needs to run it: the binaries, the test and bench
+# programs, and the shared libraries that machine lacks. The bundle goes to .gpu-bundle/ (ignored
+# by git; the device tool carries it) as one compressed archive, well under the 64 MiB a device call
+# carries. On the GPU machine:
+#   tar -xJf .gpu-bundle/bundle.tar.xz -C /tmp && /tmp/bundle/run.sh /tmp/bundle/build/test_model
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=${BUILD:-build}
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$BUILD" -j"$(nproc)"
+STAGE=$(mktemp -d)/bundle
+mkdir -p "$STAGE/build" "$STAGE/lib"
+# Executables (and the kernels' shared library) at their build-tree names.
+find "$BUILD" -maxdepth 1 -type f \( -perm -u+x -o -name '*.so' \) -exec cp {} "$STAGE/build/" \;
+# Shared libraries the GPU machine's Ubuntu image lacks.
+for bin in "$STAGE"/build/*; do ldd "$bin" 2>/dev/null || true; done |
+  awk '/=> \// {print $3}' | sort -u |
+  grep -E 'libabsl_|libopenblas|libgfortran|libquadmath|libprotobuf|libgrpc|libgpr|libaddress_sorting|libupb|libre2|libcares|libsqlite3' |
+  xargs -r -I{} cp -L {} "$STAGE/lib/"
+cat > "$STAGE/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs a bundled program with the bundled libraries after the system's own.
+here="$(cd "$(dirname "$0")" && pwd)"
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$here/lib"
+exec "$@"
+RUN
+chmod +x "$STAGE/run.sh"
+rm -rf .gpu-bundle && mkdir -p .gpu-bundle
+tar -C "$(dirname "$STAGE")" -cJf .gpu-bundle/bundle.tar.xz bundle
+rm -rf "$(dirname "$STAGE")"
+du -sh .gpu-bundle/bundle.tar.xz
