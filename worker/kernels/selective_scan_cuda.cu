@@ -171,7 +171,7 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
   const int64_t threads = p.chan_blocks * 128;
-  const int64_t want = tuning.fwd_min_threads > 0 ? tuning.fwd_min_threads : SmCount() * 512LL;
+  const int64_t want = tuning.fwd_min_threads > 0 ? tuning.fwd_min_threads : SmCount() * 256LL;
   int64_t segs = threads >= want ? 1 : CeilDiv(want, threads);
   segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, tile));
   p.seg_len = CeilDiv(CeilDiv(p.len, segs), tile) * tile;
