@@ -91,6 +91,7 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
 template <int kTT>
 struct StepSmem {
   float dt[kTT][kCh], dtu[kTT][kCh], dy[kTT][kCh];
+  float dsp[kTT][kCh], sg[kTT][kCh];  // backward epilogue: softplus' and sigmoid(z)
   float4 bm[kTT][4], cm[kTT][4];
 };
 
@@ -105,12 +106,15 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
   for (int i = 0; i < Raw<kTT>::kA; ++i) {
     const int tt = (tid >> 5) + 4 * i;
     const bool ok = cok && tb + tt < t1;
-    float dsp;
+    float dsp = 0.f;
     const float dt = ok ? StepSize(r.dl[i] + bias, p.softplus, &dsp) : 0.f;
     s.dt[tt][c] = dt;
     s.dtu[tt][c] = dt * r.u[i];
     if constexpr (kDy) {
-      s.dy[tt][c] = p.z.p ? r.dout[i] * r.z[i] * Sigmoid(r.z[i]) : r.dout[i];
+      const float sg = p.z.p ? Sigmoid(r.z[i]) : 0.f;
+      s.dy[tt][c] = p.z.p ? r.dout[i] * r.z[i] * sg : r.dout[i];
+      s.dsp[tt][c] = dsp;
+      s.sg[tt][c] = sg;
     }
   }
   float* bm = reinterpret_cast<float*>(s.bm);
@@ -379,14 +383,13 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
       const float y = rd.x, ga = rd.y, gb = rd.z;
       const float dt = sm.s.dt[tt][ce], dy = sm.s.dy[tt][ce];
       const float u = raw.u[i], zz = raw.z[i], dout = raw.dout[i];
-      float dsp;
-      StepSize(raw.dl[i] + bias, p.softplus, &dsp);
+      const float dsp = sm.s.dsp[tt][ce];
       const float du = fmaf(dsk, dy, gb * dt);
       const float ddelta = fmaf(gb, u, ga) * dsp;
       St<T>(p.du.p, k.b * p.du.sb + t * p.du.sl + de * p.du.sd, du);
       St<T>(p.ddelta.p, k.b * p.ddelta.sb + t * p.ddelta.sl + de * p.ddelta.sd, ddelta);
       if (p.z.p && p.dz.p) {
-        const float sg = Sigmoid(zz);
+        const float sg = sm.s.sg[tt][ce];
         St<T>(p.dz.p, k.b * p.dz.sb + t * p.dz.sl + de * p.dz.sd,
               dout * fmaf(dsk, u, y) * sg * (1.f + zz * (1.f - sg)));
       }
