@@ -44,44 +44,67 @@ __device__ __forceinline__ TileBlock LocateBlock(const Params& p) {
 
 // Raw tile inputs a thread stages: element k is (step (tid >> 5) + 4k, channel tid & 31) for
 // activations, (step (tid >> 4) + 8k, state tid & 15) for Bm/Cm.
-template <int kTT>
+// Raw tile inputs a thread stages: element k is (step (tid >> 5) + 4k, channel tid & 31) for
+// activations, (step (tid >> 4) + 8k, state tid & 15) for Bm/Cm. Held as loaded (bf16 bits
+// unconverted) so that the conversion, and with it the wait for the load, happens at first use.
+template <typename T>
+using Bits = std::conditional_t<std::is_same_v<T, float>, float, unsigned short>;
+
+template <typename T>
+__device__ __forceinline__ Bits<T> LdBits(const void* p, int64_t i) {
+  return __ldg(static_cast<const Bits<T>*>(p) + i);
+}
+
+template <typename T>
+__device__ __forceinline__ float ToF(Bits<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    return __uint_as_float(static_cast<uint32_t>(x) << 16);
+  }
+}
+
+template <typename T, int kTT>
 struct Raw {
   static constexpr int kA = kTT * kCh / kTh, kB = kTT * 16 / kTh;
-  float u[kA], dl[kA], z[kA], dout[kA];
-  float bm[kB], cm[kB];
+  Bits<T> u[kA], dl[kA], z[kA], dout[kA];
+  Bits<T> bm[kB], cm[kB];
 };
 
 template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC>
 __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int64_t tb,
-                                        int64_t t1, Raw<kTT>& r) {
+                                        int64_t t1, Raw<T, kTT>& r) {
   const int tid = threadIdx.x;
   const int c = tid & 31;
   const bool cok = c < k.nvalid;
   const int64_t d = k.d0 + c;
+  const Bits<T> zero = 0;
 #pragma unroll
-  for (int i = 0; i < Raw<kTT>::kA; ++i) {
+  for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
     const int64_t t = tb + (tid >> 5) + 4 * i;
     const bool ok = cok && t < t1;
-    r.dl[i] = ok ? Ld<T>(p.delta.p, k.b * p.delta.sb + t * p.delta.sl + d * p.delta.sd) : 0.f;
-    r.u[i] = r.z[i] = r.dout[i] = 0.f;
-    if constexpr (kU) r.u[i] = ok ? Ld<T>(p.u.p, k.b * p.u.sb + t * p.u.sl + d * p.u.sd) : 0.f;
+    r.u[i] = r.z[i] = r.dout[i] = zero;
+    r.dl[i] = ok ? LdBits<T>(p.delta.p, k.b * p.delta.sb + t * p.delta.sl + d * p.delta.sd) : zero;
+    if constexpr (kU) r.u[i] = ok ? LdBits<T>(p.u.p, k.b * p.u.sb + t * p.u.sl + d * p.u.sd) : zero;
     if constexpr (kZ) {
-      r.z[i] = ok && p.z.p ? Ld<T>(p.z.p, k.b * p.z.sb + t * p.z.sl + d * p.z.sd) : 0.f;
+      r.z[i] = ok && p.z.p ? LdBits<T>(p.z.p, k.b * p.z.sb + t * p.z.sl + d * p.z.sd) : zero;
     }
     if constexpr (kDout) {
-      r.dout[i] = ok ? Ld<T>(p.dout.p, k.b * p.dout.sb + t * p.dout.sl + d * p.dout.sd) : 0.f;
+      r.dout[i] =
+          ok ? LdBits<T>(p.dout.p, k.b * p.dout.sb + t * p.dout.sl + d * p.dout.sd) : zero;
     }
   }
   const int n = tid & 15;
 #pragma unroll
-  for (int i = 0; i < Raw<kTT>::kB; ++i) {
+  for (int i = 0; i < Raw<T, kTT>::kB; ++i) {
     const int64_t t = tb + (tid >> 4) + 8 * i;
     const bool ok = t < t1;
-    r.cm[i] = 0.f;
-    r.bm[i] = ok ? Ld<T>(p.Bm.p, k.b * p.Bm.sb + t * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn) : 0.f;
+    r.cm[i] = zero;
+    r.bm[i] =
+        ok ? LdBits<T>(p.Bm.p, k.b * p.Bm.sb + t * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn) : zero;
     if constexpr (kC) {
-      r.cm[i] =
-          ok ? Ld<T>(p.Cm.p, k.b * p.Cm.sb + t * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn) : 0.f;
+      r.cm[i] = ok ? LdBits<T>(p.Cm.p, k.b * p.Cm.sb + t * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn)
+                   : zero;
     }
   }
 }
@@ -91,39 +114,42 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
 template <int kTT>
 struct StepSmem {
   float dt[kTT][kCh], dtu[kTT][kCh], dy[kTT][kCh];
-  float dsp[kTT][kCh], sg[kTT][kCh];  // backward epilogue: softplus' and sigmoid(z)
+  // Backward epilogue: u, softplus', and dz / (y + D*u).
+  float u[kTT][kCh], dsp[kTT][kCh], dzf[kTT][kCh];
   float4 bm[kTT][4], cm[kTT][4];
 };
 
-template <int kTT, bool kDy, bool kC>
+template <typename T, int kTT, bool kDy, bool kC>
 __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
-                                         int64_t t1, float bias, const Raw<kTT>& r,
+                                         int64_t t1, float bias, const Raw<T, kTT>& r,
                                          StepSmem<kTT>& s) {
   const int tid = threadIdx.x;
   const int c = tid & 31;
   const bool cok = c < k.nvalid;
 #pragma unroll
-  for (int i = 0; i < Raw<kTT>::kA; ++i) {
+  for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
     const int tt = (tid >> 5) + 4 * i;
     const bool ok = cok && tb + tt < t1;
     float dsp = 0.f;
-    const float dt = ok ? StepSize(r.dl[i] + bias, p.softplus, &dsp) : 0.f;
+    const float dt = ok ? StepSize(ToF<T>(r.dl[i]) + bias, p.softplus, &dsp) : 0.f;
     s.dt[tt][c] = dt;
-    s.dtu[tt][c] = dt * r.u[i];
+    s.dtu[tt][c] = dt * ToF<T>(r.u[i]);
     if constexpr (kDy) {
-      const float sg = p.z.p ? Sigmoid(r.z[i]) : 0.f;
-      s.dy[tt][c] = p.z.p ? r.dout[i] * r.z[i] * sg : r.dout[i];
+      const float z = ToF<T>(r.z[i]), dout = ToF<T>(r.dout[i]);
+      const float sg = p.z.p ? Sigmoid(z) : 0.f;
+      s.dy[tt][c] = p.z.p ? dout * z * sg : dout;
+      s.u[tt][c] = ToF<T>(r.u[i]);
       s.dsp[tt][c] = dsp;
-      s.sg[tt][c] = sg;
+      s.dzf[tt][c] = p.z.p ? dout * sg * (1.f + z * (1.f - sg)) : 0.f;
     }
   }
   float* bm = reinterpret_cast<float*>(s.bm);
   float* cm = reinterpret_cast<float*>(s.cm);
 #pragma unroll
-  for (int i = 0; i < Raw<kTT>::kB; ++i) {
+  for (int i = 0; i < Raw<T, kTT>::kB; ++i) {
     const int idx = tid + kTh * i;  // (tt, n) = (idx >> 4, idx & 15)
-    bm[idx] = r.bm[i];
-    if constexpr (kC) cm[idx] = r.cm[i];
+    bm[idx] = ToF<T>(r.bm[i]);
+    if constexpr (kC) cm[idx] = ToF<T>(r.cm[i]);
   }
 }
 
@@ -163,13 +189,13 @@ __global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
     }
   }
   float sum = 0.f;
-  Raw<kTT> nx;
+  Raw<T, kTT> nx;
   LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    float ucur[Raw<kTT>::kA], zcur[Raw<kTT>::kA];
-    PrepTile<kTT, kBwd, kMain || kBwd>(p, k, tb, t1, bias, nx, s);
+    float ucur[Raw<T, kTT>::kA], zcur[Raw<T, kTT>::kA];
+    PrepTile<T, kTT, kBwd, kMain || kBwd>(p, k, tb, t1, bias, nx, s);
 #pragma unroll
-    for (int i = 0; i < Raw<kTT>::kA; ++i) ucur[i] = nx.u[i], zcur[i] = nx.z[i];
+    for (int i = 0; i < Raw<T, kTT>::kA; ++i) ucur[i] = ToF<T>(nx.u[i]), zcur[i] = ToF<T>(nx.z[i]);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
@@ -208,7 +234,7 @@ __global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
     __syncthreads();
     if constexpr (kMain) {
 #pragma unroll
-      for (int i = 0; i < Raw<kTT>::kA; ++i) {
+      for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
         const int tt = (tid >> 5) + 4 * i;
         const int64_t t = tb + tt;
         if (!ceok || t >= t1) continue;
@@ -282,34 +308,43 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
     }
   }
   const int ntiles = static_cast<int>(CeilDivDev(t1 - t0, kBT));
-  // Forward sweep: checkpoints at tile starts.
-  for (int r = 0; r < ntiles; ++r) {
-    ck[r * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
-    if (r + 1 == ntiles) break;
-    const int64_t tb = t0 + r * kBT;
-    Raw<kBT> raw;
-    LoadRaw<T, kBT, true, false, false, false>(p, k, tb, t1, raw);
-    __syncthreads();  // previous readers of sm.s are done
-    PrepTile<kBT, false, false>(p, k, tb, t1, bias, raw, sm.s);
-    __syncthreads();
+  // Forward sweep: checkpoints at tile starts. Each tile's loads are issued one tile ahead.
+  Raw<T, kBT> rr;  // next tile of the backward walk
+  if (ntiles > 1) {
+    Raw<T, kBT> rs;
+    LoadRaw<T, kBT, true, false, false, false>(p, k, t0, t1, rs);
+    for (int r = 0; r + 1 < ntiles; ++r) {
+      ck[r * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
+      const int64_t tb = t0 + r * kBT;
+      __syncthreads();  // previous readers of sm.s are done
+      PrepTile<T, kBT, false, false>(p, k, tb, t1, bias, rs, sm.s);
+      __syncthreads();
+      if (r + 2 < ntiles) {
+        LoadRaw<T, kBT, true, false, false, false>(p, k, tb + kBT, t1, rs);
+      } else {
+        LoadRaw<T, kBT, true, true, true, true>(p, k, tb + kBT, t1, rr);
+      }
 #pragma unroll 4
-    for (int tt = 0; tt < kBT; ++tt) {
-      const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
-      const float4 b4 = sm.s.bm[tt][sl];
-      const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
+      for (int tt = 0; tt < kBT; ++tt) {
+        const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
+        const float4 b4 = sm.s.bm[tt][sl];
+        const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * bv[j]);
+        for (int j = 0; j < 4; ++j) h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * bv[j]);
+      }
     }
+  } else {
+    LoadRaw<T, kBT, true, true, true, true>(p, k, t0, t1, rr);
   }
+  ck[(ntiles - 1) * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
   float dD_acc = 0.f, dbias_acc = 0.f;
   const bool one_block = cpg == 1;
   for (int r = ntiles - 1; r >= 0; --r) {
     const int64_t tb = t0 + r * kBT;
-    Raw<kBT> raw;
-    LoadRaw<T, kBT, true, true, true, true>(p, k, tb, t1, raw);
     __syncthreads();
-    PrepTile<kBT, true, true>(p, k, tb, t1, bias, raw, sm.s);
+    PrepTile<T, kBT, true, true>(p, k, tb, t1, bias, rr, sm.s);
     __syncthreads();
+    if (r > 0) LoadRaw<T, kBT, true, true, true, true>(p, k, tb - kBT, t1, rr);
     const float4 hc = ck[r * kTh + tid];
     float hh[4] = {hc.x, hc.y, hc.z, hc.w};
 #pragma unroll 4
@@ -375,23 +410,22 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
     __syncthreads();
     // Epilogue per (t, channel).
 #pragma unroll
-    for (int i = 0; i < Raw<kBT>::kA; ++i) {
+    for (int i = 0; i < Raw<T, kBT>::kA; ++i) {
       const int tt = (tid >> 5) + 4 * i;
       const int64_t t = tb + tt;
       if (!ceok || t >= t1) continue;
       const float4 rd = sm.red[tt][ce];
       const float y = rd.x, ga = rd.y, gb = rd.z;
       const float dt = sm.s.dt[tt][ce], dy = sm.s.dy[tt][ce];
-      const float u = raw.u[i], zz = raw.z[i], dout = raw.dout[i];
+      const float u = sm.s.u[tt][ce];
       const float dsp = sm.s.dsp[tt][ce];
       const float du = fmaf(dsk, dy, gb * dt);
       const float ddelta = fmaf(gb, u, ga) * dsp;
       St<T>(p.du.p, k.b * p.du.sb + t * p.du.sl + de * p.du.sd, du);
       St<T>(p.ddelta.p, k.b * p.ddelta.sb + t * p.ddelta.sl + de * p.ddelta.sd, ddelta);
       if (p.z.p && p.dz.p) {
-        const float sg = sm.s.sg[tt][ce];
         St<T>(p.dz.p, k.b * p.dz.sb + t * p.dz.sl + de * p.dz.sd,
-              dout * fmaf(dsk, u, y) * sg * (1.f + zz * (1.f - sg)));
+              sm.s.dzf[tt][ce] * fmaf(dsk, u, y));
       }
       dD_acc = fmaf(dy, u, dD_acc);
       dbias_acc += ddelta;
