@@ -209,11 +209,10 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
   const int64_t tile = TiledBackwardTile();
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
-  const int64_t cap = tuning.bwd_seg_floats > 0 ? tuning.bwd_seg_floats : (16LL << 20);
-  const int64_t max_segs = std::max<int64_t>(1, cap / (p.batch * p.dim * 16));
-  // 6 tiles measured best on H100 (fewer: more boundary scratch and per-block overhead; 8+: the
-  // checkpoints leave room for only 2 blocks per SM).
-  int64_t k = std::max<int64_t>(6, CeilDiv(p.len, max_segs * tile));
+  // 6 tiles measured best on H100 (fewer: more boundary scratch and per-block overhead; more:
+  // the checkpoints leave shared memory for only 2 blocks per SM). Scratch: 4 arrays of
+  // B*D*16*segments floats (268 MB at B=1, D=1536, L=65536).
+  int64_t k = 6;
   if (tuning.bwd_tiles > 0) k = tuning.bwd_tiles;
   k = std::clamp<int64_t>(k, 1, 16);
   p.seg_len = k * tile;
