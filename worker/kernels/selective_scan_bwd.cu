@@ -175,12 +175,16 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
   }
 }
 
+// One warp per output: lanes take parts k = lane, lane + 32, ... in order, then a fixed butterfly.
 __global__ void SumPartsKernel(const float* part, int64_t parts, int64_t count, float* out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= count) return;
+  const int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (i >= count) return;  // whole warps
   float s = 0.f;
-  for (int64_t k = 0; k < parts; ++k) s += part[k * count + i];
-  out[i] = s;
+  for (int64_t k = lane; k < parts; k += 32) s += part[k * count + i];
+#pragma unroll
+  for (int w = 16; w >= 1; w >>= 1) s += __shfl_xor_sync(0xffffffffu, s, w);
+  if (lane == 0) out[i] = s;
 }
 
 template <typename T>
@@ -210,7 +214,7 @@ cudaError_t LaunchBackwardMain(const Params& p, cudaStream_t stream) {
 
 void LaunchSumParts(const float* part, int64_t parts, int64_t count, float* out,
                     cudaStream_t stream) {
-  SumPartsKernel<<<CeilDiv(count, 256), 256, 0, stream>>>(part, parts, count, out);
+  SumPartsKernel<<<CeilDiv(count * 32, 256), 256, 0, stream>>>(part, parts, count, out);
 }
 
 template <typename T>

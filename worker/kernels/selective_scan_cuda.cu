@@ -164,9 +164,104 @@ cudaError_t BackwardTyped(Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Tiled path (N == 16). Forward: split L only until enough threads run.
+template <typename T>
+cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& tuning) {
+  const int64_t tile = TiledForwardTile();
+  p.chan_warps = CeilDiv(p.dims_per_group, 32);
+  p.chan_blocks = p.batch * p.groups * p.chan_warps;
+  const int64_t threads = p.chan_blocks * 128;
+  // Measured on H100: a split costs a second exponential pass, which only pays off when fewer
+  // than ~128 threads per SM run (B = 1 rows); then split to ~2048 per SM.
+  const int64_t want = tuning.fwd_min_threads > 0 ? tuning.fwd_min_threads : SmCount() * 2048LL;
+  const int64_t enough = tuning.fwd_min_threads > 0 ? want : SmCount() * 128LL;
+  int64_t segs = threads >= enough ? 1 : CeilDiv(want, threads);
+  segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, tile));
+  p.seg_len = CeilDiv(CeilDiv(p.len, segs), tile) * tile;
+  p.num_seg = CeilDiv(p.len, p.seg_len);
+  Workspace ws(stream);
+  const int64_t rows = p.batch * p.dim * p.num_seg;
+  if (p.num_seg > 1) {
+    ws.Reserve(&p.ws_s, rows * 16);
+    ws.Reserve(&p.ws_hin, rows * 16);
+    ws.Reserve(&p.ws_sum, rows);
+  }
+  if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
+  if (p.num_seg > 1) {
+    {
+      ScopedRange range("scan_fwd_segments");
+      LaunchTiledPre<T>(p, false, p.num_seg - 1, stream);
+    }
+    ScopedRange range("scan_fwd_compose");
+    LaunchCompose(p, false, stream);
+  }
+  {
+    ScopedRange range("scan_fwd");
+    LaunchTiledForward<T>(p, stream);
+  }
+  return cudaGetLastError();
+}
+
+// Backward: segments of whole tiles; as few segments as keep the per-segment scratch (four
+// B*D*16*segments arrays) under a cap, since each segment boundary costs scratch traffic.
+template <typename T>
+cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning& tuning) {
+  const int64_t tile = TiledBackwardTile();
+  p.chan_warps = CeilDiv(p.dims_per_group, 32);
+  p.chan_blocks = p.batch * p.groups * p.chan_warps;
+  // 6 tiles measured best on H100 (fewer: more boundary scratch and per-block overhead; more:
+  // the checkpoints leave shared memory for only 2 blocks per SM). Scratch: 4 arrays of
+  // B*D*16*segments floats (268 MB at B=1, D=1536, L=65536).
+  int64_t k = 6;
+  if (tuning.bwd_tiles > 0) k = tuning.bwd_tiles;
+  k = std::clamp<int64_t>(k, 1, 16);
+  p.seg_len = k * tile;
+  p.num_seg = CeilDiv(p.len, p.seg_len);
+  const int64_t rows = p.batch * p.dim * p.num_seg;
+  Workspace ws(stream);
+  if (p.num_seg > 1) {
+    ws.Reserve(&p.ws_s, rows * 16);
+    ws.Reserve(&p.ws_r, rows * 16);
+    ws.Reserve(&p.ws_hin, rows * 16);
+    ws.Reserve(&p.ws_gin, rows * 16);
+    ws.Reserve(&p.ws_sum, rows);
+  }
+  ws.Reserve(&p.ws_dA, rows * 16);
+  ws.Reserve(&p.ws_dD, rows);
+  ws.Reserve(&p.ws_dbias, rows);
+  if (p.chan_warps > 1) ws.Reserve(&p.ws_dbc, p.chan_warps * p.batch * p.len * p.groups * 32);
+  if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
+  if (p.num_seg > 1) {
+    {
+      ScopedRange range("scan_bwd_segments");
+      LaunchTiledPre<T>(p, true, p.num_seg, stream);
+    }
+    ScopedRange range("scan_bwd_compose");
+    LaunchCompose(p, true, stream);
+  }
+  {
+    ScopedRange range("scan_bwd");
+    if (cudaError_t err = LaunchTiledBackward<T>(p, stream); err != cudaSuccess) return err;
+  }
+  ScopedRange range("scan_bwd_reduce");
+  const int64_t parts = p.batch * p.num_seg;
+  LaunchSumParts(p.ws_dA, parts, p.dim * 16, p.dA, stream);
+  if (p.dD_skip) LaunchSumParts(p.ws_dD, parts, p.dim, p.dD_skip, stream);
+  if (p.ddt_bias) LaunchSumParts(p.ws_dbias, parts, p.dim, p.ddt_bias, stream);
+  return cudaGetLastError();
+}
+
 template <bool kBwd>
 cudaError_t Dispatch(const ScanProblem& s, cudaStream_t stream, const ScanTuning& tuning) {
   Params p = MakeParams(s, kFwdThreads);
+  if (s.dstate == 16 && !tuning.force_v2) {
+    if (s.dtype == DType::kF32) {
+      return kBwd ? TiledBackwardTyped<float>(p, stream, tuning)
+                  : TiledForwardTyped<float>(p, stream, tuning);
+    }
+    return kBwd ? TiledBackwardTyped<__nv_bfloat16>(p, stream, tuning)
+                : TiledForwardTyped<__nv_bfloat16>(p, stream, tuning);
+  }
   const bool vec = Vectorizable(s.Bm, s.dstate, s.dtype) && Vectorizable(s.Cm, s.dstate, s.dtype);
 #define MAMBA_CALL(T, V) \
   return kBwd ? BackwardTyped<T, V>(p, stream) : ForwardTyped<T, V>(p, stream, tuning)

@@ -54,6 +54,8 @@ struct ScanProblem {
 // Tuning knobs (the benchmark sweeps them); zero means the built-in choice.
 struct ScanTuning {
   int64_t fwd_min_threads = 0;  // forward splits L until this many threads run
+  int64_t bwd_tiles = 0;        // N == 16 backward: tiles per segment
+  bool force_v2 = false;        // N == 16: use the general kernels (for comparison)
 };
 
 cudaError_t LaunchScanForward(const ScanProblem& p, cudaStream_t stream,

@@ -55,7 +55,9 @@ __device__ __forceinline__ float Ld(const void* p, int64_t i) {
   if constexpr (std::is_same_v<T, float>) {
     return __ldg(static_cast<const float*>(p) + i);
   } else {
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    // Through the read-only path, as for fp32: plain loads cannot be hoisted past stores.
+    const unsigned short bits = __ldg(static_cast<const unsigned short*>(p) + i);
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
   }
 }
 

@@ -1,0 +1,532 @@
+// Tiled selective scan for N == 16 (the common case), forward and backward.
+//
+// Work split: a block owns 32 channels of one (batch, group) and one segment of the sequence;
+// a thread owns one channel and 4 of its 16 states (4 lanes per channel), so B*D*4 threads run
+// without splitting L when B*D is large. Tiles of kT steps of u, delta, z, dout, Bm and Cm are
+// staged in shared memory with coalesced loads; per (t, channel) quantities (step size,
+// dt*u, gated dout) are computed once there, not once per state. The lanes of a channel add
+// their partial sums through shared memory (forward) or shuffles (backward), in a fixed order.
+#include "worker/kernels/selective_scan_cuda_kernels.h"
+
+namespace mamba::kernels::cuda {
+namespace {
+
+constexpr int kCh = 32;        // channels per block
+constexpr int kTh = kCh * 4;   // threads per block
+constexpr int kFT = 32;        // forward tile steps
+constexpr int kBT = 16;        // backward tile steps
+
+enum Mode { kFwdMain = 0, kFwdPre = 1, kBwdPre = 2 };
+
+__device__ __forceinline__ int64_t CeilDivDev(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// Block -> (segment, b, g, first channel); false when the block is past the last batch.
+struct TileBlock {
+  int64_t seg, b, g, d0;  // d0: first channel (global index)
+  int64_t nvalid;         // channels of this block inside the group
+};
+
+__device__ __forceinline__ TileBlock LocateBlock(const Params& p) {
+  TileBlock k;
+  const int64_t cb = blockIdx.x % p.chan_blocks;
+  k.seg = blockIdx.x / p.chan_blocks;
+  const int64_t per_g = p.chan_warps;  // here: channel blocks per group
+  k.b = cb / (p.groups * per_g);
+  const int64_t rem = cb % (p.groups * per_g);
+  k.g = rem / per_g;
+  const int64_t c0 = (rem % per_g) * kCh;
+  k.d0 = k.g * p.dims_per_group + c0;
+  k.nvalid = min(static_cast<int64_t>(kCh), p.dims_per_group - c0);
+  return k;
+}
+
+// Raw tile inputs a thread stages: element k is (step (tid >> 5) + 4k, channel tid & 31) for
+// activations, (step (tid >> 4) + 8k, state tid & 15) for Bm/Cm.
+// Raw tile inputs a thread stages: element k is (step (tid >> 5) + 4k, channel tid & 31) for
+// activations, (step (tid >> 4) + 8k, state tid & 15) for Bm/Cm. Held as loaded (bf16 bits
+// unconverted) so that the conversion, and with it the wait for the load, happens at first use.
+template <typename T>
+using Bits = std::conditional_t<std::is_same_v<T, float>, float, unsigned short>;
+
+template <typename T>
+__device__ __forceinline__ Bits<T> LdBits(const void* p, int64_t i) {
+  return __ldg(static_cast<const Bits<T>*>(p) + i);
+}
+
+template <typename T>
+__device__ __forceinline__ float ToF(Bits<T> x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    return __uint_as_float(static_cast<uint32_t>(x) << 16);
+  }
+}
+
+template <typename T, int kTT>
+struct Raw {
+  static constexpr int kA = kTT * kCh / kTh, kB = kTT * 16 / kTh;
+  Bits<T> u[kA], dl[kA], z[kA], dout[kA];
+  Bits<T> bm[kB], cm[kB];
+};
+
+template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC>
+__device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int64_t tb,
+                                        int64_t t1, Raw<T, kTT>& r) {
+  const int tid = threadIdx.x;
+  const int c = tid & 31;
+  const bool cok = c < k.nvalid;
+  const int64_t d = k.d0 + c;
+  const Bits<T> zero = 0;
+#pragma unroll
+  for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
+    const int64_t t = tb + (tid >> 5) + 4 * i;
+    const bool ok = cok && t < t1;
+    r.u[i] = r.z[i] = r.dout[i] = zero;
+    r.dl[i] = ok ? LdBits<T>(p.delta.p, k.b * p.delta.sb + t * p.delta.sl + d * p.delta.sd) : zero;
+    if constexpr (kU) r.u[i] = ok ? LdBits<T>(p.u.p, k.b * p.u.sb + t * p.u.sl + d * p.u.sd) : zero;
+    if constexpr (kZ) {
+      r.z[i] = ok && p.z.p ? LdBits<T>(p.z.p, k.b * p.z.sb + t * p.z.sl + d * p.z.sd) : zero;
+    }
+    if constexpr (kDout) {
+      r.dout[i] =
+          ok ? LdBits<T>(p.dout.p, k.b * p.dout.sb + t * p.dout.sl + d * p.dout.sd) : zero;
+    }
+  }
+  const int n = tid & 15;
+#pragma unroll
+  for (int i = 0; i < Raw<T, kTT>::kB; ++i) {
+    const int64_t t = tb + (tid >> 4) + 8 * i;
+    const bool ok = t < t1;
+    r.cm[i] = zero;
+    r.bm[i] =
+        ok ? LdBits<T>(p.Bm.p, k.b * p.Bm.sb + t * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn) : zero;
+    if constexpr (kC) {
+      r.cm[i] = ok ? LdBits<T>(p.Cm.p, k.b * p.Cm.sb + t * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn)
+                   : zero;
+    }
+  }
+}
+
+// Per-(t, channel) tile values in shared memory. Steps past the end and channels past the group
+// get dt = dtu = dy = 0: the state is then left unchanged and contributes nothing.
+template <int kTT>
+struct StepSmem {
+  float dt[kTT][kCh], dtu[kTT][kCh], dy[kTT][kCh];
+  // Backward epilogue: u, softplus', and dz / (y + D*u).
+  float u[kTT][kCh], dsp[kTT][kCh], dzf[kTT][kCh];
+  float4 bm[kTT][4], cm[kTT][4];
+};
+
+template <typename T, int kTT, bool kDy, bool kC>
+__device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
+                                         int64_t t1, float bias, const Raw<T, kTT>& r,
+                                         StepSmem<kTT>& s) {
+  const int tid = threadIdx.x;
+  const int c = tid & 31;
+  const bool cok = c < k.nvalid;
+#pragma unroll
+  for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
+    const int tt = (tid >> 5) + 4 * i;
+    const bool ok = cok && tb + tt < t1;
+    float dsp = 0.f;
+    const float dt = ok ? StepSize(ToF<T>(r.dl[i]) + bias, p.softplus, &dsp) : 0.f;
+    s.dt[tt][c] = dt;
+    s.dtu[tt][c] = dt * ToF<T>(r.u[i]);
+    if constexpr (kDy) {
+      const float z = ToF<T>(r.z[i]), dout = ToF<T>(r.dout[i]);
+      const float sg = p.z.p ? Sigmoid(z) : 0.f;
+      s.dy[tt][c] = p.z.p ? dout * z * sg : dout;
+      s.u[tt][c] = ToF<T>(r.u[i]);
+      s.dsp[tt][c] = dsp;
+      s.dzf[tt][c] = p.z.p ? dout * sg * (1.f + z * (1.f - sg)) : 0.f;
+    }
+  }
+  float* bm = reinterpret_cast<float*>(s.bm);
+  float* cm = reinterpret_cast<float*>(s.cm);
+#pragma unroll
+  for (int i = 0; i < Raw<T, kTT>::kB; ++i) {
+    const int idx = tid + kTh * i;  // (tt, n) = (idx >> 4, idx & 15)
+    bm[idx] = ToF<T>(r.bm[i]);
+    if constexpr (kC) cm[idx] = ToF<T>(r.cm[i]);
+  }
+}
+
+
+// Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode).
+template <typename T, int kMode>
+__global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
+  constexpr int kTT = kFT;
+  constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
+  __shared__ StepSmem<kTT> s;
+  __shared__ float4 yp[kTT][kCh];  // per-lane partial outputs, [t][channel][state slice]
+  const TileBlock k = LocateBlock(p);
+  if (k.b >= p.batch) return;
+  const int tid = threadIdx.x, ch = tid >> 2, sl = tid & 3;
+  const bool cok = ch < k.nvalid;
+  const int64_t D = p.dim, S = p.num_seg;
+  const int64_t d = k.d0 + (cok ? ch : 0);
+  const int64_t t0 = k.seg * p.seg_len, t1 = min(p.len, t0 + p.seg_len);
+  const int64_t row = (k.b * D + d) * S + k.seg;  // workspace row of (b, d, seg)
+  // Epilogue channel (tid & 31) values.
+  const int ce = tid & 31;
+  const bool ceok = ce < k.nvalid;
+  const int64_t de = k.d0 + (ceok ? ce : 0);
+  const float bias = p.dt_bias ? p.dt_bias[de] : 0.f;
+  const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
+
+  float a2[4], h[4], P[4], r[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int n = 4 * sl + j;
+    a2[j] = cok ? p.A[d * 16 + n] * kLog2e : 0.f;
+    h[j] = 0.f, P[j] = 1.f, r[j] = 0.f;
+    if constexpr (kMain) {
+      if (cok) {
+        h[j] = k.seg > 0 ? p.ws_hin[row * 16 + n] : p.h0 ? p.h0[(k.b * D + d) * 16 + n] : 0.f;
+      }
+    }
+  }
+  float sum = 0.f;
+  Raw<T, kTT> nx;
+  LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, t0, t1, nx);
+  for (int64_t tb = t0; tb < t1; tb += kTT) {
+    float ucur[Raw<T, kTT>::kA], zcur[Raw<T, kTT>::kA];
+    PrepTile<T, kTT, kBwd, kMain || kBwd>(p, k, tb, t1, bias, nx, s);
+#pragma unroll
+    for (int i = 0; i < Raw<T, kTT>::kA; ++i) ucur[i] = ToF<T>(nx.u[i]), zcur[i] = ToF<T>(nx.z[i]);
+    __syncthreads();
+    // The next tile's loads fly while this one is scanned.
+    if (tb + kTT < t1) {
+      LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, tb + kTT, t1, nx);
+    }
+#pragma unroll 8
+    for (int tt = 0; tt < kTT; ++tt) {
+      const float dt = s.dt[tt][ch], dtu = s.dtu[tt][ch];
+      const float4 b4 = s.bm[tt][sl];
+      const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
+      float e[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        e[j] = Ex2(dt * a2[j]);
+        h[j] = fmaf(e[j], h[j], dtu * bv[j]);
+      }
+      if constexpr (kMain || kBwd) {
+        const float4 c4 = s.cm[tt][sl];
+        const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
+        if constexpr (kMain) {
+          float y = cv[0] * h[0];
+#pragma unroll
+          for (int j = 1; j < 4; ++j) y = fmaf(cv[j], h[j], y);
+          reinterpret_cast<float*>(&yp[tt][ch])[sl] = y;
+        } else {
+          const float dy = s.dy[tt][ch];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            P[j] *= e[j];
+            r[j] = fmaf(P[j], cv[j] * dy, r[j]);
+          }
+        }
+      }
+      if constexpr (!kMain) sum += dt;
+    }
+    __syncthreads();
+    if constexpr (kMain) {
+#pragma unroll
+      for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
+        const int tt = (tid >> 5) + 4 * i;
+        const int64_t t = tb + tt;
+        if (!ceok || t >= t1) continue;
+        const float4 q = yp[tt][ce];
+        float y = (q.x + q.y) + (q.z + q.w);
+        y = fmaf(dsk, ucur[i], y);
+        if (p.z.p) y *= zcur[i] * Sigmoid(zcur[i]);
+        St<T>(p.out.p, k.b * p.out.sb + t * p.out.sl + de * p.out.sd, y);
+      }
+    }
+  }
+  if (!cok) return;
+  if constexpr (kMain) {
+    if (k.seg + 1 == S && p.h_last) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) p.h_last[(k.b * D + d) * 16 + 4 * sl + j] = h[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      p.ws_s[row * 16 + 4 * sl + j] = h[j];
+      if constexpr (kBwd) p.ws_r[row * 16 + 4 * sl + j] = r[j];
+    }
+    if (sl == 0) p.ws_sum[row] = sum;
+  }
+}
+
+// Backward main pass. A segment is p.seg_len / kBT tiles. A forward sweep from the segment's
+// entering state leaves a checkpoint at each tile start (shared memory); then from the last tile
+// back, each tile's states are recomputed into shared memory and walked backwards with the
+// state gradient g.
+struct BwdSmem {
+  StepSmem<kBT> s;
+  float4 hist[kBT][kTh];       // state before each step, per thread
+  float4 red[kBT][kCh];        // y, sum g*e*h*A, sum g*B per (t, channel), summed over lanes
+  float dbc[4][kBT][32];       // per warp: dBm (n) and dCm (16 + n) summed over its channels
+  float chan[2][4][kCh];       // dD, dbias partials per row of threads
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64_t cpg) {
+  extern __shared__ float4 dyn[];
+  BwdSmem& sm = *reinterpret_cast<BwdSmem*>(dyn);
+  float4* ck = dyn + sizeof(BwdSmem) / sizeof(float4);  // [tile][thread]
+  const TileBlock k = LocateBlock(p);
+  if (k.b >= p.batch) return;
+  const int tid = threadIdx.x, ch = tid >> 2, sl = tid & 3, lane = tid & 31, warp = tid >> 5;
+  const bool cok = ch < k.nvalid;
+  const int64_t D = p.dim, S = p.num_seg, L = p.len, N = 16;
+  const int64_t d = k.d0 + (cok ? ch : 0);
+  const int64_t t0 = k.seg * p.seg_len, t1 = min(L, t0 + p.seg_len);
+  const int64_t row = (k.b * D + d) * S + k.seg;
+  const int ce = tid & 31;
+  const bool ceok = ce < k.nvalid;
+  const int64_t de = k.d0 + (ceok ? ce : 0);
+  const float bias = p.dt_bias ? p.dt_bias[de] : 0.f;
+  const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
+
+  float A[4], a2[4], h[4], g[4], dA[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int n = 4 * sl + j;
+    A[j] = cok ? p.A[d * N + n] : 0.f;
+    a2[j] = A[j] * kLog2e;
+    h[j] = g[j] = dA[j] = 0.f;
+    if (cok) {
+      h[j] = k.seg > 0 ? p.ws_hin[row * N + n] : p.h0 ? p.h0[(k.b * D + d) * N + n] : 0.f;
+      g[j] = k.seg + 1 < S ? p.ws_gin[row * N + n]
+             : p.dh_last   ? p.dh_last[(k.b * D + d) * N + n]
+                           : 0.f;
+    }
+  }
+  const int ntiles = static_cast<int>(CeilDivDev(t1 - t0, kBT));
+  // Forward sweep: checkpoints at tile starts. Each tile's loads are issued one tile ahead.
+  Raw<T, kBT> rr;  // next tile of the backward walk
+  if (ntiles > 1) {
+    Raw<T, kBT> rs;
+    LoadRaw<T, kBT, true, false, false, false>(p, k, t0, t1, rs);
+    for (int r = 0; r + 1 < ntiles; ++r) {
+      ck[r * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
+      const int64_t tb = t0 + r * kBT;
+      __syncthreads();  // previous readers of sm.s are done
+      PrepTile<T, kBT, false, false>(p, k, tb, t1, bias, rs, sm.s);
+      __syncthreads();
+      if (r + 2 < ntiles) {
+        LoadRaw<T, kBT, true, false, false, false>(p, k, tb + kBT, t1, rs);
+      } else {
+        LoadRaw<T, kBT, true, true, true, true>(p, k, tb + kBT, t1, rr);
+      }
+#pragma unroll 4
+      for (int tt = 0; tt < kBT; ++tt) {
+        const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
+        const float4 b4 = sm.s.bm[tt][sl];
+        const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * bv[j]);
+      }
+    }
+  } else {
+    LoadRaw<T, kBT, true, true, true, true>(p, k, t0, t1, rr);
+  }
+  ck[(ntiles - 1) * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
+  float dD_acc = 0.f, dbias_acc = 0.f;
+  const bool one_block = cpg == 1;
+  for (int r = ntiles - 1; r >= 0; --r) {
+    const int64_t tb = t0 + r * kBT;
+    __syncthreads();
+    PrepTile<T, kBT, true, true>(p, k, tb, t1, bias, rr, sm.s);
+    __syncthreads();
+    if (r > 0) LoadRaw<T, kBT, true, true, true, true>(p, k, tb - kBT, t1, rr);
+    const float4 hc = ck[r * kTh + tid];
+    float hh[4] = {hc.x, hc.y, hc.z, hc.w};
+#pragma unroll 4
+    for (int tt = 0; tt < kBT; ++tt) {
+      const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
+      const float4 b4 = sm.s.bm[tt][sl];
+      const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
+      sm.hist[tt][tid] = make_float4(hh[0], hh[1], hh[2], hh[3]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) hh[j] = fmaf(Ex2(dt * a2[j]), hh[j], dtu * bv[j]);
+    }
+#pragma unroll 2
+    for (int tt = kBT - 1; tt >= 0; --tt) {
+      const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch], dy = sm.s.dy[tt][ch];
+      const float4 b4 = sm.s.bm[tt][sl], c4 = sm.s.cm[tt][sl], h4 = sm.hist[tt][tid];
+      const float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
+      const float hp[4] = {h4.x, h4.y, h4.z, h4.w};
+      float v[8];  // dBm (j) and dCm (4 + j) of this channel
+      float y = 0.f, ga = 0.f, gb = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float e = Ex2(dt * a2[j]);
+        const float hn = fmaf(e, hp[j], dtu * bv[j]);
+        y = fmaf(cv[j], hn, y);
+        g[j] = fmaf(cv[j], dy, g[j]);
+        v[4 + j] = hn * dy;
+        v[j] = g[j] * dtu;
+        const float geh = g[j] * e * hp[j];
+        ga = fmaf(geh, A[j], ga);
+        dA[j] = fmaf(geh, dt, dA[j]);
+        gb = fmaf(g[j], bv[j], gb);
+        g[j] *= e;
+      }
+      // Sum over the 4 lanes of the channel: lane sl keeps quantity sl of (y, ga, gb, 0).
+      {
+        float q[4] = {y, ga, gb, 0.f};
+#pragma unroll
+        for (int w = 2; w >= 1; w >>= 1) {
+          const bool up = sl & w;
+#pragma unroll
+          for (int i = 0; i < w; ++i) {
+            const float send = up ? q[i] : q[i + w];
+            const float keep = up ? q[i + w] : q[i];
+            q[i] = keep + __shfl_xor_sync(0xffffffffu, send, w);
+          }
+        }
+        reinterpret_cast<float*>(&sm.red[tt][ch])[sl] = q[0];
+      }
+      // Sum over the 8 channels of the warp: lane keeps value (lane >> 2) of its slice.
+#pragma unroll
+      for (int w = 4; w >= 1; w >>= 1) {
+        const bool up = (lane >> 2) & w;
+#pragma unroll
+        for (int i = 0; i < w; ++i) {
+          const float send = up ? v[i] : v[i + w];
+          const float keep = up ? v[i + w] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4 * w);
+        }
+      }
+      const int kv = lane >> 2;  // (kind, j) = (kv >> 2, kv & 3)
+      sm.dbc[warp][tt][(kv >> 2) * 16 + 4 * sl + (kv & 3)] = v[0];
+    }
+    __syncthreads();
+    // Epilogue per (t, channel).
+#pragma unroll
+    for (int i = 0; i < Raw<T, kBT>::kA; ++i) {
+      const int tt = (tid >> 5) + 4 * i;
+      const int64_t t = tb + tt;
+      if (!ceok || t >= t1) continue;
+      const float4 rd = sm.red[tt][ce];
+      const float y = rd.x, ga = rd.y, gb = rd.z;
+      const float dt = sm.s.dt[tt][ce], dy = sm.s.dy[tt][ce];
+      const float u = sm.s.u[tt][ce];
+      const float dsp = sm.s.dsp[tt][ce];
+      const float du = fmaf(dsk, dy, gb * dt);
+      const float ddelta = fmaf(gb, u, ga) * dsp;
+      St<T>(p.du.p, k.b * p.du.sb + t * p.du.sl + de * p.du.sd, du);
+      St<T>(p.ddelta.p, k.b * p.ddelta.sb + t * p.ddelta.sl + de * p.ddelta.sd, ddelta);
+      if (p.z.p && p.dz.p) {
+        St<T>(p.dz.p, k.b * p.dz.sb + t * p.dz.sl + de * p.dz.sd,
+              sm.s.dzf[tt][ce] * fmaf(dsk, u, y));
+      }
+      dD_acc = fmaf(dy, u, dD_acc);
+      dbias_acc += ddelta;
+    }
+    // dBm/dCm of this tile: sum over the block's 4 warps, then a partial per channel block.
+#pragma unroll
+    for (int i = 0; i < kBT * 32 / kTh; ++i) {
+      const int idx = tid + kTh * i, tt = idx >> 5, m = idx & 31;
+      const int64_t t = tb + tt;
+      if (t >= t1) continue;
+      const float v = (sm.dbc[0][tt][m] + sm.dbc[1][tt][m]) + (sm.dbc[2][tt][m] + sm.dbc[3][tt][m]);
+      const int kind = m >> 4, n = m & 15;
+      if (one_block) {
+        const Strided4& o = kind == 0 ? p.dBm : p.dCm;
+        St<T>(o.p, k.b * o.sb + t * o.sl + k.g * o.sg + n * o.sn, v);
+      } else {
+        const int64_t cbg = (k.d0 - k.g * p.dims_per_group) / kCh;
+        // [cbg][b][t][g][kind][n]
+        p.ws_dbc[(((cbg * p.batch + k.b) * L + t) * p.groups + k.g) * 32 + m] = v;
+      }
+    }
+  }
+  sm.chan[0][tid >> 5][ce] = dD_acc;
+  sm.chan[1][tid >> 5][ce] = dbias_acc;
+  if (cok) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = 4 * sl + j;
+      p.ws_dA[((k.b * S + k.seg) * D + d) * N + n] = dA[j];
+      if (k.seg == 0 && p.dh0) p.dh0[(k.b * D + d) * N + n] = g[j];
+    }
+  }
+  __syncthreads();
+  if (tid < kCh && ceok) {
+    const int64_t i = (k.b * S + k.seg) * D + de;
+    p.ws_dD[i] = (sm.chan[0][0][ce] + sm.chan[0][1][ce]) + (sm.chan[0][2][ce] + sm.chan[0][3][ce]);
+    p.ws_dbias[i] =
+        (sm.chan[1][0][ce] + sm.chan[1][1][ce]) + (sm.chan[1][2][ce] + sm.chan[1][3][ce]);
+  }
+}
+
+// dBm, dCm: sum of the channel blocks' partials in order. Layout [cbg][b][t][g][2][16].
+template <typename T>
+__global__ void TiledReduceBCKernel(const Params p, int64_t cpg) {
+  const int64_t count = p.batch * p.len * p.groups * 32;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= count) return;
+  float s = 0.f;
+  for (int64_t c = 0; c < cpg; ++c) s += p.ws_dbc[c * count + i];
+  const int64_t n = i & 15, kind = (i >> 4) & 1, g = (i >> 5) % p.groups;
+  const int64_t t = (i / (32 * p.groups)) % p.len, b = i / (32 * p.groups * p.len);
+  const Strided4& o = kind == 0 ? p.dBm : p.dCm;
+  St<T>(o.p, b * o.sb + t * o.sl + g * o.sg + n * o.sn, s);
+}
+
+}  // namespace
+
+int TiledForwardTile() { return kFT; }
+int TiledBackwardTile() { return kBT; }
+int64_t TiledBlocks(const Params& p) {
+  return p.batch * p.groups * CeilDiv(p.dims_per_group, kCh);
+}
+
+template <typename T>
+void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, cudaStream_t stream) {
+  const int64_t blocks = p.chan_blocks * segs;
+  if (bwd) {
+    TiledScanKernel<T, kBwdPre><<<blocks, kTh, 0, stream>>>(p);
+  } else {
+    TiledScanKernel<T, kFwdPre><<<blocks, kTh, 0, stream>>>(p);
+  }
+}
+
+template <typename T>
+void LaunchTiledForward(const Params& p, cudaStream_t stream) {
+  TiledScanKernel<T, kFwdMain><<<p.chan_blocks * p.num_seg, kTh, 0, stream>>>(p);
+}
+
+template <typename T>
+cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream) {
+  const int64_t tiles = CeilDiv(p.seg_len, kBT);
+  const size_t smem = sizeof(BwdSmem) + tiles * kTh * sizeof(float4);
+  if (smem > 200 * 1024) return cudaErrorInvalidValue;
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      TiledBackwardKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+  if (attr != cudaSuccess) return attr;
+  const int64_t cpg = p.chan_warps;
+  TiledBackwardKernel<T><<<p.chan_blocks * p.num_seg, kTh, smem, stream>>>(p, cpg);
+  if (cpg > 1) {
+    const int64_t count = p.batch * p.len * p.groups * 32;
+    TiledReduceBCKernel<T><<<CeilDiv(count, 256), 256, 0, stream>>>(p, cpg);
+  }
+  return cudaSuccess;
+}
+
+#define MAMBA_TILED_INSTANTIATE(T)                                                   \
+  template void LaunchTiledPre<T>(const Params&, bool, int64_t, cudaStream_t);     \
+  template void LaunchTiledForward<T>(const Params&, cudaStream_t);                \
+  template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);
+MAMBA_TILED_INSTANTIATE(float)
+MAMBA_TILED_INSTANTIATE(__nv_bfloat16)
+#undef MAMBA_TILED_INSTANTIATE
+
+}  // namespace mamba::kernels::cuda
