@@ -7,6 +7,7 @@
 // Without a CUDA device every test skips with a message.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -102,6 +103,8 @@ class CudaBackendTest : public ::testing::Test {
     EXPECT_EQ(std::memcmp(ha.raw(), hb.raw(), ha.nbytes()), 0) << what << ": runs differ";
   }
 
+  void CheckEmbedding(int64_t T, int64_t V, int64_t C);
+
   std::unique_ptr<Backend> gpu_, cpu_;
   uint64_t seed_ = 1234;
 };
@@ -122,7 +125,13 @@ TEST_F(CudaBackendTest, MemoryRoundTripsAndZero) {
 }
 
 TEST_F(CudaBackendTest, Embedding) {
-  const int64_t T = 1003, V = 37, C = 67;
+  for (const auto [T, V, C] : {std::array<int64_t, 3>{1003, 37, 67}, {4099, 50280, 33}}) {
+    SCOPED_TRACE(::testing::Message() << "tokens " << T << " vocab " << V << " dim " << C);
+    CheckEmbedding(T, V, C);
+  }
+}
+
+void CudaBackendTest::CheckEmbedding(int64_t T, int64_t V, int64_t C) {
   std::vector<int32_t> ids(T);
   std::mt19937 rng(7);
   for (auto& id : ids) id = static_cast<int32_t>(rng() % V);
@@ -153,7 +162,8 @@ TEST_F(CudaBackendTest, AddRmsNorm) {
   for (const int64_t dim : {3, 1000, 1537}) {
     for (const bool with_residual : {false, true}) {
       SCOPED_TRACE(::testing::Message() << "dim " << dim << " residual " << with_residual);
-      const int64_t rows = 77;
+      // 1031 rows: several rows per dweight chunk.
+      const int64_t rows = dim == 3 ? 1031 : 77;
       const Shape s{rows, dim};
       const std::vector<float> res = Rand(rows * dim), x = Rand(rows * dim, -2, 2),
                                w = Rand(dim, 0.5, 1.5), dy = Rand(rows * dim),
@@ -240,6 +250,20 @@ TEST_F(CudaBackendTest, Linear) {
   gpu_->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w), none, gdw, none);
   cpu_->LinearBackward(Ref({M, N}, dy), Ref({M, K}, x), Ref({N, K}, w), none, rdw, none);
   ExpectClose(gdw, rdw, "linear dw without dx");
+}
+
+TEST_F(CudaBackendTest, LinearWithTf32) {
+  // TF32 operands keep 10 mantissa bits: about 1e-3 relative error, not 1e-5.
+  CudaBackendOptions options;
+  options.allow_tf32 = true;
+  std::unique_ptr<Backend> tf32 = MakeCudaBackend(options);
+  const int64_t M = 257, N = 129, K = 515;
+  const std::vector<float> x = Rand(M * K), w = Rand(N * K), b = Rand(N);
+  Tensor gy = Poisoned({M, N}), ry = cpu_->Empty({M, N}, DType::kF64);
+  tf32->LinearForward(Gpu({M, K}, x), Gpu({N, K}, w), Gpu({N}, b), gy);
+  cpu_->LinearForward(Ref({M, K}, x), Ref({N, K}, w), Ref({N}, b), ry);
+  tf32->ToHost(gy);  // waits for the second backend's stream
+  ExpectClose(gy, ry, "tf32 linear y", 5e-3);
 }
 
 TEST_F(CudaBackendTest, CausalConv1d) {
