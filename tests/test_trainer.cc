@@ -6,6 +6,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "worker/backend.h"
 #include "worker/job_spec.h"
 #include "worker/trainer.h"
 
@@ -58,6 +59,21 @@ TEST(Trainer, FormatsDurations) {
   EXPECT_EQ(FormatDuration(5), "5s");
   EXPECT_EQ(FormatDuration(185), "3m05s");
   EXPECT_EQ(FormatDuration(3720), "1h02m");
+}
+
+// Without a usable GPU (no CUDA in the build, or no device), backend "cuda" is refused up front
+// with a reason, never a crash.
+TEST(Trainer, CudaBackendWithoutGpuIsAClearError) {
+#ifdef MAMBA_HAS_CUDA
+  if (CudaDeviceCount() > 0) GTEST_SKIP() << "a CUDA device is present";
+#endif
+  auto spec = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}, "backend": "cuda"})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto trainer = Trainer::Create(*spec);
+  ASSERT_FALSE(trainer.ok());
+  EXPECT_EQ(trainer.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(trainer.status().message().find("backend: \"cuda\""), std::string::npos)
+      << trainer.status();
 }
 
 }  // namespace

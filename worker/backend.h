@@ -1,6 +1,7 @@
 // The op interface the model is written against. One model, several backends: the CPU backend
-// (the reference and test oracle) and, later, the CUDA backend implement the same ops. The math of
-// each op is documented beside its CPU reference in worker/kernels/<op>_cpu.h.
+// (the reference and test oracle) and the CUDA backend (built when MAMBA_HAS_CUDA is defined)
+// implement the same ops. The math of each op is documented beside its CPU reference in
+// worker/kernels/<op>_cpu.h.
 //
 // Conventions: activations are row-major (tokens, channels), tokens ordered (batch, position);
 // linear weights use torch's (out, in) layout. Activation gradients are overwritten, parameter
@@ -104,5 +105,20 @@ class Backend {
 
 // The CPU backend (float32 and float64 tensors).
 std::unique_ptr<Backend> MakeCpuBackend();
+
+#ifdef MAMBA_HAS_CUDA
+struct CudaBackendOptions {
+  int device = 0;
+  // TF32 tensor cores in the fp32 GEMMs: faster, about 1e-3 relative error. Off: exact fp32.
+  bool allow_tf32 = false;
+};
+
+// Number of visible CUDA devices; 0 when there is no driver or no device.
+int CudaDeviceCount();
+
+// The CUDA backend (float32 tensors; the selective scan is not wired in yet). Aborts when the
+// device does not exist: check CudaDeviceCount() first.
+std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options = {});
+#endif
 
 }  // namespace mamba

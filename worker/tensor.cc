@@ -3,10 +3,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <sstream>
 
 #include "worker/check.h"
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 
 namespace mamba {
 namespace {
@@ -46,7 +45,14 @@ const char* DTypeName(DType dtype) {
 
 const char* DeviceName(Device device) { return device == Device::kCPU ? "cpu" : "cuda"; }
 
-std::string ShapeString(const Shape& shape) { return absl::StrCat("(", absl::StrJoin(shape, ", "), ")"); }
+// Plain std::ostringstream rather than Abseil: tensors also build in kernels-only mode.
+std::string ShapeString(const Shape& shape) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << ")";
+  return out.str();
+}
 
 int64_t NumElements(const Shape& shape) {
   int64_t n = 1;
@@ -94,7 +100,9 @@ Tensor Tensor::Reshape(Shape shape) const {
 }
 
 std::string Tensor::DebugString() const {
-  return absl::StrCat("Tensor", ShapeString(shape_), " ", DTypeName(dtype_), " ", DeviceName(device_));
+  std::ostringstream out;
+  out << "Tensor" << ShapeString(shape_) << " " << DTypeName(dtype_) << " " << DeviceName(device_);
+  return out.str();
 }
 
 void Tensor::CheckDType(DType expected) const {

@@ -51,6 +51,32 @@ int64_t CountTargets(const data::Batch& b) {
   return n;
 }
 
+// The backend the spec names, or why it cannot be had here.
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const v1::JobSpec& spec) {
+  if (spec.backend() == "cpu") return MakeCpuBackend();
+  if (spec.backend() != "cuda") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend: must be \"cpu\" or \"cuda\", got \"", spec.backend(), "\""));
+  }
+#ifdef MAMBA_HAS_CUDA
+  if (CudaDeviceCount() == 0) {
+    return absl::FailedPreconditionError(
+        "backend: \"cuda\" needs a CUDA device and none is visible (no GPU, no driver, or "
+        "CUDA_VISIBLE_DEVICES hides them); use \"cpu\"");
+  }
+  if (spec.precision() != "fp32") {
+    return absl::FailedPreconditionError(
+        absl::StrCat("precision: the cuda backend trains in fp32 only for now, got \"",
+                     spec.precision(), "\""));
+  }
+  return MakeCudaBackend();
+#else
+  return absl::FailedPreconditionError(
+      "backend: \"cuda\" is not available in this build (CUDA was not found when it was "
+      "configured); use \"cpu\"");
+#endif
+}
+
 }  // namespace
 
 std::string FormatDuration(double seconds) {
@@ -63,10 +89,8 @@ std::string FormatDuration(double seconds) {
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->spec_ = spec;
-  if (spec.backend() != "cpu") {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "backend: \"", spec.backend(), "\" is not available in this build; use \"cpu\""));
-  }
+  auto backend = MakeBackend(spec);
+  if (!backend.ok()) return backend.status();
   if (spec.parallel().dp() * spec.parallel().sp() != 1) {
     return absl::FailedPreconditionError(
         "parallel: dp x sp > 1 needs an mpirun worker pool, which this build does not have yet");
@@ -79,7 +103,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
         absl::StrCat("model.vocab_size: must be at least the dataset's vocabulary (",
                      t->dataset_->vocab_size(), "), got ", spec.model().vocab_size()));
   }
-  t->backend_ = MakeCpuBackend();
+  t->backend_ = std::move(*backend);
   t->model_ = std::make_unique<MambaModel>(ModelConfigFromSpec(spec, t->dataset_->vocab_size()),
                                            t->backend_.get());
   t->model_->Initialize(spec.seed());

@@ -1,6 +1,8 @@
 #include "worker/kernels/linear_cpu.h"
 
+#ifndef MAMBA_NO_CBLAS
 #include <cblas.h>
+#endif
 
 #include <algorithm>
 #include <climits>
@@ -14,6 +16,26 @@ namespace {
 // stalls badly when the cores are shared).
 constexpr int64_t kMinParallelWork = 1 << 14;
 
+#ifdef MAMBA_NO_CBLAS
+// Kernels-only builds on machines without BLAS: a plain row-major gemm, summed in double.
+// C(m, n) = alpha * op(A) * op(B) + beta * C.
+template <typename T>
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+#pragma omp parallel for schedule(static) if (m * n * k >= kMinParallelWork)
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        const double av = trans_a ? a[p * lda + i] : a[i * lda + p];
+        const double bv = trans_b ? b[j * ldb + p] : b[p * ldb + j];
+        s += av * bv;
+      }
+      c[i * ldc + j] = T(alpha * s + (beta == T(0) ? 0.0 : double(beta) * double(c[i * ldc + j])));
+    }
+  }
+}
+#else
 // CBLAS takes int sizes (OpenBLAS without INTERFACE64).
 void CheckFitsInt(int64_t m, int64_t n, int64_t k) {
   MAMBA_CHECK(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX)
@@ -36,6 +58,8 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
               trans_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+#endif  // MAMBA_NO_CBLAS
+
 // The gemms are split into fixed blocks of output rows run by OpenMP threads, each block one
 // single-threaded BLAS call. One thread pool (OpenMP) instead of two (OpenMP + OpenBLAS's own)
 // avoids the two pools spinning against each other on few cores, and fixed blocks keep results
@@ -43,11 +67,13 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
 constexpr int64_t kRowBlock = 256;
 
 void UseSingleThreadedBlas() {
+#ifndef MAMBA_NO_CBLAS
   static const bool done = [] {
     openblas_set_num_threads(1);
     return true;
   }();
   (void)done;
+#endif
 }
 
 // C(m, n) (row-major, ldc) = op(A) * op(B) + beta * C, with A's rows (or, transposed, columns)

@@ -1,0 +1,3 @@
+# The CUDA backend's ops against the CPU backend. Builds wherever nvcc is found (also in
+# kernels-only mode) and skips, with a message, on machines without a GPU.
+mamba_test(test_cuda_backend SOURCES gpu/test_cuda_backend.cc LIBS mamba_backend)

@@ -1,0 +1,452 @@
+// Every op of the CUDA backend against the CPU backend. The oracle runs in float64 on the same
+// (float32-representable) random inputs, and errors are global relative errors (largest |diff|
+// over largest |reference|) that must be <= 1e-5 (GEMMs with TF32 off included). Sizes are odd on
+// purpose (not multiples of warps, blocks or chunks). Outputs are poisoned with NaN first, so an
+// entry a kernel forgets to write fails the comparison; accumulating outputs start from random
+// values, so += is checked too. Every op also runs twice and must give identical bits.
+// Without a CUDA device every test skips with a message.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "tests/test_util.h"
+#include "worker/backend.h"
+
+namespace mamba {
+namespace {
+
+using testing::RandomVector;
+
+constexpr double kTol = 1e-5;
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) {
+      GTEST_SKIP() << "no CUDA device visible: CUDA backend tests skipped";
+    }
+    gpu_ = MakeCudaBackend();
+    cpu_ = MakeCpuBackend();
+  }
+
+  // Random float32 values (the same numbers go to both backends).
+  std::vector<float> Rand(int64_t n, double lo = -1.0, double hi = 1.0) {
+    const std::vector<double> v = RandomVector(n, ++seed_, lo, hi);
+    return std::vector<float>(v.begin(), v.end());
+  }
+
+  // A host tensor of float32 values, as float32 or promoted to float64.
+  static Tensor Host(const Shape& shape, const std::vector<float>& v, DType dtype) {
+    Tensor t = Tensor::Empty(shape, dtype);
+    EXPECT_EQ(t.numel(), static_cast<int64_t>(v.size()));
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (dtype == DType::kF32) {
+        t.data<float>()[i] = v[i];
+      } else {
+        t.data<double>()[i] = v[i];
+      }
+    }
+    return t;
+  }
+  Tensor Gpu(const Shape& shape, const std::vector<float>& v) {
+    return gpu_->FromHost(Host(shape, v, DType::kF32));
+  }
+  static Tensor Ref(const Shape& shape, const std::vector<float>& v) {
+    return Host(shape, v, DType::kF64);
+  }
+  // A GPU tensor whose every entry is NaN, for outputs the op must overwrite.
+  Tensor Poisoned(const Shape& shape) {
+    return Gpu(shape,
+               std::vector<float>(NumElements(shape), std::numeric_limits<float>::quiet_NaN()));
+  }
+  Tensor GpuInts(const Shape& shape, const std::vector<int32_t>& v) {
+    Tensor t = Tensor::Empty(shape, DType::kI32);
+    std::copy(v.begin(), v.end(), t.data<int32_t>());
+    return gpu_->FromHost(t);
+  }
+  static Tensor HostInts(const Shape& shape, const std::vector<int32_t>& v) {
+    Tensor t = Tensor::Empty(shape, DType::kI32);
+    std::copy(v.begin(), v.end(), t.data<int32_t>());
+    return t;
+  }
+
+  std::vector<float> Fetch(const Tensor& t) {
+    Tensor h = gpu_->ToHost(t);
+    return std::vector<float>(h.data<float>(), h.data<float>() + h.numel());
+  }
+
+  // Global relative error of a GPU result against a float64 CPU result; non-finite entries (an
+  // unwritten NaN, an overflow) fail outright.
+  void ExpectClose(const Tensor& got, const Tensor& ref, const char* what, double tol = kTol) {
+    const std::vector<float> g = Fetch(got);
+    ASSERT_EQ(static_cast<int64_t>(g.size()), ref.numel()) << what;
+    const double* r = ref.data<double>();
+    double max_diff = 0, max_ref = 0;
+    for (size_t i = 0; i < g.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(g[i])) << what << ": entry " << i << " is " << g[i];
+      max_diff = std::max(max_diff, std::abs(double(g[i]) - r[i]));
+      max_ref = std::max(max_ref, std::abs(r[i]));
+    }
+    const double rel = max_diff / std::max(max_ref, 1e-30);
+    EXPECT_LE(rel, tol) << what << ": max |diff| " << max_diff << ", max |ref| " << max_ref;
+  }
+
+  void ExpectSameBits(const Tensor& a, const Tensor& b, const char* what) {
+    const Tensor ha = gpu_->ToHost(a), hb = gpu_->ToHost(b);
+    ASSERT_EQ(ha.nbytes(), hb.nbytes()) << what;
+    EXPECT_EQ(std::memcmp(ha.raw(), hb.raw(), ha.nbytes()), 0) << what << ": runs differ";
+  }
+
+  void CheckEmbedding(int64_t T, int64_t V, int64_t C);
+
+  std::unique_ptr<Backend> gpu_, cpu_;
+  uint64_t seed_ = 1234;
+};
+
+TEST_F(CudaBackendTest, MemoryRoundTripsAndZero) {
+  const std::vector<float> v = Rand(1001);
+  Tensor t = Gpu({7, 143}, v);
+  EXPECT_EQ(t.device(), Device::kCUDA);
+  EXPECT_EQ(Fetch(t), v);
+  const std::vector<int32_t> ids = {3, -1, 7, 2147483647};
+  Tensor hi = gpu_->ToHost(GpuInts({4}, ids));
+  EXPECT_EQ(std::vector<int32_t>(hi.data<int32_t>(), hi.data<int32_t>() + 4), ids);
+  gpu_->Zero(t);
+  for (float x : Fetch(t)) ASSERT_EQ(x, 0.f);
+  Tensor e = gpu_->Empty({0, 5}, DType::kF32);  // empty tensors are still defined
+  EXPECT_TRUE(e.defined());
+  EXPECT_EQ(gpu_->ToHost(e).numel(), 0);
+}
+
+TEST_F(CudaBackendTest, Embedding) {
+  for (const auto [T, V, C] : {std::array<int64_t, 3>{1003, 37, 67}, {4099, 50280, 33}}) {
+    SCOPED_TRACE(::testing::Message() << "tokens " << T << " vocab " << V << " dim " << C);
+    CheckEmbedding(T, V, C);
+  }
+}
+
+void CudaBackendTest::CheckEmbedding(int64_t T, int64_t V, int64_t C) {
+  std::vector<int32_t> ids(T);
+  std::mt19937 rng(7);
+  for (auto& id : ids) id = static_cast<int32_t>(rng() % V);
+  ids[5] = ids[6] = ids[900] = 11;  // repeats in and out of order
+  const std::vector<float> w = Rand(V * C), dout = Rand(T * C), dw0 = Rand(V * C);
+
+  Tensor gid = GpuInts({T}, ids), gw = Gpu({V, C}, w), gdout = Gpu({T, C}, dout);
+  Tensor rid = HostInts({T}, ids), rw = Ref({V, C}, w), rdout = Ref({T, C}, dout);
+  Tensor out = Poisoned({T, C}), rout = cpu_->Empty({T, C}, DType::kF64);
+  gpu_->EmbeddingForward(gid, gw, out);
+  cpu_->EmbeddingForward(rid, rw, rout);
+  ExpectClose(out, rout, "embedding forward", 0.0);  // a copy: exact
+
+  Tensor dw = Gpu({V, C}, dw0), dw2 = Gpu({V, C}, dw0), rdw = Ref({V, C}, dw0);
+  gpu_->EmbeddingBackward(gid, gdout, dw);
+  gpu_->EmbeddingBackward(gid, gdout, dw2);
+  cpu_->EmbeddingBackward(rid, rdout, rdw);
+  ExpectClose(dw, rdw, "embedding dweight");
+  ExpectSameBits(dw, dw2, "embedding dweight");
+  // Same order of additions as the float32 CPU reference: the bits match it too.
+  Tensor cdw = Host({V, C}, dw0, DType::kF32);
+  cpu_->EmbeddingBackward(rid, Host({T, C}, dout, DType::kF32), cdw);
+  Tensor hdw = gpu_->ToHost(dw);
+  EXPECT_EQ(std::memcmp(hdw.raw(), cdw.raw(), cdw.nbytes()), 0);
+}
+
+TEST_F(CudaBackendTest, AddRmsNorm) {
+  for (const int64_t dim : {3, 1000, 1537}) {
+    for (const bool with_residual : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "dim " << dim << " residual " << with_residual);
+      // 1031 rows: several rows per dweight chunk.
+      const int64_t rows = dim == 3 ? 1031 : 77;
+      const Shape s{rows, dim};
+      const std::vector<float> res = Rand(rows * dim), x = Rand(rows * dim, -2, 2),
+                               w = Rand(dim, 0.5, 1.5), dy = Rand(rows * dim),
+                               dres = Rand(rows * dim), dw0 = Rand(dim);
+      Tensor g_res = with_residual ? Gpu(s, res) : Tensor();
+      Tensor r_res = with_residual ? Ref(s, res) : Tensor();
+      Tensor gro = Poisoned(s), gy = Poisoned(s), grstd = Poisoned({rows});
+      Tensor rro = cpu_->Empty(s, DType::kF64), ry = cpu_->Empty(s, DType::kF64),
+             rrstd = cpu_->Empty({rows}, DType::kF64);
+      gpu_->AddRmsNormForward(g_res, Gpu(s, x), Gpu({dim}, w), 1e-5, gro, gy, grstd);
+      cpu_->AddRmsNormForward(r_res, Ref(s, x), Ref({dim}, w), 1e-5, rro, ry, rrstd);
+      ExpectClose(gro, rro, "rmsnorm residual_out");
+      ExpectClose(gy, ry, "rmsnorm y");
+      ExpectClose(grstd, rrstd, "rmsnorm rstd");
+
+      // The backward from the CPU's forward state (the same numbers on both sides).
+      const std::vector<float> ro = Fetch(gro), rstd = Fetch(grstd);
+      Tensor g_dres = with_residual ? Gpu(s, dres) : Tensor();
+      Tensor r_dres = with_residual ? Ref(s, dres) : Tensor();
+      Tensor gdx = Poisoned(s), gdx2 = Poisoned(s), gdw = Gpu({dim}, dw0), gdw2 = Gpu({dim}, dw0);
+      Tensor rdx = cpu_->Empty(s, DType::kF64), rdw = Ref({dim}, dw0);
+      for (int run = 0; run < 2; ++run) {
+        gpu_->AddRmsNormBackward(Gpu(s, dy), g_dres, Gpu(s, ro), Gpu({dim}, w), Gpu({rows}, rstd),
+                                 run ? gdx2 : gdx, run ? gdw2 : gdw);
+      }
+      cpu_->AddRmsNormBackward(Ref(s, dy), r_dres, Ref(s, ro), Ref({dim}, w), Ref({rows}, rstd),
+                               rdx, rdw);
+      ExpectClose(gdx, rdx, "rmsnorm dx");
+      ExpectClose(gdw, rdw, "rmsnorm dweight");
+      ExpectSameBits(gdx, gdx2, "rmsnorm dx");
+      ExpectSameBits(gdw, gdw2, "rmsnorm dweight");
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, AddRmsNormInPlace) {
+  // The model calls it with y aliasing x and residual_out aliasing residual_in.
+  const int64_t rows = 5, dim = 259;
+  const std::vector<float> res = Rand(rows * dim), x = Rand(rows * dim), w = Rand(dim);
+  Tensor gres = Gpu({rows, dim}, res), gx = Gpu({rows, dim}, x), grstd = Poisoned({rows});
+  Tensor rro = cpu_->Empty({rows, dim}, DType::kF64), ry = cpu_->Empty({rows, dim}, DType::kF64),
+         rrstd = cpu_->Empty({rows}, DType::kF64);
+  gpu_->AddRmsNormForward(gres, gx, Gpu({dim}, w), 1e-5, gres, gx, grstd);
+  cpu_->AddRmsNormForward(Ref({rows, dim}, res), Ref({rows, dim}, x), Ref({dim}, w), 1e-5, rro, ry,
+                          rrstd);
+  ExpectClose(gres, rro, "in-place residual_out");
+  ExpectClose(gx, ry, "in-place y");
+}
+
+TEST_F(CudaBackendTest, Linear) {
+  const int64_t M = 133, N = 67, K = 259;
+  const std::vector<float> x = Rand(M * K), w = Rand(N * K), b = Rand(N), dy = Rand(M * N),
+                           dw0 = Rand(N * K), db0 = Rand(N);
+  for (const bool with_bias : {true, false}) {
+    SCOPED_TRACE(with_bias ? "bias" : "no bias");
+    Tensor gb = with_bias ? Gpu({N}, b) : Tensor(), rb = with_bias ? Ref({N}, b) : Tensor();
+    Tensor gy = Poisoned({M, N}), gy2 = Poisoned({M, N}), ry = cpu_->Empty({M, N}, DType::kF64);
+    gpu_->LinearForward(Gpu({M, K}, x), Gpu({N, K}, w), gb, gy);
+    gpu_->LinearForward(Gpu({M, K}, x), Gpu({N, K}, w), gb, gy2);
+    cpu_->LinearForward(Ref({M, K}, x), Ref({N, K}, w), rb, ry);
+    ExpectClose(gy, ry, "linear y");
+    ExpectSameBits(gy, gy2, "linear y");
+
+    Tensor gdx = Poisoned({M, K}), gdw = Gpu({N, K}, dw0),
+           gdb = with_bias ? Gpu({N}, db0) : Tensor();
+    Tensor gdx2 = Poisoned({M, K}), gdw2 = Gpu({N, K}, dw0),
+           gdb2 = with_bias ? Gpu({N}, db0) : Tensor();
+    Tensor rdx = cpu_->Empty({M, K}, DType::kF64), rdw = Ref({N, K}, dw0),
+           rdb = with_bias ? Ref({N}, db0) : Tensor();
+    gpu_->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w), gdx, gdw, gdb);
+    gpu_->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w), gdx2, gdw2, gdb2);
+    cpu_->LinearBackward(Ref({M, N}, dy), Ref({M, K}, x), Ref({N, K}, w), rdx, rdw, rdb);
+    ExpectClose(gdx, rdx, "linear dx");
+    ExpectClose(gdw, rdw, "linear dw");
+    ExpectSameBits(gdx, gdx2, "linear dx");
+    ExpectSameBits(gdw, gdw2, "linear dw");
+    if (with_bias) {
+      ExpectClose(gdb, rdb, "linear dbias");
+      ExpectSameBits(gdb, gdb2, "linear dbias");
+    }
+  }
+  // dx is optional.
+  Tensor none, gdw = Gpu({N, K}, dw0), rdw = Ref({N, K}, dw0);
+  gpu_->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w), none, gdw, none);
+  cpu_->LinearBackward(Ref({M, N}, dy), Ref({M, K}, x), Ref({N, K}, w), none, rdw, none);
+  ExpectClose(gdw, rdw, "linear dw without dx");
+}
+
+TEST_F(CudaBackendTest, LinearWithTf32) {
+  // TF32 operands keep 10 mantissa bits: about 1e-3 relative error, not 1e-5.
+  CudaBackendOptions options;
+  options.allow_tf32 = true;
+  std::unique_ptr<Backend> tf32 = MakeCudaBackend(options);
+  const int64_t M = 257, N = 129, K = 515;
+  const std::vector<float> x = Rand(M * K), w = Rand(N * K), b = Rand(N);
+  Tensor gy = Poisoned({M, N}), ry = cpu_->Empty({M, N}, DType::kF64);
+  tf32->LinearForward(Gpu({M, K}, x), Gpu({N, K}, w), Gpu({N}, b), gy);
+  cpu_->LinearForward(Ref({M, K}, x), Ref({N, K}, w), Ref({N}, b), ry);
+  tf32->ToHost(gy);  // waits for the second backend's stream
+  ExpectClose(gy, ry, "tf32 linear y", 5e-3);
+}
+
+TEST_F(CudaBackendTest, CausalConv1d) {
+  const int64_t B = 3, L = 37, C = 70;
+  for (const int64_t K : {4, 1, 3}) {
+    for (const bool silu : {true, false}) {
+      for (const bool with_prefix : {false, true}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "K " << K << " silu " << silu << " prefix " << with_prefix);
+        const Shape xs{B, L, C}, ps{B, K - 1, C};
+        const std::vector<float> x = Rand(B * L * C, -2, 2), w = Rand(C * K), b = Rand(C),
+                                 pre = Rand(B * (K - 1) * C), dy = Rand(B * L * C),
+                                 dw0 = Rand(C * K), db0 = Rand(C);
+        Tensor gp = with_prefix ? Gpu(ps, pre) : Tensor(),
+               rp = with_prefix ? Ref(ps, pre) : Tensor();
+        Tensor gx = Gpu(xs, x), gw = Gpu({C, 1, K}, w), gb = Gpu({C}, b);
+        Tensor rx = Ref(xs, x), rw = Ref({C, 1, K}, w), rb = Ref({C}, b);
+        Tensor gy = Poisoned(xs), ry = cpu_->Empty(xs, DType::kF64);
+        gpu_->CausalConv1dForward(gx, gw, gb, gp, silu, gy);
+        cpu_->CausalConv1dForward(rx, rw, rb, rp, silu, ry);
+        ExpectClose(gy, ry, "conv1d y");
+
+        Tensor gdx[2], gdw[2], gdb[2], gdp[2];
+        for (int run = 0; run < 2; ++run) {
+          gdx[run] = Poisoned(xs);
+          gdw[run] = Gpu({C, 1, K}, dw0);
+          gdb[run] = Gpu({C}, db0);
+          gdp[run] = Poisoned(ps);
+          gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, Gpu(xs, dy), gdx[run], gdw[run],
+                                     gdb[run], gdp[run]);
+        }
+        Tensor rdx = cpu_->Empty(xs, DType::kF64), rdw = Ref({C, 1, K}, dw0), rdb = Ref({C}, db0),
+               rdp = cpu_->Empty(ps, DType::kF64);
+        cpu_->CausalConv1dBackward(rx, rw, rb, rp, silu, Ref(xs, dy), rdx, rdw, rdb, rdp);
+        ExpectClose(gdx[0], rdx, "conv1d dx");
+        ExpectClose(gdw[0], rdw, "conv1d dweight");
+        ExpectClose(gdb[0], rdb, "conv1d dbias");
+        if (K > 1) ExpectClose(gdp[0], rdp, "conv1d dprefix");
+        ExpectSameBits(gdx[0], gdx[1], "conv1d dx");
+        ExpectSameBits(gdw[0], gdw[1], "conv1d dweight");
+        ExpectSameBits(gdb[0], gdb[1], "conv1d dbias");
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, Silu) {
+  const int64_t n = 100003;
+  const std::vector<float> x = Rand(n, -30, 30), dy = Rand(n);
+  Tensor gy = Poisoned({n}), ry = cpu_->Empty({n}, DType::kF64);
+  gpu_->SiluForward(Gpu({n}, x), gy);
+  cpu_->SiluForward(Ref({n}, x), ry);
+  ExpectClose(gy, ry, "silu y");
+  Tensor gdx = Poisoned({n}), rdx = cpu_->Empty({n}, DType::kF64);
+  gpu_->SiluBackward(Gpu({n}, x), Gpu({n}, dy), gdx);
+  cpu_->SiluBackward(Ref({n}, x), Ref({n}, dy), rdx);
+  ExpectClose(gdx, rdx, "silu dx");
+}
+
+TEST_F(CudaBackendTest, CrossEntropy) {
+  for (const int64_t V : {1001, 5, 50280}) {
+    SCOPED_TRACE(::testing::Message() << "vocab " << V);
+    const int64_t rows = 129;
+    const int32_t ignore = -100;
+    std::vector<int32_t> tgt(rows);
+    std::mt19937 rng(11);
+    for (auto& t : tgt) t = rng() % 5 == 0 ? ignore : static_cast<int32_t>(rng() % V);
+    std::vector<float> z = Rand(rows * V, -4, 4);
+    z[3 * V + 1] = z[3 * V + 2] = 9.f;  // a tie: the first maximum is the argmax
+    tgt[3] = 1;
+    const double scale = 1.0 / 97;
+    Tensor gz = Gpu({rows, V}, z), gt = GpuInts({rows}, tgt);
+    Tensor gdz = Poisoned({rows, V}), rdz = cpu_->Empty({rows, V}, DType::kF64);
+    const kernels::CrossEntropyStats g = gpu_->CrossEntropy(gz, gt, ignore, scale, gdz);
+    const kernels::CrossEntropyStats r =
+        cpu_->CrossEntropy(Ref({rows, V}, z), HostInts({rows}, tgt), ignore, scale, rdz);
+    EXPECT_EQ(g.count, r.count);
+    EXPECT_EQ(g.correct, r.correct);
+    EXPECT_GE(g.correct, 1);  // row 3 at least
+    EXPECT_NEAR(g.loss_sum, r.loss_sum, kTol * std::abs(r.loss_sum));
+    ExpectClose(gdz, rdz, "cross-entropy dlogits");
+
+    // Repeated, in place (dlogits aliasing logits), and without a gradient.
+    Tensor inplace = Gpu({rows, V}, z);
+    const kernels::CrossEntropyStats g2 = gpu_->CrossEntropy(inplace, gt, ignore, scale, inplace);
+    EXPECT_EQ(g2.loss_sum, g.loss_sum);  // bit-identical
+    ExpectSameBits(inplace, gdz, "cross-entropy dlogits in place");
+    Tensor none;
+    const kernels::CrossEntropyStats g3 = gpu_->CrossEntropy(gz, gt, ignore, scale, none);
+    EXPECT_EQ(g3.loss_sum, g.loss_sum);
+    EXPECT_EQ(g3.correct, g.correct);
+  }
+}
+
+TEST_F(CudaBackendTest, CopyAndWriteColumns) {
+  const int64_t rows = 41, ld = 77, col0 = 13, n = 29;
+  const std::vector<float> src = Rand(rows * ld), blk = Rand(rows * n);
+  Tensor gsrc = Gpu({rows, ld}, src), gdst = Poisoned({rows, n});
+  Tensor rsrc = Ref({rows, ld}, src), rdst = cpu_->Empty({rows, n}, DType::kF64);
+  gpu_->CopyColumns(gsrc, col0, gdst);
+  cpu_->CopyColumns(rsrc, col0, rdst);
+  ExpectClose(gdst, rdst, "copy columns", 0.0);
+  gpu_->WriteColumns(Gpu({rows, n}, blk), gsrc, col0);
+  cpu_->WriteColumns(Ref({rows, n}, blk), rsrc, col0);
+  ExpectClose(gsrc, rsrc, "write columns", 0.0);
+}
+
+TEST_F(CudaBackendTest, ElementwiseHelpers) {
+  const int64_t n = 70001;
+  const std::vector<float> a = Rand(n, -3, 3), b = Rand(n), c = Rand(n);
+  Tensor gy = Poisoned({n}), ry = cpu_->Empty({n}, DType::kF64);
+  gpu_->NegExp(Gpu({n}, a), gy);
+  cpu_->NegExp(Ref({n}, a), ry);
+  ExpectClose(gy, ry, "negexp");
+
+  Tensor gd = Gpu({n}, c), rd = Ref({n}, c);
+  gpu_->AddProduct(Gpu({n}, a), Gpu({n}, b), gd);
+  cpu_->AddProduct(Ref({n}, a), Ref({n}, b), rd);
+  ExpectClose(gd, rd, "addproduct");
+  gpu_->Add(Gpu({n}, b), gd);
+  cpu_->Add(Ref({n}, b), rd);
+  ExpectClose(gd, rd, "add");
+  gpu_->Scale(gd, -0.37);
+  cpu_->Scale(rd, double(float(-0.37)));  // the GPU scales by the float32 factor
+  ExpectClose(gd, rd, "scale");
+}
+
+TEST_F(CudaBackendTest, SumSquares) {
+  for (const int64_t n : {int64_t(1), int64_t(1000003)}) {
+    const std::vector<float> x = Rand(n, -2, 2);
+    Tensor gx = Gpu({n}, x);
+    const double g = gpu_->SumSquares(gx), r = cpu_->SumSquares(Ref({n}, x));
+    EXPECT_NEAR(g, r, 1e-12 * r) << "n " << n;  // both sum in double
+    EXPECT_EQ(gpu_->SumSquares(gx), g) << "n " << n;
+  }
+}
+
+TEST_F(CudaBackendTest, AdamW) {
+  const int64_t n = 10007;
+  const std::vector<float> p = Rand(n), m = Rand(n, -0.1, 0.1), v = Rand(n, 0, 0.01);
+  Tensor gp = Gpu({n}, p), gm = Gpu({n}, m), gv = Gpu({n}, v);
+  Tensor rp = Ref({n}, p), rm = Ref({n}, m), rv = Ref({n}, v);
+  AdamWHyper h;
+  h.lr = 3e-3;
+  h.weight_decay = 0.1;
+  for (int step = 1; step <= 3; ++step) {
+    h.step = step;
+    const std::vector<float> g = Rand(n);
+    gpu_->AdamW(gp, Gpu({n}, g), gm, gv, h);
+    cpu_->AdamW(rp, Ref({n}, g), rm, rv, h);
+  }
+  ExpectClose(gp, rp, "adamw param");
+  ExpectClose(gm, rm, "adamw m");
+  ExpectClose(gv, rv, "adamw v");
+}
+
+TEST_F(CudaBackendTest, ScanIsNotWiredYet) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  ScanInputs in;
+  Tensor out, h_last;
+  EXPECT_DEATH(gpu_->SelectiveScanForward(in, out, h_last), "scan not wired yet");
+}
+
+TEST_F(CudaBackendTest, BadEmbeddingIdAbortsNamingIt) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        Tensor out = gpu_->Empty({2, 4}, DType::kF32);
+        gpu_->EmbeddingForward(GpuInts({2}, {1, 9}), Gpu({3, 4}, Rand(12)), out);
+        gpu_->ToHost(out);
+      },
+      "embedding id outside");
+}
+
+TEST_F(CudaBackendTest, RejectsCpuTensors) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        Tensor y = gpu_->Empty({4}, DType::kF32);
+        gpu_->SiluForward(Host({4}, Rand(4), DType::kF32), y);
+      },
+      "silu_fwd: CUDA backend given");
+}
+
+}  // namespace
+}  // namespace mamba

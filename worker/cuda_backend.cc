@@ -1,0 +1,408 @@
+// The CUDA backend: float32 tensors in device memory, every op on one stream the backend owns.
+// Each op checks shapes and devices, opens an NVTX range in the "mamba" domain and launches the
+// kernels of worker/kernels/<op>.cu; CUDA and cuBLAS failures abort naming the op (they are
+// programming or environment errors, not user input). Ops are asynchronous except those that
+// return host values (FromHost, ToHost, CrossEntropy, SumSquares), which synchronize the stream
+// and then also check the device error word that kernels set on invalid ids or targets.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "profiling/nvtx.h"
+#include "worker/backend.h"
+#include "worker/check.h"
+#include "worker/kernels/adamw.h"
+#include "worker/kernels/conv1d.h"
+#include "worker/kernels/cross_entropy.h"
+#include "worker/kernels/cuda_check.h"
+#include "worker/kernels/elementwise.h"
+#include "worker/kernels/embedding.h"
+#include "worker/kernels/linear.h"
+#include "worker/kernels/rmsnorm.h"
+#include "worker/kernels/silu.h"
+
+namespace mamba {
+namespace {
+
+using profiling::ScopedRange;
+
+// Small results that come back to the host at synchronization points.
+struct DeviceScalars {
+  int error_bits;
+  double sum_squares;
+  kernels::CrossEntropyDeviceStats cross_entropy;
+};
+
+std::shared_ptr<void> CudaAllocate(size_t bytes) {
+  void* p = nullptr;
+  // Never zero bytes: a null buffer would read as an undefined tensor.
+  MAMBA_CUDA_CHECK("allocate", cudaMalloc(&p, std::max<size_t>(bytes, 256)));
+  // cudaFree synchronizes the device, so memory is never released under a running kernel. Errors
+  // at process exit (the runtime already unloading) are ignored.
+  return std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+}
+
+int64_t Rows(const Tensor& t) { return t.dim(-1) == 0 ? 0 : t.numel() / t.dim(-1); }
+
+void CheckSameShape(const Tensor& a, const Tensor& b, const char* what) {
+  MAMBA_CHECK(a.shape() == b.shape())
+      << what << ": " << a.DebugString() << " vs " << b.DebugString();
+}
+
+// Typed device pointers, checking the device (the dtype is checked by Tensor::data).
+const float* In(const Tensor& t, const char* op) {
+  MAMBA_CHECK(t.device() == Device::kCUDA) << op << ": CUDA backend given " << t.DebugString();
+  MAMBA_CHECK(t.dtype() == DType::kF32)
+      << op << ": CUDA backend supports float32, got " << t.DebugString();
+  return t.data<float>();
+}
+float* Out(const Tensor& t, const char* op) { return const_cast<float*>(In(t, op)); }
+const float* OptIn(const Tensor& t, const char* op) { return t.defined() ? In(t, op) : nullptr; }
+float* OptOut(const Tensor& t, const char* op) { return t.defined() ? Out(t, op) : nullptr; }
+const int32_t* Ids(const Tensor& t, const char* op) {
+  MAMBA_CHECK(t.device() == Device::kCUDA) << op << ": CUDA backend given " << t.DebugString();
+  return t.data<int32_t>();
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {
+    MAMBA_CUDA_CHECK("init", cudaSetDevice(options.device));
+    MAMBA_CUDA_CHECK("init", cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    const cublasStatus_t st = cublasCreate(&cublas_);
+    MAMBA_CHECK(st == CUBLAS_STATUS_SUCCESS) << "cuBLAS init failed: " << cublasGetStatusString(st);
+    MAMBA_CHECK(cublasSetStream(cublas_, stream_) == CUBLAS_STATUS_SUCCESS);
+    RegisterAllocator(Device::kCUDA, CudaAllocate);
+    scalars_dev_ = CudaAllocate(sizeof(DeviceScalars));
+    MAMBA_CUDA_CHECK("init", cudaMallocHost(&scalars_host_, sizeof(DeviceScalars)));
+    MAMBA_CUDA_CHECK("init", cudaMemsetAsync(scalars(), 0, sizeof(DeviceScalars), stream_));
+    MAMBA_CUDA_CHECK("init", cudaStreamSynchronize(stream_));
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    cublasDestroy(cublas_);
+    cudaFreeHost(scalars_host_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+  Device device() const override { return Device::kCUDA; }
+
+  Tensor Empty(const Shape& shape, DType dtype) override {
+    return Tensor::Empty(shape, dtype, Device::kCUDA);
+  }
+  void Zero(Tensor& t) override {
+    MAMBA_CHECK(t.device() == Device::kCUDA) << "zero: " << t.DebugString();
+    MAMBA_CUDA_CHECK("zero", cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream_));
+  }
+  Tensor FromHost(const Tensor& host) override {
+    ScopedRange range("from_host");
+    MAMBA_CHECK(host.device() == Device::kCPU) << "from_host: " << host.DebugString();
+    Tensor t = Empty(host.shape(), host.dtype());
+    MAMBA_CUDA_CHECK("from_host", cudaMemcpyAsync(t.raw(), host.raw(), host.nbytes(),
+                                                  cudaMemcpyHostToDevice, stream_));
+    SyncAndCheck("from_host");  // the host buffer may be freed when this returns
+    return t;
+  }
+  Tensor ToHost(const Tensor& t) override {
+    ScopedRange range("to_host");
+    MAMBA_CHECK(t.device() == Device::kCUDA) << "to_host: " << t.DebugString();
+    Tensor host = Tensor::Empty(t.shape(), t.dtype());
+    MAMBA_CUDA_CHECK("to_host", cudaMemcpyAsync(host.raw(), t.raw(), t.nbytes(),
+                                                cudaMemcpyDeviceToHost, stream_));
+    SyncAndCheck("to_host");
+    return host;
+  }
+
+  void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) override {
+    ScopedRange range("embedding_fwd");
+    MAMBA_CHECK(weight.rank() == 2 && out.numel() == ids.numel() * weight.dim(1))
+        << "embedding: ids " << ids.DebugString() << " weight " << weight.DebugString() << " out "
+        << out.DebugString();
+    kernels::EmbeddingForwardCuda(Ids(ids, "embedding_fwd"), ids.numel(),
+                                  In(weight, "embedding_fwd"), weight.dim(0), weight.dim(1),
+                                  Out(out, "embedding_fwd"), error_bits(), stream_);
+  }
+  void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dweight) override {
+    ScopedRange range("embedding_bwd");
+    MAMBA_CHECK(dweight.rank() == 2 && dout.numel() == ids.numel() * dweight.dim(1))
+        << "embedding backward: ids " << ids.DebugString() << " dout " << dout.DebugString();
+    const size_t bytes = kernels::EmbeddingBackwardWorkspaceBytes(ids.numel(), dweight.dim(0));
+    kernels::EmbeddingBackwardCuda(Ids(ids, "embedding_bwd"), ids.numel(),
+                                   In(dout, "embedding_bwd"), dweight.dim(0), dweight.dim(1),
+                                   Out(dweight, "embedding_bwd"), Workspace(bytes), bytes,
+                                   error_bits(), stream_);
+  }
+
+  void AddRmsNormForward(const Tensor& residual_in, const Tensor& x, const Tensor& weight,
+                         double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) override {
+    ScopedRange range("rmsnorm_fwd");
+    constexpr const char* op = "rmsnorm_fwd";
+    CheckSameShape(x, y, op);
+    CheckSameShape(x, residual_out, op);
+    if (residual_in.defined()) CheckSameShape(x, residual_in, op);
+    MAMBA_CHECK(x.dim(-1) == weight.numel() && rstd.numel() == Rows(x)) << op;
+    kernels::AddRmsNormForwardCuda(Rows(x), x.dim(-1), OptIn(residual_in, op), In(x, op),
+                                   In(weight, op), float(eps), Out(residual_out, op), Out(y, op),
+                                   Out(rstd, op), stream_);
+  }
+  void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out, const Tensor& residual_out,
+                          const Tensor& weight, const Tensor& rstd, Tensor& dx,
+                          Tensor& dweight) override {
+    ScopedRange range("rmsnorm_bwd");
+    constexpr const char* op = "rmsnorm_bwd";
+    CheckSameShape(dy, dx, op);
+    CheckSameShape(dy, residual_out, op);
+    if (dresidual_out.defined()) CheckSameShape(dy, dresidual_out, op);
+    MAMBA_CHECK(dy.dim(-1) == weight.numel() && weight.numel() == dweight.numel() &&
+                rstd.numel() == Rows(dy))
+        << op;
+    const int64_t rows = Rows(dy), dim = dy.dim(-1);
+    kernels::AddRmsNormBackwardCuda(
+        rows, dim, In(dy, op), OptIn(dresidual_out, op), In(residual_out, op), In(weight, op),
+        In(rstd, op), Out(dx, op), Out(dweight, op),
+        Workspace(kernels::AddRmsNormBackwardWorkspaceBytes(rows, dim)), stream_);
+  }
+
+  void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) override {
+    ScopedRange range("linear_fwd");
+    constexpr const char* op = "linear_fwd";
+    const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
+    MAMBA_CHECK(x.dim(-1) == K && y.numel() == M * N && (!bias.defined() || bias.numel() == N))
+        << "linear: x " << x.DebugString() << " w " << w.DebugString() << " y " << y.DebugString();
+    kernels::LinearForwardCuda(cublas_, options_.allow_tf32, M, N, K, In(x, op), In(w, op),
+                               OptIn(bias, op), Out(y, op), stream_);
+  }
+  void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
+                      Tensor& dbias) override {
+    ScopedRange range("linear_bwd");
+    constexpr const char* op = "linear_bwd";
+    const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
+    MAMBA_CHECK(dy.numel() == M * N && dw.shape() == w.shape() &&
+                (!dx.defined() || dx.numel() == M * K) && (!dbias.defined() || dbias.numel() == N))
+        << "linear backward: dy " << dy.DebugString() << " x " << x.DebugString() << " w "
+        << w.DebugString();
+    kernels::LinearBackwardCuda(cublas_, options_.allow_tf32, M, N, K, In(dy, op), In(x, op),
+                                In(w, op), OptOut(dx, op), Out(dw, op), OptOut(dbias, op),
+                                Workspace(kernels::LinearBackwardWorkspaceBytes(M, N)), stream_);
+  }
+
+  void CausalConv1dForward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                           const Tensor& prefix, bool silu, Tensor& y) override {
+    ScopedRange range("conv1d_fwd");
+    constexpr const char* op = "conv1d_fwd";
+    CheckSameShape(x, y, op);
+    const int64_t B = x.dim(0), L = x.dim(1), C = x.dim(2), K = weight.dim(-1);
+    CheckConv(x, weight, bias, prefix, op);
+    kernels::CausalConv1dForwardCuda(B, L, C, K, In(x, op), In(weight, op), OptIn(bias, op),
+                                     OptIn(prefix, op), silu, Out(y, op), stream_);
+  }
+  void CausalConv1dBackward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                            const Tensor& prefix, bool silu, const Tensor& dy, Tensor& dx,
+                            Tensor& dweight, Tensor& dbias, Tensor& dprefix) override {
+    ScopedRange range("conv1d_bwd");
+    constexpr const char* op = "conv1d_bwd";
+    CheckSameShape(x, dx, op);
+    CheckSameShape(x, dy, op);
+    CheckConv(x, weight, bias, prefix, op);
+    const int64_t B = x.dim(0), L = x.dim(1), C = x.dim(2), K = weight.dim(-1);
+    MAMBA_CHECK(dweight.numel() == C * K && (!dbias.defined() || dbias.numel() == C) &&
+                (!dprefix.defined() || dprefix.numel() == B * (K - 1) * C))
+        << op << ": dweight " << dweight.DebugString();
+    kernels::CausalConv1dBackwardCuda(
+        B, L, C, K, In(x, op), In(weight, op), OptIn(bias, op), OptIn(prefix, op), silu, In(dy, op),
+        Out(dx, op), Out(dweight, op), OptOut(dbias, op), OptOut(dprefix, op),
+        Workspace(kernels::CausalConv1dBackwardWorkspaceBytes(B, L, C, K)), stream_);
+  }
+
+  void SiluForward(const Tensor& x, Tensor& y) override {
+    ScopedRange range("silu_fwd");
+    CheckSameShape(x, y, "silu_fwd");
+    kernels::SiluForwardCuda(x.numel(), In(x, "silu_fwd"), Out(y, "silu_fwd"), stream_);
+  }
+  void SiluBackward(const Tensor& x, const Tensor& dy, Tensor& dx) override {
+    ScopedRange range("silu_bwd");
+    CheckSameShape(x, dx, "silu_bwd");
+    CheckSameShape(x, dy, "silu_bwd");
+    kernels::SiluBackwardCuda(x.numel(), In(x, "silu_bwd"), In(dy, "silu_bwd"), Out(dx, "silu_bwd"),
+                              stream_);
+  }
+
+  // The fused scan kernels live in branch cuda-scan; the lead wires them in after that merge.
+  void SelectiveScanForward(const ScanInputs&, Tensor&, Tensor&) override {
+    MAMBA_CHECK(false) << "cuda backend: SelectiveScanForward: scan not wired yet";
+  }
+  void SelectiveScanBackward(const ScanInputs&, const Tensor&, const Tensor&, ScanGrads&) override {
+    MAMBA_CHECK(false) << "cuda backend: SelectiveScanBackward: scan not wired yet";
+  }
+
+  kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
+                                          int32_t ignore_index, double grad_scale,
+                                          Tensor& dlogits) override {
+    ScopedRange range("cross_entropy");
+    constexpr const char* op = "cross_entropy";
+    const int64_t rows = Rows(logits);
+    MAMBA_CHECK(targets.numel() == rows) << op << ": targets " << targets.DebugString();
+    if (dlogits.defined()) CheckSameShape(logits, dlogits, op);
+    kernels::CrossEntropyCuda(rows, logits.dim(-1), In(logits, op), Ids(targets, op), ignore_index,
+                              grad_scale, OptOut(dlogits, op), &scalars()->cross_entropy,
+                              Workspace(kernels::CrossEntropyWorkspaceBytes(rows)), error_bits(),
+                              stream_);
+    SyncAndCheck(op);
+    kernels::CrossEntropyStats stats;
+    stats.loss_sum = scalars_host_->cross_entropy.loss_sum;
+    stats.count = scalars_host_->cross_entropy.count;
+    stats.correct = scalars_host_->cross_entropy.correct;
+    return stats;
+  }
+
+  void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
+    ScopedRange range("copy_columns");
+    const int64_t rows = Rows(src), n = dst.dim(-1), ld = src.dim(-1);
+    MAMBA_CHECK(Rows(dst) == rows && col0 >= 0 && col0 + n <= ld && src.dtype() == dst.dtype())
+        << "copy_columns: " << src.DebugString() << " [" << col0 << ", +" << n << ") to "
+        << dst.DebugString();
+    Copy2D(static_cast<const char*>(src.raw()) + col0 * ElemSize(src), ld, dst.raw(), n, n, rows,
+           src, "copy_columns");
+  }
+  void WriteColumns(const Tensor& src, Tensor& dst, int64_t col0) override {
+    ScopedRange range("write_columns");
+    const int64_t rows = Rows(src), n = src.dim(-1), ld = dst.dim(-1);
+    MAMBA_CHECK(Rows(dst) == rows && col0 >= 0 && col0 + n <= ld && src.dtype() == dst.dtype())
+        << "write_columns: " << src.DebugString() << " to " << dst.DebugString() << " at " << col0;
+    Copy2D(src.raw(), n, static_cast<char*>(dst.raw()) + col0 * ElemSize(src), ld, n, rows, src,
+           "write_columns");
+  }
+
+  void NegExp(const Tensor& x, Tensor& y) override {
+    ScopedRange range("negexp");
+    CheckSameShape(x, y, "negexp");
+    kernels::NegExpCuda(x.numel(), In(x, "negexp"), Out(y, "negexp"), stream_);
+  }
+  void AddProduct(const Tensor& a, const Tensor& b, Tensor& dst) override {
+    ScopedRange range("addproduct");
+    CheckSameShape(a, dst, "addproduct");
+    CheckSameShape(b, dst, "addproduct");
+    kernels::AddProductCuda(dst.numel(), In(a, "addproduct"), In(b, "addproduct"),
+                            Out(dst, "addproduct"), stream_);
+  }
+  void Add(const Tensor& src, Tensor& dst) override {
+    ScopedRange range("add");
+    MAMBA_CHECK(src.numel() == dst.numel()) << src.DebugString() << " += " << dst.DebugString();
+    kernels::AddCuda(dst.numel(), In(src, "add"), Out(dst, "add"), stream_);
+  }
+  void Scale(Tensor& x, double s) override {
+    ScopedRange range("scale");
+    kernels::ScaleCuda(x.numel(), Out(x, "scale"), float(s), stream_);
+  }
+  double SumSquares(const Tensor& x) override {
+    ScopedRange range("sum_squares");
+    kernels::SumSquaresCuda(x.numel(), In(x, "sum_squares"), &scalars()->sum_squares,
+                            Workspace(kernels::SumSquaresWorkspaceBytes()), stream_);
+    SyncAndCheck("sum_squares");
+    return scalars_host_->sum_squares;
+  }
+
+  void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+             const AdamWHyper& h) override {
+    ScopedRange range("adamw");
+    constexpr const char* op = "adamw";
+    CheckSameShape(param, grad, op);
+    CheckSameShape(param, m, op);
+    CheckSameShape(param, v, op);
+    // The same float coefficients as the CPU backend, from double on the host.
+    const double bc1 = 1 - std::pow(h.beta1, double(h.step));
+    const double bc2 = 1 - std::pow(h.beta2, double(h.step));
+    kernels::AdamWCoefficients c;
+    c.beta1 = float(h.beta1);
+    c.beta2 = float(h.beta2);
+    c.eps = float(h.eps);
+    c.decay = float(1 - h.lr * h.weight_decay);
+    c.step_size = float(h.lr / bc1);
+    c.sqrt_bc2 = float(std::sqrt(bc2));
+    kernels::AdamWCuda(param.numel(), Out(param, op), In(grad, op), Out(m, op), Out(v, op), c,
+                       stream_);
+  }
+
+ private:
+  DeviceScalars* scalars() { return static_cast<DeviceScalars*>(scalars_dev_.get()); }
+  int* error_bits() { return &scalars()->error_bits; }
+
+  static size_t ElemSize(const Tensor& t) { return DTypeSize(t.dtype()); }
+
+  // Row-major 2-D copy of `rows` rows of n elements, source and destination row strides in
+  // elements.
+  void Copy2D(const void* src, int64_t src_ld, void* dst, int64_t dst_ld, int64_t n, int64_t rows,
+              const Tensor& like, const char* op) {
+    MAMBA_CHECK(like.device() == Device::kCUDA) << op << ": " << like.DebugString();
+    if (rows == 0 || n == 0) return;
+    const size_t es = ElemSize(like);
+    MAMBA_CUDA_CHECK(op, cudaMemcpy2DAsync(dst, dst_ld * es, src, src_ld * es, n * es, rows,
+                                           cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  void CheckConv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& prefix,
+                 const char* op) {
+    MAMBA_CHECK(x.rank() == 3) << op << ": x " << x.DebugString();
+    const int64_t B = x.dim(0), C = x.dim(2), K = weight.dim(-1);
+    MAMBA_CHECK(weight.numel() == C * K && (!bias.defined() || bias.numel() == C) &&
+                (!prefix.defined() || prefix.shape() == Shape{B, K - 1, C}))
+        << op << ": x " << x.DebugString() << " weight " << weight.DebugString();
+  }
+
+  // A scratch buffer of at least `bytes`, reused by every op (ops on the one stream never
+  // overlap). Grows on demand; the model's first step settles its size.
+  void* Workspace(size_t bytes) {
+    if (bytes > workspace_bytes_) {
+      workspace_.reset();  // cudaFree synchronizes: no kernel still reads the old buffer
+      workspace_bytes_ = std::max(bytes, workspace_bytes_ * 2);
+      workspace_ = CudaAllocate(workspace_bytes_);
+    }
+    return workspace_.get();
+  }
+
+  // Waits for the stream, fetches the device scalars and aborts on any error a kernel reported.
+  void SyncAndCheck(const char* op) {
+    MAMBA_CUDA_CHECK(op, cudaMemcpyAsync(scalars_host_, scalars(), sizeof(DeviceScalars),
+                                         cudaMemcpyDeviceToHost, stream_));
+    MAMBA_CUDA_CHECK(op, cudaStreamSynchronize(stream_));
+    const int bits = scalars_host_->error_bits;
+    if (bits == 0) return;
+    std::string causes;
+    if (bits & kernels::kBadEmbeddingId) causes += "an embedding id outside [0, vocab); ";
+    if (bits & kernels::kBadTarget) {
+      causes += "a cross-entropy target outside [0, vocab) that is not ignore_index; ";
+    }
+    MAMBA_CHECK(false) << "cuda backend (noticed at " << op << "): " << causes;
+  }
+
+  CudaBackendOptions options_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::shared_ptr<void> scalars_dev_;
+  DeviceScalars* scalars_host_ = nullptr;
+  std::shared_ptr<void> workspace_;
+  size_t workspace_bytes_ = 0;
+};
+
+}  // namespace
+
+int CudaDeviceCount() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver / no device" error
+    return 0;
+  }
+  return count;
+}
+
+std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options) {
+  MAMBA_CHECK(CudaDeviceCount() > options.device)
+      << "cuda backend: no CUDA device " << options.device << " (found " << CudaDeviceCount()
+      << ")";
+  return std::make_unique<CudaBackend>(options);
+}
+
+}  // namespace mamba

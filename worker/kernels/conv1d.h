@@ -1,0 +1,29 @@
+// Depthwise causal conv1d (+ optional SiLU) on the GPU (float32), the same contract as
+// conv1d_cpu.h: x, y, dx, dy (B, L, C); weight (C, K); bias (C) nullable; prefix and dprefix
+// (B, K-1, C) nullable. K is at most kConv1dMaxK.
+//
+// Backward: the gradient w.r.t. the pre-activation goes to the workspace first (so dx may alias
+// dy); dweight and dbias are deterministic: fixed (b, t) chunks (a function of B*L only) of
+// double partial sums, added in chunk order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mamba::kernels {
+
+inline constexpr int64_t kConv1dMaxK = 8;
+
+void CausalConv1dForwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
+                             const float* weight, const float* bias, const float* prefix,
+                             bool silu, float* y, cudaStream_t stream);
+
+size_t CausalConv1dBackwardWorkspaceBytes(int64_t B, int64_t L, int64_t C, int64_t K);
+void CausalConv1dBackwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
+                              const float* weight, const float* bias, const float* prefix,
+                              bool silu, const float* dy, float* dx, float* dweight, float* dbias,
+                              float* dprefix, void* workspace, cudaStream_t stream);
+
+}  // namespace mamba::kernels

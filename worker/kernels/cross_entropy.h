@@ -1,0 +1,32 @@
+// Cross-entropy over rows of logits on the GPU (float32), fused with its gradient; the same
+// contract as cross_entropy_cpu.h (dlogits may alias logits; ignored rows get zero gradient). A
+// target outside [0, vocab) that is not ignore_index sets kBadTarget in *error_flag (the row is
+// then treated as ignored).
+//
+// One block per row: an online max / sum-of-exponentials pass, then one pass writing dlogits.
+// The statistics are deterministic: per-row losses (double) and hits are combined by one block
+// in a fixed order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mamba::kernels {
+
+// Device-side result; the backend copies it back.
+struct CrossEntropyDeviceStats {
+  double loss_sum;
+  long long count;
+  long long correct;
+};
+
+size_t CrossEntropyWorkspaceBytes(int64_t rows);
+// dlogits may be null. *stats (device) is overwritten.
+void CrossEntropyCuda(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets,
+                      int32_t ignore_index, double grad_scale, float* dlogits,
+                      CrossEntropyDeviceStats* stats, void* workspace, int* error_flag,
+                      cudaStream_t stream);
+
+}  // namespace mamba::kernels

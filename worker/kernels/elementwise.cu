@@ -1,0 +1,92 @@
+#include "worker/kernels/elementwise.h"
+
+#include "worker/kernels/cuda_check.h"
+#include "worker/kernels/cuda_reduce.cuh"
+
+namespace mamba::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+// Partial sums of SumSquares: a constant, so the summation order is the same on every device.
+constexpr int kSumBlocks = 256;
+
+unsigned int Blocks(int64_t n) {
+  const unsigned int b = GridFor(n, kThreads);
+  return b > 1048576u ? 1048576u : b;
+}
+
+#define MAMBA_GRID_STRIDE(i, n)                                                 \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
+       i += int64_t(gridDim.x) * blockDim.x)
+
+__global__ void NegExpKernel(int64_t n, const float* x, float* y) {
+  MAMBA_GRID_STRIDE(i, n) y[i] = -expf(x[i]);
+}
+
+__global__ void AddProductKernel(int64_t n, const float* a, const float* b, float* dst) {
+  MAMBA_GRID_STRIDE(i, n) dst[i] += a[i] * b[i];
+}
+
+__global__ void AddKernel(int64_t n, const float* src, float* dst) {
+  MAMBA_GRID_STRIDE(i, n) dst[i] += src[i];
+}
+
+__global__ void ScaleKernel(int64_t n, float* x, float s) { MAMBA_GRID_STRIDE(i, n) x[i] *= s; }
+
+// Block b sums the elements b*kThreads + tid + k*kSumBlocks*kThreads in k order.
+__global__ void SumSquaresPartialKernel(int64_t n, const float* x, double* partial) {
+  __shared__ double scratch[32];
+  double s = 0;
+  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n;
+       i += int64_t(kSumBlocks) * kThreads) {
+    s += double(x[i]) * double(x[i]);
+  }
+  s = BlockSum(s, scratch);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+__global__ void SumSquaresFinalKernel(const double* partial, double* result) {
+  __shared__ double scratch[32];
+  const double s = BlockSum(partial[threadIdx.x], scratch);
+  if (threadIdx.x == 0) *result = s;
+}
+
+}  // namespace
+
+void NegExpCuda(int64_t n, const float* x, float* y, cudaStream_t stream) {
+  if (n == 0) return;
+  NegExpKernel<<<Blocks(n), kThreads, 0, stream>>>(n, x, y);
+  MAMBA_CUDA_CHECK_LAUNCH("negexp");
+}
+
+void AddProductCuda(int64_t n, const float* a, const float* b, float* dst, cudaStream_t stream) {
+  if (n == 0) return;
+  AddProductKernel<<<Blocks(n), kThreads, 0, stream>>>(n, a, b, dst);
+  MAMBA_CUDA_CHECK_LAUNCH("addproduct");
+}
+
+void AddCuda(int64_t n, const float* src, float* dst, cudaStream_t stream) {
+  if (n == 0) return;
+  AddKernel<<<Blocks(n), kThreads, 0, stream>>>(n, src, dst);
+  MAMBA_CUDA_CHECK_LAUNCH("add");
+}
+
+void ScaleCuda(int64_t n, float* x, float s, cudaStream_t stream) {
+  if (n == 0) return;
+  ScaleKernel<<<Blocks(n), kThreads, 0, stream>>>(n, x, s);
+  MAMBA_CUDA_CHECK_LAUNCH("scale");
+}
+
+size_t SumSquaresWorkspaceBytes() { return kSumBlocks * sizeof(double); }
+
+void SumSquaresCuda(int64_t n, const float* x, double* result, void* workspace,
+                    cudaStream_t stream) {
+  double* partial = static_cast<double*>(workspace);
+  SumSquaresPartialKernel<<<kSumBlocks, kThreads, 0, stream>>>(n, x, partial);
+  MAMBA_CUDA_CHECK_LAUNCH("sum_squares");
+  static_assert(kSumBlocks % 32 == 0 && kSumBlocks <= 1024, "one block combines the partials");
+  SumSquaresFinalKernel<<<1, kSumBlocks, 0, stream>>>(partial, result);
+  MAMBA_CUDA_CHECK_LAUNCH("sum_squares");
+}
+
+}  // namespace mamba::kernels

@@ -1,0 +1,23 @@
+// Elementwise helpers and the deterministic sum of squares on the GPU (float32); the CPU twins
+// are the loops in cpu_backend.cc. All launched on `stream`, asynchronous.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mamba::kernels {
+
+void NegExpCuda(int64_t n, const float* x, float* y, cudaStream_t stream);  // y = -exp(x)
+void AddProductCuda(int64_t n, const float* a, const float* b, float* dst,
+                    cudaStream_t stream);                                    // dst += a*b
+void AddCuda(int64_t n, const float* src, float* dst, cudaStream_t stream);  // dst += src
+void ScaleCuda(int64_t n, float* x, float s, cudaStream_t stream);           // x *= s
+
+// *result (device) = sum of x[i]^2, accumulated in double. Deterministic: a fixed number of
+// partial sums (independent of the device), each over a fixed stride, combined by a fixed tree.
+size_t SumSquaresWorkspaceBytes();
+void SumSquaresCuda(int64_t n, const float* x, double* result, void* workspace,
+                    cudaStream_t stream);
+
+}  // namespace mamba::kernels

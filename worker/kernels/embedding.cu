@@ -1,0 +1,114 @@
+#include "worker/kernels/embedding.h"
+
+#include <cub/device/device_radix_sort.cuh>
+
+#include "worker/kernels/cuda_check.h"
+
+namespace mamba::kernels {
+namespace {
+
+constexpr int kThreads = 128;
+
+__global__ void EmbeddingForwardKernel(const int32_t* ids, const float* weight, int64_t vocab,
+                                       int64_t dim, float* out, int* error_flag) {
+  const int64_t t = blockIdx.x;
+  const int32_t id = ids[t];
+  const bool ok = id >= 0 && id < vocab;
+  if (!ok && threadIdx.x == 0) atomicOr(error_flag, kBadEmbeddingId);
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+    out[t * dim + j] = ok ? weight[id * dim + j] : 0.f;
+  }
+}
+
+// Invalid ids get the key `vocab`, which sorts last and is skipped.
+__global__ void MakeKeysKernel(const int32_t* ids, int64_t num_tokens, int64_t vocab,
+                               int32_t* keys, int32_t* tokens, int* error_flag) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= num_tokens) return;
+  const int32_t id = ids[t];
+  const bool ok = id >= 0 && id < vocab;
+  if (!ok) atomicOr(error_flag, kBadEmbeddingId);
+  keys[t] = ok ? id : int32_t(vocab);
+  tokens[t] = int32_t(t);
+}
+
+// Block (i, y): if sorted position i starts a run of equal ids, its threads own columns
+// y*blockDim + tid of that id's row and add the run's dout rows into them in token order.
+__global__ void AccumulateRunsKernel(const int32_t* keys, const int32_t* tokens,
+                                     int64_t num_tokens, int64_t vocab, int64_t dim,
+                                     const float* dout, float* dweight) {
+  const int64_t i = blockIdx.x;
+  const int32_t key = keys[i];
+  if (key >= vocab || (i > 0 && keys[i - 1] == key)) return;
+  const int64_t j = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= dim) return;
+  float acc = dweight[key * dim + j];
+  for (int64_t r = i; r < num_tokens && keys[r] == key; ++r) acc += dout[tokens[r] * dim + j];
+  dweight[key * dim + j] = acc;
+}
+
+int KeyBits(int64_t vocab) {
+  int bits = 1;
+  while (bits < 31 && (int64_t(1) << bits) <= vocab) ++bits;  // room for the sentinel `vocab`
+  return bits;
+}
+
+size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+size_t SortTempBytes(int64_t num_tokens, int64_t vocab) {
+  size_t temp = 0;
+  MAMBA_CUDA_CHECK("embedding_bwd", cub::DeviceRadixSort::SortPairs(
+                                        nullptr, temp, static_cast<const int32_t*>(nullptr),
+                                        static_cast<int32_t*>(nullptr),
+                                        static_cast<const int32_t*>(nullptr),
+                                        static_cast<int32_t*>(nullptr), num_tokens, 0,
+                                        KeyBits(vocab)));
+  return temp;
+}
+
+}  // namespace
+
+void EmbeddingForwardCuda(const int32_t* ids, int64_t num_tokens, const float* weight,
+                          int64_t vocab, int64_t dim, float* out, int* error_flag,
+                          cudaStream_t stream) {
+  if (num_tokens == 0 || dim == 0) return;
+  MAMBA_CHECK(num_tokens < (int64_t(1) << 31)) << "embedding: too many tokens";
+  EmbeddingForwardKernel<<<static_cast<unsigned int>(num_tokens), kThreads, 0, stream>>>(
+      ids, weight, vocab, dim, out, error_flag);
+  MAMBA_CUDA_CHECK_LAUNCH("embedding_fwd");
+}
+
+size_t EmbeddingBackwardWorkspaceBytes(int64_t num_tokens, int64_t vocab) {
+  return 4 * Align(num_tokens * sizeof(int32_t)) + Align(SortTempBytes(num_tokens, vocab));
+}
+
+void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const float* dout,
+                           int64_t vocab, int64_t dim, float* dweight, void* workspace,
+                           size_t workspace_bytes, int* error_flag, cudaStream_t stream) {
+  if (num_tokens == 0 || dim == 0) return;
+  MAMBA_CHECK(num_tokens < (int64_t(1) << 31)) << "embedding: too many tokens";
+  MAMBA_CHECK(workspace_bytes >= EmbeddingBackwardWorkspaceBytes(num_tokens, vocab))
+      << "embedding_bwd: workspace too small";
+  char* p = static_cast<char*>(workspace);
+  const size_t vec = Align(num_tokens * sizeof(int32_t));
+  int32_t* keys_in = reinterpret_cast<int32_t*>(p);
+  int32_t* tokens_in = reinterpret_cast<int32_t*>(p + vec);
+  int32_t* keys = reinterpret_cast<int32_t*>(p + 2 * vec);
+  int32_t* tokens = reinterpret_cast<int32_t*>(p + 3 * vec);
+  void* temp = p + 4 * vec;
+  size_t temp_bytes = workspace_bytes - 4 * vec;
+
+  MakeKeysKernel<<<GridFor(num_tokens, 256), 256, 0, stream>>>(ids, num_tokens, vocab, keys_in,
+                                                               tokens_in, error_flag);
+  MAMBA_CUDA_CHECK_LAUNCH("embedding_bwd");
+  // LSD radix sort is stable: equal ids keep token order.
+  MAMBA_CUDA_CHECK("embedding_bwd",
+                   cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys, tokens_in,
+                                                   tokens, num_tokens, 0, KeyBits(vocab), stream));
+  const dim3 grid(static_cast<unsigned int>(num_tokens), GridFor(dim, kThreads));
+  AccumulateRunsKernel<<<grid, kThreads, 0, stream>>>(keys, tokens, num_tokens, vocab, dim, dout,
+                                                      dweight);
+  MAMBA_CUDA_CHECK_LAUNCH("embedding_bwd");
+}
+
+}  // namespace mamba::kernels
