@@ -24,10 +24,13 @@ std::vector<T> Cast(const std::vector<double>& v) {
 }
 
 // Largest |a - b| relative to the largest |b| (a global relative error: robust where b is ~0).
+// Any non-finite value, or a size mismatch, gives infinity so that the check fails.
 template <typename A, typename B>
 double RelativeError(const std::vector<A>& a, const std::vector<B>& b) {
+  if (a.size() != b.size()) return INFINITY;
   double max_diff = 0, max_ref = 0;
   for (size_t i = 0; i < b.size(); ++i) {
+    if (!std::isfinite(double(a[i])) || !std::isfinite(double(b[i]))) return INFINITY;
     max_diff = std::max(max_diff, std::abs(double(a[i]) - double(b[i])));
     max_ref = std::max(max_ref, std::abs(double(b[i])));
   }

@@ -116,7 +116,7 @@ struct CudaBackendOptions {
 // Number of visible CUDA devices; 0 when there is no driver or no device.
 int CudaDeviceCount();
 
-// The CUDA backend (float32 tensors; the selective scan is not wired in yet). Aborts when the
+// The CUDA backend (float32 tensors). Aborts when the
 // device does not exist: check CudaDeviceCount() first.
 std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options = {});
 #endif

@@ -21,6 +21,7 @@
 #include "worker/kernels/embedding.h"
 #include "worker/kernels/linear.h"
 #include "worker/kernels/rmsnorm.h"
+#include "worker/kernels/selective_scan_cuda.h"
 #include "worker/kernels/silu.h"
 
 namespace mamba {
@@ -64,6 +65,47 @@ float* OptOut(const Tensor& t, const char* op) { return t.defined() ? Out(t, op)
 const int32_t* Ids(const Tensor& t, const char* op) {
   MAMBA_CHECK(t.device() == Device::kCUDA) << op << ": CUDA backend given " << t.DebugString();
   return t.data<int32_t>();
+}
+
+// (B, L, D) and (B, L, G, N) contiguous float32 tensors as the scan kernels' strided views.
+kernels::cuda::Strided3 Strided(const Tensor& t, const char* op) {
+  MAMBA_CHECK(t.rank() == 3) << op << ": expected (B, L, D), got " << t.DebugString();
+  const int64_t L = t.dim(1), D = t.dim(2);
+  return {In(t, op), L * D, D, 1};
+}
+kernels::cuda::Strided4 Strided4Of(const Tensor& t, const char* op) {
+  MAMBA_CHECK(t.rank() == 4) << op << ": expected (B, L, G, N), got " << t.DebugString();
+  const int64_t L = t.dim(1), G = t.dim(2), N = t.dim(3);
+  return {In(t, op), L * G * N, G * N, N, 1};
+}
+
+kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op) {
+  kernels::cuda::ScanProblem p;
+  p.batch = in.u.dim(0);
+  p.len = in.u.dim(1);
+  p.dim = in.u.dim(2);
+  p.dstate = in.A.dim(1);
+  p.groups = in.Bm.dim(2);
+  MAMBA_CHECK(in.A.dim(0) == p.dim && p.dim % p.groups == 0) << op << ": A " << in.A.DebugString();
+  MAMBA_CHECK(in.Bm.shape() == (Shape{p.batch, p.len, p.groups, p.dstate}))
+      << op << ": Bm " << in.Bm.DebugString();
+  CheckSameShape(in.Bm, in.Cm, op);
+  CheckSameShape(in.u, in.delta, op);
+  p.dtype = kernels::cuda::DType::kF32;
+  p.softplus = in.delta_softplus;
+  p.u = Strided(in.u, op);
+  p.delta = Strided(in.delta, op);
+  if (in.z.defined()) {
+    CheckSameShape(in.u, in.z, op);
+    p.z = Strided(in.z, op);
+  }
+  p.Bm = Strided4Of(in.Bm, op);
+  p.Cm = Strided4Of(in.Cm, op);
+  p.A = In(in.A, op);
+  p.D_skip = OptIn(in.D_skip, op);
+  p.dt_bias = OptIn(in.dt_bias, op);
+  p.h0 = OptIn(in.h0, op);
+  return p;
 }
 
 class CudaBackend final : public Backend {
@@ -231,11 +273,34 @@ class CudaBackend final : public Backend {
   }
 
   // The fused scan kernels live in branch cuda-scan; the lead wires them in after that merge.
-  void SelectiveScanForward(const ScanInputs&, Tensor&, Tensor&) override {
-    MAMBA_CHECK(false) << "cuda backend: SelectiveScanForward: scan not wired yet";
+  // The scan kernels take the backend's channel-contiguous layout directly (as strides).
+  void SelectiveScanForward(const ScanInputs& in, Tensor& out, Tensor& h_last) override {
+    constexpr const char* op = "selective_scan_fwd";
+    ScopedRange range(op);
+    kernels::cuda::ScanProblem p = ScanProblemOf(in, op);
+    CheckSameShape(in.u, out, op);
+    p.out = Strided(out, op);
+    p.h_last = OptOut(h_last, op);
+    MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanForward(p, stream_));
   }
-  void SelectiveScanBackward(const ScanInputs&, const Tensor&, const Tensor&, ScanGrads&) override {
-    MAMBA_CHECK(false) << "cuda backend: SelectiveScanBackward: scan not wired yet";
+  void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout, const Tensor& dh_last,
+                             ScanGrads& g) override {
+    constexpr const char* op = "selective_scan_bwd";
+    ScopedRange range(op);
+    kernels::cuda::ScanProblem p = ScanProblemOf(in, op);
+    CheckSameShape(in.u, dout, op);
+    p.dout = Strided(dout, op);
+    p.dh_last = OptIn(dh_last, op);
+    p.du = Strided(g.du, op);
+    p.ddelta = Strided(g.ddelta, op);
+    if (in.z.defined()) p.dz = Strided(g.dz, op);
+    p.dBm = Strided4Of(g.dBm, op);
+    p.dCm = Strided4Of(g.dCm, op);
+    p.dA = Out(g.dA, op);
+    p.dD_skip = OptOut(g.dD_skip, op);
+    p.ddt_bias = OptOut(g.ddt_bias, op);
+    p.dh0 = OptOut(g.dh0, op);
+    MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanBackward(p, stream_));
   }
 
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
