@@ -9,6 +9,27 @@ cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-gpu}
 status=0
 
+# The full build (model, trainer, train_bench), made on a Debian machine by scripts/gpu-bundle.sh
+# and carried as .gpu-bundle/: the CUDA backend and model tests against the CPU backend, then the
+# training benchmark (Mamba-130M at batch 8, seqlen 2048; 370M-size). BUNDLE_ONLY=1 skips the rest.
+run_bundle() {
+  tar -xJf .gpu-bundle/bundle.tar.xz -C /tmp || return 1
+  local run=/tmp/bundle/run.sh bin=/tmp/bundle/build
+  "$run" "$bin/test_cuda_backend" --gtest_brief=1 2>&1 | tee "$OUT/cuda_backend.log" || status=1
+  "$run" "$bin/test_cuda_model" --gtest_brief=1 2>&1 | tee "$OUT/cuda_model.log" || status=1
+  if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
+    "$run" "$bin/train_bench" --json "$OUT/train_bench_130m.json" ${TRAIN_BENCH_ARGS:-} 2>&1 |
+      tee "$OUT/train_bench_130m.log" || status=1
+    "$run" "$bin/train_bench" --d_model 1024 --n_layer 48 --steps 5 \
+      --json "$OUT/train_bench_370m.json" ${TRAIN_BENCH_ARGS:-} 2>&1 |
+      tee "$OUT/train_bench_370m.log" || status=1
+  fi
+}
+if [[ -f .gpu-bundle/bundle.tar.xz ]]; then
+  run_bundle || status=1
+  if [[ "${BUNDLE_ONLY:-0}" == 1 ]]; then exit $status; fi
+fi
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
   --format=csv 2>&1 | tee "$OUT/gpu.txt"
 if ! { cmake -S . -B "$BUILD" -G Ninja -DMAMBA_KERNELS_ONLY=ON -DCMAKE_BUILD_TYPE=Release &&

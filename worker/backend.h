@@ -11,6 +11,8 @@
 
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "worker/kernels/cross_entropy_cpu.h"
 #include "worker/tensor.h"
@@ -40,6 +42,11 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
   virtual Device device() const = 0;
+
+  // Device time per op, for benchmarks: when enabled, each op is bracketed by timing events.
+  virtual void EnableOpTiming(bool /*on*/) {}
+  // Milliseconds per op name since the last call (waits for the device); empty when disabled.
+  virtual std::vector<std::pair<std::string, double>> TakeOpTimes() { return {}; }
 
   // Memory.
   virtual Tensor Empty(const Shape& shape, DType dtype) = 0;
@@ -116,9 +123,18 @@ struct CudaBackendOptions {
 // Number of visible CUDA devices; 0 when there is no driver or no device.
 int CudaDeviceCount();
 
-// The CUDA backend (float32 tensors). Aborts when the
-// device does not exist: check CudaDeviceCount() first.
+// The CUDA backend (float32 tensors). Aborts when the device does not exist: check
+// CudaDeviceCount() first.
 std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options = {});
+
+// Device memory of CUDA tensors (a caching allocator: freed blocks are kept for reuse).
+struct CudaMemoryStats {
+  size_t in_use = 0;       // bytes held by live tensors
+  size_t peak_in_use = 0;  // high-water mark of in_use since the last reset
+  size_t reserved = 0;     // bytes obtained from cudaMalloc (in use + cached)
+};
+CudaMemoryStats GetCudaMemoryStats();
+void ResetCudaPeakMemory();
 #endif
 
 }  // namespace mamba

@@ -9,6 +9,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
 #include "profiling/nvtx.h"
 #include "worker/backend.h"
@@ -36,14 +39,81 @@ struct DeviceScalars {
   kernels::CrossEntropyDeviceStats cross_entropy;
 };
 
-std::shared_ptr<void> CudaAllocate(size_t bytes) {
-  void* p = nullptr;
-  // Never zero bytes: a null buffer would read as an undefined tensor.
-  MAMBA_CUDA_CHECK("allocate", cudaMalloc(&p, std::max<size_t>(bytes, 256)));
-  // cudaFree synchronizes the device, so memory is never released under a running kernel. Errors
-  // at process exit (the runtime already unloading) are ignored.
-  return std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+// A caching allocator: freed blocks go to a free list of their (rounded) size and are handed out
+// again, so a training step that repeats the same shapes allocates nothing after the first step
+// (cudaMalloc/cudaFree synchronize the device and cost far more than the small kernels). Reuse
+// is safe because every kernel runs on the backend's one stream: work on a reused block is
+// enqueued after the work of its previous owner.
+class CachingAllocator {
+ public:
+  std::shared_ptr<void> Allocate(size_t bytes) {
+    // Never zero bytes: a null buffer would read as an undefined tensor.
+    const size_t granule = bytes < (1 << 20) ? 512 : (2 << 20);
+    const size_t size = (std::max<size_t>(bytes, 1) + granule - 1) / granule * granule;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto& list = free_[size];
+      if (!list.empty()) {
+        p = list.back();
+        list.pop_back();
+      }
+    }
+    if (p == nullptr) {
+      if (cudaMalloc(&p, size) != cudaSuccess) {
+        cudaGetLastError();  // clear the error, give the cache back and try once more
+        ReleaseCached();
+        MAMBA_CUDA_CHECK("allocate", cudaMalloc(&p, size));
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.reserved += size;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.in_use += size;
+      stats_.peak_in_use = std::max(stats_.peak_in_use, stats_.in_use);
+    }
+    return std::shared_ptr<void>(p, [this, size](void* q) {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_[size].push_back(q);
+      stats_.in_use -= size;
+    });
+  }
+
+  CudaMemoryStats Stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_;
+  }
+  void ResetPeak() {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.peak_in_use = stats_.in_use;
+  }
+
+ private:
+  void ReleaseCached() {
+    cudaDeviceSynchronize();
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [size, list] : free_) {
+      for (void* q : list) {
+        cudaFree(q);
+        stats_.reserved -= size;
+      }
+      list.clear();
+    }
+  }
+
+  std::mutex mu_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  CudaMemoryStats stats_;
+};
+
+// Never destroyed: tensors may outlive any backend object, up to process exit.
+CachingAllocator& Allocator() {
+  static CachingAllocator* allocator = new CachingAllocator();
+  return *allocator;
 }
+
+std::shared_ptr<void> CudaAllocate(size_t bytes) { return Allocator().Allocate(bytes); }
 
 int64_t Rows(const Tensor& t) { return t.dim(-1) == 0 ? 0 : t.numel() / t.dim(-1); }
 
@@ -124,6 +194,8 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (const TimedOp& t : timed_) free_events_.insert(free_events_.end(), {t.start, t.stop});
+    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
     cublasDestroy(cublas_);
     cudaFreeHost(scalars_host_);
     cudaStreamDestroy(stream_);
@@ -131,6 +203,27 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
   Device device() const override { return Device::kCUDA; }
+
+  void EnableOpTiming(bool on) override { timing_ = on; }
+  std::vector<std::pair<std::string, double>> TakeOpTimes() override {
+    MAMBA_CUDA_CHECK("op_times", cudaStreamSynchronize(stream_));
+    std::vector<std::pair<std::string, double>> totals;
+    for (const TimedOp& t : timed_) {
+      float ms = 0;
+      MAMBA_CUDA_CHECK("op_times", cudaEventElapsedTime(&ms, t.start, t.stop));
+      auto it = std::find_if(totals.begin(), totals.end(),
+                             [&](const auto& e) { return e.first == t.name; });
+      if (it == totals.end()) {
+        totals.push_back({t.name, ms});
+      } else {
+        it->second += ms;
+      }
+      free_events_.push_back(t.start);
+      free_events_.push_back(t.stop);
+    }
+    timed_.clear();
+    return totals;
+  }
 
   Tensor Empty(const Shape& shape, DType dtype) override {
     return Tensor::Empty(shape, dtype, Device::kCUDA);
@@ -140,7 +233,7 @@ class CudaBackend final : public Backend {
     MAMBA_CUDA_CHECK("zero", cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream_));
   }
   Tensor FromHost(const Tensor& host) override {
-    ScopedRange range("from_host");
+    OpScope range(this, "from_host");
     MAMBA_CHECK(host.device() == Device::kCPU) << "from_host: " << host.DebugString();
     Tensor t = Empty(host.shape(), host.dtype());
     MAMBA_CUDA_CHECK("from_host", cudaMemcpyAsync(t.raw(), host.raw(), host.nbytes(),
@@ -149,7 +242,7 @@ class CudaBackend final : public Backend {
     return t;
   }
   Tensor ToHost(const Tensor& t) override {
-    ScopedRange range("to_host");
+    OpScope range(this, "to_host");
     MAMBA_CHECK(t.device() == Device::kCUDA) << "to_host: " << t.DebugString();
     Tensor host = Tensor::Empty(t.shape(), t.dtype());
     MAMBA_CUDA_CHECK("to_host", cudaMemcpyAsync(host.raw(), t.raw(), t.nbytes(),
@@ -159,7 +252,7 @@ class CudaBackend final : public Backend {
   }
 
   void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) override {
-    ScopedRange range("embedding_fwd");
+    OpScope range(this, "embedding_fwd");
     MAMBA_CHECK(weight.rank() == 2 && out.numel() == ids.numel() * weight.dim(1))
         << "embedding: ids " << ids.DebugString() << " weight " << weight.DebugString() << " out "
         << out.DebugString();
@@ -168,7 +261,7 @@ class CudaBackend final : public Backend {
                                   Out(out, "embedding_fwd"), error_bits(), stream_);
   }
   void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dweight) override {
-    ScopedRange range("embedding_bwd");
+    OpScope range(this, "embedding_bwd");
     MAMBA_CHECK(dweight.rank() == 2 && dout.numel() == ids.numel() * dweight.dim(1))
         << "embedding backward: ids " << ids.DebugString() << " dout " << dout.DebugString();
     const size_t bytes = kernels::EmbeddingBackwardWorkspaceBytes(ids.numel(), dweight.dim(0));
@@ -180,7 +273,7 @@ class CudaBackend final : public Backend {
 
   void AddRmsNormForward(const Tensor& residual_in, const Tensor& x, const Tensor& weight,
                          double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) override {
-    ScopedRange range("rmsnorm_fwd");
+    OpScope range(this, "rmsnorm_fwd");
     constexpr const char* op = "rmsnorm_fwd";
     CheckSameShape(x, y, op);
     CheckSameShape(x, residual_out, op);
@@ -193,7 +286,7 @@ class CudaBackend final : public Backend {
   void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out, const Tensor& residual_out,
                           const Tensor& weight, const Tensor& rstd, Tensor& dx,
                           Tensor& dweight) override {
-    ScopedRange range("rmsnorm_bwd");
+    OpScope range(this, "rmsnorm_bwd");
     constexpr const char* op = "rmsnorm_bwd";
     CheckSameShape(dy, dx, op);
     CheckSameShape(dy, residual_out, op);
@@ -209,7 +302,7 @@ class CudaBackend final : public Backend {
   }
 
   void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) override {
-    ScopedRange range("linear_fwd");
+    OpScope range(this, "linear_fwd");
     constexpr const char* op = "linear_fwd";
     const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(x.dim(-1) == K && y.numel() == M * N && (!bias.defined() || bias.numel() == N))
@@ -219,7 +312,7 @@ class CudaBackend final : public Backend {
   }
   void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
                       Tensor& dbias) override {
-    ScopedRange range("linear_bwd");
+    OpScope range(this, "linear_bwd");
     constexpr const char* op = "linear_bwd";
     const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(dy.numel() == M * N && dw.shape() == w.shape() &&
@@ -233,7 +326,7 @@ class CudaBackend final : public Backend {
 
   void CausalConv1dForward(const Tensor& x, const Tensor& weight, const Tensor& bias,
                            const Tensor& prefix, bool silu, Tensor& y) override {
-    ScopedRange range("conv1d_fwd");
+    OpScope range(this, "conv1d_fwd");
     constexpr const char* op = "conv1d_fwd";
     CheckSameShape(x, y, op);
     const int64_t B = x.dim(0), L = x.dim(1), C = x.dim(2), K = weight.dim(-1);
@@ -244,7 +337,7 @@ class CudaBackend final : public Backend {
   void CausalConv1dBackward(const Tensor& x, const Tensor& weight, const Tensor& bias,
                             const Tensor& prefix, bool silu, const Tensor& dy, Tensor& dx,
                             Tensor& dweight, Tensor& dbias, Tensor& dprefix) override {
-    ScopedRange range("conv1d_bwd");
+    OpScope range(this, "conv1d_bwd");
     constexpr const char* op = "conv1d_bwd";
     CheckSameShape(x, dx, op);
     CheckSameShape(x, dy, op);
@@ -260,12 +353,12 @@ class CudaBackend final : public Backend {
   }
 
   void SiluForward(const Tensor& x, Tensor& y) override {
-    ScopedRange range("silu_fwd");
+    OpScope range(this, "silu_fwd");
     CheckSameShape(x, y, "silu_fwd");
     kernels::SiluForwardCuda(x.numel(), In(x, "silu_fwd"), Out(y, "silu_fwd"), stream_);
   }
   void SiluBackward(const Tensor& x, const Tensor& dy, Tensor& dx) override {
-    ScopedRange range("silu_bwd");
+    OpScope range(this, "silu_bwd");
     CheckSameShape(x, dx, "silu_bwd");
     CheckSameShape(x, dy, "silu_bwd");
     kernels::SiluBackwardCuda(x.numel(), In(x, "silu_bwd"), In(dy, "silu_bwd"), Out(dx, "silu_bwd"),
@@ -276,7 +369,7 @@ class CudaBackend final : public Backend {
   // The scan kernels take the backend's channel-contiguous layout directly (as strides).
   void SelectiveScanForward(const ScanInputs& in, Tensor& out, Tensor& h_last) override {
     constexpr const char* op = "selective_scan_fwd";
-    ScopedRange range(op);
+    OpScope range(this, op);
     kernels::cuda::ScanProblem p = ScanProblemOf(in, op);
     CheckSameShape(in.u, out, op);
     p.out = Strided(out, op);
@@ -286,7 +379,7 @@ class CudaBackend final : public Backend {
   void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout, const Tensor& dh_last,
                              ScanGrads& g) override {
     constexpr const char* op = "selective_scan_bwd";
-    ScopedRange range(op);
+    OpScope range(this, op);
     kernels::cuda::ScanProblem p = ScanProblemOf(in, op);
     CheckSameShape(in.u, dout, op);
     p.dout = Strided(dout, op);
@@ -306,7 +399,7 @@ class CudaBackend final : public Backend {
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
                                           int32_t ignore_index, double grad_scale,
                                           Tensor& dlogits) override {
-    ScopedRange range("cross_entropy");
+    OpScope range(this, "cross_entropy");
     constexpr const char* op = "cross_entropy";
     const int64_t rows = Rows(logits);
     MAMBA_CHECK(targets.numel() == rows) << op << ": targets " << targets.DebugString();
@@ -324,7 +417,7 @@ class CudaBackend final : public Backend {
   }
 
   void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
-    ScopedRange range("copy_columns");
+    OpScope range(this, "copy_columns");
     const int64_t rows = Rows(src), n = dst.dim(-1), ld = src.dim(-1);
     MAMBA_CHECK(Rows(dst) == rows && col0 >= 0 && col0 + n <= ld && src.dtype() == dst.dtype())
         << "copy_columns: " << src.DebugString() << " [" << col0 << ", +" << n << ") to "
@@ -333,7 +426,7 @@ class CudaBackend final : public Backend {
            src, "copy_columns");
   }
   void WriteColumns(const Tensor& src, Tensor& dst, int64_t col0) override {
-    ScopedRange range("write_columns");
+    OpScope range(this, "write_columns");
     const int64_t rows = Rows(src), n = src.dim(-1), ld = dst.dim(-1);
     MAMBA_CHECK(Rows(dst) == rows && col0 >= 0 && col0 + n <= ld && src.dtype() == dst.dtype())
         << "write_columns: " << src.DebugString() << " to " << dst.DebugString() << " at " << col0;
@@ -342,28 +435,28 @@ class CudaBackend final : public Backend {
   }
 
   void NegExp(const Tensor& x, Tensor& y) override {
-    ScopedRange range("negexp");
+    OpScope range(this, "negexp");
     CheckSameShape(x, y, "negexp");
     kernels::NegExpCuda(x.numel(), In(x, "negexp"), Out(y, "negexp"), stream_);
   }
   void AddProduct(const Tensor& a, const Tensor& b, Tensor& dst) override {
-    ScopedRange range("addproduct");
+    OpScope range(this, "addproduct");
     CheckSameShape(a, dst, "addproduct");
     CheckSameShape(b, dst, "addproduct");
     kernels::AddProductCuda(dst.numel(), In(a, "addproduct"), In(b, "addproduct"),
                             Out(dst, "addproduct"), stream_);
   }
   void Add(const Tensor& src, Tensor& dst) override {
-    ScopedRange range("add");
+    OpScope range(this, "add");
     MAMBA_CHECK(src.numel() == dst.numel()) << src.DebugString() << " += " << dst.DebugString();
     kernels::AddCuda(dst.numel(), In(src, "add"), Out(dst, "add"), stream_);
   }
   void Scale(Tensor& x, double s) override {
-    ScopedRange range("scale");
+    OpScope range(this, "scale");
     kernels::ScaleCuda(x.numel(), Out(x, "scale"), float(s), stream_);
   }
   double SumSquares(const Tensor& x) override {
-    ScopedRange range("sum_squares");
+    OpScope range(this, "sum_squares");
     kernels::SumSquaresCuda(x.numel(), In(x, "sum_squares"), &scalars()->sum_squares,
                             Workspace(kernels::SumSquaresWorkspaceBytes()), stream_);
     SyncAndCheck("sum_squares");
@@ -372,7 +465,7 @@ class CudaBackend final : public Backend {
 
   void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
              const AdamWHyper& h) override {
-    ScopedRange range("adamw");
+    OpScope range(this, "adamw");
     constexpr const char* op = "adamw";
     CheckSameShape(param, grad, op);
     CheckSameShape(param, m, op);
@@ -419,9 +512,46 @@ class CudaBackend final : public Backend {
 
   // A scratch buffer of at least `bytes`, reused by every op (ops on the one stream never
   // overlap). Grows on demand; the model's first step settles its size.
+  // An NVTX range around one op and, when op timing is on, CUDA events around its kernels.
+  class OpScope {
+   public:
+    OpScope(CudaBackend* be, const char* name) : nvtx_(name), be_(be), name_(name) {
+      if (be_->timing_) start_ = be_->RecordEvent();
+    }
+    ~OpScope() {
+      if (be_->timing_) be_->timed_.push_back({name_, start_, be_->RecordEvent()});
+    }
+
+   private:
+    ScopedRange nvtx_;
+    CudaBackend* be_;
+    const char* name_;
+    cudaEvent_t start_ = nullptr;
+  };
+
+  cudaEvent_t RecordEvent() {
+    cudaEvent_t e;
+    if (free_events_.empty()) {
+      MAMBA_CUDA_CHECK("event", cudaEventCreate(&e));
+    } else {
+      e = free_events_.back();
+      free_events_.pop_back();
+    }
+    MAMBA_CUDA_CHECK("event", cudaEventRecord(e, stream_));
+    return e;
+  }
+
+  struct TimedOp {
+    const char* name;
+    cudaEvent_t start, stop;
+  };
+  bool timing_ = false;
+  std::vector<TimedOp> timed_;
+  std::vector<cudaEvent_t> free_events_;
+
   void* Workspace(size_t bytes) {
     if (bytes > workspace_bytes_) {
-      workspace_.reset();  // cudaFree synchronizes: no kernel still reads the old buffer
+      workspace_.reset();  // back to the cache; a later reuse is ordered after its last reader
       workspace_bytes_ = std::max(bytes, workspace_bytes_ * 2);
       workspace_ = CudaAllocate(workspace_bytes_);
     }
@@ -469,5 +599,8 @@ std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options) {
       << ")";
   return std::make_unique<CudaBackend>(options);
 }
+
+CudaMemoryStats GetCudaMemoryStats() { return Allocator().Stats(); }
+void ResetCudaPeakMemory() { Allocator().ResetPeak(); }
 
 }  // namespace mamba
