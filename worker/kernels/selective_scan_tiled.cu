@@ -144,18 +144,19 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
 
 // Per-(t, channel) tile values in shared memory. Steps past the end and channels past the group
 // get dt = dtu = dy = 0: the state is then left unchanged and contributes nothing.
-template <int kTT>
+template <int kTT, bool kBwd>
 struct StepSmem {
-  float dt[kTT][kCh], dtu[kTT][kCh], dy[kTT][kCh];
-  // Backward epilogue: u, softplus', and dz / (y + D*u).
-  float u[kTT][kCh], dsp[kTT][kCh], dzf[kTT][kCh];
+  float dt[kTT][kCh], dtu[kTT][kCh];
+  // Forward epilogue: u and z. Backward: gated dout, u, softplus', and dz / (y + D*u).
+  float u[kTT][kCh], z[kTT][kBwd ? 1 : kCh];
+  float dy[kBwd ? kTT : 1][kCh], dsp[kBwd ? kTT : 1][kCh], dzf[kBwd ? kTT : 1][kCh];
   float4 bm[kTT][4], cm[kTT][4];
 };
 
-template <typename T, int kTT, bool kDy, bool kC>
+template <typename T, int kTT, bool kDy, bool kC, bool kB>
 __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
                                          int64_t t1, float bias, const Raw<T, kTT>& r,
-                                         StepSmem<kTT>& s) {
+                                         StepSmem<kTT, kB>& s) {
   const int tid = threadIdx.x;
   const int c = tid & 31;
   const bool cok = c < k.nvalid;
@@ -167,6 +168,7 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
     const float dt = ok ? FastStepSize(ToF<T>(r.dl[i]) + bias, p.softplus, &dsp) : 0.f;
     s.dt[tt][c] = dt;
     s.dtu[tt][c] = dt * ToF<T>(r.u[i]);
+    if constexpr (!kB) s.u[tt][c] = ToF<T>(r.u[i]), s.z[tt][c] = ToF<T>(r.z[i]);
     if constexpr (kDy) {
       const float z = ToF<T>(r.z[i]), dout = ToF<T>(r.dout[i]);
       const float sg = p.z.p ? Sigmoid(z) : 0.f;
@@ -189,10 +191,10 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
 
 // Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode).
 template <typename T, int kMode>
-__global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
+__global__ void __launch_bounds__(kTh, kMode == kBwdPre ? 5 : 6) TiledScanKernel(const Params p) {
   constexpr int kTT = kFT;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
-  __shared__ StepSmem<kTT> s;
+  __shared__ StepSmem<kTT, false> s;
   __shared__ float4 yp[kTT][kCh];  // per-lane partial outputs, [t][channel][state slice]
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
@@ -225,10 +227,7 @@ __global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
   Raw<T, kTT> nx;
   LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    float ucur[Raw<T, kTT>::kA], zcur[Raw<T, kTT>::kA];
     PrepTile<T, kTT, kBwd, kMain || kBwd>(p, k, tb, t1, bias, nx, s);
-#pragma unroll
-    for (int i = 0; i < Raw<T, kTT>::kA; ++i) ucur[i] = ToF<T>(nx.u[i]), zcur[i] = ToF<T>(nx.z[i]);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
@@ -273,8 +272,11 @@ __global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
         if (!ceok || tb + tt >= t1) continue;
         const float4 q = yp[tt][ce];
         float y = (q.x + q.y) + (q.z + q.w);
-        y = fmaf(dsk, ucur[i], y);
-        if (p.z.p) y *= zcur[i] * Sigmoid(zcur[i]);
+        y = fmaf(dsk, s.u[tt][ce], y);
+        if (p.z.p) {
+          const float z = s.z[tt][ce];
+          y *= z * Sigmoid(z);
+        }
         St<T>(p.out.p, obase + 4 * i * p.out.sl, y);
       }
     }
@@ -300,15 +302,24 @@ __global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
 // back, each tile's states are recomputed into shared memory and walked backwards with the
 // state gradient g.
 struct BwdSmem {
-  StepSmem<kBT> s;
-  float4 hist[kBT][kTh];       // state before each step, per thread
-  float4 red[kBT][kCh];        // y, sum g*e*h*A, sum g*B per (t, channel), summed over lanes
-  float dbc[4][kBT][32];       // per warp: dBm (n) and dCm (16 + n) summed over its channels
+  StepSmem<kBT, true> s;
+  // State before each step, per thread. Once a warp has read its row tt, the row's first 64
+  // floats of the warp's part hold its sums of step tt (RedAt, DbcAt), for the epilogue.
+  float4 hist[kBT][kTh];
   float chan[2][4][kCh];       // dD, dbias partials per row of threads
 };
 
+// y, sum g*e*h*A, sum g*B of step tt and channel c, summed over the channel's lanes.
+__device__ __forceinline__ float4& RedAt(BwdSmem& sm, int tt, int c) {
+  return sm.hist[tt][(c >> 3) * 32 + (c & 7)];
+}
+// dBm (m < 16) and dCm (16 + m) of step tt summed over the 8 channels of warp w.
+__device__ __forceinline__ float& DbcAt(BwdSmem& sm, int w, int tt, int m) {
+  return reinterpret_cast<float*>(&sm.hist[tt][w * 32 + 8])[m];
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64_t cpg) {
+__global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, int64_t cpg) {
   extern __shared__ float4 dyn[];
   BwdSmem& sm = *reinterpret_cast<BwdSmem*>(dyn);
   float4* ck = dyn + sizeof(BwdSmem) / sizeof(float4);  // [tile][thread]
@@ -350,7 +361,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
       ck[r * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
       const int64_t tb = t0 + r * kBT;
       __syncthreads();  // previous readers of sm.s are done
-      PrepTile<T, kBT, false, false>(p, k, tb, t1, bias, rs, sm.s);
+      PrepTile<T, kBT, false, false, true>(p, k, tb, t1, bias, rs, sm.s);
       __syncthreads();
       if (r + 2 < ntiles) {
         LoadRaw<T, kBT, true, false, false, false>(p, k, tb + kBT, t1, rs);
@@ -375,7 +386,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
   for (int r = ntiles - 1; r >= 0; --r) {
     const int64_t tb = t0 + r * kBT;
     __syncthreads();
-    PrepTile<T, kBT, true, true>(p, k, tb, t1, bias, rr, sm.s);
+    PrepTile<T, kBT, true, true, true>(p, k, tb, t1, bias, rr, sm.s);
     __syncthreads();
     if (r > 0) LoadRaw<T, kBT, true, true, true, true>(p, k, tb - kBT, t1, rr);
     const float4 hc = ck[r * kTh + tid];
@@ -413,6 +424,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
         gb = fmaf(g[j], bv[j], gb);
         g[j] *= e;
       }
+      __syncwarp();  // the warp's reads of hist[tt], which its sums overwrite, are done
       // Sum over the 4 lanes of the channel: lane sl keeps quantity sl of (y, ga, gb, 0).
       {
         float q[4] = {y, ga, gb, 0.f};
@@ -426,7 +438,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
             q[i] = keep + __shfl_xor_sync(0xffffffffu, send, w);
           }
         }
-        reinterpret_cast<float*>(&sm.red[tt][ch])[sl] = q[0];
+        reinterpret_cast<float*>(&RedAt(sm, tt, ch))[sl] = q[0];
       }
       // Sum over the 8 channels of the warp: lane keeps value (lane >> 2) of its slice.
 #pragma unroll
@@ -440,7 +452,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
         }
       }
       const int kv = lane >> 2;  // (kind, j) = (kv >> 2, kv & 3)
-      sm.dbc[warp][tt][(kv >> 2) * 16 + 4 * sl + (kv & 3)] = v[0];
+      DbcAt(sm, warp, tt, (kv >> 2) * 16 + 4 * sl + (kv & 3)) = v[0];
     }
     __syncthreads();
     // Epilogue per (t, channel).
@@ -452,7 +464,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
     for (int i = 0; i < Raw<T, kBT>::kA; ++i) {
       const int tt = (tid >> 5) + 4 * i;
       if (!ceok || tb + tt >= t1) continue;
-      const float4 rd = sm.red[tt][ce];
+      const float4 rd = RedAt(sm, tt, ce);
       const float y = rd.x, ga = rd.y, gb = rd.z;
       const float dt = sm.s.dt[tt][ce], dy = sm.s.dy[tt][ce];
       const float u = sm.s.u[tt][ce];
@@ -471,7 +483,8 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
       const int idx = tid + kTh * i, tt = idx >> 5, m = idx & 31;
       const int64_t t = tb + tt;
       if (t >= t1) continue;
-      const float v = (sm.dbc[0][tt][m] + sm.dbc[1][tt][m]) + (sm.dbc[2][tt][m] + sm.dbc[3][tt][m]);
+      const float v = (DbcAt(sm, 0, tt, m) + DbcAt(sm, 1, tt, m)) +
+                      (DbcAt(sm, 2, tt, m) + DbcAt(sm, 3, tt, m));
       const int kind = m >> 4, n = m & 15;
       if (one_block) {
         const Strided4& o = kind == 0 ? p.dBm : p.dCm;
