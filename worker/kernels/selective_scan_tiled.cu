@@ -144,19 +144,21 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
 
 // Per-(t, channel) tile values in shared memory. Steps past the end and channels past the group
 // get dt = dtu = dy = 0: the state is then left unchanged and contributes nothing.
-template <int kTT, bool kBwd>
+// kDy: gated dout (backward passes). kEpi: what the kernel's epilogue reads, u and z
+// (forward) or u, softplus' and dz / (y + D*u) (backward).
+template <int kTT, bool kDy, bool kEpi>
 struct StepSmem {
+  static constexpr int kF = kEpi && !kDy ? kTT : 1, kB = kEpi && kDy ? kTT : 1;
   float dt[kTT][kCh], dtu[kTT][kCh];
-  // Forward epilogue: u and z. Backward: gated dout, u, softplus', and dz / (y + D*u).
-  float u[kTT][kCh], z[kTT][kBwd ? 1 : kCh];
-  float dy[kBwd ? kTT : 1][kCh], dsp[kBwd ? kTT : 1][kCh], dzf[kBwd ? kTT : 1][kCh];
+  float dy[kDy ? kTT : 1][kCh];
+  float u[kEpi ? kTT : 1][kCh], z[kF][kCh], dsp[kB][kCh], dzf[kB][kCh];
   float4 bm[kTT][4], cm[kTT][4];
 };
 
-template <typename T, int kTT, bool kDy, bool kC, bool kB>
+// S: a StepSmem<kTT, ...> with room for what kDy and kEpi ask to write.
+template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S>
 __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
-                                         int64_t t1, float bias, const Raw<T, kTT>& r,
-                                         StepSmem<kTT, kB>& s) {
+                                         int64_t t1, float bias, const Raw<T, kTT>& r, S& s) {
   const int tid = threadIdx.x;
   const int c = tid & 31;
   const bool cok = c < k.nvalid;
@@ -168,14 +170,16 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
     const float dt = ok ? FastStepSize(ToF<T>(r.dl[i]) + bias, p.softplus, &dsp) : 0.f;
     s.dt[tt][c] = dt;
     s.dtu[tt][c] = dt * ToF<T>(r.u[i]);
-    if constexpr (!kB) s.u[tt][c] = ToF<T>(r.u[i]), s.z[tt][c] = ToF<T>(r.z[i]);
+    if constexpr (kEpi) s.u[tt][c] = ToF<T>(r.u[i]);
+    if constexpr (kEpi && !kDy) s.z[tt][c] = ToF<T>(r.z[i]);
     if constexpr (kDy) {
       const float z = ToF<T>(r.z[i]), dout = ToF<T>(r.dout[i]);
       const float sg = p.z.p ? Sigmoid(z) : 0.f;
       s.dy[tt][c] = p.z.p ? dout * z * sg : dout;
-      s.u[tt][c] = ToF<T>(r.u[i]);
-      s.dsp[tt][c] = dsp;
-      s.dzf[tt][c] = p.z.p ? dout * sg * (1.f + z * (1.f - sg)) : 0.f;
+      if constexpr (kEpi) {
+        s.dsp[tt][c] = dsp;
+        s.dzf[tt][c] = p.z.p ? dout * sg * (1.f + z * (1.f - sg)) : 0.f;
+      }
     }
   }
   float* bm = reinterpret_cast<float*>(s.bm);
@@ -191,10 +195,11 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
 
 // Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode).
 template <typename T, int kMode>
-__global__ void __launch_bounds__(kTh, kMode == kBwdPre ? 5 : 6) TiledScanKernel(const Params p) {
+__global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, float> ? 4 : 6)
+    TiledScanKernel(const Params p) {
   constexpr int kTT = kFT;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
-  __shared__ StepSmem<kTT, false> s;
+  __shared__ StepSmem<kTT, kBwd, kMain> s;
   __shared__ float4 yp[kTT][kCh];  // per-lane partial outputs, [t][channel][state slice]
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
@@ -227,7 +232,7 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre ? 5 : 6) TiledScanKernel
   Raw<T, kTT> nx;
   LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    PrepTile<T, kTT, kBwd, kMain || kBwd>(p, k, tb, t1, bias, nx, s);
+    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain>(p, k, tb, t1, bias, nx, s);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
@@ -302,7 +307,7 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre ? 5 : 6) TiledScanKernel
 // back, each tile's states are recomputed into shared memory and walked backwards with the
 // state gradient g.
 struct BwdSmem {
-  StepSmem<kBT, true> s;
+  StepSmem<kBT, true, true> s;
   // State before each step, per thread. Once a warp has read its row tt, the row's first 64
   // floats of the warp's part hold its sums of step tt (RedAt, DbcAt), for the epilogue.
   float4 hist[kBT][kTh];
@@ -361,7 +366,7 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
       ck[r * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
       const int64_t tb = t0 + r * kBT;
       __syncthreads();  // previous readers of sm.s are done
-      PrepTile<T, kBT, false, false, true>(p, k, tb, t1, bias, rs, sm.s);
+      PrepTile<T, kBT, false, false, false>(p, k, tb, t1, bias, rs, sm.s);
       __syncthreads();
       if (r + 2 < ntiles) {
         LoadRaw<T, kBT, true, false, false, false>(p, k, tb + kBT, t1, rs);
