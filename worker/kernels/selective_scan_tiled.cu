@@ -199,10 +199,7 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
     TiledScanKernel(const Params p) {
   constexpr int kTT = kFT;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
-  // The epilogue's u and z: shared memory for fp32 (fewer registers, 6 blocks per SM); for
-  // bf16 a register copy measured faster (0.295 vs 0.307 ms at (8,1536,2048)).
-  constexpr bool kEpiSmem = kMain && std::is_same_v<T, float>;
-  __shared__ StepSmem<kTT, kBwd, kEpiSmem> s;
+  __shared__ StepSmem<kTT, kBwd, kMain> s;
   __shared__ float4 yp[kTT][kCh];  // per-lane partial outputs, [t][channel][state slice]
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
@@ -235,12 +232,7 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
   Raw<T, kTT> nx;
   LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    PrepTile<T, kTT, kBwd, kMain || kBwd, kEpiSmem>(p, k, tb, t1, bias, nx, s);
-    Bits<T> ucur[Raw<T, kTT>::kA], zcur[Raw<T, kTT>::kA];
-    if constexpr (kMain && !kEpiSmem) {
-#pragma unroll
-      for (int i = 0; i < Raw<T, kTT>::kA; ++i) ucur[i] = nx.u[i], zcur[i] = nx.z[i];
-    }
+    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain>(p, k, tb, t1, bias, nx, s);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
@@ -285,14 +277,9 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
         if (!ceok || tb + tt >= t1) continue;
         const float4 q = yp[tt][ce];
         float y = (q.x + q.y) + (q.z + q.w);
-        float u, z;
-        if constexpr (kEpiSmem) {
-          u = s.u[tt][ce], z = s.z[tt][ce];
-        } else {
-          u = ToF<T>(ucur[i]), z = ToF<T>(zcur[i]);
-        }
-        y = fmaf(dsk, u, y);
+        y = fmaf(dsk, s.u[tt][ce], y);
         if (p.z.p) {
+          const float z = s.z[tt][ce];
           y *= z * Sigmoid(z);
         }
         St<T>(p.out.p, obase + 4 * i * p.out.sl, y);
