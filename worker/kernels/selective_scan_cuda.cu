@@ -209,10 +209,10 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
   const int64_t tile = TiledBackwardTile();
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
-  // 6 tiles measured best on H100 (fewer: more boundary scratch and per-block overhead; more:
-  // the checkpoints leave shared memory for only 2 blocks per SM). Scratch: 4 arrays of
-  // B*D*16*segments floats (268 MB at B=1, D=1536, L=65536).
-  int64_t k = 6;
+  // 4 tiles measured best on H100 at v4 (4/5/6 tiles: 1.31/1.42/1.37 ms at (8,1536,2048) fp32):
+  // 4 is the most that fits 4 blocks per SM (56 KB shared memory each). Scratch: 4 arrays of
+  // B*D*16*segments floats (403 MB at B=1, D=1536, L=65536).
+  int64_t k = 4;
   if (tuning.bwd_tiles > 0) k = tuning.bwd_tiles;
   k = std::clamp<int64_t>(k, 1, 16);
   p.seg_len = k * tile;

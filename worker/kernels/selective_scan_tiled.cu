@@ -20,7 +20,40 @@ enum Mode { kFwdMain = 0, kFwdPre = 1, kBwdPre = 2 };
 
 __device__ __forceinline__ int64_t CeilDivDev(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-__device__ __forceinline__ float Sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+__device__ __forceinline__ float Rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Approximate hardware exp2 and reciprocal (relative error ~2^-22) instead of the accurate
+// library calls, which were about two thirds of the forward's instructions.
+__device__ __forceinline__ float Sigmoid(float x) { return Rcp(1.f + Ex2(-x * kLog2e)); }
+
+// softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = 2 atanh(s),
+// s = e / (2 + e) <= 1/3, as the odd series to s^13 (truncation < 2e-8 relative). *dsp gets
+// softplus'(x) = sigmoid(x).
+__device__ __forceinline__ float Softplus(float x, float* dsp) {
+  const float e = Ex2(-fabsf(x) * kLog2e);
+  const float s = e * Rcp(2.f + e);
+  const float w = s * s;
+  float q = 1.f / 13.f;
+  q = fmaf(q, w, 1.f / 11.f);
+  q = fmaf(q, w, 1.f / 9.f);
+  q = fmaf(q, w, 1.f / 7.f);
+  q = fmaf(q, w, 1.f / 5.f);
+  q = fmaf(q, w, 1.f / 3.f);
+  q = fmaf(q, w, 1.f);
+  const float r = Rcp(1.f + e);
+  *dsp = x >= 0.f ? r : e * r;
+  return fmaf(2.f * s, q, fmaxf(x, 0.f));
+}
+
+__device__ __forceinline__ float FastStepSize(float raw, bool softplus, float* dsp) {
+  if (softplus) return Softplus(raw, dsp);
+  *dsp = 1.f;
+  return raw;
+}
 
 // Block -> (segment, b, g, first channel); false when the block is past the last batch.
 struct TileBlock {
@@ -43,17 +76,10 @@ __device__ __forceinline__ TileBlock LocateBlock(const Params& p) {
 }
 
 // Raw tile inputs a thread stages: element k is (step (tid >> 5) + 4k, channel tid & 31) for
-// activations, (step (tid >> 4) + 8k, state tid & 15) for Bm/Cm.
-// Raw tile inputs a thread stages: element k is (step (tid >> 5) + 4k, channel tid & 31) for
 // activations, (step (tid >> 4) + 8k, state tid & 15) for Bm/Cm. Held as loaded (bf16 bits
 // unconverted) so that the conversion, and with it the wait for the load, happens at first use.
 template <typename T>
 using Bits = std::conditional_t<std::is_same_v<T, float>, float, unsigned short>;
-
-template <typename T>
-__device__ __forceinline__ Bits<T> LdBits(const void* p, int64_t i) {
-  return __ldg(static_cast<const Bits<T>*>(p) + i);
-}
 
 template <typename T>
 __device__ __forceinline__ float ToF(Bits<T> x) {
@@ -71,6 +97,14 @@ struct Raw {
   Bits<T> bm[kB], cm[kB];
 };
 
+// This thread's element at step t of an activation or Bm/Cm array: one 64-bit multiply-add
+// chain per tile, then constant-stride pointer steps.
+template <typename T>
+__device__ __forceinline__ const Bits<T>* ActAt(const Strided3& a, int64_t b, int64_t t,
+                                               int64_t d) {
+  return static_cast<const Bits<T>*>(a.p) + (b * a.sb + t * a.sl + d * a.sd);
+}
+
 template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC>
 __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int64_t tb,
                                         int64_t t1, Raw<T, kTT>& r) {
@@ -79,50 +113,52 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
   const bool cok = c < k.nvalid;
   const int64_t d = k.d0 + c;
   const Bits<T> zero = 0;
+  const int64_t ta = tb + (tid >> 5);
+  const Bits<T>* pdl = ActAt<T>(p.delta, k.b, ta, d);
+  const Bits<T>* pu = ActAt<T>(p.u, k.b, ta, d);
+  const Bits<T>* pz = ActAt<T>(p.z, k.b, ta, d);
+  const Bits<T>* pdo = ActAt<T>(p.dout, k.b, ta, d);
 #pragma unroll
   for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
-    const int64_t t = tb + (tid >> 5) + 4 * i;
-    const bool ok = cok && t < t1;
+    const bool ok = cok && ta + 4 * i < t1;
     r.u[i] = r.z[i] = r.dout[i] = zero;
-    r.dl[i] = ok ? LdBits<T>(p.delta.p, k.b * p.delta.sb + t * p.delta.sl + d * p.delta.sd) : zero;
-    if constexpr (kU) r.u[i] = ok ? LdBits<T>(p.u.p, k.b * p.u.sb + t * p.u.sl + d * p.u.sd) : zero;
-    if constexpr (kZ) {
-      r.z[i] = ok && p.z.p ? LdBits<T>(p.z.p, k.b * p.z.sb + t * p.z.sl + d * p.z.sd) : zero;
-    }
-    if constexpr (kDout) {
-      r.dout[i] =
-          ok ? LdBits<T>(p.dout.p, k.b * p.dout.sb + t * p.dout.sl + d * p.dout.sd) : zero;
-    }
+    r.dl[i] = ok ? __ldg(pdl + 4 * i * p.delta.sl) : zero;
+    if constexpr (kU) r.u[i] = ok ? __ldg(pu + 4 * i * p.u.sl) : zero;
+    if constexpr (kZ) r.z[i] = ok && p.z.p ? __ldg(pz + 4 * i * p.z.sl) : zero;
+    if constexpr (kDout) r.dout[i] = ok ? __ldg(pdo + 4 * i * p.dout.sl) : zero;
   }
   const int n = tid & 15;
+  const int64_t tn = tb + (tid >> 4);
+  const Bits<T>* pb =
+      static_cast<const Bits<T>*>(p.Bm.p) + (k.b * p.Bm.sb + tn * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn);
+  const Bits<T>* pc =
+      static_cast<const Bits<T>*>(p.Cm.p) + (k.b * p.Cm.sb + tn * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn);
 #pragma unroll
   for (int i = 0; i < Raw<T, kTT>::kB; ++i) {
-    const int64_t t = tb + (tid >> 4) + 8 * i;
-    const bool ok = t < t1;
+    const bool ok = tn + 8 * i < t1;
     r.cm[i] = zero;
-    r.bm[i] =
-        ok ? LdBits<T>(p.Bm.p, k.b * p.Bm.sb + t * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn) : zero;
-    if constexpr (kC) {
-      r.cm[i] = ok ? LdBits<T>(p.Cm.p, k.b * p.Cm.sb + t * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn)
-                   : zero;
-    }
+    r.bm[i] = ok ? __ldg(pb + 8 * i * p.Bm.sl) : zero;
+    if constexpr (kC) r.cm[i] = ok ? __ldg(pc + 8 * i * p.Cm.sl) : zero;
   }
 }
 
 // Per-(t, channel) tile values in shared memory. Steps past the end and channels past the group
 // get dt = dtu = dy = 0: the state is then left unchanged and contributes nothing.
-template <int kTT>
+// kDy: gated dout (backward passes). kEpi: what the kernel's epilogue reads, u and z
+// (forward) or u, softplus' and dz / (y + D*u) (backward).
+template <int kTT, bool kDy, bool kEpi>
 struct StepSmem {
-  float dt[kTT][kCh], dtu[kTT][kCh], dy[kTT][kCh];
-  // Backward epilogue: u, softplus', and dz / (y + D*u).
-  float u[kTT][kCh], dsp[kTT][kCh], dzf[kTT][kCh];
+  static constexpr int kF = kEpi && !kDy ? kTT : 1, kB = kEpi && kDy ? kTT : 1;
+  float dt[kTT][kCh], dtu[kTT][kCh];
+  float dy[kDy ? kTT : 1][kCh];
+  float u[kEpi ? kTT : 1][kCh], z[kF][kCh], dsp[kB][kCh], dzf[kB][kCh];
   float4 bm[kTT][4], cm[kTT][4];
 };
 
-template <typename T, int kTT, bool kDy, bool kC>
+// S: a StepSmem<kTT, ...> with room for what kDy and kEpi ask to write.
+template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S>
 __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
-                                         int64_t t1, float bias, const Raw<T, kTT>& r,
-                                         StepSmem<kTT>& s) {
+                                         int64_t t1, float bias, const Raw<T, kTT>& r, S& s) {
   const int tid = threadIdx.x;
   const int c = tid & 31;
   const bool cok = c < k.nvalid;
@@ -131,16 +167,19 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
     const int tt = (tid >> 5) + 4 * i;
     const bool ok = cok && tb + tt < t1;
     float dsp = 0.f;
-    const float dt = ok ? StepSize(ToF<T>(r.dl[i]) + bias, p.softplus, &dsp) : 0.f;
+    const float dt = ok ? FastStepSize(ToF<T>(r.dl[i]) + bias, p.softplus, &dsp) : 0.f;
     s.dt[tt][c] = dt;
     s.dtu[tt][c] = dt * ToF<T>(r.u[i]);
+    if constexpr (kEpi) s.u[tt][c] = ToF<T>(r.u[i]);
+    if constexpr (kEpi && !kDy) s.z[tt][c] = ToF<T>(r.z[i]);
     if constexpr (kDy) {
       const float z = ToF<T>(r.z[i]), dout = ToF<T>(r.dout[i]);
       const float sg = p.z.p ? Sigmoid(z) : 0.f;
       s.dy[tt][c] = p.z.p ? dout * z * sg : dout;
-      s.u[tt][c] = ToF<T>(r.u[i]);
-      s.dsp[tt][c] = dsp;
-      s.dzf[tt][c] = p.z.p ? dout * sg * (1.f + z * (1.f - sg)) : 0.f;
+      if constexpr (kEpi) {
+        s.dsp[tt][c] = dsp;
+        s.dzf[tt][c] = p.z.p ? dout * sg * (1.f + z * (1.f - sg)) : 0.f;
+      }
     }
   }
   float* bm = reinterpret_cast<float*>(s.bm);
@@ -156,10 +195,11 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
 
 // Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode).
 template <typename T, int kMode>
-__global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
+__global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, float> ? 4 : 6)
+    TiledScanKernel(const Params p) {
   constexpr int kTT = kFT;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
-  __shared__ StepSmem<kTT> s;
+  __shared__ StepSmem<kTT, kBwd, kMain> s;
   __shared__ float4 yp[kTT][kCh];  // per-lane partial outputs, [t][channel][state slice]
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
@@ -192,10 +232,7 @@ __global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
   Raw<T, kTT> nx;
   LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    float ucur[Raw<T, kTT>::kA], zcur[Raw<T, kTT>::kA];
-    PrepTile<T, kTT, kBwd, kMain || kBwd>(p, k, tb, t1, bias, nx, s);
-#pragma unroll
-    for (int i = 0; i < Raw<T, kTT>::kA; ++i) ucur[i] = ToF<T>(nx.u[i]), zcur[i] = ToF<T>(nx.z[i]);
+    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain>(p, k, tb, t1, bias, nx, s);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
@@ -233,16 +270,19 @@ __global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
     }
     __syncthreads();
     if constexpr (kMain) {
+      const int64_t obase = k.b * p.out.sb + (tb + (tid >> 5)) * p.out.sl + de * p.out.sd;
 #pragma unroll
       for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
         const int tt = (tid >> 5) + 4 * i;
-        const int64_t t = tb + tt;
-        if (!ceok || t >= t1) continue;
+        if (!ceok || tb + tt >= t1) continue;
         const float4 q = yp[tt][ce];
         float y = (q.x + q.y) + (q.z + q.w);
-        y = fmaf(dsk, ucur[i], y);
-        if (p.z.p) y *= zcur[i] * Sigmoid(zcur[i]);
-        St<T>(p.out.p, k.b * p.out.sb + t * p.out.sl + de * p.out.sd, y);
+        y = fmaf(dsk, s.u[tt][ce], y);
+        if (p.z.p) {
+          const float z = s.z[tt][ce];
+          y *= z * Sigmoid(z);
+        }
+        St<T>(p.out.p, obase + 4 * i * p.out.sl, y);
       }
     }
   }
@@ -267,15 +307,24 @@ __global__ void __launch_bounds__(kTh) TiledScanKernel(const Params p) {
 // back, each tile's states are recomputed into shared memory and walked backwards with the
 // state gradient g.
 struct BwdSmem {
-  StepSmem<kBT> s;
-  float4 hist[kBT][kTh];       // state before each step, per thread
-  float4 red[kBT][kCh];        // y, sum g*e*h*A, sum g*B per (t, channel), summed over lanes
-  float dbc[4][kBT][32];       // per warp: dBm (n) and dCm (16 + n) summed over its channels
+  StepSmem<kBT, true, true> s;
+  // State before each step, per thread. Once a warp has read its row tt, the row's first 64
+  // floats of the warp's part hold its sums of step tt (RedAt, DbcAt), for the epilogue.
+  float4 hist[kBT][kTh];
   float chan[2][4][kCh];       // dD, dbias partials per row of threads
 };
 
+// y, sum g*e*h*A, sum g*B of step tt and channel c, summed over the channel's lanes.
+__device__ __forceinline__ float4& RedAt(BwdSmem& sm, int tt, int c) {
+  return sm.hist[tt][(c >> 3) * 32 + (c & 7)];
+}
+// dBm (m < 16) and dCm (16 + m) of step tt summed over the 8 channels of warp w.
+__device__ __forceinline__ float& DbcAt(BwdSmem& sm, int w, int tt, int m) {
+  return reinterpret_cast<float*>(&sm.hist[tt][w * 32 + 8])[m];
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64_t cpg) {
+__global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, int64_t cpg) {
   extern __shared__ float4 dyn[];
   BwdSmem& sm = *reinterpret_cast<BwdSmem*>(dyn);
   float4* ck = dyn + sizeof(BwdSmem) / sizeof(float4);  // [tile][thread]
@@ -317,7 +366,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
       ck[r * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
       const int64_t tb = t0 + r * kBT;
       __syncthreads();  // previous readers of sm.s are done
-      PrepTile<T, kBT, false, false>(p, k, tb, t1, bias, rs, sm.s);
+      PrepTile<T, kBT, false, false, false>(p, k, tb, t1, bias, rs, sm.s);
       __syncthreads();
       if (r + 2 < ntiles) {
         LoadRaw<T, kBT, true, false, false, false>(p, k, tb + kBT, t1, rs);
@@ -342,7 +391,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
   for (int r = ntiles - 1; r >= 0; --r) {
     const int64_t tb = t0 + r * kBT;
     __syncthreads();
-    PrepTile<T, kBT, true, true>(p, k, tb, t1, bias, rr, sm.s);
+    PrepTile<T, kBT, true, true, true>(p, k, tb, t1, bias, rr, sm.s);
     __syncthreads();
     if (r > 0) LoadRaw<T, kBT, true, true, true, true>(p, k, tb - kBT, t1, rr);
     const float4 hc = ck[r * kTh + tid];
@@ -362,15 +411,17 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
       const float4 b4 = sm.s.bm[tt][sl], c4 = sm.s.cm[tt][sl], h4 = sm.hist[tt][tid];
       const float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
       const float hp[4] = {h4.x, h4.y, h4.z, h4.w};
+      float hn[4];  // the state after step tt: the one before step tt + 1
+#pragma unroll
+      for (int j = 0; j < 4; ++j) hn[j] = hh[j], hh[j] = hp[j];
       float v[8];  // dBm (j) and dCm (4 + j) of this channel
       float y = 0.f, ga = 0.f, gb = 0.f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float e = Ex2(dt * a2[j]);
-        const float hn = fmaf(e, hp[j], dtu * bv[j]);
-        y = fmaf(cv[j], hn, y);
+        y = fmaf(cv[j], hn[j], y);
         g[j] = fmaf(cv[j], dy, g[j]);
-        v[4 + j] = hn * dy;
+        v[4 + j] = hn[j] * dy;
         v[j] = g[j] * dtu;
         const float geh = g[j] * e * hp[j];
         ga = fmaf(geh, A[j], ga);
@@ -378,6 +429,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
         gb = fmaf(g[j], bv[j], gb);
         g[j] *= e;
       }
+      __syncwarp();  // the warp's reads of hist[tt], which its sums overwrite, are done
       // Sum over the 4 lanes of the channel: lane sl keeps quantity sl of (y, ga, gb, 0).
       {
         float q[4] = {y, ga, gb, 0.f};
@@ -391,7 +443,7 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
             q[i] = keep + __shfl_xor_sync(0xffffffffu, send, w);
           }
         }
-        reinterpret_cast<float*>(&sm.red[tt][ch])[sl] = q[0];
+        reinterpret_cast<float*>(&RedAt(sm, tt, ch))[sl] = q[0];
       }
       // Sum over the 8 channels of the warp: lane keeps value (lane >> 2) of its slice.
 #pragma unroll
@@ -405,28 +457,28 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
         }
       }
       const int kv = lane >> 2;  // (kind, j) = (kv >> 2, kv & 3)
-      sm.dbc[warp][tt][(kv >> 2) * 16 + 4 * sl + (kv & 3)] = v[0];
+      DbcAt(sm, warp, tt, (kv >> 2) * 16 + 4 * sl + (kv & 3)) = v[0];
     }
     __syncthreads();
     // Epilogue per (t, channel).
+    const int64_t te = tb + (tid >> 5);
+    const int64_t obu = k.b * p.du.sb + te * p.du.sl + de * p.du.sd;
+    const int64_t obd = k.b * p.ddelta.sb + te * p.ddelta.sl + de * p.ddelta.sd;
+    const int64_t obz = k.b * p.dz.sb + te * p.dz.sl + de * p.dz.sd;
 #pragma unroll
     for (int i = 0; i < Raw<T, kBT>::kA; ++i) {
       const int tt = (tid >> 5) + 4 * i;
-      const int64_t t = tb + tt;
-      if (!ceok || t >= t1) continue;
-      const float4 rd = sm.red[tt][ce];
+      if (!ceok || tb + tt >= t1) continue;
+      const float4 rd = RedAt(sm, tt, ce);
       const float y = rd.x, ga = rd.y, gb = rd.z;
       const float dt = sm.s.dt[tt][ce], dy = sm.s.dy[tt][ce];
       const float u = sm.s.u[tt][ce];
       const float dsp = sm.s.dsp[tt][ce];
       const float du = fmaf(dsk, dy, gb * dt);
       const float ddelta = fmaf(gb, u, ga) * dsp;
-      St<T>(p.du.p, k.b * p.du.sb + t * p.du.sl + de * p.du.sd, du);
-      St<T>(p.ddelta.p, k.b * p.ddelta.sb + t * p.ddelta.sl + de * p.ddelta.sd, ddelta);
-      if (p.z.p && p.dz.p) {
-        St<T>(p.dz.p, k.b * p.dz.sb + t * p.dz.sl + de * p.dz.sd,
-              sm.s.dzf[tt][ce] * fmaf(dsk, u, y));
-      }
+      St<T>(p.du.p, obu + 4 * i * p.du.sl, du);
+      St<T>(p.ddelta.p, obd + 4 * i * p.ddelta.sl, ddelta);
+      if (p.z.p && p.dz.p) St<T>(p.dz.p, obz + 4 * i * p.dz.sl, sm.s.dzf[tt][ce] * fmaf(dsk, u, y));
       dD_acc = fmaf(dy, u, dD_acc);
       dbias_acc += ddelta;
     }
@@ -436,7 +488,8 @@ __global__ void __launch_bounds__(kTh) TiledBackwardKernel(const Params p, int64
       const int idx = tid + kTh * i, tt = idx >> 5, m = idx & 31;
       const int64_t t = tb + tt;
       if (t >= t1) continue;
-      const float v = (sm.dbc[0][tt][m] + sm.dbc[1][tt][m]) + (sm.dbc[2][tt][m] + sm.dbc[3][tt][m]);
+      const float v = (DbcAt(sm, 0, tt, m) + DbcAt(sm, 1, tt, m)) +
+                      (DbcAt(sm, 2, tt, m) + DbcAt(sm, 3, tt, m));
       const int kind = m >> 4, n = m & 15;
       if (one_block) {
         const Strided4& o = kind == 0 ? p.dBm : p.dCm;
