@@ -420,11 +420,65 @@ TEST_F(CudaBackendTest, AdamW) {
   ExpectClose(gv, rv, "adamw v");
 }
 
-TEST_F(CudaBackendTest, ScanIsNotWiredYet) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  ScanInputs in;
-  Tensor out, h_last;
-  EXPECT_DEATH(gpu_->SelectiveScanForward(in, out, h_last), "scan not wired yet");
+// The scan through the backend (the kernels' own tests cover shapes and dtypes): the strided
+// views of the backend's (B, L, D) / (B, L, G, N) tensors, every output and gradient, h0/h_last.
+TEST_F(CudaBackendTest, SelectiveScanMatchesCpu) {
+  const int64_t B = 2, L = 37, D = 40, N = 16, G = 2;
+  const std::vector<float> u = Rand(B * L * D), delta = Rand(B * L * D, -3.0, 0.5),
+                           A = Rand(D * N, -2.0, -0.1), Bm = Rand(B * L * G * N),
+                           Cm = Rand(B * L * G * N), Dskip = Rand(D), z = Rand(B * L * D),
+                           bias = Rand(D, -1.0, 0.0), h0 = Rand(B * D * N), dout = Rand(B * L * D),
+                           dh_last = Rand(B * D * N);
+  const Shape act{B, L, D}, bc{B, L, G, N}, st{B, D, N};
+  auto inputs = [&](auto make) {
+    ScanInputs in;
+    in.u = make(act, u);
+    in.delta = make(act, delta);
+    in.A = make(Shape{D, N}, A);
+    in.Bm = make(bc, Bm);
+    in.Cm = make(bc, Cm);
+    in.D_skip = make(Shape{D}, Dskip);
+    in.z = make(act, z);
+    in.dt_bias = make(Shape{D}, bias);
+    in.h0 = make(st, h0);
+    return in;
+  };
+  const ScanInputs gin = inputs([&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v); });
+  const ScanInputs cin = inputs([&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); });
+  Tensor gout = Poisoned(act), gh = Poisoned(st);
+  Tensor cout = Tensor::Empty(act, DType::kF64), ch = Tensor::Empty(st, DType::kF64);
+  gpu_->SelectiveScanForward(gin, gout, gh);
+  cpu_->SelectiveScanForward(cin, cout, ch);
+  ExpectClose(gout, cout, "scan out");
+  ExpectClose(gh, ch, "scan h_last");
+
+  auto grads = [&](auto make) {
+    ScanGrads g;
+    g.du = make(act);
+    g.ddelta = make(act);
+    g.dA = make(Shape{D, N});
+    g.dBm = make(bc);
+    g.dCm = make(bc);
+    g.dD_skip = make(Shape{D});
+    g.dz = make(act);
+    g.ddt_bias = make(Shape{D});
+    g.dh0 = make(st);
+    return g;
+  };
+  ScanGrads gg = grads([&](const Shape& s) { return Poisoned(s); });
+  ScanGrads cg = grads([&](const Shape& s) { return Tensor::Empty(s, DType::kF64); });
+  gpu_->SelectiveScanBackward(gin, Gpu(act, dout), Gpu(st, dh_last), gg);
+  cpu_->SelectiveScanBackward(cin, Ref(act, dout), Ref(st, dh_last), cg);
+  const double tol = 1e-4;
+  ExpectClose(gg.du, cg.du, "scan du", tol);
+  ExpectClose(gg.ddelta, cg.ddelta, "scan ddelta", tol);
+  ExpectClose(gg.dA, cg.dA, "scan dA", tol);
+  ExpectClose(gg.dBm, cg.dBm, "scan dBm", tol);
+  ExpectClose(gg.dCm, cg.dCm, "scan dCm", tol);
+  ExpectClose(gg.dD_skip, cg.dD_skip, "scan dD", tol);
+  ExpectClose(gg.dz, cg.dz, "scan dz", tol);
+  ExpectClose(gg.ddt_bias, cg.ddt_bias, "scan ddt_bias", tol);
+  ExpectClose(gg.dh0, cg.dh0, "scan dh0", tol);
 }
 
 TEST_F(CudaBackendTest, BadEmbeddingIdAbortsNamingIt) {
