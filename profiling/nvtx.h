@@ -3,9 +3,16 @@
 // filters on them: --nvtx --nvtx-include "mamba@scan_fwd/".
 #pragma once
 
+// Builds without CUDA (no NVTX headers) get the same names as no-ops, so the model and trainer
+// mark their ranges unconditionally.
+#if __has_include(<nvtx3/nvToolsExt.h>)
 #include <nvtx3/nvToolsExt.h>
+#define MAMBA_HAVE_NVTX 1
+#endif
 
 namespace mamba::profiling {
+
+#ifdef MAMBA_HAVE_NVTX
 
 struct MambaDomain {
   static constexpr const char* name{"mamba"};
@@ -31,5 +38,12 @@ class ScopedRange {
     return domain;
   }
 };
+
+#else
+class ScopedRange {
+ public:
+  explicit ScopedRange(const char*) {}
+};
+#endif
 
 }  // namespace mamba::profiling

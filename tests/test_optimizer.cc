@@ -78,5 +78,25 @@ TEST(AdamW, MatchesReferenceFormulasWithClipping) {
   EXPECT_EQ(opt.step(), 3);
 }
 
+TEST(AdamW, NonFiniteGradientChangesNothing) {
+  auto backend = MakeCpuBackend();
+  std::vector<Parameter> params(1);
+  params[0].name = "w";
+  params[0].value = Tensor::Empty({3}, DType::kF64);
+  params[0].grad = Tensor::Empty({3}, DType::kF64);
+  const double w0[3] = {1.0, 2.0, 3.0};
+  std::copy(w0, w0 + 3, params[0].value.data<double>());
+  AdamWOptimizer opt(OptimizerConfig(), backend.get(), &params);
+  params[0].grad.data<double>()[0] = 0.5;
+  params[0].grad.data<double>()[1] = NAN;
+  params[0].grad.data<double>()[2] = 0.5;
+  const auto info = opt.Step();
+  EXPECT_FALSE(info.applied);
+  EXPECT_FALSE(std::isfinite(info.grad_norm));
+  EXPECT_EQ(opt.step(), 0);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(params[0].value.data<double>()[i], w0[i]);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(opt.first_moments()[0].data<double>()[i], 0.0);
+}
+
 }  // namespace
 }  // namespace mamba

@@ -4,6 +4,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "profiling/nvtx.h"
 #include "worker/check.h"
 
 namespace mamba {
@@ -120,8 +121,16 @@ void MambaModel::Initialize(uint64_t seed) {
   }
 }
 
+void MambaModel::ReleaseActivations(Layer& l) {
+  for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.xz, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.Bm,
+                    &l.Cm, &l.delta, &l.A, &l.y, &l.out}) {
+    *t = Tensor();
+  }
+}
+
 void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in,
                               int64_t B, int64_t L) {
+  profiling::ScopedRange range("layer_fwd");
   const int64_t M = B * L, dm = config_.d_model, E = config_.d_inner(), N = config_.d_state,
                 R = config_.dt_rank;
   Backend& be = *backend_;
@@ -161,6 +170,7 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
 }
 
 void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t L) {
+  profiling::ScopedRange range("layer_bwd");
   const int64_t M = B * L, dm = config_.d_model, E = config_.d_inner(), N = config_.d_state,
                 R = config_.dt_rank;
   Backend& be = *backend_;
@@ -210,6 +220,7 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
 }
 
 MambaModel::Head MambaModel::Forward(const Tensor& inputs) {
+  profiling::ScopedRange range("forward");
   MAMBA_CHECK(inputs.rank() == 2);
   const int64_t B = inputs.dim(0), L = inputs.dim(1), M = B * L, dm = config_.d_model;
   Backend& be = *backend_;
@@ -243,18 +254,26 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
   Head head = Forward(inputs);
   const Tensor &ids = head.ids, &res_f = head.res_f, &hf = head.hf, &rstd_f = head.rstd_f,
                &logits = head.logits;
-  Tensor dlogits = backward ? Act({M, config_.vocab_size}) : Tensor();
-  const kernels::CrossEntropyStats ce =
-      be.CrossEntropy(logits, tgt, ignore_index, grad_scale, dlogits);
+  // The logits' gradient overwrites the logits (no second vocabulary-sized buffer).
+  Tensor dlogits = backward ? logits : Tensor();
+  kernels::CrossEntropyStats ce;
+  {
+    profiling::ScopedRange range("loss");
+    ce = be.CrossEntropy(logits, tgt, ignore_index, grad_scale, dlogits);
+  }
   LossStats stats{ce.loss_sum, ce.count, ce.correct};
   if (!backward) return stats;
 
+  profiling::ScopedRange range("backward");
   Tensor none;
   Tensor dhf = Act({M, dm});
   be.LinearBackward(dlogits, hf, embedding_->value, dhf, embedding_->grad, none);
   Tensor d_residual = Act({M, dm});
   be.AddRmsNormBackward(dhf, none, res_f, norm_f_->value, rstd_f, d_residual, norm_f_->grad);
-  for (int64_t i = config_.n_layer - 1; i >= 0; --i) BackwardLayer(layers_[i], d_residual, B, L);
+  for (int64_t i = config_.n_layer - 1; i >= 0; --i) {
+    BackwardLayer(layers_[i], d_residual, B, L);
+    ReleaseActivations(layers_[i]);  // its memory serves the remaining layers' gradients
+  }
   be.EmbeddingBackward(ids, d_residual, embedding_->grad);
   return stats;
 }

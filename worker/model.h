@@ -70,6 +70,7 @@ class MambaModel {
   // gradient w.r.t. the layer's output (it is added to the stream). Replaced by the gradient
   // w.r.t. the stream before the layer (equal to that w.r.t. the previous layer's output).
   void BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t L);
+  void ReleaseActivations(Layer& l);
   Tensor Act(const Shape& shape) { return backend_->Empty(shape, dtype_); }
 
   ModelConfig config_;

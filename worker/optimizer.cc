@@ -30,6 +30,8 @@ AdamWOptimizer::StepInfo AdamWOptimizer::Step() {
   double sum_sq = 0;
   for (const Parameter& p : *params_) sum_sq += backend_->SumSquares(p.grad);
   info.grad_norm = std::sqrt(sum_sq);
+  if (!std::isfinite(info.grad_norm)) return info;
+  info.applied = true;
   // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
   if (config_.grad_clip > 0) {
     const double coef = config_.grad_clip / (info.grad_norm + 1e-6);

@@ -29,8 +29,11 @@ class AdamWOptimizer {
   struct StepInfo {
     double lr = 0;
     double grad_norm = 0;  // before clipping
+    bool applied = false;   // false when the gradient norm was not finite
   };
-  // Clips the gradients, updates every parameter, advances the step counter.
+  // Clips the gradients, updates every parameter, advances the step counter. A non-finite
+  // gradient norm changes nothing (parameters, moments and step counter stay as they were), so
+  // the caller can stop with the last good state intact.
   StepInfo Step();
 
   int64_t step() const { return step_; }

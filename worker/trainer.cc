@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoints/checkpoint.h"
+#include "profiling/nvtx.h"
 #include "checkpoints/model_io.h"
 #include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/message_differencer.h"
@@ -212,15 +213,22 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
       return absl::FailedPreconditionError(absl::StrCat("step ", step, ": batch has no targets"));
     }
     auto [inputs, targets] = BatchTensors(*batch);
+    profiling::ScopedRange step_range("step");
     model_->ZeroGrad();
     LossStats s = model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
     if (!std::isfinite(s.loss_sum)) {
       return absl::InternalError(
           absl::StrCat("step ", step, ": loss is not finite (", s.loss_sum, "); stopping"));
     }
-    AdamWOptimizer::StepInfo info = optimizer_->Step();
-    if (!std::isfinite(info.grad_norm)) {
-      return absl::InternalError(absl::StrCat("step ", step, ": gradient norm is not finite"));
+    AdamWOptimizer::StepInfo info;
+    {
+      profiling::ScopedRange range("optimizer");
+      info = optimizer_->Step();
+    }
+    if (!info.applied) {
+      // Nothing was updated: the parameters and the last checkpoint are the last good state.
+      return absl::InternalError(absl::StrCat("step ", step, ": gradient norm is not finite (",
+                                              info.grad_norm, "); stopping before the update"));
     }
     summary.losses.push_back(s.mean_loss());
     window.loss_sum += s.loss_sum;
