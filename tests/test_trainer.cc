@@ -55,6 +55,16 @@ TEST(Trainer, RepeatedRunIsBitIdentical) {
   EXPECT_EQ(a->losses, b->losses);
 }
 
+// The memory policy is a memory/compute trade only: the same losses, bit for bit.
+TEST(Trainer, RecomputeLayerGivesTheSameLosses) {
+  std::string job = TextJob();
+  auto a = Train(job);
+  job.insert(job.rfind('}'), R"(, "memory": {"recompute": "LAYER"})");
+  auto b = Train(job);
+  ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+  EXPECT_EQ(a->losses, b->losses);
+}
+
 TEST(Trainer, FormatsDurations) {
   EXPECT_EQ(FormatDuration(5), "5s");
   EXPECT_EQ(FormatDuration(185), "3m05s");

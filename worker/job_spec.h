@@ -6,6 +6,7 @@
 
 #include "absl/status/statusor.h"
 #include "proto/job.pb.h"
+#include "worker/model.h"
 #include "worker/model_config.h"
 #include "worker/optimizer.h"
 
@@ -23,5 +24,6 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec);
 // The model shape of a resolved spec, given the dataset's vocabulary.
 ModelConfig ModelConfigFromSpec(const v1::JobSpec& spec, int64_t dataset_vocab);
 OptimizerConfig OptimizerConfigFromSpec(const v1::JobSpec& spec);
+ModelOptions ModelOptionsFromSpec(const v1::JobSpec& spec);
 
 }  // namespace mamba

@@ -9,8 +9,9 @@
 
 namespace mamba {
 
-MambaModel::MambaModel(const ModelConfig& config, Backend* backend, DType dtype)
-    : config_(config), backend_(backend), dtype_(dtype) {
+MambaModel::MambaModel(const ModelConfig& config, Backend* backend, DType dtype,
+                       const ModelOptions& options)
+    : config_(config), backend_(backend), dtype_(dtype), options_(options) {
   const int64_t dm = config.d_model, E = config.d_inner(), N = config.d_state, R = config.dt_rank,
                 K = config.d_conv;
   params_.reserve(2 + 10 * config.n_layer);  // Layer keeps pointers into params_
@@ -129,7 +130,7 @@ void MambaModel::ReleaseActivations(Layer& l) {
 }
 
 void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in,
-                              int64_t B, int64_t L) {
+                              int64_t B, int64_t L, bool keep_all) {
   profiling::ScopedRange range("layer_fwd");
   const int64_t M = B * L, dm = config_.d_model, E = config_.d_inner(), N = config_.d_state,
                 R = config_.dt_rank;
@@ -167,6 +168,20 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
       no_state);
   l.out = Act({M, dm});
   be.LinearForward(l.y, l.out_proj->value, Tensor(), l.out);
+  // Keep only what the backward cannot cheaply recompute (see Recompute).
+  if (!keep_all) {
+    l.xz = Tensor();
+    l.dbc = Tensor();
+    if (options_.recompute == Recompute::kLayer) {
+      const Tensor residual = l.residual, out = l.out;
+      ReleaseActivations(l);
+      l.residual = residual;  // the layer's input (residual stream after the add)
+      l.out = out;            // for the next layer's add (Forward releases it)
+    } else if (options_.recompute == Recompute::kConvAndDelta) {
+      l.xa = Tensor();
+      l.delta = Tensor();
+    }
+  }
 }
 
 void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t L) {
@@ -174,6 +189,19 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   const int64_t M = B * L, dm = config_.d_model, E = config_.d_inner(), N = config_.d_state,
                 R = config_.dt_rank;
   Backend& be = *backend_;
+  if (!l.h.defined()) {
+    // Recompute::kLayer: rerun the layer from its input (its own residual stream, whose add with
+    // nothing leaves it unchanged), keeping everything this time.
+    const Tensor input = l.residual;
+    ForwardLayer(l, Tensor(), input, B, L, /*keep_all=*/true);
+  } else if (!l.xa.defined()) {
+    // Recompute::kConvAndDelta (mamba_ssm's checkpoint_lvl 1): two cheap ops instead of two
+    // (tokens x d_inner) activations kept from the forward.
+    l.xa = Act({B, L, E});
+    be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), true, l.xa);
+    l.delta = Act({B, L, E});
+    be.LinearForward(l.dt_raw, l.dt_w->value, Tensor(), l.delta);
+  }
   Tensor none;
   // out_proj
   Tensor dy = Act({B, L, E});
@@ -230,20 +258,25 @@ MambaModel::Head MambaModel::Forward(const Tensor& inputs) {
   be.EmbeddingForward(h.ids, embedding_->value, emb);
   Tensor residual, hidden = emb;
   for (Layer& l : layers_) {
-    ForwardLayer(l, residual, hidden, B, L);
+    ForwardLayer(l, residual, hidden, B, L, /*keep_all=*/false);
     residual = l.residual;
     hidden = l.out;
+    l.out = Tensor();  // the next add consumes it; its backward needs only the sum
   }
   h.res_f = Act({M, dm});
   h.hf = Act({M, dm});
   h.rstd_f = Act({M});
   be.AddRmsNormForward(residual, hidden, norm_f_->value, config_.norm_eps, h.res_f, h.hf, h.rstd_f);
-  h.logits = Act({M, config_.vocab_size});
-  be.LinearForward(h.hf, embedding_->value, Tensor(), h.logits);  // tied lm_head
   return h;
 }
 
-Tensor MambaModel::Logits(const Tensor& inputs) { return Forward(inputs).logits; }
+Tensor MambaModel::Logits(const Tensor& inputs) {
+  Head head = Forward(inputs);
+  for (Layer& l : layers_) ReleaseActivations(l);
+  Tensor logits = Act({head.hf.dim(0), config_.vocab_size});
+  backend_->LinearForward(head.hf, embedding_->value, Tensor(), logits);  // tied lm_head
+  return logits;
+}
 
 LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& targets,
                                       int32_t ignore_index, double grad_scale, bool backward) {
@@ -252,24 +285,46 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
   Backend& be = *backend_;
   Tensor tgt = be.FromHost(targets);
   Head head = Forward(inputs);
-  const Tensor &ids = head.ids, &res_f = head.res_f, &hf = head.hf, &rstd_f = head.rstd_f,
-               &logits = head.logits;
-  // The logits' gradient overwrites the logits (no second vocabulary-sized buffer).
-  Tensor dlogits = backward ? logits : Tensor();
-  kernels::CrossEntropyStats ce;
+  // The tied lm_head and the loss, a chunk of rows at a time: the full (tokens x vocab) logits
+  // never exist. With backward, each chunk's logits are overwritten by their gradient, which goes
+  // straight through the lm_head's backward (dhf rows, embedding grad +=, in chunk order).
+  const int64_t V = config_.vocab_size;
+  const int64_t chunk = options_.loss_chunk_rows > 0
+                            ? options_.loss_chunk_rows
+                            : std::max<int64_t>(1, (int64_t{1} << 26) / V);
+  Tensor dhf = backward ? Act({M, dm}) : Tensor();
+  LossStats stats;
   {
     profiling::ScopedRange range("loss");
-    ce = be.CrossEntropy(logits, tgt, ignore_index, grad_scale, dlogits);
+    Tensor none;
+    for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+      const int64_t r1 = std::min(M, r0 + chunk);
+      const Tensor hf = head.hf.Slice(r0, r1);
+      Tensor logits = Act({r1 - r0, V});
+      be.LinearForward(hf, embedding_->value, Tensor(), logits);
+      Tensor dlogits = backward ? logits : Tensor();
+      const kernels::CrossEntropyStats ce =
+          be.CrossEntropy(logits, tgt.Reshape({M}).Slice(r0, r1), ignore_index, grad_scale, dlogits);
+      stats.loss_sum += ce.loss_sum;
+      stats.count += ce.count;
+      stats.correct += ce.correct;
+      if (backward) {
+        Tensor dhf_rows = dhf.Slice(r0, r1);
+        be.LinearBackward(dlogits, hf, embedding_->value, dhf_rows, embedding_->grad, none);
+      }
+    }
   }
-  LossStats stats{ce.loss_sum, ce.count, ce.correct};
-  if (!backward) return stats;
+  if (!backward) {
+    for (Layer& l : layers_) ReleaseActivations(l);
+    return stats;
+  }
 
   profiling::ScopedRange range("backward");
   Tensor none;
-  Tensor dhf = Act({M, dm});
-  be.LinearBackward(dlogits, hf, embedding_->value, dhf, embedding_->grad, none);
+  const Tensor& ids = head.ids;
   Tensor d_residual = Act({M, dm});
-  be.AddRmsNormBackward(dhf, none, res_f, norm_f_->value, rstd_f, d_residual, norm_f_->grad);
+  be.AddRmsNormBackward(dhf, none, head.res_f, norm_f_->value, head.rstd_f, d_residual,
+                        norm_f_->grad);
   for (int64_t i = config_.n_layer - 1; i >= 0; --i) {
     BackwardLayer(layers_[i], d_residual, B, L);
     ReleaseActivations(layers_[i]);  // its memory serves the remaining layers' gradients

@@ -27,10 +27,24 @@ struct LossStats {
   double accuracy() const { return count ? double(correct) / count : 0; }
 };
 
+// What the forward keeps for the backward.
+enum class Recompute {
+  kNone,          // keep every activation
+  kConvAndDelta,  // recompute the conv output and delta (mamba_ssm's checkpoint_lvl 1)
+  kLayer,         // keep only each layer's input and rerun the layer (very long sequences)
+};
+
+struct ModelOptions {
+  Recompute recompute = Recompute::kConvAndDelta;
+  // Rows of the lm_head + loss per chunk; 0 picks about 2^26 logits per chunk.
+  int64_t loss_chunk_rows = 0;
+};
+
 class MambaModel {
  public:
   // dtype: float32 for training, float64 for gradient checks (CPU backend).
-  MambaModel(const ModelConfig& config, Backend* backend, DType dtype = DType::kF32);
+  MambaModel(const ModelConfig& config, Backend* backend, DType dtype = DType::kF32,
+             const ModelOptions& options = {});
 
   // mamba_ssm's initialization, drawn on the host from `seed`.
   void Initialize(uint64_t seed);
@@ -53,7 +67,7 @@ class MambaModel {
  private:
   // What the forward leaves for the backward of the final norm and the tied lm_head.
   struct Head {
-    Tensor ids, res_f, hf, rstd_f, logits;
+    Tensor ids, res_f, hf, rstd_f;
   };
   Head Forward(const Tensor& inputs);
   // Per-layer parameters, activations saved for the backward, and gradient scratch.
@@ -64,8 +78,9 @@ class MambaModel {
   };
 
   Parameter& AddParameter(const std::string& name, const Shape& shape, bool weight_decay);
+  // keep_all: keep every activation regardless of the recompute policy.
   void ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in, int64_t B,
-                    int64_t L);
+                    int64_t L, bool keep_all);
   // d_residual: the gradient w.r.t. the residual stream after this layer, which is also the
   // gradient w.r.t. the layer's output (it is added to the stream). Replaced by the gradient
   // w.r.t. the stream before the layer (equal to that w.r.t. the previous layer's output).
@@ -76,6 +91,7 @@ class MambaModel {
   ModelConfig config_;
   Backend* backend_;
   DType dtype_;
+  ModelOptions options_;
   std::vector<Parameter> params_;
   std::vector<Layer> layers_;
   Parameter* embedding_ = nullptr;

@@ -92,6 +92,18 @@ Tensor Tensor::Zeros(Shape shape, DType dtype) {
   return t;
 }
 
+Tensor Tensor::Slice(int64_t begin, int64_t end) const {
+  MAMBA_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape_[0])
+      << "slice [" << begin << ", " << end << ") of " << DebugString();
+  const int64_t row = shape_[0] == 0 ? 0 : numel() / shape_[0];
+  Tensor t = *this;
+  // The aliasing constructor: owns what buffer_ owns, points begin rows further.
+  t.buffer_ = std::shared_ptr<void>(buffer_, static_cast<char*>(buffer_.get()) +
+                                                 begin * row * DTypeSize(dtype_));
+  t.shape_[0] = end - begin;
+  return t;
+}
+
 Tensor Tensor::Reshape(Shape shape) const {
   MAMBA_CHECK(NumElements(shape) == numel()) << "reshape " << ShapeString(shape_) << " to " << ShapeString(shape);
   Tensor t = *this;

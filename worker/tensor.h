@@ -62,6 +62,9 @@ class Tensor {
 
   // Same buffer, new shape with the same number of elements.
   Tensor Reshape(Shape shape) const;
+  // Entries [begin, end) of the leading dimension: a view that shares (and keeps alive) this
+  // tensor's buffer, on any device.
+  Tensor Slice(int64_t begin, int64_t end) const;
   std::string DebugString() const;
 
  private:

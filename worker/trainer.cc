@@ -106,7 +106,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
   }
   t->backend_ = std::move(*backend);
   t->model_ = std::make_unique<MambaModel>(ModelConfigFromSpec(spec, t->dataset_->vocab_size()),
-                                           t->backend_.get());
+                                           t->backend_.get(), DType::kF32,
+                                           ModelOptionsFromSpec(spec));
   t->model_->Initialize(spec.seed());
   t->optimizer_ = std::make_unique<AdamWOptimizer>(OptimizerConfigFromSpec(spec), t->backend_.get(),
                                                    &t->model_->parameters());
