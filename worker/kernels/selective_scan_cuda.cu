@@ -209,12 +209,13 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
   const int64_t tile = TiledBackwardTile();
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
-  // 4 tiles measured best on H100 at v4 (4/5/6 tiles: 1.31/1.42/1.37 ms at (8,1536,2048) fp32),
-  // when tile checkpoints lived in shared memory. Scratch: 4 arrays of B*D*16*segments floats
-  // (403 MB at B=1, D=1536, L=65536) plus the checkpoints, B*D*L*(k-1)/k floats.
-  int64_t k = 4;
+  // Segments of k tiles; checkpoints come from the pre-pass, so k costs no shared memory. H100,
+  // v5 (ms at (8,1536,2048) / (16,2048,4096) fp32): k 4/8/12/16 -> 1.21/1.13/1.11/1.12 and
+  // 6.38/5.82/5.63/5.55. Scratch: 4 arrays of B*D*16*segments floats plus the checkpoints,
+  // B*D*L*(k-1)/k floats.
+  int64_t k = 16;
   if (tuning.bwd_tiles > 0) k = tuning.bwd_tiles;
-  k = std::clamp<int64_t>(k, 1, 16);
+  k = std::clamp<int64_t>(k, 1, 64);
   p.seg_len = k * tile;
   p.num_seg = CeilDiv(p.len, p.seg_len);
   const int64_t rows = p.batch * p.dim * p.num_seg;
