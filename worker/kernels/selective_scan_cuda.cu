@@ -210,10 +210,10 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
   // Segments of k tiles; checkpoints come from the pre-pass, so k costs no shared memory. H100,
-  // v5 (ms at (8,1536,2048) / (16,2048,4096) fp32): k 4/8/12/16 -> 1.21/1.13/1.11/1.12 and
-  // 6.38/5.82/5.63/5.55. Scratch: 4 arrays of B*D*16*segments floats plus the checkpoints,
+  // v5 (ms at (8,1536,2048) / (1,1536,65536) fp32): k 4/8/16/32 -> 1.21/1.13/1.13/1.13 and
+  // 5.42/4.68/4.41/4.29. Scratch: 4 arrays of B*D*16*segments floats plus the checkpoints,
   // B*D*L*(k-1)/k floats.
-  int64_t k = 16;
+  int64_t k = 32;
   if (tuning.bwd_tiles > 0) k = tuning.bwd_tiles;
   k = std::clamp<int64_t>(k, 1, 64);
   p.seg_len = k * tile;
