@@ -209,33 +209,41 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
   const int64_t tile = TiledBackwardTile();
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
-  // 4 tiles measured best on H100 at v4 (4/5/6 tiles: 1.31/1.42/1.37 ms at (8,1536,2048) fp32):
-  // 4 is the most that fits 4 blocks per SM (56 KB shared memory each). Scratch: 4 arrays of
-  // B*D*16*segments floats (403 MB at B=1, D=1536, L=65536).
-  int64_t k = 4;
+  // Segments of k tiles; checkpoints come from the pre-pass, so k costs no shared memory. H100,
+  // v5 (ms at (8,1536,2048) / (1,1536,65536) fp32): k 4/8/16/32 -> 1.21/1.13/1.13/1.13 and
+  // 5.42/4.68/4.41/4.29. Scratch: 4 arrays of B*D*16*segments floats plus the checkpoints,
+  // B*D*L*(k-1)/k floats.
+  int64_t k = 32;
   if (tuning.bwd_tiles > 0) k = tuning.bwd_tiles;
-  k = std::clamp<int64_t>(k, 1, 16);
+  k = std::clamp<int64_t>(k, 1, 64);
   p.seg_len = k * tile;
   p.num_seg = CeilDiv(p.len, p.seg_len);
   const int64_t rows = p.batch * p.dim * p.num_seg;
+  // The pre-pass also leaves the checkpoints at tile starts, so it runs whenever a segment has
+  // more than one tile, even with one segment.
+  const bool pre = p.num_seg > 1 || p.len > tile;
   Workspace ws(stream);
-  if (p.num_seg > 1) {
+  if (pre) {
     ws.Reserve(&p.ws_s, rows * 16);
     ws.Reserve(&p.ws_r, rows * 16);
+    ws.Reserve(&p.ws_sum, rows);
+    ws.Reserve(&p.ws_ck, rows * (k - 1) * 16);
+    ws.Reserve(&p.ws_cks, rows * (k - 1));
+  }
+  if (p.num_seg > 1) {
     ws.Reserve(&p.ws_hin, rows * 16);
     ws.Reserve(&p.ws_gin, rows * 16);
-    ws.Reserve(&p.ws_sum, rows);
   }
   ws.Reserve(&p.ws_dA, rows * 16);
   ws.Reserve(&p.ws_dD, rows);
   ws.Reserve(&p.ws_dbias, rows);
   if (p.chan_warps > 1) ws.Reserve(&p.ws_dbc, p.chan_warps * p.batch * p.len * p.groups * 32);
   if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
+  if (pre) {
+    ScopedRange range("scan_bwd_segments");
+    LaunchTiledPre<T>(p, true, p.num_seg, stream);
+  }
   if (p.num_seg > 1) {
-    {
-      ScopedRange range("scan_bwd_segments");
-      LaunchTiledPre<T>(p, true, p.num_seg, stream);
-    }
     ScopedRange range("scan_bwd_compose");
     LaunchCompose(p, true, stream);
   }

@@ -33,6 +33,10 @@ struct Params : ScanProblem {
   float* ws_sum = nullptr;  // sum of the step sizes of each segment
   float* ws_hin = nullptr;  // state entering each segment
   float* ws_gin = nullptr;  // state gradient entering each segment at its end
+  // Tiled backward: zero-start state and step-size sum at the start of each tile after a
+  // segment's first: [b][d][seg][tile - 1][n] and [b][d][seg][tile - 1].
+  float* ws_ck = nullptr;
+  float* ws_cks = nullptr;
   // Accumulators over state slices when N > kNT: [b][t][d].
   float* ws_yacc = nullptr;
   float* ws_duacc = nullptr;

@@ -238,35 +238,48 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
     if (tb + kTT < t1) {
       LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, tb + kTT, t1, nx);
     }
+    // Halves of kBT steps: the backward pre-pass leaves a checkpoint at each backward tile start.
+    for (int hf = 0; hf < kTT / kBT; ++hf) {
 #pragma unroll 8
-    for (int tt = 0; tt < kTT; ++tt) {
-      const float dt = s.dt[tt][ch], dtu = s.dtu[tt][ch];
-      const float4 b4 = s.bm[tt][sl];
-      const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
-      float e[4];
+      for (int t2 = 0; t2 < kBT; ++t2) {
+        const int tt = hf * kBT + t2;
+        const float dt = s.dt[tt][ch], dtu = s.dtu[tt][ch];
+        const float4 b4 = s.bm[tt][sl];
+        const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
+        float e[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        e[j] = Ex2(dt * a2[j]);
-        h[j] = fmaf(e[j], h[j], dtu * bv[j]);
-      }
-      if constexpr (kMain || kBwd) {
-        const float4 c4 = s.cm[tt][sl];
-        const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
-        if constexpr (kMain) {
-          float y = cv[0] * h[0];
+        for (int j = 0; j < 4; ++j) {
+          e[j] = Ex2(dt * a2[j]);
+          h[j] = fmaf(e[j], h[j], dtu * bv[j]);
+        }
+        if constexpr (kMain || kBwd) {
+          const float4 c4 = s.cm[tt][sl];
+          const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
+          if constexpr (kMain) {
+            float y = cv[0] * h[0];
 #pragma unroll
-          for (int j = 1; j < 4; ++j) y = fmaf(cv[j], h[j], y);
-          reinterpret_cast<float*>(&yp[tt][ch])[sl] = y;
-        } else {
-          const float dy = s.dy[tt][ch];
+            for (int j = 1; j < 4; ++j) y = fmaf(cv[j], h[j], y);
+            reinterpret_cast<float*>(&yp[tt][ch])[sl] = y;
+          } else {
+            const float dy = s.dy[tt][ch];
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            P[j] *= e[j];
-            r[j] = fmaf(P[j], cv[j] * dy, r[j]);
+            for (int j = 0; j < 4; ++j) {
+              P[j] *= e[j];
+              r[j] = fmaf(P[j], cv[j] * dy, r[j]);
+            }
           }
         }
+        if constexpr (!kMain) sum += dt;
       }
-      if constexpr (!kMain) sum += dt;
+      if constexpr (kBwd) {
+        // Zero-start state and step sum at the start of the segment's next backward tile.
+        const int64_t next = tb + (hf + 1) * kBT;
+        if (cok && next < t1) {
+          const int64_t ci = row * (p.seg_len / kBT - 1) + (next - t0) / kBT - 1;
+          reinterpret_cast<float4*>(p.ws_ck)[ci * 4 + sl] = make_float4(h[0], h[1], h[2], h[3]);
+          if (sl == 0) p.ws_cks[ci] = sum;
+        }
+      }
     }
     __syncthreads();
     if constexpr (kMain) {
@@ -302,10 +315,9 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
   }
 }
 
-// Backward main pass. A segment is p.seg_len / kBT tiles. A forward sweep from the segment's
-// entering state leaves a checkpoint at each tile start (shared memory); then from the last tile
-// back, each tile's states are recomputed into shared memory and walked backwards with the
-// state gradient g.
+// Backward main pass. A segment is p.seg_len / kBT tiles. From the last tile back, each tile's
+// states are recomputed into shared memory from its entering state (the pre-pass's checkpoint
+// plus the decayed segment entering state) and walked backwards with the state gradient g.
 struct BwdSmem {
   StepSmem<kBT, true, true> s;
   // State before each step, per thread. Once a warp has read its row tt, the row's first 64
@@ -327,7 +339,6 @@ template <typename T>
 __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, int64_t cpg) {
   extern __shared__ float4 dyn[];
   BwdSmem& sm = *reinterpret_cast<BwdSmem*>(dyn);
-  float4* ck = dyn + sizeof(BwdSmem) / sizeof(float4);  // [tile][thread]
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
   const int tid = threadIdx.x, ch = tid >> 2, sl = tid & 3, lane = tid & 31, warp = tid >> 5;
@@ -357,45 +368,28 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
     }
   }
   const int ntiles = static_cast<int>(CeilDivDev(t1 - t0, kBT));
-  // Forward sweep: checkpoints at tile starts. Each tile's loads are issued one tile ahead.
+  const int64_t ck_row = row * (p.seg_len / kBT - 1);
   Raw<T, kBT> rr;  // next tile of the backward walk
-  if (ntiles > 1) {
-    Raw<T, kBT> rs;
-    LoadRaw<T, kBT, true, false, false, false>(p, k, t0, t1, rs);
-    for (int r = 0; r + 1 < ntiles; ++r) {
-      ck[r * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
-      const int64_t tb = t0 + r * kBT;
-      __syncthreads();  // previous readers of sm.s are done
-      PrepTile<T, kBT, false, false, false>(p, k, tb, t1, bias, rs, sm.s);
-      __syncthreads();
-      if (r + 2 < ntiles) {
-        LoadRaw<T, kBT, true, false, false, false>(p, k, tb + kBT, t1, rs);
-      } else {
-        LoadRaw<T, kBT, true, true, true, true>(p, k, tb + kBT, t1, rr);
-      }
-#pragma unroll 4
-      for (int tt = 0; tt < kBT; ++tt) {
-        const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
-        const float4 b4 = sm.s.bm[tt][sl];
-        const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) h[j] = fmaf(Ex2(dt * a2[j]), h[j], dtu * bv[j]);
-      }
-    }
-  } else {
-    LoadRaw<T, kBT, true, true, true, true>(p, k, t0, t1, rr);
-  }
-  ck[(ntiles - 1) * kTh + tid] = make_float4(h[0], h[1], h[2], h[3]);
+  LoadRaw<T, kBT, true, true, true, true>(p, k, t0 + (ntiles - 1) * kBT, t1, rr);
   float dD_acc = 0.f, dbias_acc = 0.f;
   const bool one_block = cpg == 1;
   for (int r = ntiles - 1; r >= 0; --r) {
     const int64_t tb = t0 + r * kBT;
+    // The state entering tile r: the pre-pass's zero-start state there plus the decayed state
+    // entering the segment (no forward sweep).
+    float hh[4] = {h[0], h[1], h[2], h[3]};
+    if (r > 0 && cok) {
+      const int64_t ci = ck_row + r - 1;
+      const float4 c = reinterpret_cast<const float4*>(p.ws_ck)[ci * 4 + sl];
+      const float sdt = p.ws_cks[ci];
+      const float cv[4] = {c.x, c.y, c.z, c.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) hh[j] = fmaf(Ex2(a2[j] * sdt), h[j], cv[j]);
+    }
     __syncthreads();
     PrepTile<T, kBT, true, true, true>(p, k, tb, t1, bias, rr, sm.s);
     __syncthreads();
     if (r > 0) LoadRaw<T, kBT, true, true, true, true>(p, k, tb - kBT, t1, rr);
-    const float4 hc = ck[r * kTh + tid];
-    float hh[4] = {hc.x, hc.y, hc.z, hc.w};
 #pragma unroll 4
     for (int tt = 0; tt < kBT; ++tt) {
       const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
@@ -559,9 +553,7 @@ void LaunchTiledForward(const Params& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream) {
-  const int64_t tiles = CeilDiv(p.seg_len, kBT);
-  const size_t smem = sizeof(BwdSmem) + tiles * kTh * sizeof(float4);
-  if (smem > 200 * 1024) return cudaErrorInvalidValue;
+  const size_t smem = sizeof(BwdSmem);
   static const cudaError_t attr = cudaFuncSetAttribute(
       TiledBackwardKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
   if (attr != cudaSuccess) return attr;
