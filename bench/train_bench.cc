@@ -2,7 +2,8 @@
 // tokens/s, step time, peak device memory and a per-phase breakdown (from per-op CUDA events),
 // and writes JSON. Defaults: Mamba-130M (d_model 768, 24 layers, vocab 50280 padded to 50280,
 // N 16) at batch 8, seqlen 2048.
-//   train_bench [--d_model 768 --n_layer 24 --batch 8 --seq_len 2048 --steps 10] [--json out.json]
+//   train_bench [--d_model 768 --n_layer 24 --batch 8 --seq_len 2048 --steps 10]
+//               [--precision fp32|tf32|bf16] [--json out.json]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -27,7 +28,9 @@ ABSL_FLAG(int64_t, seq_len, 2048, "tokens per sequence");
 ABSL_FLAG(int64_t, steps, 10, "timed steps");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps first");
 ABSL_FLAG(std::string, backend, "cuda", "cuda or cpu");
-ABSL_FLAG(bool, tf32, false, "allow TF32 tensor cores in the fp32 GEMMs (cuda)");
+ABSL_FLAG(std::string, precision, "fp32",
+          "GEMM precision on cuda: fp32 (exact), tf32 (TF32 tensor cores) or bf16 (bf16 operands, "
+          "fp32 accumulation)");
 ABSL_FLAG(std::string, json, "", "write results here");
 
 namespace {
@@ -59,6 +62,7 @@ int main(int argc, char** argv) {
   const int64_t B = absl::GetFlag(FLAGS_batch), L = absl::GetFlag(FLAGS_seq_len);
   const int64_t steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
   const std::string backend_name = absl::GetFlag(FLAGS_backend);
+  const std::string precision = absl::GetFlag(FLAGS_precision);
 
   std::unique_ptr<mamba::Backend> backend;
 #ifdef MAMBA_HAS_CUDA
@@ -68,13 +72,21 @@ int main(int argc, char** argv) {
       return 2;
     }
     mamba::CudaBackendOptions options;
-    options.allow_tf32 = absl::GetFlag(FLAGS_tf32);
+    if (precision == "tf32") {
+      options.gemm_precision = mamba::GemmPrecision::kTf32;
+    } else if (precision == "bf16") {
+      options.gemm_precision = mamba::GemmPrecision::kBf16;
+    } else if (precision != "fp32") {
+      std::fprintf(stderr, "train_bench: --precision must be fp32, tf32 or bf16\n");
+      return 2;
+    }
     backend = mamba::MakeCudaBackend(options);
   }
 #endif
   if (!backend) {
-    if (backend_name != "cpu") {
-      std::fprintf(stderr, "train_bench: backend %s not available\n", backend_name.c_str());
+    if (backend_name != "cpu" || precision != "fp32") {
+      std::fprintf(stderr, "train_bench: backend %s with %s GEMMs not available\n",
+                   backend_name.c_str(), precision.c_str());
       return 2;
     }
     backend = mamba::MakeCpuBackend();
@@ -84,10 +96,12 @@ int main(int argc, char** argv) {
   model.Initialize(1);
   mamba::OptimizerConfig oc;
   mamba::AdamWOptimizer opt(oc, backend.get(), &model.parameters());
-  std::printf("train_bench: %s backend, d_model %ld x %ld layers, vocab %ld, N %ld: %.1fM parameters; "
-              "batch %ld x %ld tokens\n",
-              backend->name().c_str(), long(c.d_model), long(c.n_layer), long(c.vocab_size),
-              long(c.d_state), model.num_parameters() / 1e6, long(B), long(L));
+  std::printf(
+      "train_bench: %s backend, %s GEMMs, d_model %ld x %ld layers, vocab %ld, N %ld: %.1fM "
+      "parameters; "
+      "batch %ld x %ld tokens\n",
+      backend->name().c_str(), precision.c_str(), long(c.d_model), long(c.n_layer),
+      long(c.vocab_size), long(c.d_state), model.num_parameters() / 1e6, long(B), long(L));
 
   std::mt19937 rng(7);
   Tensor inputs = Tensor::Empty({B, L}, mamba::DType::kI32);
@@ -144,6 +158,7 @@ int main(int argc, char** argv) {
   if (!out.empty()) {
     nlohmann::json j;
     j["backend"] = backend->name();
+    j["precision"] = precision;
     j["d_model"] = c.d_model;
     j["n_layer"] = c.n_layer;
     j["vocab"] = c.vocab_size;

@@ -114,10 +114,17 @@ class Backend {
 std::unique_ptr<Backend> MakeCpuBackend();
 
 #ifdef MAMBA_HAS_CUDA
+// How the CUDA backend's GEMMs (LinearForward/LinearBackward) multiply; tensors stay fp32 in
+// every mode.
+enum class GemmPrecision {
+  kFp32,  // exact fp32 (no tensor cores): the debugging and test mode
+  kTf32,  // TF32 tensor cores on the fp32 operands: about 1e-3 relative error
+  kBf16,  // mamba_ssm's AMP: operands rounded to bf16, fp32 accumulation, fp32 outputs
+};
+
 struct CudaBackendOptions {
   int device = 0;
-  // TF32 tensor cores in the fp32 GEMMs: faster, about 1e-3 relative error. Off: exact fp32.
-  bool allow_tf32 = false;
+  GemmPrecision gemm_precision = GemmPrecision::kFp32;
 };
 
 // Number of visible CUDA devices; 0 when there is no driver or no device.

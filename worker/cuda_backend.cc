@@ -186,6 +186,24 @@ class CudaBackend final : public Backend {
     const cublasStatus_t st = cublasCreate(&cublas_);
     MAMBA_CHECK(st == CUBLAS_STATUS_SUCCESS) << "cuBLAS init failed: " << cublasGetStatusString(st);
     MAMBA_CHECK(cublasSetStream(cublas_, stream_) == CUBLAS_STATUS_SUCCESS);
+    // Deterministic GEMMs: one stream, no atomics-based (split-K) reductions. Only fp32 outputs,
+    // so reduced-precision reductions never apply; disallowed anyway.
+    MAMBA_CHECK(cublasSetAtomicsMode(cublas_, CUBLAS_ATOMICS_NOT_ALLOWED) == CUBLAS_STATUS_SUCCESS);
+    MAMBA_CHECK(cublasSetMathMode(cublas_,
+                                  cublasMath_t(CUBLAS_DEFAULT_MATH |
+                                               CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)) ==
+                CUBLAS_STATUS_SUCCESS);
+    switch (options.gemm_precision) {
+      case GemmPrecision::kFp32:
+        gemm_ = kernels::GemmPrecision::kFp32;
+        break;
+      case GemmPrecision::kTf32:
+        gemm_ = kernels::GemmPrecision::kTf32;
+        break;
+      case GemmPrecision::kBf16:
+        gemm_ = kernels::GemmPrecision::kBf16;
+        break;
+    }
     RegisterAllocator(Device::kCUDA, CudaAllocate);
     scalars_dev_ = CudaAllocate(sizeof(DeviceScalars));
     MAMBA_CUDA_CHECK("init", cudaMallocHost(&scalars_host_, sizeof(DeviceScalars)));
@@ -307,8 +325,9 @@ class CudaBackend final : public Backend {
     const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(x.dim(-1) == K && y.numel() == M * N && (!bias.defined() || bias.numel() == N))
         << "linear: x " << x.DebugString() << " w " << w.DebugString() << " y " << y.DebugString();
-    kernels::LinearForwardCuda(cublas_, options_.allow_tf32, M, N, K, In(x, op), In(w, op),
-                               OptIn(bias, op), Out(y, op), stream_);
+    kernels::LinearForwardCuda(
+        cublas_, gemm_, M, N, K, In(x, op), In(w, op), OptIn(bias, op), Out(y, op),
+        Workspace(kernels::LinearForwardWorkspaceBytes(gemm_, M, N, K)), stream_);
   }
   void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
                       Tensor& dbias) override {
@@ -319,9 +338,10 @@ class CudaBackend final : public Backend {
                 (!dx.defined() || dx.numel() == M * K) && (!dbias.defined() || dbias.numel() == N))
         << "linear backward: dy " << dy.DebugString() << " x " << x.DebugString() << " w "
         << w.DebugString();
-    kernels::LinearBackwardCuda(cublas_, options_.allow_tf32, M, N, K, In(dy, op), In(x, op),
-                                In(w, op), OptOut(dx, op), Out(dw, op), OptOut(dbias, op),
-                                Workspace(kernels::LinearBackwardWorkspaceBytes(M, N)), stream_);
+    kernels::LinearBackwardCuda(cublas_, gemm_, M, N, K, In(dy, op), In(x, op), In(w, op),
+                                OptOut(dx, op), Out(dw, op), OptOut(dbias, op),
+                                Workspace(kernels::LinearBackwardWorkspaceBytes(gemm_, M, N, K)),
+                                stream_);
   }
 
   void CausalConv1dForward(const Tensor& x, const Tensor& weight, const Tensor& bias,
@@ -574,6 +594,7 @@ class CudaBackend final : public Backend {
   }
 
   CudaBackendOptions options_;
+  kernels::GemmPrecision gemm_ = kernels::GemmPrecision::kFp32;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   std::shared_ptr<void> scalars_dev_;

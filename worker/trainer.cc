@@ -65,12 +65,16 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const v1::JobSpec& spec) {
         "backend: \"cuda\" needs a CUDA device and none is visible (no GPU, no driver, or "
         "CUDA_VISIBLE_DEVICES hides them); use \"cpu\"");
   }
-  if (spec.precision() != "fp32") {
-    return absl::FailedPreconditionError(
-        absl::StrCat("precision: the cuda backend trains in fp32 only for now, got \"",
-                     spec.precision(), "\""));
+  // job_spec.cc admits "fp32" and "bf16" only. bf16 is mamba_ssm's AMP for the linears: bf16
+  // GEMM operands, fp32 accumulation, fp32 master weights, scan state and residual stream.
+  CudaBackendOptions options;
+  if (spec.precision() == "bf16") {
+    options.gemm_precision = GemmPrecision::kBf16;
+  } else if (spec.precision() != "fp32") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("precision: must be \"fp32\" or \"bf16\", got \"", spec.precision(), "\""));
   }
-  return MakeCudaBackend();
+  return MakeCudaBackend(options);
 #else
   return absl::FailedPreconditionError(
       "backend: \"cuda\" is not available in this build (CUDA was not found when it was "

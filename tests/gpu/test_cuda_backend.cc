@@ -13,6 +13,7 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "tests/test_util.h"
@@ -255,7 +256,7 @@ TEST_F(CudaBackendTest, Linear) {
 TEST_F(CudaBackendTest, LinearWithTf32) {
   // TF32 operands keep 10 mantissa bits: about 1e-3 relative error, not 1e-5.
   CudaBackendOptions options;
-  options.allow_tf32 = true;
+  options.gemm_precision = GemmPrecision::kTf32;
   std::unique_ptr<Backend> tf32 = MakeCudaBackend(options);
   const int64_t M = 257, N = 129, K = 515;
   const std::vector<float> x = Rand(M * K), w = Rand(N * K), b = Rand(N);
@@ -264,6 +265,73 @@ TEST_F(CudaBackendTest, LinearWithTf32) {
   cpu_->LinearForward(Ref({M, K}, x), Ref({N, K}, w), Ref({N}, b), ry);
   tf32->ToHost(gy);  // waits for the second backend's stream
   ExpectClose(gy, ry, "tf32 linear y", 5e-3);
+}
+
+// float32 rounded to bf16 (nearest even) and back, as __float2bfloat16_rn does for finite values.
+std::vector<float> RoundToBf16(const std::vector<float>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &v[i], 4);
+    bits = (bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff0000u;
+    std::memcpy(&out[i], &bits, 4);
+  }
+  return out;
+}
+
+TEST_F(CudaBackendTest, LinearWithBf16) {
+  // bf16 operands keep 8 mantissa bits: within 1e-2 of the float64 product of the fp32 inputs;
+  // and, since the products accumulate in fp32, within fp32 tolerance of the float64 product of
+  // the bf16-rounded inputs (which shows the operands really were rounded, to nearest even).
+  CudaBackendOptions options;
+  options.gemm_precision = GemmPrecision::kBf16;
+  std::unique_ptr<Backend> bf16 = MakeCudaBackend(options);
+  // The first shape's operand sizes are not multiples of 4 (the scalar conversion path), the
+  // second's are (the vectorized one).
+  for (const auto& [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{133, 67, 259},
+                                std::tuple<int64_t, int64_t, int64_t>{256, 96, 512}}) {
+    SCOPED_TRACE(::testing::Message() << "M " << M << " N " << N << " K " << K);
+    const std::vector<float> x = Rand(M * K), w = Rand(N * K), b = Rand(N), dy = Rand(M * N),
+                             dw0 = Rand(N * K), db0 = Rand(N);
+    const std::vector<float> xr = RoundToBf16(x), wr = RoundToBf16(w), dyr = RoundToBf16(dy);
+    ASSERT_NE(xr, x);  // the rounded reference differs from the exact one
+
+    Tensor gy = Poisoned({M, N}), gy2 = Poisoned({M, N});
+    Tensor ry = cpu_->Empty({M, N}, DType::kF64), ryr = cpu_->Empty({M, N}, DType::kF64);
+    bf16->LinearForward(Gpu({M, K}, x), Gpu({N, K}, w), Gpu({N}, b), gy);
+    bf16->LinearForward(Gpu({M, K}, x), Gpu({N, K}, w), Gpu({N}, b), gy2);
+    cpu_->LinearForward(Ref({M, K}, x), Ref({N, K}, w), Ref({N}, b), ry);
+    cpu_->LinearForward(Ref({M, K}, xr), Ref({N, K}, wr), Ref({N}, b), ryr);
+    bf16->ToHost(gy2);  // waits for the bf16 backend's stream
+    ExpectClose(gy, ry, "bf16 linear y", 1e-2);
+    ExpectClose(gy, ryr, "bf16 linear y vs rounded operands");
+    ExpectSameBits(gy, gy2, "bf16 linear y");
+
+    Tensor gdx = Poisoned({M, K}), gdw = Gpu({N, K}, dw0), gdb = Gpu({N}, db0);
+    Tensor gdx2 = Poisoned({M, K}), gdw2 = Gpu({N, K}, dw0), gdb2 = Gpu({N}, db0);
+    Tensor rdx = cpu_->Empty({M, K}, DType::kF64), rdw = Ref({N, K}, dw0), rdb = Ref({N}, db0);
+    Tensor rdxr = cpu_->Empty({M, K}, DType::kF64), rdwr = Ref({N, K}, dw0), rdbr = Ref({N}, db0);
+    bf16->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w), gdx, gdw, gdb);
+    bf16->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w), gdx2, gdw2, gdb2);
+    cpu_->LinearBackward(Ref({M, N}, dy), Ref({M, K}, x), Ref({N, K}, w), rdx, rdw, rdb);
+    cpu_->LinearBackward(Ref({M, N}, dyr), Ref({M, K}, xr), Ref({N, K}, wr), rdxr, rdwr, rdbr);
+    bf16->ToHost(gdb2);
+    ExpectClose(gdx, rdx, "bf16 linear dx", 1e-2);
+    ExpectClose(gdw, rdw, "bf16 linear dw", 1e-2);
+    ExpectClose(gdx, rdxr, "bf16 linear dx vs rounded operands");
+    ExpectClose(gdw, rdwr, "bf16 linear dw vs rounded operands");
+    // dbias sums the fp32 dy exactly as in fp32 mode.
+    ExpectClose(gdb, rdb, "bf16 linear dbias");
+    ExpectSameBits(gdx, gdx2, "bf16 linear dx");
+    ExpectSameBits(gdw, gdw2, "bf16 linear dw");
+    ExpectSameBits(gdb, gdb2, "bf16 linear dbias");
+
+    // dx is optional (no bf16 copy of w then).
+    Tensor none, gdw3 = Gpu({N, K}, dw0);
+    bf16->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w), none, gdw3, none);
+    bf16->ToHost(gdw3);
+    ExpectSameBits(gdw3, gdw, "bf16 linear dw without dx");
+  }
 }
 
 TEST_F(CudaBackendTest, CausalConv1d) {
