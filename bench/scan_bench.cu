@@ -4,7 +4,7 @@
 // floor (device copy bandwidth measured in the same run), the exponential-throughput floor and the
 // ratio to the official kernel; writes JSON with --json PATH.
 //
-//   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--fwd-min-threads N] [--bwd-tiles K] [--fwd-lanes 4|8] [--v2]
+//   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--fwd-min-threads N] [--bwd-tiles K] [--fwd-lanes 2|4|8] [--v2]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -149,7 +149,7 @@ int main(int argc, char** argv) {
     } else if (a == "--v2") {
       tuning.force_v2 = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--json PATH] [--runs N] [--rows i,j] [--fwd-min-threads N] [--bwd-tiles K] [--fwd-lanes 4|8] [--v2]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--json PATH] [--runs N] [--rows i,j] [--fwd-min-threads N] [--bwd-tiles K] [--fwd-lanes 2|4|8] [--v2]\n", argv[0]);
       return 2;
     }
   }

@@ -1,6 +1,7 @@
 // Host side of the CUDA selective scan: work split, workspace, launches (each in an NVTX range).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "profiling/nvtx.h"
 #include "worker/kernels/selective_scan_cuda.h"
@@ -170,8 +171,14 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   const int64_t tile = TiledForwardTile();
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
-  // Lanes per channel: 8 by default (v6: more warps for the latency-bound forward).
-  const int lanes = tuning.fwd_lanes == 4 ? 4 : 8;
+  // Lanes per channel (2, 4 or 8); MAMBA_SCAN_FWD_LANES sets the default, so that the tests
+  // can cover each variant.
+  static const int env_lanes = [] {
+    const char* e = std::getenv("MAMBA_SCAN_FWD_LANES");
+    return e ? std::atoi(e) : 0;
+  }();
+  int lanes = tuning.fwd_lanes > 0 ? tuning.fwd_lanes : env_lanes > 0 ? env_lanes : 4;
+  if (lanes != 2 && lanes != 8) lanes = 4;
   const int64_t threads = p.chan_blocks * 32 * lanes;
   // Measured on H100: a split costs a second exponential pass, which only pays off when fewer
   // than ~128 threads per SM run (B = 1 rows); then split to ~2048 per SM.

@@ -199,7 +199,11 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
 // kS consecutive states n0.. of a float4[4] row of 16 (Bm or Cm at one step).
 template <int kS>
 __device__ __forceinline__ void StateSlice(const float4 (&row)[4], int sl, float (&v)[kS]) {
-  if constexpr (kS == 4) {
+  if constexpr (kS == 8) {
+    const float4 q = row[2 * sl], w = row[2 * sl + 1];
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    v[4] = w.x, v[5] = w.y, v[6] = w.z, v[7] = w.w;
+  } else if constexpr (kS == 4) {
     const float4 q = row[sl];
     v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
   } else {
@@ -214,7 +218,7 @@ __device__ __forceinline__ void StateSlice(const float4 (&row)[4], int sl, float
 // 4 lanes for the same channels, which row (8,1536,2048) needs (< 3 blocks per SM at 4 lanes).
 template <int kMode, bool kF32, int kL>
 constexpr int ScanMinBlocks() {
-  return kL == 8 ? 3 : kMode == kBwdPre || !kF32 ? 4 : 6;
+  return kL == 2 ? 8 : kL == 8 ? 3 : kMode == kBwdPre || !kF32 ? 4 : 6;
 }
 
 template <typename T, int kMode, int kL>
@@ -316,12 +320,18 @@ __global__ void __launch_bounds__(kCh * kL, ScanMinBlocks<kMode, std::is_same_v<
         const int tt = (tid >> 5) + kNT / 32 * i;
         if (!ceok || tb + tt >= t1) continue;
         // The lanes' partials in a fixed order (pairs, then pairs of pairs).
-        const float4* q4 = reinterpret_cast<const float4*>(yp[tt][ce]);
-        const float4 q = q4[0];
-        float y = (q.x + q.y) + (q.z + q.w);
-        if constexpr (kL == 8) {
-          const float4 w = q4[1];
-          y += (w.x + w.y) + (w.z + w.w);
+        float y;
+        if constexpr (kL == 2) {
+          const float2 q = *reinterpret_cast<const float2*>(yp[tt][ce]);
+          y = q.x + q.y;
+        } else {
+          const float4* q4 = reinterpret_cast<const float4*>(yp[tt][ce]);
+          const float4 q = q4[0];
+          y = (q.x + q.y) + (q.z + q.w);
+          if constexpr (kL == 8) {
+            const float4 w = q4[1];
+            y += (w.x + w.y) + (w.z + w.w);
+          }
         }
         y = fmaf(dsk, s.u[tt][ce], y);
         if (p.z.p) {
@@ -574,6 +584,8 @@ void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, int lanes, cudaStre
   const int64_t blocks = p.chan_blocks * segs;
   if (bwd) {
     TiledScanKernel<T, kBwdPre, 4><<<blocks, kTh, 0, stream>>>(p);
+  } else if (lanes == 2) {
+    TiledScanKernel<T, kFwdPre, 2><<<blocks, kTh / 2, 0, stream>>>(p);
   } else if (lanes == 4) {
     TiledScanKernel<T, kFwdPre, 4><<<blocks, kTh, 0, stream>>>(p);
   } else {
@@ -587,6 +599,8 @@ void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream) {
   const size_t yp = kFT * kCh * lanes * sizeof(float);
   // Static StepSmem plus the partials pass 48 KB at 8 lanes.
   static const bool attr = [] {
+    cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 2>,
+                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
     cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 4>,
                          cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
     cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 8>,
@@ -594,7 +608,9 @@ void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream) {
     return true;
   }();
   (void)attr;
-  if (lanes == 4) {
+  if (lanes == 2) {
+    TiledScanKernel<T, kFwdMain, 2><<<blocks, kTh / 2, yp, stream>>>(p);
+  } else if (lanes == 4) {
     TiledScanKernel<T, kFwdMain, 4><<<blocks, kTh, yp, stream>>>(p);
   } else {
     TiledScanKernel<T, kFwdMain, 8><<<blocks, 2 * kTh, yp, stream>>>(p);
