@@ -4,7 +4,7 @@
 // floor (device copy bandwidth measured in the same run), the exponential-throughput floor and the
 // ratio to the official kernel; writes JSON with --json PATH.
 //
-//   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--fwd-min-threads N] [--bwd-tiles K] [--v2]
+//   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--fwd-min-threads N] [--bwd-tiles K] [--fwd-lanes 2|4|8] [--v2]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -144,10 +144,12 @@ int main(int argc, char** argv) {
       tuning.fwd_min_threads = std::atoll(argv[++i]);
     } else if (a == "--bwd-tiles" && i + 1 < argc) {
       tuning.bwd_tiles = std::atoll(argv[++i]);
+    } else if (a == "--fwd-lanes" && i + 1 < argc) {
+      tuning.fwd_lanes = std::atoi(argv[++i]);
     } else if (a == "--v2") {
       tuning.force_v2 = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--json PATH] [--runs N] [--rows i,j] [--fwd-min-threads N] [--bwd-tiles K] [--v2]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--json PATH] [--runs N] [--rows i,j] [--fwd-min-threads N] [--bwd-tiles K] [--fwd-lanes 2|4|8] [--v2]\n", argv[0]);
       return 2;
     }
   }

@@ -1,6 +1,7 @@
 // Host side of the CUDA selective scan: work split, workspace, launches (each in an NVTX range).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "profiling/nvtx.h"
 #include "worker/kernels/selective_scan_cuda.h"
@@ -170,7 +171,15 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   const int64_t tile = TiledForwardTile();
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
-  const int64_t threads = p.chan_blocks * 128;
+  // Lanes per channel (2, 4 or 8); MAMBA_SCAN_FWD_LANES sets the default, so that the tests
+  // can cover each variant.
+  static const int env_lanes = [] {
+    const char* e = std::getenv("MAMBA_SCAN_FWD_LANES");
+    return e ? std::atoi(e) : 0;
+  }();
+  int lanes = tuning.fwd_lanes > 0 ? tuning.fwd_lanes : env_lanes > 0 ? env_lanes : 4;
+  if (lanes != 2 && lanes != 8) lanes = 4;
+  const int64_t threads = p.chan_blocks * 32 * lanes;
   // Measured on H100: a split costs a second exponential pass, which only pays off when fewer
   // than ~128 threads per SM run (B = 1 rows); then split to ~2048 per SM.
   const int64_t want = tuning.fwd_min_threads > 0 ? tuning.fwd_min_threads : SmCount() * 2048LL;
@@ -190,14 +199,14 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   if (p.num_seg > 1) {
     {
       ScopedRange range("scan_fwd_segments");
-      LaunchTiledPre<T>(p, false, p.num_seg - 1, stream);
+      LaunchTiledPre<T>(p, false, p.num_seg - 1, lanes, stream);
     }
     ScopedRange range("scan_fwd_compose");
     LaunchCompose(p, false, stream);
   }
   {
     ScopedRange range("scan_fwd");
-    LaunchTiledForward<T>(p, stream);
+    LaunchTiledForward<T>(p, lanes, stream);
   }
   return cudaGetLastError();
 }
@@ -241,7 +250,7 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
   if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
   if (pre) {
     ScopedRange range("scan_bwd_segments");
-    LaunchTiledPre<T>(p, true, p.num_seg, stream);
+    LaunchTiledPre<T>(p, true, p.num_seg, 4, stream);
   }
   if (p.num_seg > 1) {
     ScopedRange range("scan_bwd_compose");

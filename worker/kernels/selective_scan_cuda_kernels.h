@@ -29,14 +29,15 @@ void LaunchSumParts(const float* part, int64_t parts, int64_t count, float* out,
 template <typename T>
 void LaunchReduceBC(const Params& p, cudaStream_t stream);
 
-// Tiled kernels for N == 16 (selective_scan_tiled.cu): 32 channels x 4 state slices a block.
-// p.chan_warps holds channel blocks per group and p.chan_blocks blocks per segment.
+// Tiled kernels for N == 16 (selective_scan_tiled.cu): 32 channels x 4 state slices a block
+// (forward: `lanes` 4 or 8 slices). p.chan_warps holds channel blocks per group and
+// p.chan_blocks blocks per segment.
 int TiledForwardTile();
 int TiledBackwardTile();
 template <typename T>
-void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, cudaStream_t stream);
+void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, int lanes, cudaStream_t stream);
 template <typename T>
-void LaunchTiledForward(const Params& p, cudaStream_t stream);
+void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream);
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream);
 

@@ -90,9 +90,9 @@ __device__ __forceinline__ float ToF(Bits<T> x) {
   }
 }
 
-template <typename T, int kTT>
+template <typename T, int kTT, int kNT = kTh>
 struct Raw {
-  static constexpr int kA = kTT * kCh / kTh, kB = kTT * 16 / kTh;
+  static constexpr int kA = kTT * kCh / kNT, kB = kTT * 16 / kNT;
   Bits<T> u[kA], dl[kA], z[kA], dout[kA];
   Bits<T> bm[kB], cm[kB];
 };
@@ -105,9 +105,11 @@ __device__ __forceinline__ const Bits<T>* ActAt(const Strided3& a, int64_t b, in
   return static_cast<const Bits<T>*>(a.p) + (b * a.sb + t * a.sl + d * a.sd);
 }
 
-template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC>
+// kNT threads stage a tile: activations kNT / 32 steps apart, Bm/Cm kNT / 16 steps apart.
+template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC, int kNT = kTh>
 __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int64_t tb,
-                                        int64_t t1, Raw<T, kTT>& r) {
+                                        int64_t t1, Raw<T, kTT, kNT>& r) {
+  constexpr int kSa = kNT / 32, kSb = kNT / 16;
   const int tid = threadIdx.x;
   const int c = tid & 31;
   const bool cok = c < k.nvalid;
@@ -119,13 +121,13 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
   const Bits<T>* pz = ActAt<T>(p.z, k.b, ta, d);
   const Bits<T>* pdo = ActAt<T>(p.dout, k.b, ta, d);
 #pragma unroll
-  for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
-    const bool ok = cok && ta + 4 * i < t1;
+  for (int i = 0; i < Raw<T, kTT, kNT>::kA; ++i) {
+    const bool ok = cok && ta + kSa * i < t1;
     r.u[i] = r.z[i] = r.dout[i] = zero;
-    r.dl[i] = ok ? __ldg(pdl + 4 * i * p.delta.sl) : zero;
-    if constexpr (kU) r.u[i] = ok ? __ldg(pu + 4 * i * p.u.sl) : zero;
-    if constexpr (kZ) r.z[i] = ok && p.z.p ? __ldg(pz + 4 * i * p.z.sl) : zero;
-    if constexpr (kDout) r.dout[i] = ok ? __ldg(pdo + 4 * i * p.dout.sl) : zero;
+    r.dl[i] = ok ? __ldg(pdl + kSa * i * p.delta.sl) : zero;
+    if constexpr (kU) r.u[i] = ok ? __ldg(pu + kSa * i * p.u.sl) : zero;
+    if constexpr (kZ) r.z[i] = ok && p.z.p ? __ldg(pz + kSa * i * p.z.sl) : zero;
+    if constexpr (kDout) r.dout[i] = ok ? __ldg(pdo + kSa * i * p.dout.sl) : zero;
   }
   const int n = tid & 15;
   const int64_t tn = tb + (tid >> 4);
@@ -134,11 +136,11 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
   const Bits<T>* pc =
       static_cast<const Bits<T>*>(p.Cm.p) + (k.b * p.Cm.sb + tn * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn);
 #pragma unroll
-  for (int i = 0; i < Raw<T, kTT>::kB; ++i) {
-    const bool ok = tn + 8 * i < t1;
+  for (int i = 0; i < Raw<T, kTT, kNT>::kB; ++i) {
+    const bool ok = tn + kSb * i < t1;
     r.cm[i] = zero;
-    r.bm[i] = ok ? __ldg(pb + 8 * i * p.Bm.sl) : zero;
-    if constexpr (kC) r.cm[i] = ok ? __ldg(pc + 8 * i * p.Cm.sl) : zero;
+    r.bm[i] = ok ? __ldg(pb + kSb * i * p.Bm.sl) : zero;
+    if constexpr (kC) r.cm[i] = ok ? __ldg(pc + kSb * i * p.Cm.sl) : zero;
   }
 }
 
@@ -156,15 +158,16 @@ struct StepSmem {
 };
 
 // S: a StepSmem<kTT, ...> with room for what kDy and kEpi ask to write.
-template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S>
+template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S, int kNT = kTh>
 __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
-                                         int64_t t1, float bias, const Raw<T, kTT>& r, S& s) {
+                                         int64_t t1, float bias, const Raw<T, kTT, kNT>& r,
+                                         S& s) {
   const int tid = threadIdx.x;
   const int c = tid & 31;
   const bool cok = c < k.nvalid;
 #pragma unroll
-  for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
-    const int tt = (tid >> 5) + 4 * i;
+  for (int i = 0; i < Raw<T, kTT, kNT>::kA; ++i) {
+    const int tt = (tid >> 5) + kNT / 32 * i;
     const bool ok = cok && tb + tt < t1;
     float dsp = 0.f;
     const float dt = ok ? FastStepSize(ToF<T>(r.dl[i]) + bias, p.softplus, &dsp) : 0.f;
@@ -185,25 +188,52 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
   float* bm = reinterpret_cast<float*>(s.bm);
   float* cm = reinterpret_cast<float*>(s.cm);
 #pragma unroll
-  for (int i = 0; i < Raw<T, kTT>::kB; ++i) {
-    const int idx = tid + kTh * i;  // (tt, n) = (idx >> 4, idx & 15)
+  for (int i = 0; i < Raw<T, kTT, kNT>::kB; ++i) {
+    const int idx = tid + kNT * i;  // (tt, n) = (idx >> 4, idx & 15)
     bm[idx] = ToF<T>(r.bm[i]);
     if constexpr (kC) cm[idx] = ToF<T>(r.cm[i]);
   }
 }
 
 
-// Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode).
-template <typename T, int kMode>
-__global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, float> ? 4 : 6)
+// kS consecutive states n0.. of a float4[4] row of 16 (Bm or Cm at one step).
+template <int kS>
+__device__ __forceinline__ void StateSlice(const float4 (&row)[4], int sl, float (&v)[kS]) {
+  if constexpr (kS == 8) {
+    const float4 q = row[2 * sl], w = row[2 * sl + 1];
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    v[4] = w.x, v[5] = w.y, v[6] = w.z, v[7] = w.w;
+  } else if constexpr (kS == 4) {
+    const float4 q = row[sl];
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    static_assert(kS == 2);
+    const float2 q = reinterpret_cast<const float2*>(row)[sl];
+    v[0] = q.x, v[1] = q.y;
+  }
+}
+
+// Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode), with kL
+// lanes per channel, each owning 16 / kL states. The forward uses 8 lanes: twice the warps of
+// 4 lanes for the same channels, which row (8,1536,2048) needs (< 3 blocks per SM at 4 lanes).
+template <int kMode, bool kF32, int kL>
+constexpr int ScanMinBlocks() {
+  return kL == 2 ? 8 : kL == 8 ? 3 : kMode == kBwdPre || !kF32 ? 4 : 6;
+}
+
+template <typename T, int kMode, int kL>
+__global__ void __launch_bounds__(kCh * kL, ScanMinBlocks<kMode, std::is_same_v<T, float>, kL>())
     TiledScanKernel(const Params p) {
-  constexpr int kTT = kFT;
+  constexpr int kTT = kFT, kS = 16 / kL, kNT = kCh * kL;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
+  static_assert(!kBwd || kL == 4, "the backward checkpoints are written as float4 per lane");
   __shared__ StepSmem<kTT, kBwd, kMain> s;
-  __shared__ float4 yp[kTT][kCh];  // per-lane partial outputs, [t][channel][state slice]
+  // Per-lane partial outputs [kTT][kCh][kL] (main pass), dynamic: 32 KB at 8 lanes.
+  extern __shared__ float4 dyn[];
+  auto yp = reinterpret_cast<float (*)[kCh][kL]>(dyn);
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
-  const int tid = threadIdx.x, ch = tid >> 2, sl = tid & 3;
+  const int tid = threadIdx.x, ch = tid / kL, sl = tid % kL;
   const bool cok = ch < k.nvalid;
   const int64_t D = p.dim, S = p.num_seg;
   const int64_t d = k.d0 + (cok ? ch : 0);
@@ -216,10 +246,10 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
   const float bias = p.dt_bias ? p.dt_bias[de] : 0.f;
   const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
 
-  float a2[4], h[4], P[4], r[4];
+  float a2[kS], h[kS], P[kS], r[kS];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int n = 4 * sl + j;
+  for (int j = 0; j < kS; ++j) {
+    const int n = kS * sl + j;
     a2[j] = cok ? p.A[d * 16 + n] * kLog2e : 0.f;
     h[j] = 0.f, P[j] = 1.f, r[j] = 0.f;
     if constexpr (kMain) {
@@ -229,14 +259,15 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
     }
   }
   float sum = 0.f;
-  Raw<T, kTT> nx;
-  LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, t0, t1, nx);
+  Raw<T, kTT, kNT> nx;
+  LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain>(p, k, tb, t1, bias, nx, s);
+    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain, StepSmem<kTT, kBwd, kMain>, kNT>(p, k, tb, t1,
+                                                                                  bias, nx, s);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
-      LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd>(p, k, tb + kTT, t1, nx);
+      LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT>(p, k, tb + kTT, t1, nx);
     }
     // Halves of kBT steps: the backward pre-pass leaves a checkpoint at each backward tile start.
     for (int hf = 0; hf < kTT / kBT; ++hf) {
@@ -244,26 +275,26 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
       for (int t2 = 0; t2 < kBT; ++t2) {
         const int tt = hf * kBT + t2;
         const float dt = s.dt[tt][ch], dtu = s.dtu[tt][ch];
-        const float4 b4 = s.bm[tt][sl];
-        const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
-        float e[4];
+        float bv[kS];
+        StateSlice<kS>(s.bm[tt], sl, bv);
+        float e[kS];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < kS; ++j) {
           e[j] = Ex2(dt * a2[j]);
           h[j] = fmaf(e[j], h[j], dtu * bv[j]);
         }
         if constexpr (kMain || kBwd) {
-          const float4 c4 = s.cm[tt][sl];
-          const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
+          float cv[kS];
+          StateSlice<kS>(s.cm[tt], sl, cv);
           if constexpr (kMain) {
             float y = cv[0] * h[0];
 #pragma unroll
-            for (int j = 1; j < 4; ++j) y = fmaf(cv[j], h[j], y);
-            reinterpret_cast<float*>(&yp[tt][ch])[sl] = y;
+            for (int j = 1; j < kS; ++j) y = fmaf(cv[j], h[j], y);
+            yp[tt][ch][sl] = y;
           } else {
             const float dy = s.dy[tt][ch];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < kS; ++j) {
               P[j] *= e[j];
               r[j] = fmaf(P[j], cv[j] * dy, r[j]);
             }
@@ -285,17 +316,29 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
     if constexpr (kMain) {
       const int64_t obase = k.b * p.out.sb + (tb + (tid >> 5)) * p.out.sl + de * p.out.sd;
 #pragma unroll
-      for (int i = 0; i < Raw<T, kTT>::kA; ++i) {
-        const int tt = (tid >> 5) + 4 * i;
+      for (int i = 0; i < Raw<T, kTT, kNT>::kA; ++i) {
+        const int tt = (tid >> 5) + kNT / 32 * i;
         if (!ceok || tb + tt >= t1) continue;
-        const float4 q = yp[tt][ce];
-        float y = (q.x + q.y) + (q.z + q.w);
+        // The lanes' partials in a fixed order (pairs, then pairs of pairs).
+        float y;
+        if constexpr (kL == 2) {
+          const float2 q = *reinterpret_cast<const float2*>(yp[tt][ce]);
+          y = q.x + q.y;
+        } else {
+          const float4* q4 = reinterpret_cast<const float4*>(yp[tt][ce]);
+          const float4 q = q4[0];
+          y = (q.x + q.y) + (q.z + q.w);
+          if constexpr (kL == 8) {
+            const float4 w = q4[1];
+            y += (w.x + w.y) + (w.z + w.w);
+          }
+        }
         y = fmaf(dsk, s.u[tt][ce], y);
         if (p.z.p) {
           const float z = s.z[tt][ce];
           y *= z * Sigmoid(z);
         }
-        St<T>(p.out.p, obase + 4 * i * p.out.sl, y);
+        St<T>(p.out.p, obase + kNT / 32 * i * p.out.sl, y);
       }
     }
   }
@@ -303,13 +346,13 @@ __global__ void __launch_bounds__(kTh, kMode == kBwdPre || !std::is_same_v<T, fl
   if constexpr (kMain) {
     if (k.seg + 1 == S && p.h_last) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) p.h_last[(k.b * D + d) * 16 + 4 * sl + j] = h[j];
+      for (int j = 0; j < kS; ++j) p.h_last[(k.b * D + d) * 16 + kS * sl + j] = h[j];
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      p.ws_s[row * 16 + 4 * sl + j] = h[j];
-      if constexpr (kBwd) p.ws_r[row * 16 + 4 * sl + j] = r[j];
+    for (int j = 0; j < kS; ++j) {
+      p.ws_s[row * 16 + kS * sl + j] = h[j];
+      if constexpr (kBwd) p.ws_r[row * 16 + kS * sl + j] = r[j];
     }
     if (sl == 0) p.ws_sum[row] = sum;
   }
@@ -537,18 +580,41 @@ int64_t TiledBlocks(const Params& p) {
 }
 
 template <typename T>
-void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, cudaStream_t stream) {
+void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, int lanes, cudaStream_t stream) {
   const int64_t blocks = p.chan_blocks * segs;
   if (bwd) {
-    TiledScanKernel<T, kBwdPre><<<blocks, kTh, 0, stream>>>(p);
+    TiledScanKernel<T, kBwdPre, 4><<<blocks, kTh, 0, stream>>>(p);
+  } else if (lanes == 2) {
+    TiledScanKernel<T, kFwdPre, 2><<<blocks, kTh / 2, 0, stream>>>(p);
+  } else if (lanes == 4) {
+    TiledScanKernel<T, kFwdPre, 4><<<blocks, kTh, 0, stream>>>(p);
   } else {
-    TiledScanKernel<T, kFwdPre><<<blocks, kTh, 0, stream>>>(p);
+    TiledScanKernel<T, kFwdPre, 8><<<blocks, 2 * kTh, 0, stream>>>(p);
   }
 }
 
 template <typename T>
-void LaunchTiledForward(const Params& p, cudaStream_t stream) {
-  TiledScanKernel<T, kFwdMain><<<p.chan_blocks * p.num_seg, kTh, 0, stream>>>(p);
+void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream) {
+  const int64_t blocks = p.chan_blocks * p.num_seg;
+  const size_t yp = kFT * kCh * lanes * sizeof(float);
+  // Static StepSmem plus the partials pass 48 KB at 8 lanes.
+  static const bool attr = [] {
+    cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 2>,
+                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 4>,
+                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 8>,
+                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    return true;
+  }();
+  (void)attr;
+  if (lanes == 2) {
+    TiledScanKernel<T, kFwdMain, 2><<<blocks, kTh / 2, yp, stream>>>(p);
+  } else if (lanes == 4) {
+    TiledScanKernel<T, kFwdMain, 4><<<blocks, kTh, yp, stream>>>(p);
+  } else {
+    TiledScanKernel<T, kFwdMain, 8><<<blocks, 2 * kTh, yp, stream>>>(p);
+  }
 }
 
 template <typename T>
@@ -567,8 +633,8 @@ cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream) {
 }
 
 #define MAMBA_TILED_INSTANTIATE(T)                                                   \
-  template void LaunchTiledPre<T>(const Params&, bool, int64_t, cudaStream_t);     \
-  template void LaunchTiledForward<T>(const Params&, cudaStream_t);                \
+  template void LaunchTiledPre<T>(const Params&, bool, int64_t, int, cudaStream_t);  \
+  template void LaunchTiledForward<T>(const Params&, int, cudaStream_t);              \
   template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);
 MAMBA_TILED_INSTANTIATE(float)
 MAMBA_TILED_INSTANTIATE(__nv_bfloat16)
