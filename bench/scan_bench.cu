@@ -4,7 +4,8 @@
 // floor (device copy bandwidth measured in the same run), the exponential-throughput floor and the
 // ratio to the official kernel; writes JSON with --json PATH.
 //
-//   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--fwd-min-threads N] [--bwd-tiles K] [--fwd-lanes 2|4|8] [--v2]
+//   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--fwd-min-threads N] [--bwd-tiles K]
+//   [--fwd-lanes 2|4|8] [--v2]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -23,13 +24,13 @@ using mamba::kernels::cuda::DType;
 using mamba::kernels::cuda::ScanProblem;
 using mamba::kernels::cuda::ScanTuning;
 
-#define CHECK_CUDA(x)                                                                    \
-  do {                                                                                   \
-    cudaError_t e_ = (x);                                                                \
-    if (e_ != cudaSuccess) {                                                             \
+#define CHECK_CUDA(x)                                                                         \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
+      std::exit(1);                                                                           \
+    }                                                                                         \
   } while (0)
 
 struct Row {
@@ -119,7 +120,8 @@ double CopyBandwidth() {
   void* a = Alloc(bytes);
   void* b = Alloc(bytes);
   CHECK_CUDA(cudaMemset(a, 1, bytes));
-  const double ms = TimeMedian(3, 20, [&](int) { CHECK_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
+  const double ms = TimeMedian(
+      3, 20, [&](int) { CHECK_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); });
   CHECK_CUDA(cudaFree(a));
   CHECK_CUDA(cudaFree(b));
   return 2.0 * bytes / (ms * 1e-3);
@@ -139,7 +141,8 @@ int main(int argc, char** argv) {
     } else if (a == "--runs" && i + 1 < argc) {
       runs = std::atoi(argv[++i]);
     } else if (a == "--rows" && i + 1 < argc) {
-      for (char* s = std::strtok(argv[++i], ","); s; s = std::strtok(nullptr, ",")) rows.push_back(std::atoi(s));
+      for (char* s = std::strtok(argv[++i], ","); s; s = std::strtok(nullptr, ","))
+        rows.push_back(std::atoi(s));
     } else if (a == "--fwd-min-threads" && i + 1 < argc) {
       tuning.fwd_min_threads = std::atoll(argv[++i]);
     } else if (a == "--bwd-tiles" && i + 1 < argc) {
@@ -149,7 +152,10 @@ int main(int argc, char** argv) {
     } else if (a == "--v2") {
       tuning.force_v2 = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--json PATH] [--runs N] [--rows i,j] [--fwd-min-threads N] [--bwd-tiles K] [--fwd-lanes 2|4|8] [--v2]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--json PATH] [--runs N] [--rows i,j] [--fwd-min-threads N] "
+                   "[--bwd-tiles K] [--fwd-lanes 2|4|8] [--v2]\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -164,11 +170,13 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev));
   const double copy_bw = CopyBandwidth();
   const double exp_rate = 16.0 * sms * clock_khz * 1e3;  // exponentials per second
-  std::printf("device: %s, %d SMs, %.0f MHz max clock, L2 %d MB; copy bandwidth %.0f GB/s (read+write)\n",
-              prop.name, sms, clock_khz / 1e3, prop.l2CacheSize >> 20, copy_bw / 1e9);
+  std::printf(
+      "device: %s, %d SMs, %.0f MHz max clock, L2 %d MB; copy bandwidth %.0f GB/s (read+write)\n",
+      prop.name, sms, clock_khz / 1e3, prop.l2CacheSize >> 20, copy_bw / 1e9);
 
-  std::string json = "{\n  \"device\": \"" + std::string(prop.name) + "\",\n  \"copy_GBps\": " +
-                     std::to_string(copy_bw / 1e9) + ",\n  \"rows\": [\n";
+  std::string json = "{\n  \"device\": \"" + std::string(prop.name) +
+                     "\",\n  \"copy_GBps\": " + std::to_string(copy_bw / 1e9) +
+                     ",\n  \"rows\": [\n";
   std::printf("\n%-16s %-5s | %8s %7s %6s %7s %7s | %8s %7s %6s %7s %7s | %8s\n", "B,D,L", "dtype",
               "fwd ms", "GB/s", "%HBM", "x exp", "speedup", "bwd ms", "GB/s", "%HBM", "x exp",
               "speedup", "exp ms");
@@ -179,7 +187,8 @@ int main(int argc, char** argv) {
     Set sets[2];
     for (int s = 0; s < 2; ++s) {
       Set& x = sets[s];
-      for (void** p : {&x.u, &x.delta, &x.z, &x.dout, &x.out, &x.du, &x.ddelta, &x.dz}) *p = Alloc(act * el);
+      for (void** p : {&x.u, &x.delta, &x.z, &x.dout, &x.out, &x.du, &x.ddelta, &x.dz})
+        *p = Alloc(act * el);
       for (void** p : {&x.Bm, &x.Cm, &x.dBm, &x.dCm}) *p = Alloc(bc * el);
       Fill(x.u, act, r.bf16, 10 * s + 1, -1, 1);
       Fill(x.delta, act, r.bf16, 10 * s + 2, -3, 0.5f);
@@ -199,7 +208,9 @@ int main(int argc, char** argv) {
       p.dtype = r.bf16 ? DType::kBF16 : DType::kF32;
       p.softplus = true;
       const auto t3 = [&](void* q) { return mamba::kernels::cuda::Strided3{q, r.L * r.D, r.D, 1}; };
-      const auto t4 = [&](void* q) { return mamba::kernels::cuda::Strided4{q, r.L * kN, kN, kN, 1}; };
+      const auto t4 = [&](void* q) {
+        return mamba::kernels::cuda::Strided4{q, r.L * kN, kN, kN, 1};
+      };
       p.u = t3(x.u), p.delta = t3(x.delta), p.z = t3(x.z), p.out = t3(x.out);
       p.Bm = t4(x.Bm), p.Cm = t4(x.Cm);
       p.A = A, p.D_skip = params, p.dt_bias = params + r.D;
@@ -216,17 +227,22 @@ int main(int argc, char** argv) {
       CHECK_CUDA(mamba::kernels::cuda::LaunchScanBackward(probs[i & 1], nullptr, tuning));
     });
     CHECK_CUDA(cudaDeviceSynchronize());
-    const double fwd_bytes = double(4 * act + 2 * bc) * el, bwd_bytes = double(7 * act + 4 * bc) * el;
+    const double fwd_bytes = double(4 * act + 2 * bc) * el,
+                 bwd_bytes = double(7 * act + 4 * bc) * el;
     const double exp_ms = double(act) * kN / exp_rate * 1e3;
     const double fwd_floor = std::max(fwd_bytes / copy_bw * 1e3, exp_ms);
     const double bwd_floor = std::max(bwd_bytes / copy_bw * 1e3, exp_ms);
     char shape[64];
-    std::snprintf(shape, sizeof shape, "%lld,%lld,%lld", (long long)r.B, (long long)r.D, (long long)r.L);
-    const double fwd_gbs = fwd_bytes / (fwd_ms * 1e-3) / 1e9, bwd_gbs = bwd_bytes / (bwd_ms * 1e-3) / 1e9;
-    std::printf("%-16s %-5s | %8.3f %7.0f %5.1f%% %7.2f %6.2fx | %8.3f %7.0f %5.1f%% %7.2f %6.2fx | %8.3f\n",
-                shape, r.bf16 ? "bf16" : "fp32", fwd_ms, fwd_gbs, 100 * fwd_gbs * 1e9 / copy_bw,
-                fwd_ms / exp_ms, r.official_fwd_ms / fwd_ms, bwd_ms, bwd_gbs, 100 * bwd_gbs * 1e9 / copy_bw,
-                bwd_ms / exp_ms, r.official_bwd_ms / bwd_ms, exp_ms);
+    std::snprintf(shape, sizeof shape, "%lld,%lld,%lld", (long long)r.B, (long long)r.D,
+                  (long long)r.L);
+    const double fwd_gbs = fwd_bytes / (fwd_ms * 1e-3) / 1e9,
+                 bwd_gbs = bwd_bytes / (bwd_ms * 1e-3) / 1e9;
+    std::printf(
+        "%-16s %-5s | %8.3f %7.0f %5.1f%% %7.2f %6.2fx | %8.3f %7.0f %5.1f%% %7.2f %6.2fx | "
+        "%8.3f\n",
+        shape, r.bf16 ? "bf16" : "fp32", fwd_ms, fwd_gbs, 100 * fwd_gbs * 1e9 / copy_bw,
+        fwd_ms / exp_ms, r.official_fwd_ms / fwd_ms, bwd_ms, bwd_gbs, 100 * bwd_gbs * 1e9 / copy_bw,
+        bwd_ms / exp_ms, r.official_bwd_ms / bwd_ms, exp_ms);
     char buf[1024];
     std::snprintf(buf, sizeof buf,
                   "    {\"B\": %lld, \"D\": %lld, \"L\": %lld, \"N\": 16, \"dtype\": \"%s\", "
@@ -242,15 +258,17 @@ int main(int argc, char** argv) {
                   r.official_bwd_ms / bwd_ms, ri + 1 < rows.size() ? "," : "");
     json += buf;
     for (Set& x : sets) {
-      for (void* p : {x.u, x.delta, x.z, x.dout, x.out, x.du, x.ddelta, x.dz, x.Bm, x.Cm, x.dBm, x.dCm}) {
+      for (void* p :
+           {x.u, x.delta, x.z, x.dout, x.out, x.du, x.ddelta, x.dz, x.Bm, x.Cm, x.dBm, x.dCm}) {
         CHECK_CUDA(cudaFree(p));
       }
     }
     for (void* p : {(void*)A, (void*)params, (void*)dA}) CHECK_CUDA(cudaFree(p));
   }
   json += "  ]\n}\n";
-  std::printf("\nx exp: time over the exponential floor (B*D*L*N exps at 16/SM/clock); "
-              "speedup: official time / ours\n");
+  std::printf(
+      "\nx exp: time over the exponential floor (B*D*L*N exps at 16/SM/clock); "
+      "speedup: official time / ours\n");
   if (!json_path.empty()) {
     FILE* f = std::fopen(json_path.c_str(), "w");
     if (!f) {

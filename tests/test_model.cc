@@ -40,18 +40,22 @@ TEST(Model, ParameterNamesAndShapesFollowHuggingFace) {
   auto backend = MakeCpuBackend();
   MambaModel model(TinyConfig(), backend.get());
   EXPECT_EQ(model.parameter("backbone.embeddings.weight").value.shape(), (Shape{16, 16}));
-  EXPECT_EQ(model.parameter("backbone.layers.1.mixer.in_proj.weight").value.shape(), (Shape{64, 16}));
-  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.conv1d.weight").value.shape(), (Shape{32, 1, 4}));
-  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.x_proj.weight").value.shape(), (Shape{1 + 8, 32}));
-  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.dt_proj.weight").value.shape(), (Shape{32, 1}));
+  EXPECT_EQ(model.parameter("backbone.layers.1.mixer.in_proj.weight").value.shape(),
+            (Shape{64, 16}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.conv1d.weight").value.shape(),
+            (Shape{32, 1, 4}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.x_proj.weight").value.shape(),
+            (Shape{1 + 8, 32}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.dt_proj.weight").value.shape(),
+            (Shape{32, 1}));
   EXPECT_EQ(model.parameter("backbone.layers.0.mixer.A_log").value.shape(), (Shape{32, 4}));
-  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.out_proj.weight").value.shape(), (Shape{16, 32}));
+  EXPECT_EQ(model.parameter("backbone.layers.0.mixer.out_proj.weight").value.shape(),
+            (Shape{16, 32}));
   EXPECT_EQ(model.parameter("backbone.norm_f.weight").value.shape(), (Shape{16}));
   EXPECT_EQ(model.parameters().size(), 2u + 10u * 2u);
   for (const auto& p : model.parameters()) {
-    const bool no_decay = p.name.find("A_log") != std::string::npos ||
-                          p.name.ends_with(".D") || p.name.find("norm") != std::string::npos ||
-                          p.name.ends_with("bias");
+    const bool no_decay = p.name.find("A_log") != std::string::npos || p.name.ends_with(".D") ||
+                          p.name.find("norm") != std::string::npos || p.name.ends_with("bias");
     EXPECT_EQ(p.weight_decay, !no_decay) << p.name;
   }
 }
@@ -209,8 +213,8 @@ TEST(Model, InitializationFollowsMambaSsm) {
     auto [o_mean, o_std, o_max] = stats(model.parameter(p + "out_proj.weight").value);
     EXPECT_LE(o_max, bound);
     EXPECT_NEAR(o_std, bound / std::sqrt(3.0), 0.05 * bound);
-    auto [n_mean, n_std, n_max] = stats(model.parameter("backbone.layers." + std::to_string(i) +
-                                                        ".norm.weight").value);
+    auto [n_mean, n_std, n_max] =
+        stats(model.parameter("backbone.layers." + std::to_string(i) + ".norm.weight").value);
     EXPECT_EQ(n_mean, 1.0);
     EXPECT_EQ(n_std, 0.0);
   }

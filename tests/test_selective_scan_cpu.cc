@@ -35,8 +35,15 @@ struct Problem {
 
   ScanForwardArgs<double> Args() const {
     ScanForwardArgs<double> a;
-    a.u = u.data(); a.delta = delta.data(); a.A = A.data(); a.Bm = Bm.data(); a.Cm = Cm.data();
-    a.D_skip = Dskip.data(); a.z = z.data(); a.dt_bias = dt_bias.data(); a.h0 = h0.data();
+    a.u = u.data();
+    a.delta = delta.data();
+    a.A = A.data();
+    a.Bm = Bm.data();
+    a.Cm = Cm.data();
+    a.D_skip = Dskip.data();
+    a.z = z.data();
+    a.dt_bias = dt_bias.data();
+    a.h0 = h0.data();
     return a;
   }
 };
@@ -94,8 +101,8 @@ TEST(SelectiveScanCpu, FloatMatchesDouble) {
   auto u = cast(p.u), delta = cast(p.delta), A = cast(p.A), Bm = cast(p.Bm), Cm = cast(p.Cm),
        Ds = cast(p.Dskip), z = cast(p.z), bias = cast(p.dt_bias), h0 = cast(p.h0);
   std::vector<float> outf(out.size()), hf(h_last.size());
-  ScanForwardArgs<float> af{u.data(), delta.data(), A.data(), Bm.data(), Cm.data(), Ds.data(),
-                            z.data(), bias.data(), h0.data(), true, outf.data(), hf.data()};
+  ScanForwardArgs<float> af{u.data(), delta.data(), A.data(),  Bm.data(), Cm.data(),   Ds.data(),
+                            z.data(), bias.data(),  h0.data(), true,      outf.data(), hf.data()};
   SelectiveScanForwardCpu<float>(p.s, af);
   EXPECT_LT(RelativeError(outf, out), 1e-5);
   EXPECT_LT(RelativeError(hf, h_last), 1e-5);
@@ -117,13 +124,20 @@ TEST(SelectiveScanCpu, BackwardMatchesFiniteDifferences) {
       return Dot(out, w_out) + Dot(h, w_h);
     };
     std::vector<double> du(p.u.size()), ddelta(p.u.size()), dA(p.A.size()), dB(p.Bm.size()),
-        dC(p.Cm.size()), dD(p.Dskip.size()), dz(p.z.size()), dbias(p.dt_bias.size()), dh0(p.h0.size());
+        dC(p.Cm.size()), dD(p.Dskip.size()), dz(p.z.size()), dbias(p.dt_bias.size()),
+        dh0(p.h0.size());
     ScanBackwardArgs<double> b;
     b.fwd = p.Args();
     b.dout = w_out.data();
     b.dh_last = w_h.data();
-    b.du = du.data(); b.ddelta = ddelta.data(); b.dA = dA.data(); b.dBm = dB.data();
-    b.dCm = dC.data(); b.dD_skip = dD.data(); b.dz = dz.data(); b.ddt_bias = dbias.data();
+    b.du = du.data();
+    b.ddelta = ddelta.data();
+    b.dA = dA.data();
+    b.dBm = dB.data();
+    b.dCm = dC.data();
+    b.dD_skip = dD.data();
+    b.dz = dz.data();
+    b.ddt_bias = dbias.data();
     b.dh0 = dh0.data();
     SelectiveScanBackwardCpu<double>(p.s, b);
     const double tol = 1e-7;
@@ -140,8 +154,8 @@ TEST(SelectiveScanCpu, BackwardMatchesFiniteDifferences) {
 }
 
 // Slices [0, L1) and [L1, L) of (B, L, ...) arrays with `inner` elements per position.
-std::vector<double> SliceL(const std::vector<double>& v, int64_t B, int64_t L, int64_t inner, int64_t t0,
-                           int64_t t1) {
+std::vector<double> SliceL(const std::vector<double>& v, int64_t B, int64_t L, int64_t inner,
+                           int64_t t0, int64_t t1) {
   std::vector<double> r;
   for (int64_t b = 0; b < B; ++b)
     r.insert(r.end(), v.begin() + (b * L + t0) * inner, v.begin() + (b * L + t1) * inner);
@@ -154,21 +168,40 @@ TEST(SelectiveScanCpu, TwoPiecesEqualOneScan) {
   const auto dout = RandomVector(p.u.size(), 21);
   const auto dh_last = RandomVector(p.h0.size(), 22);
 
-  struct Grads { std::vector<double> out, h_last, du, ddelta, dA, dB, dC, dD, dz, dbias, dh0; };
-  auto run = [&](const Problem& q, const std::vector<double>& dout_q, const std::vector<double>& dh_q) {
+  struct Grads {
+    std::vector<double> out, h_last, du, ddelta, dA, dB, dC, dD, dz, dbias, dh0;
+  };
+  auto run = [&](const Problem& q, const std::vector<double>& dout_q,
+                 const std::vector<double>& dh_q) {
     Grads g;
     const auto& s = q.s;
-    g.out.resize(q.u.size()); g.h_last.resize(q.h0.size());
+    g.out.resize(q.u.size());
+    g.h_last.resize(q.h0.size());
     auto a = q.Args();
-    a.out = g.out.data(); a.h_last = g.h_last.data();
+    a.out = g.out.data();
+    a.h_last = g.h_last.data();
     SelectiveScanForwardCpu<double>(s, a);
-    g.du.resize(q.u.size()); g.ddelta.resize(q.u.size()); g.dA.resize(q.A.size());
-    g.dB.resize(q.Bm.size()); g.dC.resize(q.Cm.size()); g.dD.resize(q.Dskip.size());
-    g.dz.resize(q.z.size()); g.dbias.resize(q.dt_bias.size()); g.dh0.resize(q.h0.size());
+    g.du.resize(q.u.size());
+    g.ddelta.resize(q.u.size());
+    g.dA.resize(q.A.size());
+    g.dB.resize(q.Bm.size());
+    g.dC.resize(q.Cm.size());
+    g.dD.resize(q.Dskip.size());
+    g.dz.resize(q.z.size());
+    g.dbias.resize(q.dt_bias.size());
+    g.dh0.resize(q.h0.size());
     ScanBackwardArgs<double> b;
-    b.fwd = q.Args(); b.dout = dout_q.data(); b.dh_last = dh_q.data();
-    b.du = g.du.data(); b.ddelta = g.ddelta.data(); b.dA = g.dA.data(); b.dBm = g.dB.data();
-    b.dCm = g.dC.data(); b.dD_skip = g.dD.data(); b.dz = g.dz.data(); b.ddt_bias = g.dbias.data();
+    b.fwd = q.Args();
+    b.dout = dout_q.data();
+    b.dh_last = dh_q.data();
+    b.du = g.du.data();
+    b.ddelta = g.ddelta.data();
+    b.dA = g.dA.data();
+    b.dBm = g.dB.data();
+    b.dCm = g.dC.data();
+    b.dD_skip = g.dD.data();
+    b.dz = g.dz.data();
+    b.ddt_bias = g.dbias.data();
     b.dh0 = g.dh0.data();
     SelectiveScanBackwardCpu<double>(s, b);
     return g;
@@ -178,9 +211,11 @@ TEST(SelectiveScanCpu, TwoPiecesEqualOneScan) {
   auto piece = [&](int64_t t0, int64_t t1) {
     Problem q = p;
     q.s.len = t1 - t0;
-    q.u = SliceL(p.u, B, L, D, t0, t1); q.delta = SliceL(p.delta, B, L, D, t0, t1);
+    q.u = SliceL(p.u, B, L, D, t0, t1);
+    q.delta = SliceL(p.delta, B, L, D, t0, t1);
     q.z = SliceL(p.z, B, L, D, t0, t1);
-    q.Bm = SliceL(p.Bm, B, L, G * N, t0, t1); q.Cm = SliceL(p.Cm, B, L, G * N, t0, t1);
+    q.Bm = SliceL(p.Bm, B, L, G * N, t0, t1);
+    q.Cm = SliceL(p.Cm, B, L, G * N, t0, t1);
     return q;
   };
   Problem p1 = piece(0, L1), p2 = piece(L1, L);
@@ -221,14 +256,24 @@ TEST(SelectiveScanCpu, BackwardIsDeterministic) {
   const auto dout = RandomVector(p.u.size(), 5);
   auto run = [&]() {
     std::vector<double> du(p.u.size()), ddelta(p.u.size()), dA(p.A.size()), dB(p.Bm.size()),
-        dC(p.Cm.size()), dD(p.Dskip.size()), dz(p.z.size()), dbias(p.dt_bias.size()), dh0(p.h0.size());
+        dC(p.Cm.size()), dD(p.Dskip.size()), dz(p.z.size()), dbias(p.dt_bias.size()),
+        dh0(p.h0.size());
     ScanBackwardArgs<double> b;
-    b.fwd = p.Args(); b.dout = dout.data();
-    b.du = du.data(); b.ddelta = ddelta.data(); b.dA = dA.data(); b.dBm = dB.data(); b.dCm = dC.data();
-    b.dD_skip = dD.data(); b.dz = dz.data(); b.ddt_bias = dbias.data(); b.dh0 = dh0.data();
+    b.fwd = p.Args();
+    b.dout = dout.data();
+    b.du = du.data();
+    b.ddelta = ddelta.data();
+    b.dA = dA.data();
+    b.dBm = dB.data();
+    b.dCm = dC.data();
+    b.dD_skip = dD.data();
+    b.dz = dz.data();
+    b.ddt_bias = dbias.data();
+    b.dh0 = dh0.data();
     SelectiveScanBackwardCpu<double>(p.s, b);
     std::vector<double> all = du;
-    for (auto* v : {&ddelta, &dA, &dB, &dC, &dD, &dz, &dbias, &dh0}) all.insert(all.end(), v->begin(), v->end());
+    for (auto* v : {&ddelta, &dA, &dB, &dC, &dD, &dz, &dbias, &dh0})
+      all.insert(all.end(), v->begin(), v->end());
     return all;
   };
   EXPECT_EQ(run(), run());

@@ -10,7 +10,8 @@
 
 namespace mamba::testing {
 
-inline std::vector<double> RandomVector(int64_t n, uint64_t seed, double lo = -1.0, double hi = 1.0) {
+inline std::vector<double> RandomVector(int64_t n, uint64_t seed, double lo = -1.0,
+                                        double hi = 1.0) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> dist(lo, hi);
   std::vector<double> v(n);
@@ -39,8 +40,8 @@ double RelativeError(const std::vector<A>& a, const std::vector<B>& b) {
 
 // Central finite differences of a scalar function f with respect to every entry of x:
 // returns df/dx. f reads x (which this perturbs in place and restores).
-inline std::vector<double> FiniteDifference(std::vector<double>& x, const std::function<double()>& f,
-                                            double eps = 1e-6) {
+inline std::vector<double> FiniteDifference(std::vector<double>& x,
+                                            const std::function<double()>& f, double eps = 1e-6) {
   std::vector<double> g(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
     const double saved = x[i];

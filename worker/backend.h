@@ -99,9 +99,9 @@ class Backend {
   virtual void WriteColumns(const Tensor& src, Tensor& dst, int64_t col0) = 0;
 
   // Elementwise helpers.
-  virtual void NegExp(const Tensor& x, Tensor& y) = 0;                       // y = -exp(x)
+  virtual void NegExp(const Tensor& x, Tensor& y) = 0;                         // y = -exp(x)
   virtual void AddProduct(const Tensor& a, const Tensor& b, Tensor& dst) = 0;  // dst += a * b
-  virtual void Add(const Tensor& src, Tensor& dst) = 0;                      // dst += src
+  virtual void Add(const Tensor& src, Tensor& dst) = 0;                        // dst += src
   virtual void Scale(Tensor& x, double s) = 0;
   virtual double SumSquares(const Tensor& x) = 0;
 

@@ -21,9 +21,12 @@ template <typename Fn>
 auto Dispatch(const Tensor& t, Fn&& fn) {
   MAMBA_CHECK(t.device() == Device::kCPU) << "CPU backend given " << t.DebugString();
   switch (t.dtype()) {
-    case DType::kF32: return fn(float{});
-    case DType::kF64: return fn(double{});
-    default: break;
+    case DType::kF32:
+      return fn(float{});
+    case DType::kF64:
+      return fn(double{});
+    default:
+      break;
   }
   MAMBA_CHECK(false) << "CPU backend supports float32 and float64, got " << t.DebugString();
   return fn(float{});
@@ -41,7 +44,8 @@ T* OptMut(const Tensor& t) {
 int64_t Rows(const Tensor& t) { return t.numel() / t.dim(-1); }
 
 void CheckSameShape(const Tensor& a, const Tensor& b, const char* what) {
-  MAMBA_CHECK(a.shape() == b.shape()) << what << ": " << a.DebugString() << " vs " << b.DebugString();
+  MAMBA_CHECK(a.shape() == b.shape())
+      << what << ": " << a.DebugString() << " vs " << b.DebugString();
 }
 
 class CpuBackend final : public Backend {
@@ -209,7 +213,8 @@ class CpuBackend final : public Backend {
     const size_t es = DTypeSize(src.dtype());
     const char* s = static_cast<const char*>(src.raw());
     char* d = static_cast<char*>(dst.raw());
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(d + r * n * es, s + (r * ld + col0) * es, n * es);
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(d + r * n * es, s + (r * ld + col0) * es, n * es);
   }
   void WriteColumns(const Tensor& src, Tensor& dst, int64_t col0) override {
     const int64_t rows = Rows(src), n = src.dim(-1), ld = dst.dim(-1);
@@ -217,7 +222,8 @@ class CpuBackend final : public Backend {
     const size_t es = DTypeSize(src.dtype());
     const char* s = static_cast<const char*>(src.raw());
     char* d = static_cast<char*>(dst.raw());
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(d + (r * ld + col0) * es, s + r * n * es, n * es);
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(d + (r * ld + col0) * es, s + r * n * es, n * es);
   }
 
   void NegExp(const Tensor& x, Tensor& y) override {

@@ -203,9 +203,15 @@ OptimizerConfig OptimizerConfigFromSpec(const v1::JobSpec& spec) {
 ModelOptions ModelOptionsFromSpec(const v1::JobSpec& spec) {
   ModelOptions o;
   switch (spec.memory().recompute()) {
-    case v1::MemorySpec::NONE: o.recompute = Recompute::kNone; break;
-    case v1::MemorySpec::LAYER: o.recompute = Recompute::kLayer; break;
-    default: o.recompute = Recompute::kConvAndDelta; break;
+    case v1::MemorySpec::NONE:
+      o.recompute = Recompute::kNone;
+      break;
+    case v1::MemorySpec::LAYER:
+      o.recompute = Recompute::kLayer;
+      break;
+    default:
+      o.recompute = Recompute::kConvAndDelta;
+      break;
   }
   return o;
 }

@@ -289,9 +289,8 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
   // never exist. With backward, each chunk's logits are overwritten by their gradient, which goes
   // straight through the lm_head's backward (dhf rows, embedding grad +=, in chunk order).
   const int64_t V = config_.vocab_size;
-  const int64_t chunk = options_.loss_chunk_rows > 0
-                            ? options_.loss_chunk_rows
-                            : std::max<int64_t>(1, (int64_t{1} << 26) / V);
+  const int64_t chunk = options_.loss_chunk_rows > 0 ? options_.loss_chunk_rows
+                                                     : std::max<int64_t>(1, (int64_t{1} << 26) / V);
   Tensor dhf = backward ? Act({M, dm}) : Tensor();
   LossStats stats;
   {
@@ -303,8 +302,8 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
       Tensor logits = Act({r1 - r0, V});
       be.LinearForward(hf, embedding_->value, Tensor(), logits);
       Tensor dlogits = backward ? logits : Tensor();
-      const kernels::CrossEntropyStats ce =
-          be.CrossEntropy(logits, tgt.Reshape({M}).Slice(r0, r1), ignore_index, grad_scale, dlogits);
+      const kernels::CrossEntropyStats ce = be.CrossEntropy(logits, tgt.Reshape({M}).Slice(r0, r1),
+                                                            ignore_index, grad_scale, dlogits);
       stats.loss_sum += ce.loss_sum;
       stats.count += ce.count;
       stats.correct += ce.correct;

@@ -29,7 +29,7 @@ class AdamWOptimizer {
   struct StepInfo {
     double lr = 0;
     double grad_norm = 0;  // before clipping
-    bool applied = false;   // false when the gradient norm was not finite
+    bool applied = false;  // false when the gradient norm was not finite
   };
   // Clips the gradients, updates every parameter, advances the step counter. A non-finite
   // gradient norm changes nothing (parameters, moments and step counter stay as they were), so

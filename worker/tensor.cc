@@ -25,20 +25,28 @@ std::shared_ptr<void> CpuAllocate(size_t bytes) {
 
 size_t DTypeSize(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return 4;
-    case DType::kF64: return 8;
-    case DType::kBF16: return 2;
-    case DType::kI32: return 4;
+    case DType::kF32:
+      return 4;
+    case DType::kF64:
+      return 8;
+    case DType::kBF16:
+      return 2;
+    case DType::kI32:
+      return 4;
   }
   return 0;
 }
 
 const char* DTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "float32";
-    case DType::kF64: return "float64";
-    case DType::kBF16: return "bfloat16";
-    case DType::kI32: return "int32";
+    case DType::kF32:
+      return "float32";
+    case DType::kF64:
+      return "float64";
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kI32:
+      return "int32";
   }
   return "?";
 }
@@ -98,14 +106,15 @@ Tensor Tensor::Slice(int64_t begin, int64_t end) const {
   const int64_t row = shape_[0] == 0 ? 0 : numel() / shape_[0];
   Tensor t = *this;
   // The aliasing constructor: owns what buffer_ owns, points begin rows further.
-  t.buffer_ = std::shared_ptr<void>(buffer_, static_cast<char*>(buffer_.get()) +
-                                                 begin * row * DTypeSize(dtype_));
+  t.buffer_ = std::shared_ptr<void>(
+      buffer_, static_cast<char*>(buffer_.get()) + begin * row * DTypeSize(dtype_));
   t.shape_[0] = end - begin;
   return t;
 }
 
 Tensor Tensor::Reshape(Shape shape) const {
-  MAMBA_CHECK(NumElements(shape) == numel()) << "reshape " << ShapeString(shape_) << " to " << ShapeString(shape);
+  MAMBA_CHECK(NumElements(shape) == numel())
+      << "reshape " << ShapeString(shape_) << " to " << ShapeString(shape);
   Tensor t = *this;
   t.shape_ = std::move(shape);
   return t;
@@ -119,7 +128,8 @@ std::string Tensor::DebugString() const {
 
 void Tensor::CheckDType(DType expected) const {
   MAMBA_CHECK(defined()) << "access to an undefined tensor";
-  MAMBA_CHECK(dtype_ == expected) << "tensor is " << DTypeName(dtype_) << ", accessed as " << DTypeName(expected);
+  MAMBA_CHECK(dtype_ == expected) << "tensor is " << DTypeName(dtype_) << ", accessed as "
+                                  << DTypeName(expected);
 }
 
 }  // namespace mamba

@@ -7,11 +7,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoints/checkpoint.h"
-#include "profiling/nvtx.h"
 #include "checkpoints/model_io.h"
 #include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "nlohmann/json.hpp"
+#include "profiling/nvtx.h"
 #include "worker/job_spec.h"
 
 namespace mamba {
@@ -109,9 +109,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
                      t->dataset_->vocab_size(), "), got ", spec.model().vocab_size()));
   }
   t->backend_ = std::move(*backend);
-  t->model_ = std::make_unique<MambaModel>(ModelConfigFromSpec(spec, t->dataset_->vocab_size()),
-                                           t->backend_.get(), DType::kF32,
-                                           ModelOptionsFromSpec(spec));
+  t->model_ =
+      std::make_unique<MambaModel>(ModelConfigFromSpec(spec, t->dataset_->vocab_size()),
+                                   t->backend_.get(), DType::kF32, ModelOptionsFromSpec(spec));
   t->model_->Initialize(spec.seed());
   t->optimizer_ = std::make_unique<AdamWOptimizer>(OptimizerConfigFromSpec(spec), t->backend_.get(),
                                                    &t->model_->parameters());

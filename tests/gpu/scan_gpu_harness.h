@@ -21,8 +21,8 @@ inline bool HasGpu() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-#define MAMBA_REQUIRE_GPU()                                                   \
-  if (!::mamba::testing::HasGpu()) {                                          \
+#define MAMBA_REQUIRE_GPU()                                                  \
+  if (!::mamba::testing::HasGpu()) {                                         \
     GTEST_SKIP() << "no CUDA device on this machine: GPU scan test skipped"; \
   }
 
@@ -56,7 +56,9 @@ inline std::vector<double> Round(const std::vector<double>& v, int dtype) {
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) { cudaMalloc(&ptr_, std::max<size_t>(bytes, 4)); }
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    cudaMalloc(&ptr_, std::max<size_t>(bytes, 4));
+  }
   ~DeviceBuffer() { cudaFree(ptr_); }
   DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {

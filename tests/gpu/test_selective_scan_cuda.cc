@@ -73,7 +73,8 @@ class GpuScan {
     return a;
   }
 
-  mamba_scan_bwd_args BwdArgs(int64_t t0, int64_t len, const float* h0, const float* dh_last) const {
+  mamba_scan_bwd_args BwdArgs(int64_t t0, int64_t len, const float* h0,
+                              const float* dh_last) const {
     mamba_scan_bwd_args b = {};
     b.fwd = FwdArgs(t0, len, h0);
     b.fwd.out = {};
@@ -163,8 +164,10 @@ class GpuScan {
 
  private:
   std::vector<const DeviceBuffer*> Outputs() const {
-    return {&out_.buffer(), &du_.buffer(), &ddelta_.buffer(), &dz_.buffer(), &dBm_.buffer(),
-            &dCm_.buffer(), &h_last_, &dA_, &dD_, &dbias_, &dh0_};
+    return {&out_.buffer(), &du_.buffer(),  &ddelta_.buffer(),
+            &dz_.buffer(),  &dBm_.buffer(), &dCm_.buffer(),
+            &h_last_,       &dA_,           &dD_,
+            &dbias_,        &dh0_};
   }
   // The view of a tensor starting at time t0.
   mamba_tensor3 At(mamba_tensor3 t, int64_t t0) const {
@@ -229,18 +232,17 @@ TEST_P(ScanVsCpu, MatchesFloat64Reference) {
 // Each listed value of L, B, D, N and G appears at least once; both dtypes and both layouts.
 INSTANTIATE_TEST_SUITE_P(
     Shapes, ScanVsCpu,
-    ::testing::Values(
-        ScanCase{3, 1, 2, 1, 1, MAMBA_DTYPE_F32, Layout::kChannelLast, false},
-        ScanCase{3, 1, 2, 16, 2, MAMBA_DTYPE_BF16},
-        ScanCase{1, 7, 96, 64, 2, MAMBA_DTYPE_F32},
-        ScanCase{3, 7, 2, 1, 1, MAMBA_DTYPE_F32, Layout::kSeqLast, true, false},
-        ScanCase{3, 2048, 96, 16, 2, MAMBA_DTYPE_F32},
-        ScanCase{3, 2048, 96, 16, 2, MAMBA_DTYPE_BF16},
-        ScanCase{1, 2049, 2, 16, 1, MAMBA_DTYPE_F32, Layout::kSeqLast},
-        ScanCase{1, 2049, 96, 64, 2, MAMBA_DTYPE_F32},
-        ScanCase{1, 2049, 96, 64, 1, MAMBA_DTYPE_BF16, Layout::kSeqLast},
-        ScanCase{1, 65536, 96, 16, 1, MAMBA_DTYPE_F32},
-        ScanCase{1, 65536, 2, 16, 1, MAMBA_DTYPE_BF16}),
+    ::testing::Values(ScanCase{3, 1, 2, 1, 1, MAMBA_DTYPE_F32, Layout::kChannelLast, false},
+                      ScanCase{3, 1, 2, 16, 2, MAMBA_DTYPE_BF16},
+                      ScanCase{1, 7, 96, 64, 2, MAMBA_DTYPE_F32},
+                      ScanCase{3, 7, 2, 1, 1, MAMBA_DTYPE_F32, Layout::kSeqLast, true, false},
+                      ScanCase{3, 2048, 96, 16, 2, MAMBA_DTYPE_F32},
+                      ScanCase{3, 2048, 96, 16, 2, MAMBA_DTYPE_BF16},
+                      ScanCase{1, 2049, 2, 16, 1, MAMBA_DTYPE_F32, Layout::kSeqLast},
+                      ScanCase{1, 2049, 96, 64, 2, MAMBA_DTYPE_F32},
+                      ScanCase{1, 2049, 96, 64, 1, MAMBA_DTYPE_BF16, Layout::kSeqLast},
+                      ScanCase{1, 65536, 96, 16, 1, MAMBA_DTYPE_F32},
+                      ScanCase{1, 65536, 2, 16, 1, MAMBA_DTYPE_BF16}),
     [](const ::testing::TestParamInfo<ScanCase>& info) {
       return "case" + std::to_string(info.index);
     });
@@ -260,7 +262,8 @@ TEST(ScanCuda, TwoCallsEqualOne) {
 
 TEST(ScanCuda, BackwardIsBitwiseDeterministic) {
   MAMBA_REQUIRE_GPU();
-  for (const ScanCase& c : {ScanCase{3, 2049, 96, 16, 2}, ScanCase{2, 513, 96, 64, 2, MAMBA_DTYPE_BF16}}) {
+  for (const ScanCase& c :
+       {ScanCase{3, 2049, 96, 16, 2}, ScanCase{2, 513, 96, 64, 2, MAMBA_DTYPE_BF16}}) {
     const ScanData d(c, 5);
     GpuScan gpu(d);
     gpu.Run();

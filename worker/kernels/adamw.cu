@@ -1,5 +1,4 @@
 #include "worker/kernels/adamw.h"
-
 #include "worker/kernels/cuda_check.h"
 
 namespace mamba::kernels {

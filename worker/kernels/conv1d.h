@@ -17,8 +17,8 @@ namespace mamba::kernels {
 inline constexpr int64_t kConv1dMaxK = 8;
 
 void CausalConv1dForwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
-                             const float* weight, const float* bias, const float* prefix,
-                             bool silu, float* y, cudaStream_t stream);
+                             const float* weight, const float* bias, const float* prefix, bool silu,
+                             float* y, cudaStream_t stream);
 
 size_t CausalConv1dBackwardWorkspaceBytes(int64_t B, int64_t L, int64_t C, int64_t K);
 void CausalConv1dBackwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,

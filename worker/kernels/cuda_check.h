@@ -6,10 +6,10 @@
 
 #include "worker/check.h"
 
-#define MAMBA_CUDA_CHECK(op, expr)                                                     \
-  do {                                                                                 \
-    const cudaError_t mamba_err_ = (expr);                                             \
-    MAMBA_CHECK(mamba_err_ == cudaSuccess)                                             \
+#define MAMBA_CUDA_CHECK(op, expr)                                                              \
+  do {                                                                                          \
+    const cudaError_t mamba_err_ = (expr);                                                      \
+    MAMBA_CHECK(mamba_err_ == cudaSuccess)                                                      \
         << "CUDA error in " << (op) << ": " << #expr << ": " << cudaGetErrorString(mamba_err_); \
   } while (0)
 

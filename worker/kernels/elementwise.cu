@@ -1,7 +1,6 @@
-#include "worker/kernels/elementwise.h"
-
 #include "worker/kernels/cuda_check.h"
 #include "worker/kernels/cuda_reduce.cuh"
+#include "worker/kernels/elementwise.h"
 
 namespace mamba::kernels {
 namespace {
@@ -15,7 +14,7 @@ unsigned int Blocks(int64_t n) {
   return b > 1048576u ? 1048576u : b;
 }
 
-#define MAMBA_GRID_STRIDE(i, n)                                                 \
+#define MAMBA_GRID_STRIDE(i, n)                                             \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
        i += int64_t(gridDim.x) * blockDim.x)
 

@@ -1,8 +1,7 @@
-#include "worker/kernels/embedding.h"
-
 #include <cub/device/device_radix_sort.cuh>
 
 #include "worker/kernels/cuda_check.h"
+#include "worker/kernels/embedding.h"
 
 namespace mamba::kernels {
 namespace {
@@ -21,8 +20,8 @@ __global__ void EmbeddingForwardKernel(const int32_t* ids, const float* weight, 
 }
 
 // Invalid ids get the key `vocab`, which sorts last and is skipped.
-__global__ void MakeKeysKernel(const int32_t* ids, int64_t num_tokens, int64_t vocab,
-                               int32_t* keys, int32_t* tokens, int* error_flag) {
+__global__ void MakeKeysKernel(const int32_t* ids, int64_t num_tokens, int64_t vocab, int32_t* keys,
+                               int32_t* tokens, int* error_flag) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t >= num_tokens) return;
   const int32_t id = ids[t];
@@ -34,9 +33,9 @@ __global__ void MakeKeysKernel(const int32_t* ids, int64_t num_tokens, int64_t v
 
 // Block (i, y): if sorted position i starts a run of equal ids, its threads own columns
 // y*blockDim + tid of that id's row and add the run's dout rows into them in token order.
-__global__ void AccumulateRunsKernel(const int32_t* keys, const int32_t* tokens,
-                                     int64_t num_tokens, int64_t vocab, int64_t dim,
-                                     const float* dout, float* dweight) {
+__global__ void AccumulateRunsKernel(const int32_t* keys, const int32_t* tokens, int64_t num_tokens,
+                                     int64_t vocab, int64_t dim, const float* dout,
+                                     float* dweight) {
   const int64_t i = blockIdx.x;
   const int32_t key = keys[i];
   if (key >= vocab || (i > 0 && keys[i - 1] == key)) return;
@@ -57,12 +56,11 @@ size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 size_t SortTempBytes(int64_t num_tokens, int64_t vocab) {
   size_t temp = 0;
-  MAMBA_CUDA_CHECK("embedding_bwd", cub::DeviceRadixSort::SortPairs(
-                                        nullptr, temp, static_cast<const int32_t*>(nullptr),
-                                        static_cast<int32_t*>(nullptr),
-                                        static_cast<const int32_t*>(nullptr),
-                                        static_cast<int32_t*>(nullptr), num_tokens, 0,
-                                        KeyBits(vocab)));
+  MAMBA_CUDA_CHECK("embedding_bwd",
+                   cub::DeviceRadixSort::SortPairs(
+                       nullptr, temp, static_cast<const int32_t*>(nullptr),
+                       static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                       static_cast<int32_t*>(nullptr), num_tokens, 0, KeyBits(vocab)));
   return temp;
 }
 
@@ -82,9 +80,9 @@ size_t EmbeddingBackwardWorkspaceBytes(int64_t num_tokens, int64_t vocab) {
   return 4 * Align(num_tokens * sizeof(int32_t)) + Align(SortTempBytes(num_tokens, vocab));
 }
 
-void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const float* dout,
-                           int64_t vocab, int64_t dim, float* dweight, void* workspace,
-                           size_t workspace_bytes, int* error_flag, cudaStream_t stream) {
+void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const float* dout, int64_t vocab,
+                           int64_t dim, float* dweight, void* workspace, size_t workspace_bytes,
+                           int* error_flag, cudaStream_t stream) {
   if (num_tokens == 0 || dim == 0) return;
   MAMBA_CHECK(num_tokens < (int64_t(1) << 31)) << "embedding: too many tokens";
   MAMBA_CHECK(workspace_bytes >= EmbeddingBackwardWorkspaceBytes(num_tokens, vocab))

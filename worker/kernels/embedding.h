@@ -19,8 +19,8 @@ void EmbeddingForwardCuda(const int32_t* ids, int64_t num_tokens, const float* w
                           cudaStream_t stream);
 
 size_t EmbeddingBackwardWorkspaceBytes(int64_t num_tokens, int64_t vocab);
-void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const float* dout,
-                           int64_t vocab, int64_t dim, float* dweight, void* workspace,
-                           size_t workspace_bytes, int* error_flag, cudaStream_t stream);
+void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const float* dout, int64_t vocab,
+                           int64_t dim, float* dweight, void* workspace, size_t workspace_bytes,
+                           int* error_flag, cudaStream_t stream);
 
 }  // namespace mamba::kernels

@@ -14,13 +14,13 @@ constexpr int kThreads = 256;
 constexpr int64_t kRowsPerChunk = 64;
 constexpr int64_t kMaxRowChunks = 256;
 
-#define MAMBA_CUBLAS_CHECK(op, expr)                                                  \
-  do {                                                                                \
-    const cublasStatus_t mamba_status_ = (expr);                                      \
-    MAMBA_CHECK(mamba_status_ == CUBLAS_STATUS_SUCCESS)                               \
-        << "cuBLAS error in " << (op) << ": " << #expr << ": "                        \
+#define MAMBA_CUBLAS_CHECK(op, expr)                                                          \
+  do {                                                                                        \
+    const cublasStatus_t mamba_status_ = (expr);                                              \
+    MAMBA_CHECK(mamba_status_ == CUBLAS_STATUS_SUCCESS)                                       \
+        << "cuBLAS error in " << (op) << ": " << #expr << ": "                                \
         << cublasGetStatusName(mamba_status_) << " (" << cublasGetStatusString(mamba_status_) \
-        << ")";                                                                       \
+        << ")";                                                                               \
   } while (0)
 
 int64_t RowChunks(int64_t M) {

@@ -1,9 +1,8 @@
-#include "worker/kernels/rmsnorm.h"
-
 #include <algorithm>
 
 #include "worker/kernels/cuda_check.h"
 #include "worker/kernels/cuda_reduce.cuh"
+#include "worker/kernels/rmsnorm.h"
 
 namespace mamba::kernels {
 namespace {
@@ -36,10 +35,10 @@ __global__ void AddRmsNormForwardKernel(int64_t dim, const float* residual_in, c
 
 // Block c handles rows [c*rows/chunks, (c+1)*rows/chunks): dx for each row, and the chunk's
 // dweight partial (double) in partial[c * dim + i], owned by the thread of column i.
-__global__ void AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chunks,
-                                         const float* dy, const float* dresidual_out,
-                                         const float* residual_out, const float* weight,
-                                         const float* rstd, float* dx, double* partial) {
+__global__ void AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chunks, const float* dy,
+                                         const float* dresidual_out, const float* residual_out,
+                                         const float* weight, const float* rstd, float* dx,
+                                         double* partial) {
   __shared__ float scratch[32];
   const int64_t c = blockIdx.x;
   const int64_t r_begin = rows * c / chunks, r_end = rows * (c + 1) / chunks;
@@ -90,10 +89,9 @@ size_t AddRmsNormBackwardWorkspaceBytes(int64_t rows, int64_t dim) {
   return RowChunks(rows) * dim * sizeof(double);
 }
 
-void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const float* dy,
-                            const float* dresidual_out, const float* residual_out,
-                            const float* weight, const float* rstd, float* dx, float* dweight,
-                            void* workspace, cudaStream_t stream) {
+void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const float* dy, const float* dresidual_out,
+                            const float* residual_out, const float* weight, const float* rstd,
+                            float* dx, float* dweight, void* workspace, cudaStream_t stream) {
   if (dim == 0) return;
   const int64_t chunks = RowChunks(rows);
   double* partial = static_cast<double*>(workspace);

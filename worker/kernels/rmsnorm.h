@@ -18,9 +18,8 @@ void AddRmsNormForwardCuda(int64_t rows, int64_t dim, const float* residual_in, 
                            float* rstd, cudaStream_t stream);
 
 size_t AddRmsNormBackwardWorkspaceBytes(int64_t rows, int64_t dim);
-void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const float* dy,
-                            const float* dresidual_out, const float* residual_out,
-                            const float* weight, const float* rstd, float* dx, float* dweight,
-                            void* workspace, cudaStream_t stream);
+void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const float* dy, const float* dresidual_out,
+                            const float* residual_out, const float* weight, const float* rstd,
+                            float* dx, float* dweight, void* workspace, cudaStream_t stream);
 
 }  // namespace mamba::kernels

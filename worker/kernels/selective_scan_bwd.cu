@@ -15,8 +15,8 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
   if (!Locate(p, &c)) return;  // whole warps: the shuffles below need every lane
   const int tid = threadIdx.x, nthr = blockDim.x;
   // Slot-major, thread-minor: a warp's accesses hit 32 consecutive words.
-  float* hist = smem + tid;                        // hist[(k * kNT + j) * nthr]
-  float* ckpt = smem + kBwdK * kNT * nthr + tid;   // ckpt[(r * kNT + j) * nthr]
+  float* hist = smem + tid;                       // hist[(k * kNT + j) * nthr]
+  float* ckpt = smem + kBwdK * kNT * nthr + tid;  // ckpt[(r * kNT + j) * nthr]
   const int64_t t0 = c.seg * kBwdSeg, t1 = min(p.len, t0 + kBwdSeg);
   const int N = p.dstate;
   const int64_t D = p.dim, L = p.len;
@@ -44,11 +44,14 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
       const bool ok = n < N;
       A[j] = ok ? p.A[c.d * N + n] : 0.f;
       a2[j] = A[j] * kLog2e;
-      h[j] = !ok ? 0.f : c.seg > 0 ? p.ws_hin[row * N + n] : p.h0 ? p.h0[(c.b * D + c.d) * N + n] : 0.f;
-      g[j] = !ok                         ? 0.f
-             : c.seg + 1 < p.num_seg     ? p.ws_gin[row * N + n]
-             : p.dh_last                 ? p.dh_last[(c.b * D + c.d) * N + n]
-                                         : 0.f;
+      h[j] = !ok         ? 0.f
+             : c.seg > 0 ? p.ws_hin[row * N + n]
+             : p.h0      ? p.h0[(c.b * D + c.d) * N + n]
+                         : 0.f;
+      g[j] = !ok                     ? 0.f
+             : c.seg + 1 < p.num_seg ? p.ws_gin[row * N + n]
+             : p.dh_last             ? p.dh_last[(c.b * D + c.d) * N + n]
+                                     : 0.f;
       dA[j] = 0.f;
     }
     // Forward sweep: checkpoints at tile starts.
@@ -204,9 +207,9 @@ __global__ void ReduceBCKernel(const Params p) {
 template <typename T, bool kVec>
 cudaError_t LaunchBackwardMain(const Params& p, cudaStream_t stream) {
   const size_t smem = (kBwdK + kBwdR) * kNT * kBwdThreads * sizeof(float);
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      ScanBackwardKernel<T, kVec>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(smem));
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(ScanBackwardKernel<T, kVec>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem));
   if (attr != cudaSuccess) return attr;
   ScanBackwardKernel<T, kVec><<<p.chan_blocks * p.num_seg, kBwdThreads, smem, stream>>>(p);
   return cudaSuccess;

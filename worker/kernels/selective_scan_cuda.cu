@@ -15,8 +15,8 @@ using profiling::ScopedRange;
 // Bm/Cm rows load in 16-byte pieces when n-contiguous, aligned and N is a multiple of 16.
 bool Vectorizable(const Strided4& t, int64_t N, DType dtype) {
   const int64_t per16 = dtype == DType::kF32 ? 4 : 8;
-  return t.sn == 1 && N % kNT == 0 && t.sb % per16 == 0 && t.sl % per16 == 0 &&
-         t.sg % per16 == 0 && reinterpret_cast<uintptr_t>(t.p) % 16 == 0;
+  return t.sn == 1 && N % kNT == 0 && t.sb % per16 == 0 && t.sl % per16 == 0 && t.sg % per16 == 0 &&
+         reinterpret_cast<uintptr_t>(t.p) % 16 == 0;
 }
 
 Params MakeParams(const ScanProblem& s, int threads_per_block) {
@@ -47,7 +47,8 @@ class Workspace {
       // Keep freed blocks in the pool: the scan allocates the same sizes call after call.
       int dev = 0;
       cudaMemPool_t pool;
-      if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+      if (cudaGetDevice(&dev) == cudaSuccess &&
+          cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
         uint64_t keep = UINT64_MAX;
         cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
       }
@@ -55,7 +56,8 @@ class Workspace {
     }();
     (void)pool_kept;
     if (total_ == 0) return cudaSuccess;
-    cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&base_), total_ * sizeof(float), stream_);
+    cudaError_t err =
+        cudaMallocAsync(reinterpret_cast<void**>(&base_), total_ * sizeof(float), stream_);
     if (err != cudaSuccess) return err;
     for (int i = 0; i < count_; ++i) *slots_[i] = base_ + offsets_[i];
     return cudaSuccess;

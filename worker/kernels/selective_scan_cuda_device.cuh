@@ -42,10 +42,10 @@ struct Params : ScanProblem {
   float* ws_duacc = nullptr;
   float* ws_ddtacc = nullptr;
   // Partials summed in a fixed order by the reduce kernels.
-  float* ws_dA = nullptr;    // [b][seg][d][n]
-  float* ws_dD = nullptr;    // [b][seg][d]
-  float* ws_dbias = nullptr; // [b][seg][d]
-  float* ws_dbc = nullptr;   // [chan_warp][b][t][g][2][n]: dBm then dCm summed over a warp
+  float* ws_dA = nullptr;     // [b][seg][d][n]
+  float* ws_dD = nullptr;     // [b][seg][d]
+  float* ws_dbias = nullptr;  // [b][seg][d]
+  float* ws_dbc = nullptr;    // [chan_warp][b][t][g][2][n]: dBm then dCm summed over a warp
 };
 
 __device__ __forceinline__ float Ex2(float x) {

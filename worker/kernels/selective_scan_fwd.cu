@@ -111,10 +111,10 @@ __global__ void __launch_bounds__(kFwdThreads, 3) ScanForwardKernel(const Params
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
       const int n = n0 + j;
-      h[j] = n >= N                    ? 0.f
-             : c.seg > 0               ? p.ws_hin[row * N + n]
-             : p.h0                    ? p.h0[(c.b * D + c.d) * N + n]
-                                       : 0.f;
+      h[j] = n >= N      ? 0.f
+             : c.seg > 0 ? p.ws_hin[row * N + n]
+             : p.h0      ? p.h0[(c.b * D + c.d) * N + n]
+                         : 0.f;
     }
     StepIn cur, nxt;
     LoadStep<T, kVec, true, true, false>(p, o, n0, t0, cur);
@@ -169,7 +169,7 @@ void LaunchForwardMain(const Params& p, cudaStream_t stream) {
   ScanForwardKernel<T, kVec><<<p.chan_blocks * p.num_seg, kFwdThreads, 0, stream>>>(p);
 }
 
-#define MAMBA_FWD_INSTANTIATE(T, V)                                                  \
+#define MAMBA_FWD_INSTANTIATE(T, V)                                               \
   template void LaunchSegments<T, V>(const Params&, bool, int64_t, cudaStream_t); \
   template void LaunchForwardMain<T, V>(const Params&, cudaStream_t);
 MAMBA_FWD_INSTANTIATE(float, false)

@@ -11,10 +11,10 @@
 namespace mamba::kernels::cuda {
 namespace {
 
-constexpr int kCh = 32;        // channels per block
-constexpr int kTh = kCh * 4;   // threads per block
-constexpr int kFT = 32;        // forward tile steps
-constexpr int kBT = 16;        // backward tile steps
+constexpr int kCh = 32;       // channels per block
+constexpr int kTh = kCh * 4;  // threads per block
+constexpr int kFT = 32;       // forward tile steps
+constexpr int kBT = 16;       // backward tile steps
 
 enum Mode { kFwdMain = 0, kFwdPre = 1, kBwdPre = 2 };
 
@@ -101,14 +101,14 @@ struct Raw {
 // chain per tile, then constant-stride pointer steps.
 template <typename T>
 __device__ __forceinline__ const Bits<T>* ActAt(const Strided3& a, int64_t b, int64_t t,
-                                               int64_t d) {
+                                                int64_t d) {
   return static_cast<const Bits<T>*>(a.p) + (b * a.sb + t * a.sl + d * a.sd);
 }
 
 // kNT threads stage a tile: activations kNT / 32 steps apart, Bm/Cm kNT / 16 steps apart.
 template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC, int kNT = kTh>
-__device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int64_t tb,
-                                        int64_t t1, Raw<T, kTT, kNT>& r) {
+__device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int64_t tb, int64_t t1,
+                                        Raw<T, kTT, kNT>& r) {
   constexpr int kSa = kNT / 32, kSb = kNT / 16;
   const int tid = threadIdx.x;
   const int c = tid & 31;
@@ -131,10 +131,10 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
   }
   const int n = tid & 15;
   const int64_t tn = tb + (tid >> 4);
-  const Bits<T>* pb =
-      static_cast<const Bits<T>*>(p.Bm.p) + (k.b * p.Bm.sb + tn * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn);
-  const Bits<T>* pc =
-      static_cast<const Bits<T>*>(p.Cm.p) + (k.b * p.Cm.sb + tn * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn);
+  const Bits<T>* pb = static_cast<const Bits<T>*>(p.Bm.p) +
+                      (k.b * p.Bm.sb + tn * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn);
+  const Bits<T>* pc = static_cast<const Bits<T>*>(p.Cm.p) +
+                      (k.b * p.Cm.sb + tn * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn);
 #pragma unroll
   for (int i = 0; i < Raw<T, kTT, kNT>::kB; ++i) {
     const bool ok = tn + kSb * i < t1;
@@ -160,8 +160,7 @@ struct StepSmem {
 // S: a StepSmem<kTT, ...> with room for what kDy and kEpi ask to write.
 template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S, int kNT = kTh>
 __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
-                                         int64_t t1, float bias, const Raw<T, kTT, kNT>& r,
-                                         S& s) {
+                                         int64_t t1, float bias, const Raw<T, kTT, kNT>& r, S& s) {
   const int tid = threadIdx.x;
   const int c = tid & 31;
   const bool cok = c < k.nvalid;
@@ -195,7 +194,6 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
   }
 }
 
-
 // kS consecutive states n0.. of a float4[4] row of 16 (Bm or Cm at one step).
 template <int kS>
 __device__ __forceinline__ void StateSlice(const float4 (&row)[4], int sl, float (&v)[kS]) {
@@ -222,7 +220,7 @@ constexpr int ScanMinBlocks() {
 }
 
 template <typename T, int kMode, int kL>
-__global__ void __launch_bounds__(kCh * kL, ScanMinBlocks<kMode, std::is_same_v<T, float>, kL>())
+__global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T, float>, kL>())
     TiledScanKernel(const Params p) {
   constexpr int kTT = kFT, kS = 16 / kL, kNT = kCh * kL;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
@@ -230,7 +228,7 @@ __global__ void __launch_bounds__(kCh * kL, ScanMinBlocks<kMode, std::is_same_v<
   __shared__ StepSmem<kTT, kBwd, kMain> s;
   // Per-lane partial outputs [kTT][kCh][kL] (main pass), dynamic: 32 KB at 8 lanes.
   extern __shared__ float4 dyn[];
-  auto yp = reinterpret_cast<float (*)[kCh][kL]>(dyn);
+  auto yp = reinterpret_cast<float(*)[kCh][kL]>(dyn);
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
   const int tid = threadIdx.x, ch = tid / kL, sl = tid % kL;
@@ -366,7 +364,7 @@ struct BwdSmem {
   // State before each step, per thread. Once a warp has read its row tt, the row's first 64
   // floats of the warp's part hold its sums of step tt (RedAt, DbcAt), for the epilogue.
   float4 hist[kBT][kTh];
-  float chan[2][4][kCh];       // dD, dbias partials per row of threads
+  float chan[2][4][kCh];  // dD, dbias partials per row of threads
 };
 
 // y, sum g*e*h*A, sum g*B of step tt and channel c, summed over the channel's lanes.
@@ -525,8 +523,8 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
       const int idx = tid + kTh * i, tt = idx >> 5, m = idx & 31;
       const int64_t t = tb + tt;
       if (t >= t1) continue;
-      const float v = (DbcAt(sm, 0, tt, m) + DbcAt(sm, 1, tt, m)) +
-                      (DbcAt(sm, 2, tt, m) + DbcAt(sm, 3, tt, m));
+      const float v =
+          (DbcAt(sm, 0, tt, m) + DbcAt(sm, 1, tt, m)) + (DbcAt(sm, 2, tt, m) + DbcAt(sm, 3, tt, m));
       const int kind = m >> 4, n = m & 15;
       if (one_block) {
         const Strided4& o = kind == 0 ? p.dBm : p.dCm;
@@ -575,9 +573,7 @@ __global__ void TiledReduceBCKernel(const Params p, int64_t cpg) {
 
 int TiledForwardTile() { return kFT; }
 int TiledBackwardTile() { return kBT; }
-int64_t TiledBlocks(const Params& p) {
-  return p.batch * p.groups * CeilDiv(p.dims_per_group, kCh);
-}
+int64_t TiledBlocks(const Params& p) { return p.batch * p.groups * CeilDiv(p.dims_per_group, kCh); }
 
 template <typename T>
 void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, int lanes, cudaStream_t stream) {
@@ -632,9 +628,9 @@ cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-#define MAMBA_TILED_INSTANTIATE(T)                                                   \
-  template void LaunchTiledPre<T>(const Params&, bool, int64_t, int, cudaStream_t);  \
-  template void LaunchTiledForward<T>(const Params&, int, cudaStream_t);              \
+#define MAMBA_TILED_INSTANTIATE(T)                                                  \
+  template void LaunchTiledPre<T>(const Params&, bool, int64_t, int, cudaStream_t); \
+  template void LaunchTiledForward<T>(const Params&, int, cudaStream_t);            \
   template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);
 MAMBA_TILED_INSTANTIATE(float)
 MAMBA_TILED_INSTANTIATE(__nv_bfloat16)

@@ -1,6 +1,5 @@
-#include "worker/kernels/silu.h"
-
 #include "worker/kernels/cuda_check.h"
+#include "worker/kernels/silu.h"
 #include "worker/kernels/silu_device.cuh"
 
 namespace mamba::kernels {
