@@ -123,7 +123,7 @@ void MambaModel::Initialize(uint64_t seed) {
 }
 
 void MambaModel::ReleaseActivations(Layer& l) {
-  for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.xz, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.Bm,
+  for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.Bm,
                     &l.Cm, &l.delta, &l.A, &l.y, &l.out}) {
     *t = Tensor();
   }
@@ -140,12 +140,12 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   l.rstd = Act({M});
   be.AddRmsNormForward(residual_in, hidden_in, l.norm->value, config_.norm_eps, l.residual, l.h,
                        l.rstd);
-  l.xz = Act({M, 2 * E});
-  be.LinearForward(l.h, l.in_proj->value, Tensor(), l.xz);
+  // in_proj's two halves (rows [0, E) give x, [E, 2E) give z) as two GEMMs on weight views, so
+  // x and z come out contiguous with no (tokens x 2E) buffer to split.
   l.x = Act({B, L, E});
   l.z = Act({B, L, E});
-  be.CopyColumns(l.xz, 0, l.x);
-  be.CopyColumns(l.xz, E, l.z);
+  be.LinearForward(l.h, l.in_proj->value.Slice(0, E), Tensor(), l.x);
+  be.LinearForward(l.h, l.in_proj->value.Slice(E, 2 * E), Tensor(), l.z);
   l.xa = Act({B, L, E});
   be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), /*silu=*/true, l.xa);
   l.dbc = Act({M, R + 2 * N});
@@ -170,7 +170,6 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   be.LinearForward(l.y, l.out_proj->value, Tensor(), l.out);
   // Keep only what the backward cannot cheaply recompute (see Recompute).
   if (!keep_all) {
-    l.xz = Tensor();
     l.dbc = Tensor();
     if (options_.recompute == Recompute::kLayer) {
       const Tensor residual = l.residual, out = l.out;
@@ -236,11 +235,12 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   Tensor dx = Act({B, L, E});
   be.CausalConv1dBackward(l.x, l.conv_w->value, l.conv_b->value, none, true, dxa, dx,
                           l.conv_w->grad, l.conv_b->grad, none);
-  Tensor dxz = Act({M, 2 * E});
-  be.WriteColumns(dx, dxz, 0);
-  be.WriteColumns(g.dz, dxz, E);
-  Tensor dh = Act({M, dm});
-  be.LinearBackward(dxz, l.h, l.in_proj->value, dh, l.in_proj->grad, none);
+  // in_proj backward, half by half: weight-gradient views accumulate in place; dh sums both.
+  Tensor dh = Act({M, dm}), dh_z = Act({M, dm});
+  Tensor in_grad_x = l.in_proj->grad.Slice(0, E), in_grad_z = l.in_proj->grad.Slice(E, 2 * E);
+  be.LinearBackward(dx, l.h, l.in_proj->value.Slice(0, E), dh, in_grad_x, none);
+  be.LinearBackward(g.dz, l.h, l.in_proj->value.Slice(E, 2 * E), dh_z, in_grad_z, none);
+  be.Add(dh_z, dh);
   // Fused add + norm: the residual stream's gradient so far joins the norm's.
   Tensor d_res_in = Act({M, dm});
   be.AddRmsNormBackward(dh, d_residual, l.residual, l.norm->value, l.rstd, d_res_in, l.norm->grad);

@@ -74,7 +74,7 @@ class MambaModel {
   struct Layer {
     Parameter* norm;
     Parameter *in_proj, *conv_w, *conv_b, *x_proj, *dt_w, *dt_b, *A_log, *D, *out_proj;
-    Tensor residual, h, rstd, xz, x, z, xa, dbc, dt_raw, Bm, Cm, delta, A, y, out;
+    Tensor residual, h, rstd, x, z, xa, dbc, dt_raw, Bm, Cm, delta, A, y, out;
   };
 
   Parameter& AddParameter(const std::string& name, const Shape& shape, bool weight_decay);
