@@ -334,48 +334,63 @@ TEST_F(CudaBackendTest, LinearWithBf16) {
   }
 }
 
+// Shapes: one time tile with float2 channels; several time tiles (L not a multiple of the tile)
+// with float4 forward; odd C (scalar path) with L shorter than the kernel.
 TEST_F(CudaBackendTest, CausalConv1d) {
-  const int64_t B = 3, L = 37, C = 70;
-  for (const int64_t K : {4, 1, 3}) {
-    for (const bool silu : {true, false}) {
-      for (const bool with_prefix : {false, true}) {
-        SCOPED_TRACE(::testing::Message()
-                     << "K " << K << " silu " << silu << " prefix " << with_prefix);
-        const Shape xs{B, L, C}, ps{B, K - 1, C};
-        const std::vector<float> x = Rand(B * L * C, -2, 2), w = Rand(C * K), b = Rand(C),
-                                 pre = Rand(B * (K - 1) * C), dy = Rand(B * L * C),
-                                 dw0 = Rand(C * K), db0 = Rand(C);
-        Tensor gp = with_prefix ? Gpu(ps, pre) : Tensor(),
-               rp = with_prefix ? Ref(ps, pre) : Tensor();
-        Tensor gx = Gpu(xs, x), gw = Gpu({C, 1, K}, w), gb = Gpu({C}, b);
-        Tensor rx = Ref(xs, x), rw = Ref({C, 1, K}, w), rb = Ref({C}, b);
-        Tensor gy = Poisoned(xs), ry = cpu_->Empty(xs, DType::kF64);
-        gpu_->CausalConv1dForward(gx, gw, gb, gp, silu, gy);
-        cpu_->CausalConv1dForward(rx, rw, rb, rp, silu, ry);
-        ExpectClose(gy, ry, "conv1d y");
+  struct ConvShape {
+    int64_t B, L, C;
+  };
+  for (const ConvShape shape : {ConvShape{3, 37, 70}, ConvShape{2, 300, 132}, ConvShape{2, 2, 67}})
+    for (const int64_t K : {4, 1, 3}) {
+      for (const bool silu : {true, false}) {
+        for (const bool with_prefix : {false, true}) {
+          const int64_t B = shape.B, L = shape.L, C = shape.C;
+          SCOPED_TRACE(::testing::Message() << "B " << B << " L " << L << " C " << C << " K " << K
+                                            << " silu " << silu << " prefix " << with_prefix);
+          const Shape xs{B, L, C}, ps{B, K - 1, C};
+          const std::vector<float> x = Rand(B * L * C, -2, 2), w = Rand(C * K), b = Rand(C),
+                                   pre = Rand(B * (K - 1) * C), dy = Rand(B * L * C),
+                                   dw0 = Rand(C * K), db0 = Rand(C);
+          Tensor gp = with_prefix ? Gpu(ps, pre) : Tensor(),
+                 rp = with_prefix ? Ref(ps, pre) : Tensor();
+          Tensor gx = Gpu(xs, x), gw = Gpu({C, 1, K}, w), gb = Gpu({C}, b);
+          Tensor rx = Ref(xs, x), rw = Ref({C, 1, K}, w), rb = Ref({C}, b);
+          Tensor gy = Poisoned(xs), ry = cpu_->Empty(xs, DType::kF64);
+          gpu_->CausalConv1dForward(gx, gw, gb, gp, silu, gy);
+          cpu_->CausalConv1dForward(rx, rw, rb, rp, silu, ry);
+          ExpectClose(gy, ry, "conv1d y");
 
-        Tensor gdx[2], gdw[2], gdb[2], gdp[2];
-        for (int run = 0; run < 2; ++run) {
-          gdx[run] = Poisoned(xs);
-          gdw[run] = Gpu({C, 1, K}, dw0);
-          gdb[run] = Gpu({C}, db0);
-          gdp[run] = Poisoned(ps);
-          gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, Gpu(xs, dy), gdx[run], gdw[run],
-                                     gdb[run], gdp[run]);
+          Tensor gdx[2], gdw[2], gdb[2], gdp[2];
+          for (int run = 0; run < 2; ++run) {
+            gdx[run] = Poisoned(xs);
+            gdw[run] = Gpu({C, 1, K}, dw0);
+            gdb[run] = Gpu({C}, db0);
+            gdp[run] = Poisoned(ps);
+            gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, Gpu(xs, dy), gdx[run], gdw[run],
+                                       gdb[run], gdp[run]);
+          }
+          Tensor rdx = cpu_->Empty(xs, DType::kF64), rdw = Ref({C, 1, K}, dw0), rdb = Ref({C}, db0),
+                 rdp = cpu_->Empty(ps, DType::kF64);
+          cpu_->CausalConv1dBackward(rx, rw, rb, rp, silu, Ref(xs, dy), rdx, rdw, rdb, rdp);
+          ExpectClose(gdx[0], rdx, "conv1d dx");
+          ExpectClose(gdw[0], rdw, "conv1d dweight");
+          ExpectClose(gdb[0], rdb, "conv1d dbias");
+          if (K > 1) ExpectClose(gdp[0], rdp, "conv1d dprefix");
+          ExpectSameBits(gdx[0], gdx[1], "conv1d dx");
+          ExpectSameBits(gdw[0], gdw[1], "conv1d dweight");
+          ExpectSameBits(gdb[0], gdb[1], "conv1d dbias");
+
+          // dx may alias dy (in place): the same bits as with separate buffers.
+          Tensor inplace = Gpu(xs, dy), adw = Gpu({C, 1, K}, dw0), adb = Gpu({C}, db0),
+                 adp = Poisoned(ps);
+          gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, inplace, inplace, adw, adb, adp);
+          ExpectSameBits(inplace, gdx[0], "conv1d dx in place");
+          ExpectSameBits(adw, gdw[0], "conv1d dweight in place");
+          ExpectSameBits(adb, gdb[0], "conv1d dbias in place");
+          if (K > 1) ExpectSameBits(adp, gdp[0], "conv1d dprefix in place");
         }
-        Tensor rdx = cpu_->Empty(xs, DType::kF64), rdw = Ref({C, 1, K}, dw0), rdb = Ref({C}, db0),
-               rdp = cpu_->Empty(ps, DType::kF64);
-        cpu_->CausalConv1dBackward(rx, rw, rb, rp, silu, Ref(xs, dy), rdx, rdw, rdb, rdp);
-        ExpectClose(gdx[0], rdx, "conv1d dx");
-        ExpectClose(gdw[0], rdw, "conv1d dweight");
-        ExpectClose(gdb[0], rdb, "conv1d dbias");
-        if (K > 1) ExpectClose(gdp[0], rdp, "conv1d dprefix");
-        ExpectSameBits(gdx[0], gdx[1], "conv1d dx");
-        ExpectSameBits(gdw[0], gdw[1], "conv1d dweight");
-        ExpectSameBits(gdb[0], gdb[1], "conv1d dbias");
       }
     }
-  }
 }
 
 TEST_F(CudaBackendTest, Silu) {
@@ -511,8 +526,10 @@ TEST_F(CudaBackendTest, SelectiveScanMatchesCpu) {
     in.h0 = make(st, h0);
     return in;
   };
-  const ScanInputs gin = inputs([&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v); });
-  const ScanInputs cin = inputs([&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); });
+  const ScanInputs gin =
+      inputs([&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v); });
+  const ScanInputs cin =
+      inputs([&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); });
   Tensor gout = Poisoned(act), gh = Poisoned(st);
   Tensor cout = Tensor::Empty(act, DType::kF64), ch = Tensor::Empty(st, DType::kF64);
   gpu_->SelectiveScanForward(gin, gout, gh);

@@ -1,114 +1,291 @@
-#include "worker/kernels/conv1d.h"
-
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 
+#include "worker/kernels/conv1d.h"
 #include "worker/kernels/cuda_check.h"
 #include "worker/kernels/silu_device.cuh"
 
 namespace mamba::kernels {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kRowsPerChunk = 64;
-constexpr int64_t kMaxRowChunks = 256;
-
-int64_t RowChunks(int64_t rows) {
-  return std::max<int64_t>(1, std::min(kMaxRowChunks, (rows + kRowsPerChunk - 1) / kRowsPerChunk));
-}
+// Tiling: a thread owns V adjacent channels over kSteps consecutive time steps and keeps the
+// K-1 previous inputs (and, backward, the K-1 newest dpre values) in registers, so each x and dy
+// is read once. A block is 32 channel groups x kSubTiles consecutive runs, i.e. a tile of
+// 32*V channels x kTileL time steps of one batch row.
+constexpr int kSteps = 16;
+constexpr int kSubTiles = 8;
+constexpr int kTileL = kSteps * kSubTiles;
+constexpr int kLanes = 32;
+// Loads issued together ahead of the dependent math; the backward's wider state takes fewer.
+constexpr int kFwdStage = 8;
+constexpr int kStage = 4;
+// Widest vectors: float4 forward; float2 backward, whose registers (window, dpre ring, weight
+// partials per channel) would spill at float4 with two blocks per SM.
+constexpr int kFwdMaxVec = 4;
+constexpr int kBwdMaxVec = 2;
 
 size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
+int64_t TilesL(int64_t L) { return std::max<int64_t>(1, (L + kTileL - 1) / kTileL); }
 
-// Input at position p (-(K-1) <= p < L) of batch b, channel c: from x, the prefix, or zero.
-__device__ __forceinline__ float Input(const float* x, const float* prefix, int64_t b, int64_t p,
-                                       int64_t c, int64_t L, int64_t C, int64_t K) {
-  if (p >= 0) return x[(b * L + p) * C + c];
-  if (prefix) return prefix[(b * (K - 1) + (K - 1) + p) * C + c];
-  return 0.f;
+template <int V>
+struct Vec {
+  float v[V];
+};
+
+template <int V>
+__device__ __forceinline__ Vec<V> Load(const float* p) {
+  Vec<V> r;
+  if constexpr (V == 4) {
+    const float4 f = *reinterpret_cast<const float4*>(p);
+    r.v[0] = f.x, r.v[1] = f.y, r.v[2] = f.z, r.v[3] = f.w;
+  } else if constexpr (V == 2) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    r.v[0] = f.x, r.v[1] = f.y;
+  } else {
+    r.v[0] = *p;
+  }
+  return r;
 }
 
-__device__ __forceinline__ float PreActivation(const float* x, const float* weight,
-                                               const float* bias, const float* prefix, int64_t b,
-                                               int64_t t, int64_t c, int64_t L, int64_t C,
-                                               int64_t K) {
-  float acc = bias ? bias[c] : 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    acc += weight[c * K + k] * Input(x, prefix, b, t - (K - 1) + k, c, L, C, K);
+template <int V>
+__device__ __forceinline__ void Store(float* p, const Vec<V>& r) {
+  if constexpr (V == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(r.v[0], r.v[1], r.v[2], r.v[3]);
+  } else if constexpr (V == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(r.v[0], r.v[1]);
+  } else {
+    *p = r.v[0];
   }
+}
+
+template <int V>
+__device__ __forceinline__ Vec<V> Zero() {
+  Vec<V> r;
+#pragma unroll
+  for (int v = 0; v < V; ++v) r.v[v] = 0.f;
+  return r;
+}
+
+// Input at position p (-(K-1) <= p < L) of row b, channels c..c+V-1: x, the prefix or zero.
+template <int V, int K>
+__device__ __forceinline__ Vec<V> Input(const float* x, const float* prefix, int64_t b, int64_t p,
+                                        int64_t c, int64_t L, int64_t C) {
+  if (p >= 0) return Load<V>(x + (b * L + p) * C + c);
+  if (prefix) return Load<V>(prefix + (b * (K - 1) + (K - 1) + p) * C + c);
+  return Zero<V>();
+}
+
+// Per-thread constants: weights w[v][k] and bias.
+template <int V, int K>
+__device__ __forceinline__ void LoadParams(const float* weight, const float* bias, int64_t c,
+                                           float (&w)[V][K], float (&bb)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    bb[v] = bias ? bias[c + v] : 0.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) w[v][k] = weight[(c + v) * K + k];
+  }
+}
+
+// win[K-1] is the newest input; each step shifts the window down one before adding x[t], so the
+// K-1 inputs before a run start in win[1..K-1].
+// Same order as the reference: bias, then k = 0..K-1 over the window (oldest first).
+template <int V, int K>
+__device__ __forceinline__ float Pre(const float (&w)[V][K], const float (&bb)[V],
+                                     const Vec<V> (&win)[K], int v) {
+  float acc = bb[v];
+#pragma unroll
+  for (int k = 0; k < K; ++k) acc += w[v][k] * win[k].v[v];
   return acc;
 }
 
-// One thread per (b, t, c), c fastest: coalesced along channels.
-__global__ void ForwardKernel(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
-                              const float* weight, const float* bias, const float* prefix,
-                              bool silu, float* y) {
-  const int64_t n = B * L * C;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % C, bt = i / C, t = bt % L, b = bt / L;
-    const float pre = PreActivation(x, weight, bias, prefix, b, t, c, L, C, K);
-    y[i] = silu ? pre * StableSigmoidF(pre) : pre;
+struct Tile {
+  int64_t b, t0, c;
+  bool active;
+};
+
+template <int V>
+__device__ __forceinline__ Tile ThreadTile(int64_t L, int64_t C, int64_t tiles_l) {
+  Tile r;
+  r.b = blockIdx.x / tiles_l;
+  r.t0 = (blockIdx.x % tiles_l) * int64_t(kTileL) + threadIdx.y * int64_t(kSteps);
+  r.c = (int64_t(blockIdx.y) * kLanes + threadIdx.x) * V;
+  r.active = r.c < C && r.t0 < L;
+  return r;
+}
+
+template <int V, int K>
+__global__ void __launch_bounds__(kLanes* kSubTiles, 2)
+    ForwardKernel(int64_t L, int64_t C, int64_t tiles_l, const float* x, const float* weight,
+                  const float* bias, const float* prefix, bool silu, float* y) {
+  const Tile tl = ThreadTile<V>(L, C, tiles_l);
+  if (!tl.active) return;
+  float w[V][K], bb[V];
+  LoadParams<V, K>(weight, bias, tl.c, w, bb);
+  Vec<V> win[K];
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) {
+    win[j + 1] = Input<V, K>(x, prefix, tl.b, tl.t0 - (K - 1) + j, tl.c, L, C);
+  }
+  const int64_t n = L - tl.t0 < kSteps ? L - tl.t0 : kSteps;
+  const float* xp = x + (tl.b * L + tl.t0) * C + tl.c;
+  float* yp = y + (tl.b * L + tl.t0) * C + tl.c;
+  Vec<V> in[kFwdStage];
+#pragma unroll
+  for (int s = 0; s < kSteps; ++s) {
+    if (s % kFwdStage == 0) {
+#pragma unroll
+      for (int u = 0; u < kFwdStage; ++u) {
+        if (s + u < n) in[u] = Load<V>(xp + (s + u) * C);
+      }
+    }
+    if (s < n) {
+#pragma unroll
+      for (int k = 0; k < K - 1; ++k) win[k] = win[k + 1];
+      win[K - 1] = in[s % kFwdStage];
+      Vec<V> out;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float pre = Pre<V, K>(w, bb, win, v);
+        out.v[v] = silu ? pre * StableSigmoidF(pre) : pre;
+      }
+      Store<V>(yp + s * C, out);
+    }
   }
 }
 
-__global__ void DpreKernel(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
-                           const float* weight, const float* bias, const float* prefix, bool silu,
-                           const float* dy, float* dpre) {
-  const int64_t n = B * L * C;
+// dy of the K-1 rows after each block tile, copied before the main kernel runs when dx aliases
+// dy (the next block may already have overwritten them). halo[((b * tiles_l + tile) * (K-1) + j)
+// * C + c]; zero past L.
+__global__ void HaloKernel(int64_t B, int64_t L, int64_t C, int64_t K, int64_t tiles_l,
+                           const float* dy, float* halo) {
+  const int64_t n = B * tiles_l * (K - 1) * C;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    if (silu) {
-      const int64_t c = i % C, bt = i / C, t = bt % L, b = bt / L;
-      dpre[i] = dy[i] * SiluGradF(PreActivation(x, weight, bias, prefix, b, t, c, L, C, K));
+    const int64_t c = i % C, r = i / C, j = r % (K - 1), bt = r / (K - 1);
+    const int64_t b = bt / tiles_l, t = (bt % tiles_l + 1) * kTileL + j;
+    halo[i] = t < L ? dy[(b * L + t) * C + c] : 0.f;
+  }
+}
+
+// Fused backward over one block tile: dpre = dy * silu'(pre) (pre recomputed), dx (and dprefix
+// for the first tile of a row), and per-tile dweight/dbias partials. dpre[t] for t in
+// [t0, t0 + kSteps + K - 1) is formed in time order; dx[p] = sum_k w[k] dpre[p + K-1 - k] is
+// written once its last term is known. A thread only writes dx at rows whose dy it has read;
+// dy rows past its run (owned by the next run) are read before the __syncthreads, or from
+// `halo` at the block's end.
+template <int V, int K>
+__global__ void __launch_bounds__(kLanes* kSubTiles, 2)
+    BackwardKernel(int64_t L, int64_t C, int64_t tiles_l, const float* x, const float* weight,
+                   const float* bias, const float* prefix, bool silu, const float* dy,
+                   const float* halo, float* dx, float* dprefix, double* partial) {
+  const Tile tl = ThreadTile<V>(L, C, tiles_l);
+  Vec<V> hdy[K > 1 ? K - 1 : 1];
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) {
+    const int64_t t = tl.t0 + kSteps + j;
+    if (!tl.active || t >= L) {
+      hdy[j] = Zero<V>();
+    } else if (halo && threadIdx.y == kSubTiles - 1) {
+      hdy[j] = Load<V>(halo + ((int64_t(blockIdx.x) * (K - 1)) + j) * C + tl.c);
     } else {
-      dpre[i] = dy[i];
+      hdy[j] = Load<V>(dy + (tl.b * L + t) * C + tl.c);
     }
   }
-}
+  __syncthreads();
 
-// Input position p (-(K-1) <= p < L) feeds outputs t = p + (K-1) - k. One thread per entry of
-// dx (p >= 0) or, with `to_prefix`, of dprefix (p = j - (K-1), j in [0, K-1)).
-__global__ void InputGradKernel(int64_t B, int64_t L, int64_t C, int64_t K, const float* weight,
-                                const float* dpre, bool to_prefix, float* out) {
-  const int64_t P = to_prefix ? K - 1 : L;
-  const int64_t n = B * P * C;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % C, bp = i / C, j = bp % P, b = bp / P;
-    const int64_t p = to_prefix ? j - (K - 1) : j;
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t t = p + (K - 1) - k;
-      if (t >= 0 && t < L) acc += weight[c * K + k] * dpre[(b * L + t) * C + c];
-    }
-    out[i] = acc;
+  float dw[V][K], db[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    db[v] = 0.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) dw[v][k] = 0.f;
   }
-}
+  if (tl.active) {
+    float w[V][K], bb[V];
+    LoadParams<V, K>(weight, bias, tl.c, w, bb);
+    Vec<V> win[K], dp[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) dp[j] = Zero<V>();
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) {
+      win[j + 1] = Input<V, K>(x, prefix, tl.b, tl.t0 - (K - 1) + j, tl.c, L, C);
+    }
+    const int64_t n = L - tl.t0 < kSteps ? L - tl.t0 : kSteps;
+    const int64_t nx = L - tl.t0 < kSteps + K - 1 ? L - tl.t0 : kSteps + K - 1;
+    const int64_t row0 = (tl.b * L + tl.t0) * C + tl.c;
+    Vec<V> xs[kStage], gs[kStage];
+#pragma unroll
+    for (int s = 0; s < kSteps + K - 1; ++s) {
+      if (s % kStage == 0 && s < kSteps) {
+#pragma unroll
+        for (int u = 0; u < kStage; ++u) {
+          xs[u] = s + u < n ? Load<V>(x + row0 + (s + u) * C) : Zero<V>();
+          gs[u] = s + u < n ? Load<V>(dy + row0 + (s + u) * C) : Zero<V>();
+        }
+      }
+      Vec<V> xin, g;
+      if (s < kSteps) {
+        xin = xs[s % kStage], g = gs[s % kStage];
+      } else {
+        xin = s < nx ? Load<V>(x + row0 + s * C) : Zero<V>();
+        g = hdy[s >= kSteps ? s - kSteps : 0];
+      }
+#pragma unroll
+      for (int k = 0; k < K - 1; ++k) win[k] = win[k + 1], dp[k] = dp[k + 1];
+      win[K - 1] = xin;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const float d = silu ? g.v[v] * SiluGradF(Pre<V, K>(w, bb, win, v)) : g.v[v];
+        dp[K - 1].v[v] = d;
+        if (s < kSteps) {  // rows past L have g == 0, adding exact zeros
+          db[v] += d;
+#pragma unroll
+          for (int k = 0; k < K; ++k) dw[v][k] += d * win[k].v[v];
+        }
+      }
+      // Output position p = t0 + s - (K-1): dx when p >= t0, dprefix for p < 0.
+      const int64_t p = tl.t0 + s - (K - 1);
+      if ((s >= K - 1 && s - (K - 1) < n) || (s < K - 1 && p < 0 && dprefix)) {
+        Vec<V> out;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          float acc = 0.f;
+#pragma unroll
+          for (int k = 0; k < K; ++k) acc += w[v][k] * dp[K - 1 - k].v[v];
+          out.v[v] = acc;
+        }
+        if (s >= K - 1) {
+          Store<V>(dx + row0 + (s - (K - 1)) * C, out);
+        } else {
+          Store<V>(dprefix + (tl.b * (K - 1) + (K - 1) + p) * C + tl.c, out);
+        }
+      }
+    }
+  }
 
-// Block (x, chunk): channels x*blockDim + tid over the rows (b, t) of the chunk, in row order.
-// partial[(chunk * C + c) * (K + 1) + k]: k < K for dweight, k == K for dbias.
-__global__ void ParamPartialKernel(int64_t B, int64_t L, int64_t C, int64_t K, int64_t chunks,
-                                   const float* x, const float* prefix, const float* dpre,
-                                   double* partial) {
-  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (c >= C) return;
-  const int64_t chunk = blockIdx.y, rows = B * L;
-  const int64_t r_begin = rows * chunk / chunks, r_end = rows * (chunk + 1) / chunks;
-  double dw[kConv1dMaxK] = {}, db = 0.0;
-  for (int64_t r = r_begin; r < r_end; ++r) {
-    const int64_t b = r / L, t = r % L;
-    const double g = dpre[r * C + c];
-    db += g;
+  // Block partials: the kSubTiles runs summed in run order in double, one row of
+  // partial[blockIdx.x] (C x (K+1)) per block; k == K is dbias.
+  constexpr int kItems = kLanes * V * (K + 1);
+  __shared__ float red[kSubTiles][kItems];
 #pragma unroll
-    for (int64_t k = 0; k < kConv1dMaxK; ++k) {
-      if (k < K) dw[k] += g * double(Input(x, prefix, b, t - (K - 1) + k, c, L, C, K));
+  for (int v = 0; v < V; ++v) {
+#pragma unroll
+    for (int k = 0; k <= K; ++k) {
+      red[threadIdx.y][(threadIdx.x * V + v) * (K + 1) + k] = k < K ? dw[v][k] : db[v];
     }
   }
-  double* out = partial + (chunk * C + c) * (K + 1);
+  __syncthreads();
+  const int64_t c0 = int64_t(blockIdx.y) * kLanes * V;
+  const int64_t items = (C - c0) * (K + 1) < kItems ? (C - c0) * (K + 1) : kItems;
+  double* out = partial + (int64_t(blockIdx.x) * C + c0) * (K + 1);
+  for (int i = threadIdx.y * kLanes + threadIdx.x; i < items; i += kLanes * kSubTiles) {
+    double s = 0.0;
 #pragma unroll
-  for (int64_t k = 0; k < kConv1dMaxK; ++k) {
-    if (k < K) out[k] = dw[k];
+    for (int j = 0; j < kSubTiles; ++j) s += red[j][i];
+    out[i] = s;
   }
-  out[K] = db;
 }
 
 __global__ void ParamFinalKernel(int64_t C, int64_t K, int64_t chunks, const double* partial,
@@ -125,56 +302,124 @@ __global__ void ParamFinalKernel(int64_t C, int64_t K, int64_t chunks, const dou
   }
 }
 
-unsigned int CappedBlocks(int64_t n) { return std::min(GridFor(n, kThreads), 1048576u); }
+// Widest vector (4, 2 or 1 floats, at most max_vec) that divides C and keeps every pointer
+// aligned.
+int VecWidth(int max_vec, int64_t C, std::initializer_list<const void*> ptrs) {
+  for (const int v : {4, 2}) {
+    bool ok = v <= max_vec && C % v == 0;
+    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (v * 4) == 0;
+    if (ok) return v;
+  }
+  return 1;
+}
+
+template <template <int, int> class Launch, int V, typename... Args>
+void DispatchK(int64_t K, Args&&... args) {
+  switch (K) {
+    case 1:
+      return Launch<V, 1>::Run(args...);
+    case 2:
+      return Launch<V, 2>::Run(args...);
+    case 3:
+      return Launch<V, 3>::Run(args...);
+    case 4:
+      return Launch<V, 4>::Run(args...);
+    case 5:
+      return Launch<V, 5>::Run(args...);
+    case 6:
+      return Launch<V, 6>::Run(args...);
+    case 7:
+      return Launch<V, 7>::Run(args...);
+    default:
+      return Launch<V, 8>::Run(args...);
+  }
+}
+
+template <template <int, int> class Launch, int MaxVec, typename... Args>
+void Dispatch(int vec, int64_t K, Args&&... args) {
+  static_assert(kConv1dMaxK == 8);
+  if constexpr (MaxVec >= 4) {
+    if (vec == 4) return DispatchK<Launch, 4>(K, args...);
+  }
+  if (vec == 2) return DispatchK<Launch, 2>(K, args...);
+  return DispatchK<Launch, 1>(K, args...);
+}
+
+dim3 TileGrid(int64_t B, int64_t L, int64_t C, int vec) {
+  return dim3(static_cast<unsigned int>(B * TilesL(L)), GridFor(C, kLanes * vec));
+}
+
+template <int V, int K>
+struct ForwardLaunch {
+  static void Run(int64_t B, int64_t L, int64_t C, const float* x, const float* weight,
+                  const float* bias, const float* prefix, bool silu, float* y,
+                  cudaStream_t stream) {
+    ForwardKernel<V, K><<<TileGrid(B, L, C, V), dim3(kLanes, kSubTiles), 0, stream>>>(
+        L, C, TilesL(L), x, weight, bias, prefix, silu, y);
+  }
+};
+
+template <int V, int K>
+struct BackwardLaunch {
+  static void Run(int64_t B, int64_t L, int64_t C, const float* x, const float* weight,
+                  const float* bias, const float* prefix, bool silu, const float* dy,
+                  const float* halo, float* dx, float* dprefix, double* partial,
+                  cudaStream_t stream) {
+    BackwardKernel<V, K><<<TileGrid(B, L, C, V), dim3(kLanes, kSubTiles), 0, stream>>>(
+        L, C, TilesL(L), x, weight, bias, prefix, silu, dy, halo, dx, dprefix, partial);
+  }
+};
 
 }  // namespace
 
 void CausalConv1dForwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
-                             const float* weight, const float* bias, const float* prefix,
-                             bool silu, float* y, cudaStream_t stream) {
-  MAMBA_CHECK(K >= 1 && K <= kConv1dMaxK) << "conv1d: kernel size " << K << " outside [1, "
-                                          << kConv1dMaxK << "]";
+                             const float* weight, const float* bias, const float* prefix, bool silu,
+                             float* y, cudaStream_t stream) {
+  MAMBA_CHECK(K >= 1 && K <= kConv1dMaxK)
+      << "conv1d: kernel size " << K << " outside [1, " << kConv1dMaxK << "]";
   if (B * L * C == 0) return;
-  ForwardKernel<<<CappedBlocks(B * L * C), kThreads, 0, stream>>>(B, L, C, K, x, weight, bias,
-                                                                  prefix, silu, y);
+  Dispatch<ForwardLaunch, kFwdMaxVec>(VecWidth(kFwdMaxVec, C, {x, prefix, y}), K, B, L, C, x,
+                                      weight, bias, prefix, silu, y, stream);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_fwd");
 }
 
 size_t CausalConv1dBackwardWorkspaceBytes(int64_t B, int64_t L, int64_t C, int64_t K) {
-  return Align(B * L * C * sizeof(float)) + RowChunks(B * L) * C * (K + 1) * sizeof(double);
+  const int64_t tiles = B * TilesL(L);
+  return Align(tiles * C * (K + 1) * sizeof(double)) + tiles * (K - 1) * C * sizeof(float);
 }
 
 void CausalConv1dBackwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
                               const float* weight, const float* bias, const float* prefix,
                               bool silu, const float* dy, float* dx, float* dweight, float* dbias,
                               float* dprefix, void* workspace, cudaStream_t stream) {
-  MAMBA_CHECK(K >= 1 && K <= kConv1dMaxK) << "conv1d: kernel size " << K << " outside [1, "
-                                          << kConv1dMaxK << "]";
-  if (C == 0) return;
-  float* dpre = static_cast<float*>(workspace);
-  double* partial = reinterpret_cast<double*>(static_cast<char*>(workspace) +
-                                              Align(B * L * C * sizeof(float)));
+  MAMBA_CHECK(K >= 1 && K <= kConv1dMaxK)
+      << "conv1d: kernel size " << K << " outside [1, " << kConv1dMaxK << "]";
+  if (C == 0 || B == 0) return;
+  if (L == 0) {  // no outputs feed the prefix: its gradient is zero, the parameters get nothing
+    if (dprefix && K > 1) {
+      MAMBA_CUDA_CHECK("conv1d_bwd",
+                       cudaMemsetAsync(dprefix, 0, B * (K - 1) * C * sizeof(float), stream));
+    }
+    return;
+  }
+  if (K == 1) dprefix = nullptr;
+  const int64_t tiles = B * TilesL(L);
+  double* partial = static_cast<double*>(workspace);
+  float* halo = nullptr;
   const int64_t n = B * L * C;
-  if (n > 0) {
-    DpreKernel<<<CappedBlocks(n), kThreads, 0, stream>>>(B, L, C, K, x, weight, bias, prefix,
-                                                         silu, dy, dpre);
-    MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
-    InputGradKernel<<<CappedBlocks(n), kThreads, 0, stream>>>(B, L, C, K, weight, dpre, false,
-                                                              dx);
-    MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
-  }
-  if (dprefix && K > 1 && B > 0) {
-    InputGradKernel<<<CappedBlocks(B * (K - 1) * C), kThreads, 0, stream>>>(B, L, C, K, weight,
-                                                                            dpre, true, dprefix);
+  if (K > 1 && dx < dy + n && dy < dx + n) {  // dx overlaps dy
+    halo = reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                    Align(tiles * C * (K + 1) * sizeof(double)));
+    HaloKernel<<<std::min(GridFor(tiles * (K - 1) * C, 256), 65536u), 256, 0, stream>>>(
+        B, L, C, K, TilesL(L), dy, halo);
     MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
   }
-  if (n == 0) return;  // nothing to add to the parameter gradients
-  const int64_t chunks = RowChunks(B * L);
-  const dim3 grid(GridFor(C, kThreads), static_cast<unsigned int>(chunks));
-  ParamPartialKernel<<<grid, kThreads, 0, stream>>>(B, L, C, K, chunks, x, prefix, dpre, partial);
+  Dispatch<BackwardLaunch, kBwdMaxVec>(
+      VecWidth(kBwdMaxVec, C, {x, prefix, dy, halo, dx, dprefix}), K, B, L, C, x, weight, bias,
+      prefix, silu, dy, static_cast<const float*>(halo), dx, dprefix, partial, stream);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
-  ParamFinalKernel<<<GridFor(C * (K + 1), kThreads), kThreads, 0, stream>>>(C, K, chunks, partial,
-                                                                            dweight, dbias);
+  ParamFinalKernel<<<GridFor(C * (K + 1), 256), 256, 0, stream>>>(C, K, tiles, partial, dweight,
+                                                                  dbias);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
 }
 

@@ -2,9 +2,9 @@
 // conv1d_cpu.h: x, y, dx, dy (B, L, C); weight (C, K); bias (C) nullable; prefix and dprefix
 // (B, K-1, C) nullable. K is at most kConv1dMaxK.
 //
-// Backward: the gradient w.r.t. the pre-activation goes to the workspace first (so dx may alias
-// dy); dweight and dbias are deterministic: fixed (b, t) chunks (a function of B*L only) of
-// double partial sums, added in chunk order.
+// Backward: one fused pass over (time tile x channel) blocks; dx may alias dy. dweight and
+// dbias are deterministic: per-tile partials (fp32 over 16 steps, double across a block's runs)
+// added in tile order in double; the tiling is a function of (L, C) only.
 #pragma once
 
 #include <cuda_runtime.h>
