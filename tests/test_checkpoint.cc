@@ -1,6 +1,7 @@
 // Checkpoints: save/load round trips, import of transformers/mamba_ssm files, clear errors that
 // leave the model untouched, atomic saves under injected crashes, and keep-last-K.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
@@ -66,7 +67,8 @@ TrainerState State(int64_t step, Fixture& f) {
 }
 
 std::string TempRoot(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("mamba_ckpt_test_" + name);
+  const fs::path p =
+      fs::temp_directory_path() / ("mamba_ckpt_test_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(p);
   return p.string();
 }

@@ -1,6 +1,7 @@
 // Tests of the worker's datasets (worker/data): determinism, the synthetic tasks' structure, file
 // windowing, and every validation error.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,8 +26,11 @@ using mamba::v1::DataSpec;
 
 // ---- helpers ------------------------------------------------------------------------------------
 
+// Per process: ctest runs the tests of this binary as parallel processes, which must not write
+// each other's files.
 std::string TempPath(const std::string& name) {
-  const std::string dir = ::testing::TempDir() + "mamba_test_data/";
+  const std::string dir =
+      ::testing::TempDir() + "mamba_test_data_" + std::to_string(::getpid()) + "/";
   std::filesystem::create_directories(dir);
   return dir + name;
 }

@@ -1,6 +1,7 @@
 // Resuming from step k and training to n gives bit-identical parameters and losses to an
 // uninterrupted run to n (CPU backend); a resumed job must match the checkpoint's spec.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
@@ -47,7 +48,8 @@ absl::StatusOr<Run> Train(const std::string& json) {
 }
 
 TEST(Resume, BitIdenticalToAnUninterruptedRun) {
-  const std::string root = (fs::temp_directory_path() / "mamba_resume_test").string();
+  const std::string root =
+      (fs::temp_directory_path() / ("mamba_resume_test_" + std::to_string(::getpid()))).string();
   fs::remove_all(root);
   auto full = Train(Job(""));
   ASSERT_TRUE(full.ok()) << full.status();
@@ -71,7 +73,9 @@ TEST(Resume, BitIdenticalToAnUninterruptedRun) {
 }
 
 TEST(Resume, RefusesAJobThatDiffersFromTheCheckpoint) {
-  const std::string root = (fs::temp_directory_path() / "mamba_resume_mismatch").string();
+  const std::string root =
+      (fs::temp_directory_path() / ("mamba_resume_mismatch_" + std::to_string(::getpid())))
+          .string();
   fs::remove_all(root);
   ASSERT_TRUE(Train(Job(R"("dir": ")" + root + R"(", "everySteps": 3)")).ok());
   auto other_seed = Train(Job(R"("resumeFrom": ")" + root + R"(")", 4));
@@ -87,7 +91,8 @@ TEST(Resume, RefusesAJobThatDiffersFromTheCheckpoint) {
 }
 
 TEST(Resume, InitFromImportsWeights) {
-  const std::string root = (fs::temp_directory_path() / "mamba_init_from").string();
+  const std::string root =
+      (fs::temp_directory_path() / ("mamba_init_from_" + std::to_string(::getpid()))).string();
   fs::remove_all(root);
   auto trained = Train(Job(R"("dir": ")" + root + R"(")"));
   ASSERT_TRUE(trained.ok());

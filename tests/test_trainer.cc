@@ -1,6 +1,7 @@
 // The training loop learns: on a small learnable task the loss falls well below its start, and a
 // run repeated gives bit-identical losses.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -26,7 +27,9 @@ absl::StatusOr<TrainSummary> Train(const std::string& json) {
 // the uniform loss log(256) = 5.55 within a few dozen steps.
 std::string TextJob() {
   const std::string path =
-      (std::filesystem::temp_directory_path() / "mamba_trainer_test.txt").string();
+      (std::filesystem::temp_directory_path() /
+       ("mamba_trainer_test_" + std::to_string(::getpid()) + ".txt"))  // per process: ctest -j
+          .string();
   std::ofstream f(path);
   for (int i = 0; i < 200; ++i) {
     f << "the quick brown fox jumps over the lazy dog " << i % 10 << ". ";
