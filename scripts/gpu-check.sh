@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # On a GPU machine: builds the kernels (kernels-only mode, Release), runs the GPU tests, the Python
 # binding test and the scan benchmark. Logs and the benchmark JSON go to $OUT (default
-# /tmp/gpu-check). Extra benchmark flags: BENCH_ARGS="--runs 30".
+# /tmp/gpu-check), packed at the end into one archive, $OUT/gpu-check.tar.gz (PACK=0 keeps the
+# files loose). Extra benchmark flags: BENCH_ARGS="--runs 30".
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-gpu}
 status=0
+pack() {
+  if [[ "${PACK:-1}" == 1 ]]; then
+    (cd "$OUT" && shopt -s nullglob && files=(*.log *.json *.txt) &&
+      ((${#files[@]})) && tar -czf gpu-check.tar.gz --remove-files "${files[@]}")
+  fi
+}
+trap pack EXIT
 
 # The full build (model, trainer, train_bench), made on a Debian machine by scripts/gpu-bundle.sh
 # and carried as .gpu-bundle/: the CUDA backend and model tests against the CPU backend, then the
