@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 namespace mamba::kernels {
 
 template <typename T>
@@ -23,6 +25,17 @@ __device__ T BlockSum(T v, T* scratch) {
   __syncthreads();
   T total = lane < warps ? scratch[lane] : T(0);
   return WarpSum(total);
+}
+
+// out[i] += sum over c of partial[c * n + i], c in order: the fixed-order final pass of the
+// chunked (double) parameter-gradient reductions. One thread per output.
+__global__ inline void AddChunkSumsKernel(int64_t n, int64_t chunks, const double* partial,
+                                          float* out) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  double sum = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) sum += partial[c * n + i];
+  out[i] += float(sum);
 }
 
 }  // namespace mamba::kernels

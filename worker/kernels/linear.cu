@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "worker/kernels/cuda_check.h"
+#include "worker/kernels/cuda_reduce.cuh"
 #include "worker/kernels/linear.h"
 
 namespace mamba::kernels {
@@ -120,15 +121,6 @@ __global__ void ColumnSumPartialKernel(int64_t M, int64_t N, int64_t chunks, con
   partial[c * N + n] = s;
 }
 
-__global__ void ColumnSumFinalKernel(int64_t N, int64_t chunks, const double* partial,
-                                     float* dbias) {
-  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (n >= N) return;
-  double s = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) s += partial[c * N + n];
-  dbias[n] += float(s);
-}
-
 }  // namespace
 
 size_t LinearForwardWorkspaceBytes(GemmPrecision precision, int64_t M, int64_t N, int64_t K) {
@@ -195,7 +187,7 @@ void LinearBackwardCuda(cublasHandle_t handle, GemmPrecision precision, int64_t 
     const dim3 grid(GridFor(N, kThreads), static_cast<unsigned int>(chunks));
     ColumnSumPartialKernel<<<grid, kThreads, 0, stream>>>(M, N, chunks, dy, partial);
     MAMBA_CUDA_CHECK_LAUNCH("linear_bwd_dbias");
-    ColumnSumFinalKernel<<<GridFor(N, kThreads), kThreads, 0, stream>>>(N, chunks, partial, dbias);
+    AddChunkSumsKernel<<<GridFor(N, kThreads), kThreads, 0, stream>>>(N, chunks, partial, dbias);
     MAMBA_CUDA_CHECK_LAUNCH("linear_bwd_dbias");
   }
 }

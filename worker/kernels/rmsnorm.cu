@@ -64,15 +64,6 @@ __global__ void AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chun
   }
 }
 
-__global__ void ReduceChunksKernel(int64_t dim, int64_t chunks, const double* partial,
-                                   float* dweight) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= dim) return;
-  double sum = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) sum += partial[c * dim + i];
-  dweight[i] += float(sum);
-}
-
 }  // namespace
 
 void AddRmsNormForwardCuda(int64_t rows, int64_t dim, const float* residual_in, const float* x,
@@ -100,7 +91,7 @@ void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const float* dy, const fl
         rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, partial);
     MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_bwd");
   }
-  ReduceChunksKernel<<<GridFor(dim, kThreads), kThreads, 0, stream>>>(dim, rows > 0 ? chunks : 0,
+  AddChunkSumsKernel<<<GridFor(dim, kThreads), kThreads, 0, stream>>>(dim, rows > 0 ? chunks : 0,
                                                                       partial, dweight);
   MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_bwd");
 }
