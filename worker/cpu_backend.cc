@@ -41,13 +41,6 @@ T* OptMut(const Tensor& t) {
   return t.defined() ? t.data<T>() : nullptr;
 }
 
-int64_t Rows(const Tensor& t) { return t.numel() / t.dim(-1); }
-
-void CheckSameShape(const Tensor& a, const Tensor& b, const char* what) {
-  MAMBA_CHECK(a.shape() == b.shape())
-      << what << ": " << a.DebugString() << " vs " << b.DebugString();
-}
-
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
@@ -83,10 +76,10 @@ class CpuBackend final : public Backend {
                          double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) override {
     CheckSameShape(x, y, "rmsnorm");
     CheckSameShape(x, residual_out, "rmsnorm residual");
-    MAMBA_CHECK(x.dim(-1) == weight.numel() && rstd.numel() == Rows(x));
+    MAMBA_CHECK(x.dim(-1) == weight.numel() && rstd.numel() == x.rows());
     Dispatch(x, [&](auto z) {
       using T = decltype(z);
-      kernels::AddRmsNormForwardCpu<T>(Rows(x), x.dim(-1), Opt<T>(residual_in), x.data<T>(),
+      kernels::AddRmsNormForwardCpu<T>(x.rows(), x.dim(-1), Opt<T>(residual_in), x.data<T>(),
                                        weight.data<T>(), T(eps), residual_out.data<T>(),
                                        y.data<T>(), rstd.data<T>());
     });
@@ -97,14 +90,14 @@ class CpuBackend final : public Backend {
     CheckSameShape(dy, dx, "rmsnorm backward");
     Dispatch(dy, [&](auto z) {
       using T = decltype(z);
-      kernels::AddRmsNormBackwardCpu<T>(Rows(dy), dy.dim(-1), dy.data<T>(), Opt<T>(dresidual_out),
+      kernels::AddRmsNormBackwardCpu<T>(dy.rows(), dy.dim(-1), dy.data<T>(), Opt<T>(dresidual_out),
                                         residual_out.data<T>(), weight.data<T>(), rstd.data<T>(),
                                         dx.data<T>(), dweight.data<T>());
     });
   }
 
   void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) override {
-    const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
+    const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(x.dim(-1) == K && y.numel() == M * N)
         << "linear: x " << x.DebugString() << " w " << w.DebugString() << " y " << y.DebugString();
     Dispatch(x, [&](auto z) {
@@ -114,7 +107,7 @@ class CpuBackend final : public Backend {
   }
   void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
                       Tensor& dbias) override {
-    const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
+    const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(dy.numel() == M * N && dw.shape() == w.shape());
     Dispatch(x, [&](auto z) {
       using T = decltype(z);
@@ -198,18 +191,18 @@ class CpuBackend final : public Backend {
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
                                           int32_t ignore_index, double grad_scale,
                                           Tensor& dlogits) override {
-    MAMBA_CHECK(targets.numel() == Rows(logits));
+    MAMBA_CHECK(targets.numel() == logits.rows());
     return Dispatch(logits, [&](auto z) {
       using T = decltype(z);
-      return kernels::CrossEntropyCpu<T>(Rows(logits), logits.dim(-1), logits.data<T>(),
+      return kernels::CrossEntropyCpu<T>(logits.rows(), logits.dim(-1), logits.data<T>(),
                                          targets.data<int32_t>(), ignore_index, grad_scale,
                                          OptMut<T>(dlogits));
     });
   }
 
   void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
-    const int64_t rows = Rows(src), n = dst.dim(-1), ld = src.dim(-1);
-    MAMBA_CHECK(Rows(dst) == rows && col0 + n <= ld);
+    const int64_t rows = src.rows(), n = dst.dim(-1), ld = src.dim(-1);
+    MAMBA_CHECK(dst.rows() == rows && col0 + n <= ld);
     const size_t es = DTypeSize(src.dtype());
     const char* s = static_cast<const char*>(src.raw());
     char* d = static_cast<char*>(dst.raw());
@@ -217,8 +210,8 @@ class CpuBackend final : public Backend {
       std::memcpy(d + r * n * es, s + (r * ld + col0) * es, n * es);
   }
   void WriteColumns(const Tensor& src, Tensor& dst, int64_t col0) override {
-    const int64_t rows = Rows(src), n = src.dim(-1), ld = dst.dim(-1);
-    MAMBA_CHECK(Rows(dst) == rows && col0 + n <= ld);
+    const int64_t rows = src.rows(), n = src.dim(-1), ld = dst.dim(-1);
+    MAMBA_CHECK(dst.rows() == rows && col0 + n <= ld);
     const size_t es = DTypeSize(src.dtype());
     const char* s = static_cast<const char*>(src.raw());
     char* d = static_cast<char*>(dst.raw());

@@ -115,13 +115,6 @@ CachingAllocator& Allocator() {
 
 std::shared_ptr<void> CudaAllocate(size_t bytes) { return Allocator().Allocate(bytes); }
 
-int64_t Rows(const Tensor& t) { return t.dim(-1) == 0 ? 0 : t.numel() / t.dim(-1); }
-
-void CheckSameShape(const Tensor& a, const Tensor& b, const char* what) {
-  MAMBA_CHECK(a.shape() == b.shape())
-      << what << ": " << a.DebugString() << " vs " << b.DebugString();
-}
-
 // Typed device pointers, checking the device (the dtype is checked by Tensor::data).
 const float* In(const Tensor& t, const char* op) {
   MAMBA_CHECK(t.device() == Device::kCUDA) << op << ": CUDA backend given " << t.DebugString();
@@ -296,8 +289,8 @@ class CudaBackend final : public Backend {
     CheckSameShape(x, y, op);
     CheckSameShape(x, residual_out, op);
     if (residual_in.defined()) CheckSameShape(x, residual_in, op);
-    MAMBA_CHECK(x.dim(-1) == weight.numel() && rstd.numel() == Rows(x)) << op;
-    kernels::AddRmsNormForwardCuda(Rows(x), x.dim(-1), OptIn(residual_in, op), In(x, op),
+    MAMBA_CHECK(x.dim(-1) == weight.numel() && rstd.numel() == x.rows()) << op;
+    kernels::AddRmsNormForwardCuda(x.rows(), x.dim(-1), OptIn(residual_in, op), In(x, op),
                                    In(weight, op), float(eps), Out(residual_out, op), Out(y, op),
                                    Out(rstd, op), stream_);
   }
@@ -310,9 +303,9 @@ class CudaBackend final : public Backend {
     CheckSameShape(dy, residual_out, op);
     if (dresidual_out.defined()) CheckSameShape(dy, dresidual_out, op);
     MAMBA_CHECK(dy.dim(-1) == weight.numel() && weight.numel() == dweight.numel() &&
-                rstd.numel() == Rows(dy))
+                rstd.numel() == dy.rows())
         << op;
-    const int64_t rows = Rows(dy), dim = dy.dim(-1);
+    const int64_t rows = dy.rows(), dim = dy.dim(-1);
     kernels::AddRmsNormBackwardCuda(
         rows, dim, In(dy, op), OptIn(dresidual_out, op), In(residual_out, op), In(weight, op),
         In(rstd, op), Out(dx, op), Out(dweight, op),
@@ -322,7 +315,7 @@ class CudaBackend final : public Backend {
   void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) override {
     OpScope range(this, "linear_fwd");
     constexpr const char* op = "linear_fwd";
-    const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
+    const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(x.dim(-1) == K && y.numel() == M * N && (!bias.defined() || bias.numel() == N))
         << "linear: x " << x.DebugString() << " w " << w.DebugString() << " y " << y.DebugString();
     kernels::LinearForwardCuda(
@@ -333,7 +326,7 @@ class CudaBackend final : public Backend {
                       Tensor& dbias) override {
     OpScope range(this, "linear_bwd");
     constexpr const char* op = "linear_bwd";
-    const int64_t M = Rows(x), N = w.dim(0), K = w.dim(1);
+    const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(dy.numel() == M * N && dw.shape() == w.shape() &&
                 (!dx.defined() || dx.numel() == M * K) && (!dbias.defined() || dbias.numel() == N))
         << "linear backward: dy " << dy.DebugString() << " x " << x.DebugString() << " w "
@@ -421,7 +414,7 @@ class CudaBackend final : public Backend {
                                           Tensor& dlogits) override {
     OpScope range(this, "cross_entropy");
     constexpr const char* op = "cross_entropy";
-    const int64_t rows = Rows(logits);
+    const int64_t rows = logits.rows();
     MAMBA_CHECK(targets.numel() == rows) << op << ": targets " << targets.DebugString();
     if (dlogits.defined()) CheckSameShape(logits, dlogits, op);
     kernels::CrossEntropyCuda(rows, logits.dim(-1), In(logits, op), Ids(targets, op), ignore_index,
@@ -438,8 +431,8 @@ class CudaBackend final : public Backend {
 
   void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
     OpScope range(this, "copy_columns");
-    const int64_t rows = Rows(src), n = dst.dim(-1), ld = src.dim(-1);
-    MAMBA_CHECK(Rows(dst) == rows && col0 >= 0 && col0 + n <= ld && src.dtype() == dst.dtype())
+    const int64_t rows = src.rows(), n = dst.dim(-1), ld = src.dim(-1);
+    MAMBA_CHECK(dst.rows() == rows && col0 >= 0 && col0 + n <= ld && src.dtype() == dst.dtype())
         << "copy_columns: " << src.DebugString() << " [" << col0 << ", +" << n << ") to "
         << dst.DebugString();
     Copy2D(static_cast<const char*>(src.raw()) + col0 * ElemSize(src), ld, dst.raw(), n, n, rows,
@@ -447,8 +440,8 @@ class CudaBackend final : public Backend {
   }
   void WriteColumns(const Tensor& src, Tensor& dst, int64_t col0) override {
     OpScope range(this, "write_columns");
-    const int64_t rows = Rows(src), n = src.dim(-1), ld = dst.dim(-1);
-    MAMBA_CHECK(Rows(dst) == rows && col0 >= 0 && col0 + n <= ld && src.dtype() == dst.dtype())
+    const int64_t rows = src.rows(), n = src.dim(-1), ld = dst.dim(-1);
+    MAMBA_CHECK(dst.rows() == rows && col0 >= 0 && col0 + n <= ld && src.dtype() == dst.dtype())
         << "write_columns: " << src.DebugString() << " to " << dst.DebugString() << " at " << col0;
     Copy2D(src.raw(), n, static_cast<char*>(dst.raw()) + col0 * ElemSize(src), ld, n, rows, src,
            "write_columns");

@@ -126,6 +126,11 @@ std::string Tensor::DebugString() const {
   return out.str();
 }
 
+void CheckSameShape(const Tensor& a, const Tensor& b, const char* what) {
+  MAMBA_CHECK(a.shape() == b.shape())
+      << what << ": " << a.DebugString() << " vs " << b.DebugString();
+}
+
 void Tensor::CheckDType(DType expected) const {
   MAMBA_CHECK(defined()) << "access to an undefined tensor";
   MAMBA_CHECK(dtype_ == expected) << "tensor is " << DTypeName(dtype_) << ", accessed as "

@@ -54,6 +54,8 @@ class Tensor {
   int64_t dim(int i) const { return shape_.at(i < 0 ? shape_.size() + i : i); }
   int rank() const { return static_cast<int>(shape_.size()); }
   int64_t numel() const { return NumElements(shape_); }
+  // Rows when seen as a (rows, last dimension) matrix, as the ops see activations.
+  int64_t rows() const { return dim(-1) == 0 ? 0 : numel() / dim(-1); }
   size_t nbytes() const { return numel() * DTypeSize(dtype_); }
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
@@ -81,5 +83,8 @@ class Tensor {
   DType dtype_ = DType::kF32;
   Device device_ = Device::kCPU;
 };
+
+// Aborts, naming `what` and both tensors, unless a and b have the same shape.
+void CheckSameShape(const Tensor& a, const Tensor& b, const char* what);
 
 }  // namespace mamba

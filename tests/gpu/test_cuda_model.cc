@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/test_util.h"
 #include "worker/job_spec.h"
 #include "worker/model.h"
 #include "worker/trainer.h"
@@ -21,18 +22,14 @@ namespace {
 
 bool HaveGpu() { return CudaDeviceCount() > 0; }
 
-// Relative error of a float32 tensor (any device) against a float64 CPU tensor; NaN fails.
+// Relative error (testing::RelativeError: NaN fails) of a float32 tensor on any device against a
+// float64 CPU tensor.
 double RelError(Backend& be, const Tensor& got, const Tensor& want64) {
-  Tensor host = be.ToHost(got);
+  const Tensor host = be.ToHost(got);
   const float* g = host.data<float>();
   const double* w = want64.data<double>();
-  double max_diff = 0, max_ref = 0;
-  for (int64_t i = 0; i < want64.numel(); ++i) {
-    if (!std::isfinite(g[i])) return INFINITY;
-    max_diff = std::max(max_diff, std::abs(double(g[i]) - w[i]));
-    max_ref = std::max(max_ref, std::abs(w[i]));
-  }
-  return max_diff / std::max(max_ref, 1e-30);
+  return testing::RelativeError(std::vector<float>(g, g + host.numel()),
+                                std::vector<double>(w, w + want64.numel()));
 }
 
 // The tiny model's loss and gradients on the GPU with the given GEMM precision against the CPU
