@@ -123,14 +123,14 @@ void MambaModel::Initialize(uint64_t seed) {
 }
 
 void MambaModel::ReleaseActivations(Layer& l) {
-  for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.Bm,
-                    &l.Cm, &l.delta, &l.A, &l.y, &l.out}) {
+  for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.Bm, &l.Cm,
+                    &l.delta, &l.A, &l.y, &l.out}) {
     *t = Tensor();
   }
 }
 
 void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in,
-                              int64_t B, int64_t L, bool keep_all) {
+                              int64_t B, int64_t L, bool recompute) {
   profiling::ScopedRange range("layer_fwd");
   const int64_t M = B * L, dm = config_.d_model, E = config_.d_inner(), N = config_.d_state,
                 R = config_.dt_rank;
@@ -166,20 +166,21 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   be.SelectiveScanForward(
       {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, l.y,
       no_state);
+  // A recompute for the backward keeps everything and skips the output projection: the backward
+  // needs y, not the output.
+  if (recompute) return;
   l.out = Act({M, dm});
   be.LinearForward(l.y, l.out_proj->value, Tensor(), l.out);
   // Keep only what the backward cannot cheaply recompute (see Recompute).
-  if (!keep_all) {
-    l.dbc = Tensor();
-    if (options_.recompute == Recompute::kLayer) {
-      const Tensor residual = l.residual, out = l.out;
-      ReleaseActivations(l);
-      l.residual = residual;  // the layer's input (residual stream after the add)
-      l.out = out;            // for the next layer's add (Forward releases it)
-    } else if (options_.recompute == Recompute::kConvAndDelta) {
-      l.xa = Tensor();
-      l.delta = Tensor();
-    }
+  l.dbc = Tensor();
+  if (options_.recompute == Recompute::kLayer) {
+    const Tensor residual = l.residual, out = l.out;
+    ReleaseActivations(l);
+    l.residual = residual;  // the layer's input (residual stream after the add)
+    l.out = out;            // for the next layer's add (Forward releases it)
+  } else if (options_.recompute == Recompute::kConvAndDelta) {
+    l.xa = Tensor();
+    l.delta = Tensor();
   }
 }
 
@@ -192,7 +193,7 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
     // Recompute::kLayer: rerun the layer from its input (its own residual stream, whose add with
     // nothing leaves it unchanged), keeping everything this time.
     const Tensor input = l.residual;
-    ForwardLayer(l, Tensor(), input, B, L, /*keep_all=*/true);
+    ForwardLayer(l, Tensor(), input, B, L, /*recompute=*/true);
   } else if (!l.xa.defined()) {
     // Recompute::kConvAndDelta (mamba_ssm's checkpoint_lvl 1): two cheap ops instead of two
     // (tokens x d_inner) activations kept from the forward.
@@ -258,7 +259,7 @@ MambaModel::Head MambaModel::Forward(const Tensor& inputs) {
   be.EmbeddingForward(h.ids, embedding_->value, emb);
   Tensor residual, hidden = emb;
   for (Layer& l : layers_) {
-    ForwardLayer(l, residual, hidden, B, L, /*keep_all=*/false);
+    ForwardLayer(l, residual, hidden, B, L, /*recompute=*/false);
     residual = l.residual;
     hidden = l.out;
     l.out = Tensor();  // the next add consumes it; its backward needs only the sum

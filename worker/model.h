@@ -78,9 +78,9 @@ class MambaModel {
   };
 
   Parameter& AddParameter(const std::string& name, const Shape& shape, bool weight_decay);
-  // keep_all: keep every activation regardless of the recompute policy.
+  // recompute: rerun for the backward (Recompute::kLayer): keep every activation, skip out_proj.
   void ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in, int64_t B,
-                    int64_t L, bool keep_all);
+                    int64_t L, bool recompute);
   // d_residual: the gradient w.r.t. the residual stream after this layer, which is also the
   // gradient w.r.t. the layer's output (it is added to the stream). Replaced by the gradient
   // w.r.t. the stream before the layer (equal to that w.r.t. the previous layer's output).
