@@ -75,27 +75,77 @@ __device__ __forceinline__ TileBlock LocateBlock(const Params& p) {
   return k;
 }
 
-// Raw tile inputs a thread stages: element k is (step (tid >> 5) + 4k, channel tid & 31) for
-// activations, (step (tid >> 4) + 8k, state tid & 15) for Bm/Cm. Held as loaded (bf16 bits
-// unconverted) so that the conversion, and with it the wait for the load, happens at first use.
+// Raw tile inputs a thread stages, as 32-bit words held as loaded (bf16 bits unconverted) so
+// that the conversion, and with it the wait for the load, happens at first use. Two layouts:
+// - scalar (any strides): element i is (step (tid >> 5) + kNT/32 * i, channel tid & 31) for
+//   activations, (step (tid >> 4) + kNT/16 * i, state tid & 15) for Bm/Cm; one word each.
+// - vector (channel- and state-contiguous, aligned; checked on the host): a thread loads kVE
+//   consecutive channels of one step per activation vector and kB consecutive states of one
+//   step of Bm and Cm, packed (two bf16 a word). One 8- or 16-byte load replaces up to 8 scalar
+//   loads and their 64-bit address arithmetic, which was a fifth of the forward's instructions.
 template <typename T>
 using Bits = std::conditional_t<std::is_same_v<T, float>, float, unsigned short>;
 
-template <typename T>
-__device__ __forceinline__ float ToF(Bits<T> x) {
+template <typename T, int kTT, int kNT, bool kVec>
+struct TileMap {
+  static constexpr int kA = kTT * kCh / kNT;  // activation elements a thread stages per array
+  static constexpr int kB = kTT * 16 / kNT;   // Bm (and Cm) elements a thread stages
+  static constexpr int kMaxVE = 16 / int(sizeof(Bits<T>));
+  static constexpr int kVE = !kVec ? 1 : kA < kMaxVE ? kA : kMaxVE;  // elements per vector
+  static constexpr int kCG = kCh / kVE;    // threads sharing one step of the tile
+  static constexpr int kRows = kNT / kCG;  // steps between a thread's vectors
+  static constexpr int kWA = kVec ? kA * int(sizeof(Bits<T>)) / 4 : kA;  // words per array
+  static constexpr int kWB = kVec ? kB * int(sizeof(Bits<T>)) / 4 : kB;
+  static_assert(!kVec || (kA % kVE == 0 && kWB >= 1), "tile does not split into vectors");
+  // Step and channel of this thread's activation element i.
+  __device__ static int Step(int tid, int i) { return tid / kCG + kRows * (i / kVE); }
+  __device__ static int Chan(int tid, int i) { return (tid % kCG) * kVE + i % kVE; }
+  // Index (step * 16 + state) of this thread's Bm/Cm element i.
+  __device__ static int BcIndex(int tid, int i) { return kVec ? tid * kB + i : tid + kNT * i; }
+};
+
+template <typename T, int kTT, int kNT, bool kVec>
+struct Raw {
+  using M = TileMap<T, kTT, kNT, kVec>;
+  uint32_t u[M::kWA], dl[M::kWA], z[M::kWA], dout[M::kWA];
+  uint32_t bm[M::kWB], cm[M::kWB];
+};
+
+// Element i of a staged array, as float.
+template <typename T, bool kVec>
+__device__ __forceinline__ float Elem(const uint32_t* w, int i) {
   if constexpr (std::is_same_v<T, float>) {
-    return x;
+    return __uint_as_float(w[i]);
+  } else if constexpr (!kVec) {
+    return __uint_as_float(w[i] << 16);
   } else {
-    return __uint_as_float(static_cast<uint32_t>(x) << 16);
+    return __uint_as_float(i & 1 ? w[i >> 1] & 0xffff0000u : w[i >> 1] << 16);
   }
 }
 
-template <typename T, int kTT, int kNT = kTh>
-struct Raw {
-  static constexpr int kA = kTT * kCh / kNT, kB = kTT * 16 / kNT;
-  Bits<T> u[kA], dl[kA], z[kA], dout[kA];
-  Bits<T> bm[kB], cm[kB];
-};
+template <typename T>
+__device__ __forceinline__ uint32_t LdBits(const Bits<T>* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __float_as_uint(__ldg(p));
+  } else {
+    return __ldg(p);
+  }
+}
+
+// kBytes (4, 8 or 16) from p into w[0, kBytes / 4), or zeros.
+template <int kBytes>
+__device__ __forceinline__ void LdVec(const void* p, bool ok, uint32_t* w) {
+  if constexpr (kBytes == 16) {
+    const uint4 q = ok ? __ldg(static_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+    w[0] = q.x, w[1] = q.y, w[2] = q.z, w[3] = q.w;
+  } else if constexpr (kBytes == 8) {
+    const uint2 q = ok ? __ldg(static_cast<const uint2*>(p)) : make_uint2(0, 0);
+    w[0] = q.x, w[1] = q.y;
+  } else {
+    static_assert(kBytes == 4);
+    w[0] = ok ? __ldg(static_cast<const uint32_t*>(p)) : 0u;
+  }
+}
 
 // This thread's element at step t of an activation or Bm/Cm array: one 64-bit multiply-add
 // chain per tile, then constant-stride pointer steps.
@@ -105,77 +155,128 @@ __device__ __forceinline__ const Bits<T>* ActAt(const Strided3& a, int64_t b, in
   return static_cast<const Bits<T>*>(a.p) + (b * a.sb + t * a.sl + d * a.sd);
 }
 
-// kNT threads stage a tile: activations kNT / 32 steps apart, Bm/Cm kNT / 16 steps apart.
-template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC, int kNT = kTh>
+// kNT threads stage the tile of steps [tb, min(tb + kTT, t1)).
+template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC, int kNT, bool kVec>
 __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int64_t tb, int64_t t1,
-                                        Raw<T, kTT, kNT>& r) {
-  constexpr int kSa = kNT / 32, kSb = kNT / 16;
+                                        Raw<T, kTT, kNT, kVec>& r) {
+  using M = TileMap<T, kTT, kNT, kVec>;
   const int tid = threadIdx.x;
-  const int c = tid & 31;
-  const bool cok = c < k.nvalid;
-  const int64_t d = k.d0 + c;
-  const Bits<T> zero = 0;
-  const int64_t ta = tb + (tid >> 5);
-  const Bits<T>* pdl = ActAt<T>(p.delta, k.b, ta, d);
-  const Bits<T>* pu = ActAt<T>(p.u, k.b, ta, d);
-  const Bits<T>* pz = ActAt<T>(p.z, k.b, ta, d);
-  const Bits<T>* pdo = ActAt<T>(p.dout, k.b, ta, d);
+  if constexpr (kVec) {
+    constexpr int kVB = M::kVE * int(sizeof(Bits<T>)), kWV = kVB / 4;
+    const int c0 = M::Chan(tid, 0);
+    const bool cok = c0 < k.nvalid;  // whole vectors: dims_per_group % kVE == 0
+    const int64_t d = k.d0 + c0;
 #pragma unroll
-  for (int i = 0; i < Raw<T, kTT, kNT>::kA; ++i) {
-    const bool ok = cok && ta + kSa * i < t1;
-    r.u[i] = r.z[i] = r.dout[i] = zero;
-    r.dl[i] = ok ? __ldg(pdl + kSa * i * p.delta.sl) : zero;
-    if constexpr (kU) r.u[i] = ok ? __ldg(pu + kSa * i * p.u.sl) : zero;
-    if constexpr (kZ) r.z[i] = ok && p.z.p ? __ldg(pz + kSa * i * p.z.sl) : zero;
-    if constexpr (kDout) r.dout[i] = ok ? __ldg(pdo + kSa * i * p.dout.sl) : zero;
-  }
-  const int n = tid & 15;
-  const int64_t tn = tb + (tid >> 4);
-  const Bits<T>* pb = static_cast<const Bits<T>*>(p.Bm.p) +
-                      (k.b * p.Bm.sb + tn * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn);
-  const Bits<T>* pc = static_cast<const Bits<T>*>(p.Cm.p) +
-                      (k.b * p.Cm.sb + tn * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn);
+    for (int v = 0; v < M::kA / M::kVE; ++v) {
+      const int64_t t = tb + M::Step(tid, v * M::kVE);
+      const bool ok = cok && t < t1;
+      LdVec<kVB>(ActAt<T>(p.delta, k.b, t, d), ok, r.dl + v * kWV);
+      if constexpr (kU) LdVec<kVB>(ActAt<T>(p.u, k.b, t, d), ok, r.u + v * kWV);
+      if constexpr (kZ) LdVec<kVB>(ActAt<T>(p.z, k.b, t, d), ok && p.z.p, r.z + v * kWV);
+      if constexpr (kDout) LdVec<kVB>(ActAt<T>(p.dout, k.b, t, d), ok, r.dout + v * kWV);
+    }
+    constexpr int kBB = M::kB * int(sizeof(Bits<T>));
+    const int idx = M::BcIndex(tid, 0);
+    const int64_t t = tb + (idx >> 4);
+    const int n = idx & 15;
+    const bool ok = t < t1;
+    const Bits<T>* pb =
+        static_cast<const Bits<T>*>(p.Bm.p) + (k.b * p.Bm.sb + t * p.Bm.sl + k.g * p.Bm.sg + n);
+    LdVec<kBB>(pb, ok, r.bm);
+    if constexpr (kC) {
+      const Bits<T>* pc =
+          static_cast<const Bits<T>*>(p.Cm.p) + (k.b * p.Cm.sb + t * p.Cm.sl + k.g * p.Cm.sg + n);
+      LdVec<kBB>(pc, ok, r.cm);
+    }
+  } else {
+    constexpr int kSa = kNT / 32, kSb = kNT / 16;
+    const int c = tid & 31;
+    const bool cok = c < k.nvalid;
+    const int64_t d = k.d0 + c;
+    const int64_t ta = tb + (tid >> 5);
+    const Bits<T>* pdl = ActAt<T>(p.delta, k.b, ta, d);
+    const Bits<T>* pu = ActAt<T>(p.u, k.b, ta, d);
+    const Bits<T>* pz = ActAt<T>(p.z, k.b, ta, d);
+    const Bits<T>* pdo = ActAt<T>(p.dout, k.b, ta, d);
 #pragma unroll
-  for (int i = 0; i < Raw<T, kTT, kNT>::kB; ++i) {
-    const bool ok = tn + kSb * i < t1;
-    r.cm[i] = zero;
-    r.bm[i] = ok ? __ldg(pb + kSb * i * p.Bm.sl) : zero;
-    if constexpr (kC) r.cm[i] = ok ? __ldg(pc + kSb * i * p.Cm.sl) : zero;
+    for (int i = 0; i < M::kA; ++i) {
+      const bool ok = cok && ta + kSa * i < t1;
+      r.u[i] = r.z[i] = r.dout[i] = 0u;
+      r.dl[i] = ok ? LdBits<T>(pdl + kSa * i * p.delta.sl) : 0u;
+      if constexpr (kU) r.u[i] = ok ? LdBits<T>(pu + kSa * i * p.u.sl) : 0u;
+      if constexpr (kZ) r.z[i] = ok && p.z.p ? LdBits<T>(pz + kSa * i * p.z.sl) : 0u;
+      if constexpr (kDout) r.dout[i] = ok ? LdBits<T>(pdo + kSa * i * p.dout.sl) : 0u;
+    }
+    const int n = tid & 15;
+    const int64_t tn = tb + (tid >> 4);
+    const Bits<T>* pb = static_cast<const Bits<T>*>(p.Bm.p) +
+                        (k.b * p.Bm.sb + tn * p.Bm.sl + k.g * p.Bm.sg + n * p.Bm.sn);
+    const Bits<T>* pc = static_cast<const Bits<T>*>(p.Cm.p) +
+                        (k.b * p.Cm.sb + tn * p.Cm.sl + k.g * p.Cm.sg + n * p.Cm.sn);
+#pragma unroll
+    for (int i = 0; i < M::kB; ++i) {
+      const bool ok = tn + kSb * i < t1;
+      r.cm[i] = 0u;
+      r.bm[i] = ok ? LdBits<T>(pb + kSb * i * p.Bm.sl) : 0u;
+      if constexpr (kC) r.cm[i] = ok ? LdBits<T>(pc + kSb * i * p.Cm.sl) : 0u;
+    }
   }
 }
 
 // Per-(t, channel) tile values in shared memory. Steps past the end and channels past the group
 // get dt = dtu = dy = 0: the state is then left unchanged and contributes nothing.
 // kDy: gated dout (backward passes). kEpi: what the kernel's epilogue reads, u and z
-// (forward) or u, softplus' and dz / (y + D*u) (backward).
+// (forward) or u, softplus' and dz / (y + D*u) (backward). bias: dt_bias of the block's
+// channels (the vector layout's threads prepare several channels).
+// Rows are padded to kCh + 1 floats: the vector layout's threads write (and the forward
+// epilogue reads) 8 rows at once, which would otherwise fall into the same banks.
 template <int kTT, bool kDy, bool kEpi>
 struct StepSmem {
-  static constexpr int kF = kEpi && !kDy ? kTT : 1, kB = kEpi && kDy ? kTT : 1;
-  float dt[kTT][kCh], dtu[kTT][kCh];
-  float dy[kDy ? kTT : 1][kCh];
-  float u[kEpi ? kTT : 1][kCh], z[kF][kCh], dsp[kB][kCh], dzf[kB][kCh];
+  static constexpr int kF = kEpi && !kDy ? kTT : 1, kB = kEpi && kDy ? kTT : 1, kP = kCh + 1;
+  float dt[kTT][kP], dtu[kTT][kP];
+  float dy[kDy ? kTT : 1][kP];
+  float u[kEpi ? kTT : 1][kP], z[kF][kP], dsp[kB][kP], dzf[kB][kP];
   float4 bm[kTT][4], cm[kTT][4];
+  float bias[kCh];
 };
 
+// Fills s.bias for the block's channels; the caller synchronizes before the first PrepTile.
+template <typename S>
+__device__ __forceinline__ void StageBias(const Params& p, const TileBlock& k, S& s) {
+  const int c = threadIdx.x;
+  if (c < kCh) s.bias[c] = p.dt_bias && c < k.nvalid ? p.dt_bias[k.d0 + c] : 0.f;
+}
+
+template <int kN>
+__device__ __forceinline__ void StShared(float* p, const float (&v)[kN]) {
+  if constexpr (kN == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    static_assert(kN == 2);
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  }
+}
+
 // S: a StepSmem<kTT, ...> with room for what kDy and kEpi ask to write.
-template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S, int kNT = kTh>
+template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S, int kNT, bool kVec>
 __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
-                                         int64_t t1, float bias, const Raw<T, kTT, kNT>& r, S& s) {
+                                         int64_t t1, const Raw<T, kTT, kNT, kVec>& r, S& s) {
+  using M = TileMap<T, kTT, kNT, kVec>;
   const int tid = threadIdx.x;
-  const int c = tid & 31;
-  const bool cok = c < k.nvalid;
 #pragma unroll
-  for (int i = 0; i < Raw<T, kTT, kNT>::kA; ++i) {
-    const int tt = (tid >> 5) + kNT / 32 * i;
-    const bool ok = cok && tb + tt < t1;
+  for (int i = 0; i < M::kA; ++i) {
+    const int tt = M::Step(tid, i), c = M::Chan(tid, i);
+    const bool ok = c < k.nvalid && tb + tt < t1;
     float dsp = 0.f;
-    const float dt = ok ? FastStepSize(ToF<T>(r.dl[i]) + bias, p.softplus, &dsp) : 0.f;
+    const float raw = Elem<T, kVec>(r.dl, i) + s.bias[c];
+    const float dt = ok ? FastStepSize(raw, p.softplus, &dsp) : 0.f;
+    const float u = Elem<T, kVec>(r.u, i);
     s.dt[tt][c] = dt;
-    s.dtu[tt][c] = dt * ToF<T>(r.u[i]);
-    if constexpr (kEpi) s.u[tt][c] = ToF<T>(r.u[i]);
-    if constexpr (kEpi && !kDy) s.z[tt][c] = ToF<T>(r.z[i]);
+    s.dtu[tt][c] = dt * u;
+    if constexpr (kEpi) s.u[tt][c] = u;
+    if constexpr (kEpi && !kDy) s.z[tt][c] = Elem<T, kVec>(r.z, i);
     if constexpr (kDy) {
-      const float z = ToF<T>(r.z[i]), dout = ToF<T>(r.dout[i]);
+      const float z = Elem<T, kVec>(r.z, i), dout = Elem<T, kVec>(r.dout, i);
       const float sg = p.z.p ? Sigmoid(z) : 0.f;
       s.dy[tt][c] = p.z.p ? dout * z * sg : dout;
       if constexpr (kEpi) {
@@ -186,11 +287,23 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
   }
   float* bm = reinterpret_cast<float*>(s.bm);
   float* cm = reinterpret_cast<float*>(s.cm);
+  if constexpr (kVec) {
+    // One 8- or 16-byte store per thread: consecutive threads, consecutive addresses.
+    float b[M::kB], c[M::kB];
 #pragma unroll
-  for (int i = 0; i < Raw<T, kTT, kNT>::kB; ++i) {
-    const int idx = tid + kNT * i;  // (tt, n) = (idx >> 4, idx & 15)
-    bm[idx] = ToF<T>(r.bm[i]);
-    if constexpr (kC) cm[idx] = ToF<T>(r.cm[i]);
+    for (int i = 0; i < M::kB; ++i) {
+      b[i] = Elem<T, kVec>(r.bm, i);
+      c[i] = Elem<T, kVec>(r.cm, i);
+    }
+    StShared<M::kB>(bm + tid * M::kB, b);
+    if constexpr (kC) StShared<M::kB>(cm + tid * M::kB, c);
+  } else {
+#pragma unroll
+    for (int i = 0; i < M::kB; ++i) {
+      const int idx = M::BcIndex(tid, i);
+      bm[idx] = Elem<T, kVec>(r.bm, i);
+      if constexpr (kC) cm[idx] = Elem<T, kVec>(r.cm, i);
+    }
   }
 }
 
@@ -211,6 +324,63 @@ __device__ __forceinline__ void StateSlice(const float4 (&row)[4], int sl, float
   }
 }
 
+// The kL lanes' partial outputs of one (step, channel), summed in a fixed order (pairs, then
+// pairs of pairs).
+template <int kL>
+__device__ __forceinline__ float LanesSum(const float (&part)[kL]) {
+  if constexpr (kL == 2) {
+    const float2 q = *reinterpret_cast<const float2*>(part);
+    return q.x + q.y;
+  } else {
+    const float4* q4 = reinterpret_cast<const float4*>(part);
+    const float4 q = q4[0];
+    float y = (q.x + q.y) + (q.z + q.w);
+    if constexpr (kL == 8) {
+      const float4 w = q4[1];
+      y += (w.x + w.y) + (w.z + w.w);
+    }
+    return y;
+  }
+}
+
+// Stores kVE consecutive channels of one step (channel-contiguous and aligned: the vector
+// layout's condition), rounded to nearest even for bf16 as St does. In PTX: nvcc 13 split a
+// plain uint4 store into four 4-byte stores here.
+template <typename T, int kVE>
+__device__ __forceinline__ void StVec(const Strided3& o, int64_t b, int64_t t, int64_t d,
+                                      const float (&y)[kVE]) {
+  void* q = static_cast<Bits<T>*>(const_cast<void*>(o.p)) + (b * o.sb + t * o.sl + d);
+  uint32_t w[4];
+  if constexpr (std::is_same_v<T, float>) {
+    static_assert(kVE == 4);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[j] = __float_as_uint(y[j]);
+  } else {
+    static_assert(kVE == 8 || kVE == 4);
+#pragma unroll
+    for (int j = 0; j < kVE / 2; ++j) {
+      const __nv_bfloat162 h2 = __floats2bfloat162_rn(y[2 * j], y[2 * j + 1]);
+      w[j] = static_cast<uint32_t>(__bfloat16_as_ushort(h2.x)) |
+             static_cast<uint32_t>(__bfloat16_as_ushort(h2.y)) << 16;
+    }
+  }
+  if constexpr (kVE * sizeof(Bits<T>) == 16) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(q), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(q), "r"(w[0]), "r"(w[1]) : "memory");
+  }
+}
+
+// Where the forward's per-lane partials of (step tt, channel c) live in the vector layout: a
+// permutation of the channels within groups of 8, so that the epilogue's 16-byte reads (a
+// quarter warp: steps tt, tt + 1 x channels c, c + 8, c + 16, c + 24) hit 8 different bank
+// groups, and the scan's writes (8 consecutive channels of one step) stay contiguous.
+__device__ __forceinline__ int YpSlot(int tt, int c) {
+  return (c & ~7) | ((c + (c >> 3) + 4 * (tt & 1)) & 7);
+}
+
 // Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode), with kL
 // lanes per channel, each owning 16 / kL states. The forward uses 8 lanes: twice the warps of
 // 4 lanes for the same channels, which row (8,1536,2048) needs (< 3 blocks per SM at 4 lanes).
@@ -219,13 +389,16 @@ constexpr int ScanMinBlocks() {
   return kL == 2 ? 8 : kL == 8 ? 3 : kMode == kBwdPre || !kF32 ? 4 : 6;
 }
 
-template <typename T, int kMode, int kL>
+// kVec: the vector tile layout (see Raw), when the host found the tensors contiguous and aligned.
+template <typename T, int kMode, int kL, bool kVec>
 __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T, float>, kL>())
     TiledScanKernel(const Params p) {
   constexpr int kTT = kFT, kS = 16 / kL, kNT = kCh * kL;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
   static_assert(!kBwd || kL == 4, "the backward checkpoints are written as float4 per lane");
+  static_assert(!kVec || kL == 4, "the vector layout's partials are one float4 per channel");
   __shared__ StepSmem<kTT, kBwd, kMain> s;
+  __shared__ float dsk_s[kVec && kMain ? kCh : 1];  // D_skip of the block's channels
   // Per-lane partial outputs [kTT][kCh][kL] (main pass), dynamic: 32 KB at 8 lanes.
   extern __shared__ float4 dyn[];
   auto yp = reinterpret_cast<float(*)[kCh][kL]>(dyn);
@@ -241,8 +414,12 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
   const int ce = tid & 31;
   const bool ceok = ce < k.nvalid;
   const int64_t de = k.d0 + (ceok ? ce : 0);
-  const float bias = p.dt_bias ? p.dt_bias[de] : 0.f;
   const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
+  StageBias(p, k, s);
+  if constexpr (kVec && kMain) {
+    if (tid < kCh) dsk_s[tid] = p.D_skip && tid < k.nvalid ? p.D_skip[k.d0 + tid] : 0.f;
+  }
+  __syncthreads();
 
   float a2[kS], h[kS], P[kS], r[kS];
 #pragma unroll
@@ -257,15 +434,15 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
     }
   }
   float sum = 0.f;
-  Raw<T, kTT, kNT> nx;
-  LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT>(p, k, t0, t1, nx);
+  Raw<T, kTT, kNT, kVec> nx;
+  LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT, kVec>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain, StepSmem<kTT, kBwd, kMain>, kNT>(p, k, tb, t1,
-                                                                                  bias, nx, s);
+    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain, StepSmem<kTT, kBwd, kMain>, kNT, kVec>(p, k, tb,
+                                                                                        t1, nx, s);
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
-      LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT>(p, k, tb + kTT, t1, nx);
+      LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT, kVec>(p, k, tb + kTT, t1, nx);
     }
     // Halves of kBT steps: the backward pre-pass leaves a checkpoint at each backward tile start.
     for (int hf = 0; hf < kTT / kBT; ++hf) {
@@ -288,7 +465,7 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
             float y = cv[0] * h[0];
 #pragma unroll
             for (int j = 1; j < kS; ++j) y = fmaf(cv[j], h[j], y);
-            yp[tt][ch][sl] = y;
+            yp[tt][kVec ? YpSlot(tt, ch) : ch][sl] = y;
           } else {
             const float dy = s.dy[tt][ch];
 #pragma unroll
@@ -311,26 +488,34 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
       }
     }
     __syncthreads();
-    if constexpr (kMain) {
-      const int64_t obase = k.b * p.out.sb + (tb + (tid >> 5)) * p.out.sl + de * p.out.sd;
+    if constexpr (kMain && kVec) {
+      // The thread that staged u and z of these (step, channel) pairs finishes them, so no
+      // barrier is needed before the next tile's PrepTile overwrites them.
+      using M = TileMap<T, kTT, kNT, kVec>;
 #pragma unroll
-      for (int i = 0; i < Raw<T, kTT, kNT>::kA; ++i) {
-        const int tt = (tid >> 5) + kNT / 32 * i;
-        if (!ceok || tb + tt >= t1) continue;
-        // The lanes' partials in a fixed order (pairs, then pairs of pairs).
-        float y;
-        if constexpr (kL == 2) {
-          const float2 q = *reinterpret_cast<const float2*>(yp[tt][ce]);
-          y = q.x + q.y;
-        } else {
-          const float4* q4 = reinterpret_cast<const float4*>(yp[tt][ce]);
-          const float4 q = q4[0];
-          y = (q.x + q.y) + (q.z + q.w);
-          if constexpr (kL == 8) {
-            const float4 w = q4[1];
-            y += (w.x + w.y) + (w.z + w.w);
+      for (int v = 0; v < M::kA / M::kVE; ++v) {
+        const int tt = M::Step(tid, v * M::kVE), c0 = M::Chan(tid, 0);
+        if (c0 >= k.nvalid || tb + tt >= t1) continue;
+        float y[M::kVE];
+#pragma unroll
+        for (int j = 0; j < M::kVE; ++j) {
+          const int c = c0 + j;
+          y[j] = LanesSum<kL>(yp[tt][YpSlot(tt, c)]);
+          y[j] = fmaf(dsk_s[c], s.u[tt][c], y[j]);
+          if (p.z.p) {
+            const float z = s.z[tt][c];
+            y[j] *= z * Sigmoid(z);
           }
         }
+        StVec<T, M::kVE>(p.out, k.b, tb + tt, k.d0 + c0, y);
+      }
+    } else if constexpr (kMain) {
+      const int64_t obase = k.b * p.out.sb + (tb + (tid >> 5)) * p.out.sl + de * p.out.sd;
+#pragma unroll
+      for (int i = 0; i < TileMap<T, kTT, kNT, kVec>::kA; ++i) {
+        const int tt = (tid >> 5) + kNT / 32 * i;
+        if (!ceok || tb + tt >= t1) continue;
+        float y = LanesSum<kL>(yp[tt][ce]);
         y = fmaf(dsk, s.u[tt][ce], y);
         if (p.z.p) {
           const float z = s.z[tt][ce];
@@ -376,7 +561,7 @@ __device__ __forceinline__ float& DbcAt(BwdSmem& sm, int w, int tt, int m) {
   return reinterpret_cast<float*>(&sm.hist[tt][w * 32 + 8])[m];
 }
 
-template <typename T>
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, int64_t cpg) {
   extern __shared__ float4 dyn[];
   BwdSmem& sm = *reinterpret_cast<BwdSmem*>(dyn);
@@ -391,8 +576,8 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
   const int ce = tid & 31;
   const bool ceok = ce < k.nvalid;
   const int64_t de = k.d0 + (ceok ? ce : 0);
-  const float bias = p.dt_bias ? p.dt_bias[de] : 0.f;
   const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
+  StageBias(p, k, sm.s);  // read after the first barrier of the tile loop
 
   float A[4], a2[4], h[4], g[4], dA[4];
 #pragma unroll
@@ -410,8 +595,8 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
   }
   const int ntiles = static_cast<int>(CeilDivDev(t1 - t0, kBT));
   const int64_t ck_row = row * (p.seg_len / kBT - 1);
-  Raw<T, kBT> rr;  // next tile of the backward walk
-  LoadRaw<T, kBT, true, true, true, true>(p, k, t0 + (ntiles - 1) * kBT, t1, rr);
+  Raw<T, kBT, kTh, kVec> rr;  // next tile of the backward walk
+  LoadRaw<T, kBT, true, true, true, true, kTh, kVec>(p, k, t0 + (ntiles - 1) * kBT, t1, rr);
   float dD_acc = 0.f, dbias_acc = 0.f;
   const bool one_block = cpg == 1;
   for (int r = ntiles - 1; r >= 0; --r) {
@@ -428,9 +613,10 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
       for (int j = 0; j < 4; ++j) hh[j] = fmaf(Ex2(a2[j] * sdt), h[j], cv[j]);
     }
     __syncthreads();
-    PrepTile<T, kBT, true, true, true>(p, k, tb, t1, bias, rr, sm.s);
+    PrepTile<T, kBT, true, true, true, StepSmem<kBT, true, true>, kTh, kVec>(p, k, tb, t1, rr,
+                                                                             sm.s);
     __syncthreads();
-    if (r > 0) LoadRaw<T, kBT, true, true, true, true>(p, k, tb - kBT, t1, rr);
+    if (r > 0) LoadRaw<T, kBT, true, true, true, true, kTh, kVec>(p, k, tb - kBT, t1, rr);
 #pragma unroll 4
     for (int tt = 0; tt < kBT; ++tt) {
       const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
@@ -501,7 +687,7 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
     const int64_t obd = k.b * p.ddelta.sb + te * p.ddelta.sl + de * p.ddelta.sd;
     const int64_t obz = k.b * p.dz.sb + te * p.dz.sl + de * p.dz.sd;
 #pragma unroll
-    for (int i = 0; i < Raw<T, kBT>::kA; ++i) {
+    for (int i = 0; i < kBT * kCh / kTh; ++i) {
       const int tt = (tid >> 5) + 4 * i;
       if (!ceok || tb + tt >= t1) continue;
       const float4 rd = RedAt(sm, tt, ce);
@@ -575,52 +761,100 @@ int TiledForwardTile() { return kFT; }
 int TiledBackwardTile() { return kBT; }
 int64_t TiledBlocks(const Params& p) { return p.batch * p.groups * CeilDiv(p.dims_per_group, kCh); }
 
+// The vector tile layout's condition: activations channel-contiguous with step and batch
+// strides and bases on 16-byte boundaries, groups of whole 8-channel vectors, and Bm/Cm
+// state-contiguous likewise. (8 elements: the widest vector, bf16 at 16 bytes.)
+bool ActVectorizable(const Strided3& a) {
+  return a.p == nullptr || (a.sd == 1 && a.sl % 8 == 0 && a.sb % 8 == 0 &&
+                            reinterpret_cast<uintptr_t>(a.p) % 16 == 0);
+}
+bool BcVectorizable(const Strided4& a, DType dtype) {
+  const int64_t per16 = dtype == DType::kF32 ? 4 : 8;
+  return a.sn == 1 && a.sl % per16 == 0 && a.sb % per16 == 0 && a.sg % per16 == 0 &&
+         reinterpret_cast<uintptr_t>(a.p) % 16 == 0;
+}
+bool TiledVectorizable(const Params& p, bool bwd) {
+  return p.dims_per_group % 8 == 0 && ActVectorizable(p.u) && ActVectorizable(p.delta) &&
+         ActVectorizable(p.z) && BcVectorizable(p.Bm, p.dtype) && BcVectorizable(p.Cm, p.dtype) &&
+         ActVectorizable(bwd ? p.dout : p.out);
+}
+
+// The forward takes the vector layout in bf16 only: in fp32 (capped at 80 registers for 6 blocks
+// an SM) it spilled and ran 5-9% slower than the scalar layout (H100, bench/RESULTS.md v7).
+template <typename T>
+constexpr bool kVecForward = !std::is_same_v<T, float>;
+
 template <typename T>
 void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, int lanes, cudaStream_t stream) {
   const int64_t blocks = p.chan_blocks * segs;
+  const bool vec = TiledVectorizable(p, bwd);
   if (bwd) {
-    TiledScanKernel<T, kBwdPre, 4><<<blocks, kTh, 0, stream>>>(p);
+    if (vec) {
+      TiledScanKernel<T, kBwdPre, 4, true><<<blocks, kTh, 0, stream>>>(p);
+    } else {
+      TiledScanKernel<T, kBwdPre, 4, false><<<blocks, kTh, 0, stream>>>(p);
+    }
   } else if (lanes == 2) {
-    TiledScanKernel<T, kFwdPre, 2><<<blocks, kTh / 2, 0, stream>>>(p);
+    TiledScanKernel<T, kFwdPre, 2, false><<<blocks, kTh / 2, 0, stream>>>(p);
   } else if (lanes == 4) {
-    TiledScanKernel<T, kFwdPre, 4><<<blocks, kTh, 0, stream>>>(p);
+    if constexpr (kVecForward<T>) {
+      if (vec) {
+        TiledScanKernel<T, kFwdPre, 4, true><<<blocks, kTh, 0, stream>>>(p);
+        return;
+      }
+    }
+    TiledScanKernel<T, kFwdPre, 4, false><<<blocks, kTh, 0, stream>>>(p);
   } else {
-    TiledScanKernel<T, kFwdPre, 8><<<blocks, 2 * kTh, 0, stream>>>(p);
+    TiledScanKernel<T, kFwdPre, 8, false><<<blocks, 2 * kTh, 0, stream>>>(p);
   }
+}
+
+template <typename T, int kL, bool kVec>
+void LaunchTiledForwardMain(const Params& p, cudaStream_t stream) {
+  // Static StepSmem plus the partials pass 48 KB at 8 lanes.
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, kL, kVec>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+  (void)attr;  // a failure shows as the launch's error
+  const size_t yp = kFT * kCh * kL * sizeof(float);
+  TiledScanKernel<T, kFwdMain, kL, kVec><<<p.chan_blocks * p.num_seg, kCh * kL, yp, stream>>>(p);
 }
 
 template <typename T>
 void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream) {
-  const int64_t blocks = p.chan_blocks * p.num_seg;
-  const size_t yp = kFT * kCh * lanes * sizeof(float);
-  // Static StepSmem plus the partials pass 48 KB at 8 lanes.
-  static const bool attr = [] {
-    cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 2>,
-                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
-    cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 4>,
-                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
-    cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, 8>,
-                         cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
-    return true;
-  }();
-  (void)attr;
+  // The lanes-2/8 variants are tuning knobs measured slower (bench/RESULTS.md, v6): scalar only.
   if (lanes == 2) {
-    TiledScanKernel<T, kFwdMain, 2><<<blocks, kTh / 2, yp, stream>>>(p);
+    LaunchTiledForwardMain<T, 2, false>(p, stream);
   } else if (lanes == 4) {
-    TiledScanKernel<T, kFwdMain, 4><<<blocks, kTh, yp, stream>>>(p);
+    if constexpr (kVecForward<T>) {
+      if (TiledVectorizable(p, false)) {
+        LaunchTiledForwardMain<T, 4, true>(p, stream);
+        return;
+      }
+    }
+    LaunchTiledForwardMain<T, 4, false>(p, stream);
   } else {
-    TiledScanKernel<T, kFwdMain, 8><<<blocks, 2 * kTh, yp, stream>>>(p);
+    LaunchTiledForwardMain<T, 8, false>(p, stream);
   }
 }
 
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream) {
   const size_t smem = sizeof(BwdSmem);
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      TiledBackwardKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-  if (attr != cudaSuccess) return attr;
+  static const cudaError_t attr[2] = {
+      cudaFuncSetAttribute(TiledBackwardKernel<T, false>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024),
+      cudaFuncSetAttribute(TiledBackwardKernel<T, true>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024)};
+  if (attr[0] != cudaSuccess) return attr[0];
+  if (attr[1] != cudaSuccess) return attr[1];
   const int64_t cpg = p.chan_warps;
-  TiledBackwardKernel<T><<<p.chan_blocks * p.num_seg, kTh, smem, stream>>>(p, cpg);
+  const int64_t blocks = p.chan_blocks * p.num_seg;
+  if (TiledVectorizable(p, true)) {
+    TiledBackwardKernel<T, true><<<blocks, kTh, smem, stream>>>(p, cpg);
+  } else {
+    TiledBackwardKernel<T, false><<<blocks, kTh, smem, stream>>>(p, cpg);
+  }
   if (cpg > 1) {
     const int64_t count = p.batch * p.len * p.groups * 32;
     TiledReduceBCKernel<T><<<CeilDiv(count, 256), 256, 0, stream>>>(p, cpg);
