@@ -44,7 +44,7 @@ std::string Phase(const std::string& op) {
   if (op.rfind("conv1d", 0) == 0 || op.rfind("silu", 0) == 0) return "conv";
   if (op.rfind("rmsnorm", 0) == 0) return "norm";
   if (op == "cross_entropy") return "loss";
-  if (op == "adamw" || op == "sum_squares" || op == "scale") return "optimizer";
+  if (op == "adamw" || op == "sum_squares") return "optimizer";
   if (op.rfind("embedding", 0) == 0) return "embedding";
   return "other";
 }
@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
   mamba::MambaModel model(c, backend.get());
   model.Initialize(1);
   mamba::OptimizerConfig oc;
-  mamba::AdamWOptimizer opt(oc, backend.get(), &model.parameters());
+  mamba::AdamWOptimizer opt(oc, backend.get(), &model.parameter_store());
   std::printf(
       "train_bench: %s backend, %s GEMMs, d_model %ld x %ld layers, vocab %ld, N %ld: %.1fM "
       "parameters; "
@@ -125,7 +125,8 @@ int main(int argc, char** argv) {
     const auto t0 = std::chrono::steady_clock::now();
     model.ZeroGrad();
     const mamba::LossStats st = model.ForwardBackward(inputs, targets, -100, 1.0 / (B * L), true);
-    opt.Step();  // reads the gradient norm back: the step has finished on the device
+    opt.Step();
+    backend->Synchronize();  // the step has finished on the device
     const double ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     loss = st.mean_loss();

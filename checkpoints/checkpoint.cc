@@ -50,7 +50,7 @@ int64_t ParseStepDir(const std::string& name) {
 
 std::string OptimizerBytes(MambaModel& model, AdamWOptimizer& opt, Backend& backend, bool bf16) {
   SafetensorsWriter w;
-  auto& params = model.parameters();
+  const auto& params = model.parameters();
   for (size_t i = 0; i < params.size(); ++i) {
     w.Add("exp_avg." + params[i].name, backend.ToHost(opt.first_moments()[i]));
     w.Add("exp_avg_sq." + params[i].name, backend.ToHost(opt.second_moments()[i]));
@@ -257,7 +257,7 @@ absl::StatusOr<TrainerState> LoadCheckpoint(const std::string& dir, MambaModel& 
   if (!opt.ok()) return opt.status();
 
   const std::string& label = opt->label();
-  auto& params = model.parameters();
+  const auto& params = model.parameters();
   std::vector<Tensor> m, v, master;
   const std::pair<std::string, std::vector<Tensor>*> kinds[] = {
       {"exp_avg.", &m}, {"exp_avg_sq.", &v}, {"master.", &master}};
@@ -298,11 +298,12 @@ absl::StatusOr<TrainerState> LoadCheckpoint(const std::string& dir, MambaModel& 
     return absl::DataLossError(absl::StrCat(label, ": holds tensors the model does not have"));
   }
   // Weights last: LoadModelWeights validates all of them before copying any.
-  RETURN_IF_ERROR(LoadModelWeights(*weights, model, backend));
+  RETURN_IF_ERROR(LoadModelWeights(*weights, model));
   for (size_t i = 0; i < params.size(); ++i) {
-    optimizer.first_moments()[i] = backend.FromHost(m[i]);
-    optimizer.second_moments()[i] = backend.FromHost(v[i]);
-    if (!master.empty()) params[i].value = backend.FromHost(master[i]);
+    Tensor m_dst = optimizer.first_moments()[i], v_dst = optimizer.second_moments()[i];
+    backend.CopyFromHost(m[i], m_dst);
+    backend.CopyFromHost(v[i], v_dst);
+    if (!master.empty()) model.parameter_store().CopyFromHost(params[i], master[i]);
   }
   optimizer.set_step(opt_step);
   return *state;

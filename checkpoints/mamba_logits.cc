@@ -88,7 +88,7 @@ int main(int argc, char** argv) {
   if (!config.ok()) return Fail(config.status());
   auto backend = MakeCpuBackend();
   MambaModel model(*config, backend.get());
-  if (absl::Status s = ckpt::ImportModel(dir, model, *backend); !s.ok()) return Fail(s);
+  if (absl::Status s = ckpt::ImportModel(dir, model); !s.ok()) return Fail(s);
   auto tokens = ReadTokens(absl::GetFlag(FLAGS_tokens));
   if (!tokens.ok()) return Fail(tokens.status());
   for (int64_t i = 0; i < tokens->numel(); ++i) {

@@ -14,35 +14,26 @@ constexpr char kEmbeddings[] = "backbone.embeddings.weight";
 constexpr char kMambaSsmEmbedding[] = "backbone.embedding.weight";
 constexpr char kLmHead[] = "lm_head.weight";
 
-// Copies a host tensor into a parameter's storage (its device buffer stays the same).
-void CopyIn(const Tensor& host, Parameter& p, Backend& backend) {
-  if (p.value.device() == Device::kCPU) {
-    std::memcpy(p.value.raw(), host.raw(), host.nbytes());
-  } else {
-    p.value = backend.FromHost(host);
-  }
-}
-
 }  // namespace
 
 void AddModelWeights(MambaModel& model, Backend& backend, bool bf16, SafetensorsWriter& writer) {
-  for (Parameter& p : model.parameters()) {
+  for (const Parameter& p : model.parameters()) {
     writer.Add(p.name, backend.ToHost(p.value), bf16 && p.value.dtype() == DType::kF32);
   }
   writer.SetMetadata("format", "pt");  // transformers refuses files without a known format
 }
 
-absl::Status LoadModelWeights(const SafetensorsReader& file, MambaModel& model, Backend& backend) {
+absl::Status LoadModelWeights(const SafetensorsReader& file, MambaModel& model) {
   const std::string& label = file.label();
-  std::map<std::string, Parameter*> by_name;
-  for (Parameter& p : model.parameters()) by_name[p.name] = &p;
+  std::map<std::string, const Parameter*> by_name;
+  for (const Parameter& p : model.parameters()) by_name[p.name] = &p;
 
   std::map<std::string, Tensor> staged;  // parameter name -> host value
   Tensor lm_head;
   for (const TensorEntry& e : file.tensors()) {
     std::string name = e.name == kMambaSsmEmbedding ? kEmbeddings : e.name;
     const bool is_lm_head = name == kLmHead;
-    Parameter* p = is_lm_head ? by_name[kEmbeddings] : nullptr;
+    const Parameter* p = is_lm_head ? by_name[kEmbeddings] : nullptr;
     if (!is_lm_head) {
       auto it = by_name.find(name);
       if (it == by_name.end()) {
@@ -68,7 +59,7 @@ absl::Status LoadModelWeights(const SafetensorsReader& file, MambaModel& model, 
     if (!t.ok()) return t.status();
     (is_lm_head ? lm_head : staged[name]) = std::move(*t);
   }
-  for (Parameter& p : model.parameters()) {
+  for (const Parameter& p : model.parameters()) {
     if (!staged.count(p.name)) {
       return absl::InvalidArgumentError(absl::StrCat(label, ": missing tensor \"", p.name, "\""));
     }
@@ -80,18 +71,20 @@ absl::Status LoadModelWeights(const SafetensorsReader& file, MambaModel& model, 
           label, ": lm_head.weight differs from the embeddings; the model's lm_head is tied"));
     }
   }
-  for (Parameter& p : model.parameters()) CopyIn(staged[p.name], p, backend);
+  for (const Parameter& p : model.parameters()) {
+    model.parameter_store().CopyFromHost(p, staged[p.name]);
+  }
   return absl::OkStatus();
 }
 
-absl::Status ImportModel(const std::string& dir, MambaModel& model, Backend& backend) {
+absl::Status ImportModel(const std::string& dir, MambaModel& model) {
   auto config = ReadModelConfig(dir);
   if (!config.ok()) return config.status();
   absl::Status same = CheckSameShape(*config, model.config(), dir + "/config.json");
   if (!same.ok()) return same;
   auto file = SafetensorsReader::Open(dir + "/model.safetensors");
   if (!file.ok()) return file.status();
-  return LoadModelWeights(*file, model, backend);
+  return LoadModelWeights(*file, model);
 }
 
 }  // namespace mamba::ckpt

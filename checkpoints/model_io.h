@@ -19,9 +19,9 @@ void AddModelWeights(MambaModel& model, Backend& backend, bool bf16, Safetensors
 // "backbone.embedding.weight" accepted for the embeddings and an "lm_head.weight" equal to them;
 // shapes; floating dtypes F32/BF16/F16/F64), then copies them in. On any error the model is left
 // as it was.
-absl::Status LoadModelWeights(const SafetensorsReader& file, MambaModel& model, Backend& backend);
+absl::Status LoadModelWeights(const SafetensorsReader& file, MambaModel& model);
 
 // dir/config.json (checked against the model's shape) and dir/model.safetensors.
-absl::Status ImportModel(const std::string& dir, MambaModel& model, Backend& backend);
+absl::Status ImportModel(const std::string& dir, MambaModel& model);
 
 }  // namespace mamba::ckpt

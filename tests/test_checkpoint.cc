@@ -32,13 +32,13 @@ ModelConfig TinyConfig() {
 struct Fixture {
   std::unique_ptr<Backend> backend = MakeCpuBackend();
   MambaModel model{TinyConfig(), backend.get()};
-  AdamWOptimizer opt{OptimizerConfig(), backend.get(), &model.parameters()};
+  AdamWOptimizer opt{OptimizerConfig(), backend.get(), &model.parameter_store()};
 
   explicit Fixture(uint64_t seed) {
     model.Initialize(seed);
     // Moments and step as after some training.
     for (size_t i = 0; i < opt.first_moments().size(); ++i) {
-      for (Tensor* t : {&opt.first_moments()[i], &opt.second_moments()[i]}) {
+      for (const Tensor* t : {&opt.first_moments()[i], &opt.second_moments()[i]}) {
         const auto v = testing::RandomVector(t->numel(), seed + 17 * i, 0, 1);
         std::copy(v.begin(), v.end(), t->data<float>());
       }
@@ -127,7 +127,7 @@ TEST(Checkpoint, Bf16WeightsKeepExactFp32MastersForResume) {
   EXPECT_NE(config->find("\"bfloat16\""), std::string::npos);
 
   Fixture b(4);  // imported as bf16-rounded values ...
-  ASSERT_TRUE(ImportModel(*dir, b.model, *b.backend).ok());
+  ASSERT_TRUE(ImportModel(*dir, b.model).ok());
   EXPECT_NE(a.Params(), b.Params());
   Fixture c(5);  // ... resumed with the exact fp32 masters
   ASSERT_TRUE(LoadCheckpoint(*dir, c.model, c.opt, *c.backend).ok());
@@ -140,7 +140,10 @@ void WriteImport(const std::string& dir, Fixture& a, const std::string& config_j
   fs::create_directories(dir);
   WriteText(dir + "/config.json", config_json);
   SafetensorsWriter w;
-  for (Parameter& p : a.model.parameters()) add(p.name, p.value, w);
+  for (const Parameter& p : a.model.parameters()) {
+    Tensor value = p.value;
+    add(p.name, value, w);
+  }
   WriteText(dir + "/model.safetensors", w.Serialize());
 }
 
@@ -161,7 +164,7 @@ TEST(Import, MambaSsmNamesAndConfig) {
     }
   });
   Fixture b(7);
-  const absl::Status s = ImportModel(dir, b.model, *b.backend);
+  const absl::Status s = ImportModel(dir, b.model);
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(a.Params(), b.Params());
 }
@@ -182,7 +185,7 @@ TEST(Import, TransformersF16AndBf16Weights) {
     }
   });
   Fixture b(9);
-  ASSERT_TRUE(ImportModel(dir, b.model, *b.backend).ok());
+  ASSERT_TRUE(ImportModel(dir, b.model).ok());
   EXPECT_EQ(b.model.parameter("backbone.layers.0.mixer.D").value.data<float>()[0], 1.0f);
   const float x = a.model.parameter("backbone.norm_f.weight").value.data<float>()[0];
   EXPECT_EQ(b.model.parameter("backbone.norm_f.weight").value.data<float>()[0],
@@ -199,7 +202,7 @@ void ExpectImportError(
   WriteImport(dir, a, config, add);
   Fixture b(11);
   const auto before = b.Params();
-  const absl::Status s = ImportModel(dir, b.model, *b.backend);
+  const absl::Status s = ImportModel(dir, b.model);
   EXPECT_FALSE(s.ok()) << name;
   EXPECT_NE(s.message().find(needle), std::string::npos) << name << ": " << s;
   EXPECT_NE(s.message().find(dir), std::string::npos) << name << ": " << s;
@@ -261,12 +264,12 @@ TEST(Import, MissingConfigOrWeightsIsNotFound) {
   WriteImport(dir, a, HfConfigText(),
               [](const std::string& n, Tensor& t, SafetensorsWriter& w) { w.Add(n, t); });
   fs::remove(dir + "/config.json");
-  absl::Status s = ImportModel(dir, a.model, *a.backend);
+  absl::Status s = ImportModel(dir, a.model);
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
   EXPECT_NE(s.message().find(dir + "/config.json: file not found"), std::string::npos) << s;
   WriteText(dir + "/config.json", HfConfigText());
   fs::remove(dir + "/model.safetensors");
-  s = ImportModel(dir, a.model, *a.backend);
+  s = ImportModel(dir, a.model);
   EXPECT_NE(s.message().find(dir + "/model.safetensors: file not found"), std::string::npos) << s;
 }
 

@@ -60,6 +60,30 @@ TEST(Model, ParameterNamesAndShapesFollowHuggingFace) {
   }
 }
 
+TEST(Model, ParametersLiveInOneArenaPerWeightDecayGroup) {
+  auto backend = MakeCpuBackend();
+  MambaModel model(TinyConfig(), backend.get());
+  const std::vector<ParameterGroup>& groups = model.parameter_store().groups();
+  ASSERT_EQ(groups.size(), 2u);
+  EXPECT_TRUE(groups[0].weight_decay);
+  int64_t in_arenas = 0;
+  for (const auto& p : model.parameters()) {
+    SCOPED_TRACE(p.name);
+    const ParameterGroup& g = groups[p.weight_decay ? 0 : 1];
+    const char* values = static_cast<const char*>(g.values.raw());
+    const char* at = static_cast<const char*>(p.value.raw());
+    EXPECT_GE(at, values);
+    EXPECT_LE(at + p.value.nbytes(), values + g.values.nbytes());
+    EXPECT_EQ(static_cast<const char*>(p.grad.raw()) - static_cast<const char*>(g.grads.raw()),
+              at - values);
+    EXPECT_FALSE(p.value_bf16.defined());  // the CPU backend's GEMMs take the param dtype
+    in_arenas += p.value.numel();
+  }
+  EXPECT_EQ(in_arenas, model.num_parameters());
+  EXPECT_LE(in_arenas, groups[0].values.numel() + groups[1].values.numel());
+  model.parameter_store().CheckViews();
+}
+
 // Every memory policy, with the loss in chunks of 7 rows (not dividing the 66 tokens).
 class ModelGradient : public ::testing::TestWithParam<Recompute> {};
 

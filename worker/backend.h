@@ -35,6 +35,9 @@ struct ScanGrads {
 struct AdamWHyper {
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.0;
   int64_t step = 1;  // 1-based, for bias correction
+  // The step uses grad * grad_scale, multiplied in the param dtype (float(grad_scale) for fp32,
+  // as a separate scaling pass would): the clipping coefficient.
+  double grad_scale = 1.0;
 };
 
 class Backend {
@@ -53,6 +56,17 @@ class Backend {
   virtual void Zero(Tensor& t) = 0;
   virtual Tensor FromHost(const Tensor& host) = 0;  // a device copy of a CPU tensor
   virtual Tensor ToHost(const Tensor& t) = 0;       // a CPU copy
+  // Copies a CPU tensor into an existing device tensor of the same shape and dtype (its buffer,
+  // and so every view of it, stays the same). The host tensor may be freed once this returns.
+  virtual void CopyFromHost(const Tensor& host, Tensor& dst) = 0;
+  // dst = src converted to dst's dtype (same shape; bf16 rounds to nearest even).
+  virtual void Convert(const Tensor& src, Tensor& dst) = 0;
+  // Waits until every op enqueued so far has finished (for timing).
+  virtual void Synchronize() {}
+
+  // The dtype the GEMMs (LinearForward/LinearBackward) want weights of `weight_dtype` in: the
+  // model keeps shadow copies of its GEMM weights in it when it differs.
+  virtual DType GemmOperandDType(DType weight_dtype) const { return weight_dtype; }
 
   // Embedding: out (T, C) = weight[ids]; dweight += scatter of dout.
   virtual void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) = 0;
@@ -66,7 +80,8 @@ class Backend {
                                   const Tensor& residual_out, const Tensor& weight,
                                   const Tensor& rstd, Tensor& dx, Tensor& dweight) = 0;
 
-  // y (M, N) = x (M, K) w (N, K)^T + bias.
+  // y (M, N) = x (M, K) w (N, K)^T + bias. Backends may take bf16 x, w, dy and give bf16 y, dx
+  // (the CUDA backend under GemmPrecision::kBf16); dw and dbias are in the param dtype.
   virtual void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) = 0;
   virtual void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx,
                               Tensor& dw, Tensor& dbias) = 0;
@@ -103,10 +118,14 @@ class Backend {
   virtual void AddProduct(const Tensor& a, const Tensor& b, Tensor& dst) = 0;  // dst += a * b
   virtual void Add(const Tensor& src, Tensor& dst) = 0;                        // dst += src
   virtual void Scale(Tensor& x, double s) = 0;
-  virtual double SumSquares(const Tensor& x) = 0;
+  // The sum of the squares of every element of every tensor, accumulated in double: one wait for
+  // the device in all.
+  virtual double SumSquares(const std::vector<Tensor>& xs) = 0;
 
-  // One AdamW step (torch.optim.AdamW semantics, decoupled weight decay) on fp32/fp64 params.
-  virtual void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+  // One AdamW step (torch.optim.AdamW semantics, decoupled weight decay) on fp32/fp64 params, of
+  // any size (a whole parameter arena in one op). param_bf16, when defined, receives the updated
+  // param rounded to bf16 (nearest even) in the same pass.
+  virtual void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, Tensor& param_bf16,
                      const AdamWHyper& hyper) = 0;
 };
 
@@ -114,12 +133,13 @@ class Backend {
 std::unique_ptr<Backend> MakeCpuBackend();
 
 #ifdef MAMBA_HAS_CUDA
-// How the CUDA backend's GEMMs (LinearForward/LinearBackward) multiply; tensors stay fp32 in
-// every mode.
+// How the CUDA backend's GEMMs (LinearForward/LinearBackward) multiply.
 enum class GemmPrecision {
-  kFp32,  // exact fp32 (no tensor cores): the debugging and test mode
-  kTf32,  // TF32 tensor cores on the fp32 operands: about 1e-3 relative error
-  kBf16,  // mamba_ssm's AMP: operands rounded to bf16, fp32 accumulation, fp32 outputs
+  kFp32,  // exact fp32 (no tensor cores): the debugging and test mode; fp32 tensors only
+  kTf32,  // TF32 tensor cores on the fp32 operands: about 1e-3 relative error; fp32 tensors only
+  // mamba_ssm's AMP: bf16 operands (fp32 ones are rounded to bf16 first), fp32 accumulation,
+  // outputs fp32 or bf16 as their tensors are; GemmOperandDType is bf16.
+  kBf16,
 };
 
 struct CudaBackendOptions {

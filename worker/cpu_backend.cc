@@ -54,6 +54,23 @@ class CpuBackend final : public Backend {
     return t;
   }
   Tensor ToHost(const Tensor& t) override { return FromHost(t); }
+  void CopyFromHost(const Tensor& host, Tensor& dst) override {
+    CheckSameShape(host, dst, "copy_from_host");
+    MAMBA_CHECK(host.dtype() == dst.dtype() && host.device() == Device::kCPU &&
+                dst.device() == Device::kCPU)
+        << "copy_from_host: " << host.DebugString() << " to " << dst.DebugString();
+    std::memcpy(dst.raw(), host.raw(), host.nbytes());
+  }
+  void Convert(const Tensor& src, Tensor& dst) override {
+    CheckSameShape(src, dst, "convert");
+    Dispatch(src, [&](auto a) {
+      Dispatch(dst, [&](auto b) {
+        const auto* p = src.data<decltype(a)>();
+        auto* q = dst.data<decltype(b)>();
+        for (int64_t i = 0; i < src.numel(); ++i) q[i] = static_cast<decltype(b)>(p[i]);
+      });
+    });
+  }
 
   void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) override {
     MAMBA_CHECK(out.numel() == ids.numel() * weight.dim(1));
@@ -254,19 +271,25 @@ class CpuBackend final : public Backend {
       for (int64_t i = 0; i < x.numel(); ++i) p[i] *= T(s);
     });
   }
-  double SumSquares(const Tensor& x) override {
-    return Dispatch(x, [&](auto z) {
-      using T = decltype(z);
-      const T* p = x.data<T>();
-      double s = 0;
-      for (int64_t i = 0; i < x.numel(); ++i) s += double(p[i]) * double(p[i]);
-      return s;
-    });
+  double SumSquares(const std::vector<Tensor>& xs) override {
+    double s = 0;
+    for (const Tensor& x : xs) {
+      Dispatch(x, [&](auto z) {
+        using T = decltype(z);
+        const T* p = x.data<T>();
+        for (int64_t i = 0; i < x.numel(); ++i) s += double(p[i]) * double(p[i]);
+      });
+    }
+    return s;
   }
 
-  void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+  void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, Tensor& param_bf16,
              const AdamWHyper& h) override {
     CheckSameShape(param, grad, "adamw");
+    CheckSameShape(param, m, "adamw");
+    CheckSameShape(param, v, "adamw");
+    MAMBA_CHECK(!param_bf16.defined())
+        << "adamw: the CPU backend has no bfloat16, got " << param_bf16.DebugString();
     Dispatch(param, [&](auto z) {
       using T = decltype(z);
       T *p = param.data<T>(), *mm = m.data<T>(), *vv = v.data<T>();
@@ -275,9 +298,11 @@ class CpuBackend final : public Backend {
       const double bc2 = 1 - std::pow(h.beta2, double(h.step));
       const T decay = T(1 - h.lr * h.weight_decay), step_size = T(h.lr / bc1);
       const T b1 = T(h.beta1), b2 = T(h.beta2), sqrt_bc2 = T(std::sqrt(bc2)), eps = T(h.eps);
+      const T scale = T(h.grad_scale);
       for (int64_t i = 0; i < param.numel(); ++i) {
-        mm[i] = b1 * mm[i] + (1 - b1) * g[i];
-        vv[i] = b2 * vv[i] + (1 - b2) * g[i] * g[i];
+        const T gi = g[i] * scale;
+        mm[i] = b1 * mm[i] + (1 - b1) * gi;
+        vv[i] = b2 * vv[i] + (1 - b2) * gi * gi;
         p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / sqrt_bc2 + eps);
       }
     });

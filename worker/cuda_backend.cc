@@ -2,7 +2,8 @@
 // Each op checks shapes and devices, opens an NVTX range in the "mamba" domain and launches the
 // kernels of worker/kernels/<op>.cu; CUDA and cuBLAS failures abort naming the op (they are
 // programming or environment errors, not user input). Ops are asynchronous except those that
-// return host values (FromHost, ToHost, CrossEntropy, SumSquares), which synchronize the stream
+// return host values or read host memory (FromHost, ToHost, CopyFromHost, CrossEntropy,
+// SumSquares, Synchronize), which synchronize the stream
 // and then also check the device error word that kernels set on invalid ids or targets.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -18,6 +19,7 @@
 #include "worker/check.h"
 #include "worker/kernels/adamw.h"
 #include "worker/kernels/conv1d.h"
+#include "worker/kernels/convert.h"
 #include "worker/kernels/cross_entropy.h"
 #include "worker/kernels/cuda_check.h"
 #include "worker/kernels/elementwise.h"
@@ -179,8 +181,8 @@ class CudaBackend final : public Backend {
     const cublasStatus_t st = cublasCreate(&cublas_);
     MAMBA_CHECK(st == CUBLAS_STATUS_SUCCESS) << "cuBLAS init failed: " << cublasGetStatusString(st);
     MAMBA_CHECK(cublasSetStream(cublas_, stream_) == CUBLAS_STATUS_SUCCESS);
-    // Deterministic GEMMs: one stream, no atomics-based (split-K) reductions. Only fp32 outputs,
-    // so reduced-precision reductions never apply; disallowed anyway.
+    // Deterministic GEMMs: one stream, no atomics-based (split-K) reductions. bf16 outputs are
+    // rounded once from the fp32 accumulator: no reduced-precision reductions.
     MAMBA_CHECK(cublasSetAtomicsMode(cublas_, CUBLAS_ATOMICS_NOT_ALLOWED) == CUBLAS_STATUS_SUCCESS);
     MAMBA_CHECK(cublasSetMathMode(cublas_,
                                   cublasMath_t(CUBLAS_DEFAULT_MATH |
@@ -261,6 +263,36 @@ class CudaBackend final : public Backend {
     SyncAndCheck("to_host");
     return host;
   }
+  void CopyFromHost(const Tensor& host, Tensor& dst) override {
+    OpScope range(this, "copy_from_host");
+    CheckSameShape(host, dst, "copy_from_host");
+    MAMBA_CHECK(host.device() == Device::kCPU && dst.device() == Device::kCUDA &&
+                host.dtype() == dst.dtype())
+        << "copy_from_host: " << host.DebugString() << " to " << dst.DebugString();
+    MAMBA_CUDA_CHECK("copy_from_host", cudaMemcpyAsync(dst.raw(), host.raw(), host.nbytes(),
+                                                       cudaMemcpyHostToDevice, stream_));
+    SyncAndCheck("copy_from_host");  // the host buffer may be freed when this returns
+  }
+  void Convert(const Tensor& src, Tensor& dst) override {
+    OpScope range(this, "convert");
+    constexpr const char* op = "convert";
+    CheckSameShape(src, dst, op);
+    MAMBA_CHECK(src.device() == Device::kCUDA && dst.device() == Device::kCUDA)
+        << op << ": CUDA backend given " << src.DebugString() << " to " << dst.DebugString();
+    if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
+      kernels::FloatToBf16Cuda(src.numel(), src.data<float>(), dst.raw(), stream_);
+    } else if (src.dtype() == DType::kBF16 && dst.dtype() == DType::kF32) {
+      kernels::Bf16ToFloatCuda(src.numel(), src.raw(), dst.data<float>(), stream_);
+    } else {
+      MAMBA_CHECK(false) << op << ": the CUDA backend converts float32 <-> bfloat16, got "
+                         << src.DebugString() << " to " << dst.DebugString();
+    }
+  }
+  void Synchronize() override { SyncAndCheck("synchronize"); }
+
+  DType GemmOperandDType(DType weight_dtype) const override {
+    return gemm_ == kernels::GemmPrecision::kBf16 ? DType::kBF16 : weight_dtype;
+  }
 
   void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) override {
     OpScope range(this, "embedding_fwd");
@@ -318,9 +350,11 @@ class CudaBackend final : public Backend {
     const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(x.dim(-1) == K && y.numel() == M * N && (!bias.defined() || bias.numel() == N))
         << "linear: x " << x.DebugString() << " w " << w.DebugString() << " y " << y.DebugString();
+    const kernels::GemmMatrix xm = GemmOperand(x, op), wm = GemmOperand(w, op),
+                              ym = GemmOperand(y, op);
     kernels::LinearForwardCuda(
-        cublas_, gemm_, M, N, K, In(x, op), In(w, op), OptIn(bias, op), Out(y, op),
-        Workspace(kernels::LinearForwardWorkspaceBytes(gemm_, M, N, K)), stream_);
+        cublas_, gemm_, M, N, K, xm, wm, OptIn(bias, op), ym,
+        Workspace(kernels::LinearForwardWorkspaceBytes(gemm_, M, N, K, xm, wm)), stream_);
   }
   void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
                       Tensor& dbias) override {
@@ -331,10 +365,13 @@ class CudaBackend final : public Backend {
                 (!dx.defined() || dx.numel() == M * K) && (!dbias.defined() || dbias.numel() == N))
         << "linear backward: dy " << dy.DebugString() << " x " << x.DebugString() << " w "
         << w.DebugString();
-    kernels::LinearBackwardCuda(cublas_, gemm_, M, N, K, In(dy, op), In(x, op), In(w, op),
-                                OptOut(dx, op), Out(dw, op), OptOut(dbias, op),
-                                Workspace(kernels::LinearBackwardWorkspaceBytes(gemm_, M, N, K)),
-                                stream_);
+    const kernels::GemmMatrix dym = GemmOperand(dy, op), xm = GemmOperand(x, op),
+                              wm = GemmOperand(w, op),
+                              dxm = dx.defined() ? GemmOperand(dx, op) : kernels::GemmMatrix();
+    kernels::LinearBackwardCuda(
+        cublas_, gemm_, M, N, K, dym, xm, wm, dxm, Out(dw, op), OptOut(dbias, op),
+        Workspace(kernels::LinearBackwardWorkspaceBytes(gemm_, M, N, K, dym, xm, wm, dxm)),
+        stream_);
   }
 
   void CausalConv1dForward(const Tensor& x, const Tensor& weight, const Tensor& bias,
@@ -468,21 +505,30 @@ class CudaBackend final : public Backend {
     OpScope range(this, "scale");
     kernels::ScaleCuda(x.numel(), Out(x, "scale"), float(s), stream_);
   }
-  double SumSquares(const Tensor& x) override {
+  double SumSquares(const std::vector<Tensor>& xs) override {
     OpScope range(this, "sum_squares");
-    kernels::SumSquaresCuda(x.numel(), In(x, "sum_squares"), &scalars()->sum_squares,
-                            Workspace(kernels::SumSquaresWorkspaceBytes()), stream_);
+    std::vector<kernels::FloatSpan> spans;
+    for (const Tensor& x : xs) spans.push_back({In(x, "sum_squares"), x.numel()});
+    kernels::SumSquaresCuda(spans.data(), spans.size(), &scalars()->sum_squares,
+                            Workspace(kernels::SumSquaresWorkspaceBytes(spans.size())), stream_);
     SyncAndCheck("sum_squares");
     return scalars_host_->sum_squares;
   }
 
-  void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+  void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, Tensor& param_bf16,
              const AdamWHyper& h) override {
     OpScope range(this, "adamw");
     constexpr const char* op = "adamw";
     CheckSameShape(param, grad, op);
     CheckSameShape(param, m, op);
     CheckSameShape(param, v, op);
+    void* shadow = nullptr;
+    if (param_bf16.defined()) {
+      CheckSameShape(param, param_bf16, op);
+      MAMBA_CHECK(param_bf16.device() == Device::kCUDA && param_bf16.dtype() == DType::kBF16)
+          << op << ": param_bf16 must be a CUDA bfloat16 tensor, got " << param_bf16.DebugString();
+      shadow = param_bf16.raw();
+    }
     // The same float coefficients as the CPU backend, from double on the host.
     const double bc1 = 1 - std::pow(h.beta1, double(h.step));
     const double bc2 = 1 - std::pow(h.beta2, double(h.step));
@@ -493,8 +539,9 @@ class CudaBackend final : public Backend {
     c.decay = float(1 - h.lr * h.weight_decay);
     c.step_size = float(h.lr / bc1);
     c.sqrt_bc2 = float(std::sqrt(bc2));
-    kernels::AdamWCuda(param.numel(), Out(param, op), In(grad, op), Out(m, op), Out(v, op), c,
-                       stream_);
+    c.grad_scale = float(h.grad_scale);
+    kernels::AdamWCuda(param.numel(), Out(param, op), In(grad, op), Out(m, op), Out(v, op), shadow,
+                       c, stream_);
   }
 
  private:
@@ -584,6 +631,18 @@ class CudaBackend final : public Backend {
       causes += "a cross-entropy target outside [0, vocab) that is not ignore_index; ";
     }
     MAMBA_CHECK(false) << "cuda backend (noticed at " << op << "): " << causes;
+  }
+
+  // A GEMM operand or output: fp32, or bf16 where the GEMMs multiply in bf16 (cuBLAS multiplies
+  // fp32 operands into fp32 outputs only).
+  kernels::GemmMatrix GemmOperand(const Tensor& t, const char* op) const {
+    MAMBA_CHECK(t.device() == Device::kCUDA) << op << ": CUDA backend given " << t.DebugString();
+    MAMBA_CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kBF16)
+        << op << ": GEMM tensors are float32 or bfloat16, got " << t.DebugString();
+    MAMBA_CHECK(t.dtype() == DType::kF32 || gemm_ == kernels::GemmPrecision::kBf16)
+        << op << ": a bfloat16 GEMM tensor needs GemmPrecision::kBf16 (this backend multiplies "
+        << "in fp32 or tf32), got " << t.DebugString();
+    return {t.raw(), t.dtype() == DType::kBF16};
   }
 
   CudaBackendOptions options_;

@@ -8,63 +8,59 @@
 #include "worker/check.h"
 
 namespace mamba {
+namespace {
+
+// The weight as the GEMMs take it: the shadow where the backend multiplies in its dtype.
+const Tensor& GemmWeight(const Parameter& p) {
+  return p.value_bf16.defined() ? p.value_bf16 : p.value;
+}
+
+}  // namespace
 
 MambaModel::MambaModel(const ModelConfig& config, Backend* backend, DType dtype,
                        const ModelOptions& options)
-    : config_(config), backend_(backend), dtype_(dtype), options_(options) {
+    : config_(config),
+      backend_(backend),
+      dtype_(dtype),
+      options_(options),
+      params_(2 + 10 * config.n_layer) {  // Layer keeps pointers into params_
   const int64_t dm = config.d_model, E = config.d_inner(), N = config.d_state, R = config.dt_rank,
                 K = config.d_conv;
-  params_.reserve(2 + 10 * config.n_layer);  // Layer keeps pointers into params_
-  embedding_ = &AddParameter("backbone.embeddings.weight", {config.vocab_size, dm}, true);
+  embedding_ = &params_.Add("backbone.embeddings.weight", {config.vocab_size, dm}, true);
   layers_.resize(config.n_layer);
   for (int64_t i = 0; i < config.n_layer; ++i) {
     const std::string p = absl::StrCat("backbone.layers.", i, ".");
     Layer& l = layers_[i];
-    l.norm = &AddParameter(p + "norm.weight", {dm}, false);
-    l.in_proj = &AddParameter(p + "mixer.in_proj.weight", {2 * E, dm}, true);
-    l.conv_w = &AddParameter(p + "mixer.conv1d.weight", {E, 1, K}, true);
-    l.conv_b = &AddParameter(p + "mixer.conv1d.bias", {E}, false);
-    l.x_proj = &AddParameter(p + "mixer.x_proj.weight", {R + 2 * N, E}, true);
-    l.dt_w = &AddParameter(p + "mixer.dt_proj.weight", {E, R}, true);
-    l.dt_b = &AddParameter(p + "mixer.dt_proj.bias", {E}, false);
-    l.A_log = &AddParameter(p + "mixer.A_log", {E, N}, false);
-    l.D = &AddParameter(p + "mixer.D", {E}, false);
-    l.out_proj = &AddParameter(p + "mixer.out_proj.weight", {dm, E}, true);
+    l.norm = &params_.Add(p + "norm.weight", {dm}, false);
+    l.in_proj = &params_.Add(p + "mixer.in_proj.weight", {2 * E, dm}, true);
+    l.conv_w = &params_.Add(p + "mixer.conv1d.weight", {E, 1, K}, true);
+    l.conv_b = &params_.Add(p + "mixer.conv1d.bias", {E}, false);
+    l.x_proj = &params_.Add(p + "mixer.x_proj.weight", {R + 2 * N, E}, true);
+    l.dt_w = &params_.Add(p + "mixer.dt_proj.weight", {E, R}, true);
+    l.dt_b = &params_.Add(p + "mixer.dt_proj.bias", {E}, false);
+    l.A_log = &params_.Add(p + "mixer.A_log", {E, N}, false);
+    l.D = &params_.Add(p + "mixer.D", {E}, false);
+    l.out_proj = &params_.Add(p + "mixer.out_proj.weight", {dm, E}, true);
   }
-  norm_f_ = &AddParameter("backbone.norm_f.weight", {dm}, false);
+  norm_f_ = &params_.Add("backbone.norm_f.weight", {dm}, false);
+  params_.Allocate(backend, dtype);
 }
 
-Parameter& MambaModel::AddParameter(const std::string& name, const Shape& shape,
-                                    bool weight_decay) {
-  MAMBA_CHECK(params_.size() < params_.capacity());
-  Parameter p;
-  p.name = name;
-  p.value = backend_->Empty(shape, dtype_);
-  p.grad = backend_->Empty(shape, dtype_);
-  backend_->Zero(p.value);
-  backend_->Zero(p.grad);
-  p.weight_decay = weight_decay;
-  params_.push_back(std::move(p));
-  return params_.back();
-}
-
-Parameter& MambaModel::parameter(const std::string& name) {
-  for (auto& p : params_) {
+const Parameter& MambaModel::parameter(const std::string& name) const {
+  for (const auto& p : parameters()) {
     if (p.name == name) return p;
   }
   MAMBA_CHECK(false) << "no parameter " << name;
-  return params_.front();
+  return parameters().front();
 }
 
 int64_t MambaModel::num_parameters() const {
   int64_t n = 0;
-  for (const auto& p : params_) n += p.value.numel();
+  for (const auto& p : parameters()) n += p.value.numel();
   return n;
 }
 
-void MambaModel::ZeroGrad() {
-  for (auto& p : params_) backend_->Zero(p.grad);
-}
+void MambaModel::ZeroGrad() { params_.ZeroGrads(); }
 
 void MambaModel::Initialize(uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -78,7 +74,7 @@ void MambaModel::Initialize(uint64_t seed) {
     } else {
       std::copy(v.begin(), v.end(), host.data<float>());
     }
-    p->value = backend_->FromHost(host);
+    params_.CopyFromHost(*p, host);
   };
   auto uniform = [&](int64_t n, double bound) {
     std::uniform_real_distribution<double> dist(-bound, bound);
@@ -144,12 +140,13 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   // x and z come out contiguous with no (tokens x 2E) buffer to split.
   l.x = Act({B, L, E});
   l.z = Act({B, L, E});
-  be.LinearForward(l.h, l.in_proj->value.Slice(0, E), Tensor(), l.x);
-  be.LinearForward(l.h, l.in_proj->value.Slice(E, 2 * E), Tensor(), l.z);
+  const Tensor& in_w = GemmWeight(*l.in_proj);
+  be.LinearForward(l.h, in_w.Slice(0, E), Tensor(), l.x);
+  be.LinearForward(l.h, in_w.Slice(E, 2 * E), Tensor(), l.z);
   l.xa = Act({B, L, E});
   be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), /*silu=*/true, l.xa);
   l.dbc = Act({M, R + 2 * N});
-  be.LinearForward(l.xa, l.x_proj->value, Tensor(), l.dbc);
+  be.LinearForward(l.xa, GemmWeight(*l.x_proj), Tensor(), l.dbc);
   l.dt_raw = Act({M, R});
   l.Bm = Act({B, L, 1, N});
   l.Cm = Act({B, L, 1, N});
@@ -158,7 +155,7 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   be.CopyColumns(l.dbc, R + N, l.Cm);
   // dt_proj's bias is applied inside the scan (with the softplus), as in mamba_ssm.
   l.delta = Act({B, L, E});
-  be.LinearForward(l.dt_raw, l.dt_w->value, Tensor(), l.delta);
+  be.LinearForward(l.dt_raw, GemmWeight(*l.dt_w), Tensor(), l.delta);
   l.A = Act({E, N});
   be.NegExp(l.A_log->value, l.A);
   l.y = Act({B, L, E});
@@ -170,7 +167,7 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   // needs y, not the output.
   if (recompute) return;
   l.out = Act({M, dm});
-  be.LinearForward(l.y, l.out_proj->value, Tensor(), l.out);
+  be.LinearForward(l.y, GemmWeight(*l.out_proj), Tensor(), l.out);
   // Keep only what the backward cannot cheaply recompute (see Recompute).
   l.dbc = Tensor();
   if (options_.recompute == Recompute::kLayer) {
@@ -200,12 +197,12 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
     l.xa = Act({B, L, E});
     be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), true, l.xa);
     l.delta = Act({B, L, E});
-    be.LinearForward(l.dt_raw, l.dt_w->value, Tensor(), l.delta);
+    be.LinearForward(l.dt_raw, GemmWeight(*l.dt_w), Tensor(), l.delta);
   }
   Tensor none;
   // out_proj
   Tensor dy = Act({B, L, E});
-  be.LinearBackward(d_residual, l.y, l.out_proj->value, dy, l.out_proj->grad, none);
+  be.LinearBackward(d_residual, l.y, GemmWeight(*l.out_proj), dy, l.out_proj->grad, none);
   // scan
   ScanGrads g;
   g.du = Act({B, L, E});
@@ -225,12 +222,12 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   // dt_proj (no bias here), then x_proj's output gradient assembled from its three blocks.
   Tensor ddbc = Act({M, R + 2 * N});
   Tensor ddt_raw = Act({M, R});
-  be.LinearBackward(g.ddelta, l.dt_raw, l.dt_w->value, ddt_raw, l.dt_w->grad, none);
+  be.LinearBackward(g.ddelta, l.dt_raw, GemmWeight(*l.dt_w), ddt_raw, l.dt_w->grad, none);
   be.WriteColumns(ddt_raw, ddbc, 0);
   be.WriteColumns(g.dBm, ddbc, R);
   be.WriteColumns(g.dCm, ddbc, R + N);
   Tensor dxa = Act({B, L, E});
-  be.LinearBackward(ddbc, l.xa, l.x_proj->value, dxa, l.x_proj->grad, none);
+  be.LinearBackward(ddbc, l.xa, GemmWeight(*l.x_proj), dxa, l.x_proj->grad, none);
   be.Add(g.du, dxa);
   // conv1d + SiLU
   Tensor dx = Act({B, L, E});
@@ -239,8 +236,9 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   // in_proj backward, half by half: weight-gradient views accumulate in place; dh sums both.
   Tensor dh = Act({M, dm}), dh_z = Act({M, dm});
   Tensor in_grad_x = l.in_proj->grad.Slice(0, E), in_grad_z = l.in_proj->grad.Slice(E, 2 * E);
-  be.LinearBackward(dx, l.h, l.in_proj->value.Slice(0, E), dh, in_grad_x, none);
-  be.LinearBackward(g.dz, l.h, l.in_proj->value.Slice(E, 2 * E), dh_z, in_grad_z, none);
+  const Tensor& in_w = GemmWeight(*l.in_proj);
+  be.LinearBackward(dx, l.h, in_w.Slice(0, E), dh, in_grad_x, none);
+  be.LinearBackward(g.dz, l.h, in_w.Slice(E, 2 * E), dh_z, in_grad_z, none);
   be.Add(dh_z, dh);
   // Fused add + norm: the residual stream's gradient so far joins the norm's.
   Tensor d_res_in = Act({M, dm});
@@ -275,7 +273,7 @@ Tensor MambaModel::Logits(const Tensor& inputs) {
   Head head = Forward(inputs);
   for (Layer& l : layers_) ReleaseActivations(l);
   Tensor logits = Act({head.hf.dim(0), config_.vocab_size});
-  backend_->LinearForward(head.hf, embedding_->value, Tensor(), logits);  // tied lm_head
+  backend_->LinearForward(head.hf, GemmWeight(*embedding_), Tensor(), logits);  // tied lm_head
   return logits;
 }
 
@@ -301,7 +299,7 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
       const int64_t r1 = std::min(M, r0 + chunk);
       const Tensor hf = head.hf.Slice(r0, r1);
       Tensor logits = Act({r1 - r0, V});
-      be.LinearForward(hf, embedding_->value, Tensor(), logits);
+      be.LinearForward(hf, GemmWeight(*embedding_), Tensor(), logits);
       Tensor dlogits = backward ? logits : Tensor();
       const kernels::CrossEntropyStats ce = be.CrossEntropy(logits, tgt.Reshape({M}).Slice(r0, r1),
                                                             ignore_index, grad_scale, dlogits);
@@ -310,7 +308,7 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
       stats.correct += ce.correct;
       if (backward) {
         Tensor dhf_rows = dhf.Slice(r0, r1);
-        be.LinearBackward(dlogits, hf, embedding_->value, dhf_rows, embedding_->grad, none);
+        be.LinearBackward(dlogits, hf, GemmWeight(*embedding_), dhf_rows, embedding_->grad, none);
       }
     }
   }

@@ -9,15 +9,9 @@
 
 #include "worker/backend.h"
 #include "worker/model_config.h"
+#include "worker/parameters.h"
 
 namespace mamba {
-
-struct Parameter {
-  std::string name;           // HF state-dict name
-  Tensor value;               // on the backend's device
-  Tensor grad;                // same shape; accumulated by ForwardBackward
-  bool weight_decay = false;  // false for A_log, D, norm weights and biases
-};
 
 struct LossStats {
   double loss_sum = 0;  // summed over counted tokens
@@ -42,7 +36,9 @@ struct ModelOptions {
 
 class MambaModel {
  public:
-  // dtype: float32 for training, float64 for gradient checks (CPU backend).
+  // dtype: float32 for training, float64 for gradient checks (CPU backend). The parameters live
+  // in arenas (ParameterStore), with bf16 shadows of the GEMM weights where the backend's GEMMs
+  // want bf16.
   MambaModel(const ModelConfig& config, Backend* backend, DType dtype = DType::kF32,
              const ModelOptions& options = {});
 
@@ -50,8 +46,11 @@ class MambaModel {
   void Initialize(uint64_t seed);
 
   const ModelConfig& config() const { return config_; }
-  std::vector<Parameter>& parameters() { return params_; }
-  Parameter& parameter(const std::string& name);
+  // In HF state-dict order. Values are written through parameter_store().CopyFromHost (or into
+  // their memory), never replaced.
+  const std::vector<Parameter>& parameters() const { return params_.parameters(); }
+  const Parameter& parameter(const std::string& name) const;
+  ParameterStore& parameter_store() { return params_; }
   int64_t num_parameters() const;
   void ZeroGrad();
 
@@ -77,7 +76,6 @@ class MambaModel {
     Tensor residual, h, rstd, x, z, xa, dbc, dt_raw, Bm, Cm, delta, A, y, out;
   };
 
-  Parameter& AddParameter(const std::string& name, const Shape& shape, bool weight_decay);
   // recompute: rerun for the backward (Recompute::kLayer): keep every activation, skip out_proj.
   void ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in, int64_t B,
                     int64_t L, bool recompute);
@@ -92,7 +90,7 @@ class MambaModel {
   Backend* backend_;
   DType dtype_;
   ModelOptions options_;
-  std::vector<Parameter> params_;
+  ParameterStore params_;
   std::vector<Layer> layers_;
   Parameter* embedding_ = nullptr;
   Parameter* norm_f_ = nullptr;

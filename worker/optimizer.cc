@@ -15,42 +15,45 @@ double LearningRate(const OptimizerConfig& c, int64_t step) {
 }
 
 AdamWOptimizer::AdamWOptimizer(const OptimizerConfig& config, Backend* backend,
-                               std::vector<Parameter>* params)
+                               ParameterStore* params)
     : config_(config), backend_(backend), params_(params) {
-  for (const Parameter& p : *params_) {
-    m_.push_back(backend_->Empty(p.value.shape(), p.value.dtype()));
-    v_.push_back(backend_->Empty(p.value.shape(), p.value.dtype()));
-    backend_->Zero(m_.back());
-    backend_->Zero(v_.back());
+  for (const ParameterGroup& g : params_->groups()) {
+    for (std::vector<Tensor>* moments : {&m_, &v_}) {
+      moments->push_back(backend_->Empty(g.values.shape(), g.values.dtype()));
+      backend_->Zero(moments->back());
+    }
   }
+  m_views_ = params_->Views(m_);
+  v_views_ = params_->Views(v_);
 }
 
 AdamWOptimizer::StepInfo AdamWOptimizer::Step() {
+  params_->CheckViews();
+  const std::vector<ParameterGroup>& groups = params_->groups();
   StepInfo info;
-  double sum_sq = 0;
-  for (const Parameter& p : *params_) sum_sq += backend_->SumSquares(p.grad);
-  info.grad_norm = std::sqrt(sum_sq);
+  std::vector<Tensor> grads;
+  for (const ParameterGroup& g : groups) grads.push_back(g.grads);
+  info.grad_norm = std::sqrt(backend_->SumSquares(grads));
   if (!std::isfinite(info.grad_norm)) return info;
   info.applied = true;
   // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+  double grad_scale = 1.0;
   if (config_.grad_clip > 0) {
-    const double coef = config_.grad_clip / (info.grad_norm + 1e-6);
-    if (coef < 1.0) {
-      for (Parameter& p : *params_) backend_->Scale(p.grad, coef);
-    }
+    grad_scale = std::min(1.0, config_.grad_clip / (info.grad_norm + 1e-6));
   }
   info.lr = LearningRate(config_, step_);
   ++step_;
-  for (size_t i = 0; i < params_->size(); ++i) {
-    Parameter& p = (*params_)[i];
+  for (size_t i = 0; i < groups.size(); ++i) {
     AdamWHyper h;
     h.lr = info.lr;
     h.beta1 = config_.beta1;
     h.beta2 = config_.beta2;
     h.eps = config_.eps;
-    h.weight_decay = p.weight_decay ? config_.weight_decay : 0.0;
+    h.weight_decay = groups[i].weight_decay ? config_.weight_decay : 0.0;
     h.step = step_;
-    backend_->AdamW(p.value, p.grad, m_[i], v_[i], h);
+    h.grad_scale = grad_scale;
+    Tensor values = groups[i].values, shadow = groups[i].values_bf16;
+    backend_->AdamW(values, groups[i].grads, m_[i], v_[i], shadow, h);
   }
   return info;
 }

@@ -1,11 +1,13 @@
-// AdamW over all parameters with global-norm clipping and a warmup + cosine/constant schedule.
+// AdamW over all parameters with global-norm clipping and a warmup + cosine/constant schedule,
+// on the parameter arenas: per step one gradient-norm reduction (the step's one wait for the
+// device) and one fused AdamW op per arena, which applies the clipping as a gradient scale.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "worker/backend.h"
-#include "worker/model.h"
+#include "worker/parameters.h"
 
 namespace mamba {
 
@@ -24,29 +26,34 @@ double LearningRate(const OptimizerConfig& c, int64_t step);
 
 class AdamWOptimizer {
  public:
-  AdamWOptimizer(const OptimizerConfig& config, Backend* backend, std::vector<Parameter>* params);
+  // The moments mirror the store's arenas; `params` (allocated) must outlive the optimizer.
+  AdamWOptimizer(const OptimizerConfig& config, Backend* backend, ParameterStore* params);
 
   struct StepInfo {
     double lr = 0;
     double grad_norm = 0;  // before clipping
     bool applied = false;  // false when the gradient norm was not finite
   };
-  // Clips the gradients, updates every parameter, advances the step counter. A non-finite
-  // gradient norm changes nothing (parameters, moments and step counter stay as they were), so
-  // the caller can stop with the last good state intact.
+  // Updates every parameter (and its shadow) from the clipped gradients, advances the step
+  // counter. The gradients themselves are left as they were. A non-finite gradient norm changes
+  // nothing (parameters, moments and step counter stay as they were), so the caller can stop
+  // with the last good state intact. Returns before the update has finished on the device.
   StepInfo Step();
 
   int64_t step() const { return step_; }
   // For resuming from a checkpoint (with the moments restored through the accessors below).
   void set_step(int64_t step) { step_ = step; }
-  std::vector<Tensor>& first_moments() { return m_; }
-  std::vector<Tensor>& second_moments() { return v_; }
+  // Per-parameter views of the moments, in parameter order: written into (Backend::CopyFromHost),
+  // never replaced.
+  const std::vector<Tensor>& first_moments() const { return m_views_; }
+  const std::vector<Tensor>& second_moments() const { return v_views_; }
 
  private:
   OptimizerConfig config_;
   Backend* backend_;
-  std::vector<Parameter>* params_;
-  std::vector<Tensor> m_, v_;
+  ParameterStore* params_;
+  std::vector<Tensor> m_, v_;  // one arena per parameter group
+  std::vector<Tensor> m_views_, v_views_;
   int64_t step_ = 0;  // number of updates done
 };
 

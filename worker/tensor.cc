@@ -100,16 +100,26 @@ Tensor Tensor::Zeros(Shape shape, DType dtype) {
   return t;
 }
 
+Tensor Tensor::View(int64_t offset, Shape shape) const {
+  for (int64_t d : shape) MAMBA_CHECK(d >= 0) << "negative dimension in " << ShapeString(shape);
+  const int64_t n = NumElements(shape);
+  MAMBA_CHECK(defined() && offset >= 0 && offset + n <= numel())
+      << "view " << ShapeString(shape) << " at element " << offset << " of " << DebugString();
+  Tensor t = *this;
+  // The aliasing constructor: owns what buffer_ owns, points offset elements further.
+  t.buffer_ = std::shared_ptr<void>(buffer_,
+                                    static_cast<char*>(buffer_.get()) + offset * DTypeSize(dtype_));
+  t.shape_ = std::move(shape);
+  return t;
+}
+
 Tensor Tensor::Slice(int64_t begin, int64_t end) const {
   MAMBA_CHECK(rank() >= 1 && 0 <= begin && begin <= end && end <= shape_[0])
       << "slice [" << begin << ", " << end << ") of " << DebugString();
   const int64_t row = shape_[0] == 0 ? 0 : numel() / shape_[0];
-  Tensor t = *this;
-  // The aliasing constructor: owns what buffer_ owns, points begin rows further.
-  t.buffer_ = std::shared_ptr<void>(
-      buffer_, static_cast<char*>(buffer_.get()) + begin * row * DTypeSize(dtype_));
-  t.shape_[0] = end - begin;
-  return t;
+  Shape shape = shape_;
+  shape[0] = end - begin;
+  return View(begin * row, std::move(shape));
 }
 
 Tensor Tensor::Reshape(Shape shape) const {

@@ -70,8 +70,10 @@ class Tensor {
 
   // Same buffer, new shape with the same number of elements.
   Tensor Reshape(Shape shape) const;
-  // Entries [begin, end) of the leading dimension: a view that shares (and keeps alive) this
-  // tensor's buffer, on any device.
+  // `shape` elements starting `offset` elements in: a view that shares (and keeps alive) this
+  // tensor's buffer, on any device. Must lie within this tensor.
+  Tensor View(int64_t offset, Shape shape) const;
+  // Entries [begin, end) of the leading dimension (a View).
   Tensor Slice(int64_t begin, int64_t end) const;
   std::string DebugString() const;
 

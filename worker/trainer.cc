@@ -114,10 +114,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
                                    t->backend_.get(), DType::kF32, ModelOptionsFromSpec(spec));
   t->model_->Initialize(spec.seed());
   t->optimizer_ = std::make_unique<AdamWOptimizer>(OptimizerConfigFromSpec(spec), t->backend_.get(),
-                                                   &t->model_->parameters());
+                                                   &t->model_->parameter_store());
   const v1::CheckpointSpec& c = spec.checkpoint();
   if (!c.init_from().empty()) {
-    absl::Status s = ckpt::ImportModel(c.init_from(), *t->model_, *t->backend_);
+    absl::Status s = ckpt::ImportModel(c.init_from(), *t->model_);
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat("checkpoint.init_from: ", s.message()));
   }
   if (!c.resume_from().empty()) {

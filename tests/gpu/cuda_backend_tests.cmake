@@ -1,3 +1,5 @@
 # The CUDA backend's ops against the CPU backend. Builds wherever nvcc is found (also in
 # kernels-only mode) and skips, with a message, on machines without a GPU.
 mamba_test(test_cuda_backend SOURCES gpu/test_cuda_backend.cc LIBS mamba_backend)
+# The mixed-precision ops (bf16 GEMM operands and outputs, conversions, AdamW's bf16 shadow).
+mamba_test(test_cuda_mixed_precision SOURCES gpu/test_cuda_mixed_precision.cc LIBS mamba_backend)

@@ -478,10 +478,16 @@ TEST_F(CudaBackendTest, SumSquares) {
   for (const int64_t n : {int64_t(1), int64_t(1000003)}) {
     const std::vector<float> x = Rand(n, -2, 2);
     Tensor gx = Gpu({n}, x);
-    const double g = gpu_->SumSquares(gx), r = cpu_->SumSquares(Ref({n}, x));
+    const double g = gpu_->SumSquares({gx}), r = cpu_->SumSquares({Ref({n}, x)});
     EXPECT_NEAR(g, r, 1e-12 * r) << "n " << n;  // both sum in double
-    EXPECT_EQ(gpu_->SumSquares(gx), g) << "n " << n;
+    EXPECT_EQ(gpu_->SumSquares({gx}), g) << "n " << n;
   }
+  // Several tensors (one empty) in one reduction.
+  const std::vector<float> a = Rand(70001, -2, 2), b = Rand(3, -2, 2);
+  const double g = gpu_->SumSquares({Gpu({70001}, a), gpu_->Empty({0}, DType::kF32), Gpu({3}, b)});
+  const double r = cpu_->SumSquares({Ref({70001}, a), Ref({3}, b)});
+  EXPECT_NEAR(g, r, 1e-12 * r);
+  EXPECT_EQ(gpu_->SumSquares({}), 0.0);
 }
 
 TEST_F(CudaBackendTest, AdamW) {
@@ -495,8 +501,9 @@ TEST_F(CudaBackendTest, AdamW) {
   for (int step = 1; step <= 3; ++step) {
     h.step = step;
     const std::vector<float> g = Rand(n);
-    gpu_->AdamW(gp, Gpu({n}, g), gm, gv, h);
-    cpu_->AdamW(rp, Ref({n}, g), rm, rv, h);
+    Tensor none;
+    gpu_->AdamW(gp, Gpu({n}, g), gm, gv, none, h);
+    cpu_->AdamW(rp, Ref({n}, g), rm, rv, none, h);
   }
   ExpectClose(gp, rp, "adamw param");
   ExpectClose(gm, rm, "adamw m");

@@ -1,20 +1,26 @@
 // The whole model and training loop on the CUDA backend against the CPU backend: a tiny model's
 // loss and every parameter gradient (GPU float32 vs CPU float64), and a 20-step training run's
-// loss curve, with exact fp32 GEMMs (1e-4 / 1e-3) and with bf16 GEMM operands (1e-2). Skips, with
+// loss curve, with exact fp32 GEMMs (1e-4 / 1e-3) and with bf16 GEMM operands (1e-2); the
+// optimizer on GPU parameter arenas, and the bf16 shadow weights through every writer. Skips, with
 // a message, without a GPU.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "checkpoints/checkpoint.h"
 #include "tests/test_util.h"
 #include "worker/job_spec.h"
 #include "worker/model.h"
+#include "worker/optimizer.h"
 #include "worker/trainer.h"
 
 namespace mamba {
@@ -137,6 +143,191 @@ TEST(CudaModel, Bf16TrainingLossCurveMatchesCpu) {
     worst = std::max(worst, std::abs(gpu[i] - cpu[i]) / std::abs(cpu[i]));
   }
   std::printf("  bf16 loss curve: worst relative difference %.3g\n", worst);
+}
+
+// float32 -> bf16 bits, rounded to nearest even (as __float2bfloat16_rn for finite values).
+uint16_t Bf16Bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// Every shadow holds its value rounded to bf16, bit for bit; exactly the weight-decay group (every
+// GEMM weight) has one when the backend's GEMMs are bf16.
+void ExpectShadowsMatch(Backend& be, const std::vector<Parameter>& params, bool bf16,
+                        const std::string& when) {
+  for (const Parameter& p : params) {
+    if (!bf16 || !p.weight_decay) {
+      EXPECT_FALSE(p.value_bf16.defined()) << p.name << " " << when;
+      continue;
+    }
+    ASSERT_TRUE(p.value_bf16.defined()) << p.name << " " << when;
+    ASSERT_EQ(p.value_bf16.dtype(), DType::kBF16);
+    ASSERT_EQ(p.value_bf16.shape(), p.value.shape());
+    const Tensor value = be.ToHost(p.value), shadow = be.ToHost(p.value_bf16);
+    const auto* bits = static_cast<const uint16_t*>(shadow.raw());
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < value.numel(); ++i)
+      wrong += bits[i] != Bf16Bits(value.data<float>()[i]);
+    EXPECT_EQ(wrong, 0) << p.name << " " << when
+                        << ": shadow entries differ from the rounded value";
+  }
+}
+
+// AdamWOptimizer on GPU arenas (one gradient-norm reduction, one fused AdamW per group, clipping
+// as the gradient scale) against the CPU backend's AdamW applied to each parameter in float64.
+TEST(CudaOptimizer, ArenaStepsMatchPerParameterCpuReference) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA optimizer test needs a GPU";
+  for (const GemmPrecision precision : {GemmPrecision::kFp32, GemmPrecision::kBf16}) {
+    SCOPED_TRACE(precision == GemmPrecision::kBf16 ? "bf16 GEMMs" : "fp32 GEMMs");
+    CudaBackendOptions options;
+    options.gemm_precision = precision;
+    auto gpu = MakeCudaBackend(options);
+    auto cpu = MakeCpuBackend();
+    const std::vector<std::pair<Shape, bool>> specs = {
+        {{37, 11}, true}, {{5}, false}, {{3, 129}, true}, {{64}, false}, {{1000}, true}};
+    ParameterStore store(specs.size());
+    for (size_t i = 0; i < specs.size(); ++i) {
+      store.Add("p" + std::to_string(i), specs[i].first, specs[i].second);
+    }
+    store.Allocate(gpu.get(), DType::kF32);
+    const std::vector<Parameter>& params = store.parameters();
+    // Float32 values on both sides: the GPU's, and float64 copies for the reference.
+    auto host = [](const Shape& shape, const std::vector<double>& v, DType dtype) {
+      Tensor t = Tensor::Empty(shape, dtype);
+      for (size_t i = 0; i < v.size(); ++i) {
+        if (dtype == DType::kF32) {
+          t.data<float>()[i] = float(v[i]);
+        } else {
+          t.data<double>()[i] = double(float(v[i]));
+        }
+      }
+      return t;
+    };
+    std::vector<Tensor> ref_w, ref_m, ref_v;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const Shape& shape = specs[i].first;
+      const std::vector<double> w = testing::RandomVector(NumElements(shape), 100 + i);
+      store.CopyFromHost(params[i], host(shape, w, DType::kF32));
+      ref_w.push_back(host(shape, w, DType::kF64));
+      ref_m.push_back(Tensor::Zeros(shape, DType::kF64));
+      ref_v.push_back(Tensor::Zeros(shape, DType::kF64));
+    }
+    OptimizerConfig c;
+    c.lr = 0.01;
+    c.weight_decay = 0.1;
+    c.grad_clip = 1.0;
+    c.warmup_steps = 0;
+    c.cosine = false;
+    AdamWOptimizer opt(c, gpu.get(), &store);
+    for (int step = 1; step <= 3; ++step) {
+      std::vector<Tensor> ref_g;
+      double norm_sq = 0;
+      for (size_t i = 0; i < params.size(); ++i) {
+        const Shape& shape = specs[i].first;
+        std::vector<double> g = testing::RandomVector(NumElements(shape), 1000 * step + i);
+        for (double& x : g) x *= step;  // grows, so clipping applies
+        Tensor dst = params[i].grad;
+        gpu->CopyFromHost(host(shape, g, DType::kF32), dst);
+        ref_g.push_back(host(shape, g, DType::kF64));
+        for (double x : g) norm_sq += double(float(x)) * double(float(x));
+      }
+      const AdamWOptimizer::StepInfo info = opt.Step();
+      ASSERT_TRUE(info.applied);
+      const double norm = std::sqrt(norm_sq), coef = std::min(1.0, 1.0 / (norm + 1e-6));
+      ASSERT_LT(coef, 1.0);
+      EXPECT_NEAR(info.grad_norm, norm, 1e-12 * norm);
+      for (size_t i = 0; i < params.size(); ++i) {
+        AdamWHyper h;
+        h.lr = c.lr;
+        h.beta1 = c.beta1;
+        h.beta2 = c.beta2;
+        h.eps = c.eps;
+        h.weight_decay = params[i].weight_decay ? c.weight_decay : 0.0;
+        h.step = step;
+        h.grad_scale = double(float(coef));  // the GPU scales by the float32 coefficient
+        Tensor none;
+        cpu->AdamW(ref_w[i], ref_g[i], ref_m[i], ref_v[i], none, h);
+      }
+    }
+    EXPECT_EQ(opt.step(), 3);
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_LT(RelError(*gpu, params[i].value, ref_w[i]), 1e-5) << params[i].name;
+      EXPECT_LT(RelError(*gpu, opt.first_moments()[i], ref_m[i]), 1e-5) << params[i].name;
+      EXPECT_LT(RelError(*gpu, opt.second_moments()[i], ref_v[i]), 1e-5) << params[i].name;
+    }
+    ExpectShadowsMatch(*gpu, params, precision == GemmPrecision::kBf16, "after three steps");
+  }
+}
+
+// With bf16 GEMMs the model's GEMM weights have bf16 shadows, equal to the rounded values after
+// every write: initialization, an optimizer step, a direct copy, a checkpoint load.
+TEST(CudaModel, Bf16ShadowsFollowEveryWrite) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA model test needs a GPU";
+  ModelConfig c;
+  c.d_model = 32;
+  c.n_layer = 2;
+  c.d_state = 8;
+  c.dt_rank = ModelConfig::DefaultDtRank(32);
+  c.vocab_size = ModelConfig::PadVocab(50);
+  CudaBackendOptions options;
+  options.gemm_precision = GemmPrecision::kBf16;
+  auto gpu = MakeCudaBackend(options);
+  MambaModel model(c, gpu.get());
+  model.Initialize(4);
+  ExpectShadowsMatch(*gpu, model.parameters(), true, "after Initialize");
+
+  AdamWOptimizer opt(OptimizerConfig(), gpu.get(), &model.parameter_store());
+  Tensor inputs = Tensor::Empty({2, 40}, DType::kI32),
+         targets = Tensor::Empty({2, 40}, DType::kI32);
+  std::mt19937 rng(3);
+  for (int64_t i = 0; i < 80; ++i) {
+    inputs.data<int32_t>()[i] = rng() % 50;
+    targets.data<int32_t>()[i] = rng() % 50;
+  }
+  const Parameter& emb = model.parameter("backbone.embeddings.weight");
+  const Tensor before = gpu->ToHost(emb.value);
+  model.ZeroGrad();
+  model.ForwardBackward(inputs, targets, -100, 1.0 / 80, true);
+  ASSERT_TRUE(opt.Step().applied);
+  const Tensor after = gpu->ToHost(emb.value);
+  EXPECT_NE(std::memcmp(before.raw(), after.raw(), before.nbytes()), 0)
+      << "the step changed nothing";
+  ExpectShadowsMatch(*gpu, model.parameters(), true, "after an optimizer step");
+
+  Tensor host = Tensor::Empty(emb.value.shape(), DType::kF32);
+  const std::vector<double> v = testing::RandomVector(host.numel(), 9);
+  std::copy(v.begin(), v.end(), host.data<float>());
+  model.parameter_store().CopyFromHost(emb, host);
+  ExpectShadowsMatch(*gpu, model.parameters(), true, "after CopyFromHost");
+
+  // Through a checkpoint into a model initialized differently.
+  const std::string root =
+      (std::filesystem::temp_directory_path() / ("mamba_cuda_shadow_" + std::to_string(::getpid())))
+          .string();
+  std::filesystem::remove_all(root);
+  ckpt::TrainerState state;
+  state.step = opt.step();
+  state.job_spec = nlohmann::json::object();
+  auto dir = ckpt::SaveCheckpoint(root, state, model, opt, *gpu, {});
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  MambaModel loaded(c, gpu.get());
+  loaded.Initialize(5);
+  AdamWOptimizer loaded_opt(OptimizerConfig(), gpu.get(), &loaded.parameter_store());
+  auto loaded_state = ckpt::LoadCheckpoint(*dir, loaded, loaded_opt, *gpu);
+  ASSERT_TRUE(loaded_state.ok()) << loaded_state.status();
+  for (size_t i = 0; i < model.parameters().size(); ++i) {
+    const Tensor a = gpu->ToHost(model.parameters()[i].value);
+    const Tensor b = gpu->ToHost(loaded.parameters()[i].value);
+    EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << model.parameters()[i].name;
+  }
+  ExpectShadowsMatch(*gpu, loaded.parameters(), true, "after LoadCheckpoint");
+  std::filesystem::remove_all(root);
+
+  // fp32 GEMMs: no shadows.
+  auto fp32 = MakeCudaBackend();
+  MambaModel plain(c, fp32.get());
+  ExpectShadowsMatch(*fp32, plain.parameters(), false, "with fp32 GEMMs");
 }
 
 }  // namespace

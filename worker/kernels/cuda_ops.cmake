@@ -4,6 +4,7 @@
 add_library(mamba_kernels_cuda_ops STATIC
   ${CMAKE_CURRENT_LIST_DIR}/adamw.cu
   ${CMAKE_CURRENT_LIST_DIR}/conv1d.cu
+  ${CMAKE_CURRENT_LIST_DIR}/convert.cu
   ${CMAKE_CURRENT_LIST_DIR}/cross_entropy.cu
   ${CMAKE_CURRENT_LIST_DIR}/elementwise.cu
   ${CMAKE_CURRENT_LIST_DIR}/embedding.cu

@@ -44,9 +44,12 @@ __global__ void SumSquaresPartialKernel(int64_t n, const float* x, double* parti
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-__global__ void SumSquaresFinalKernel(const double* partial, double* result) {
+// Thread j adds partial j of every span, in span order; then one fixed tree.
+__global__ void SumSquaresFinalKernel(int64_t spans, const double* partial, double* result) {
   __shared__ double scratch[32];
-  const double s = BlockSum(partial[threadIdx.x], scratch);
+  double s = 0;
+  for (int64_t t = 0; t < spans; ++t) s += partial[t * kSumBlocks + threadIdx.x];
+  s = BlockSum(s, scratch);
   if (threadIdx.x == 0) *result = s;
 }
 
@@ -76,15 +79,18 @@ void ScaleCuda(int64_t n, float* x, float s, cudaStream_t stream) {
   MAMBA_CUDA_CHECK_LAUNCH("scale");
 }
 
-size_t SumSquaresWorkspaceBytes() { return kSumBlocks * sizeof(double); }
+size_t SumSquaresWorkspaceBytes(size_t count) { return count * kSumBlocks * sizeof(double); }
 
-void SumSquaresCuda(int64_t n, const float* x, double* result, void* workspace,
+void SumSquaresCuda(const FloatSpan* xs, size_t count, double* result, void* workspace,
                     cudaStream_t stream) {
   double* partial = static_cast<double*>(workspace);
-  SumSquaresPartialKernel<<<kSumBlocks, kThreads, 0, stream>>>(n, x, partial);
-  MAMBA_CUDA_CHECK_LAUNCH("sum_squares");
+  for (size_t t = 0; t < count; ++t) {
+    SumSquaresPartialKernel<<<kSumBlocks, kThreads, 0, stream>>>(xs[t].n, xs[t].data,
+                                                                 partial + t * kSumBlocks);
+    MAMBA_CUDA_CHECK_LAUNCH("sum_squares");
+  }
   static_assert(kSumBlocks % 32 == 0 && kSumBlocks <= 1024, "one block combines the partials");
-  SumSquaresFinalKernel<<<1, kSumBlocks, 0, stream>>>(partial, result);
+  SumSquaresFinalKernel<<<1, kSumBlocks, 0, stream>>>(int64_t(count), partial, result);
   MAMBA_CUDA_CHECK_LAUNCH("sum_squares");
 }
 

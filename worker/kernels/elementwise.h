@@ -14,10 +14,17 @@ void AddProductCuda(int64_t n, const float* a, const float* b, float* dst,
 void AddCuda(int64_t n, const float* src, float* dst, cudaStream_t stream);  // dst += src
 void ScaleCuda(int64_t n, float* x, float s, cudaStream_t stream);           // x *= s
 
-// *result (device) = sum of x[i]^2, accumulated in double. Deterministic: a fixed number of
-// partial sums (independent of the device), each over a fixed stride, combined by a fixed tree.
-size_t SumSquaresWorkspaceBytes();
-void SumSquaresCuda(int64_t n, const float* x, double* result, void* workspace,
+// A device array of n floats.
+struct FloatSpan {
+  const float* data;
+  int64_t n;
+};
+
+// *result (device) = sum of x[i]^2 over the elements of spans xs[0, count), accumulated in double.
+// Deterministic: a fixed number of partial sums per span (independent of the device), each over a
+// fixed stride, combined by a fixed tree.
+size_t SumSquaresWorkspaceBytes(size_t count);
+void SumSquaresCuda(const FloatSpan* xs, size_t count, double* result, void* workspace,
                     cudaStream_t stream);
 
 }  // namespace mamba::kernels

@@ -1,0 +1,315 @@
+// The CUDA backend's mixed-precision ops: Linear with every combination of fp32 and bf16
+// operands and outputs (GemmPrecision::kBf16) against the float64 CPU result on the bf16-rounded
+// operands; Convert; CopyFromHost into views; AdamW's fused bf16 shadow and gradient scale.
+// Outputs are poisoned with NaN first, so an entry a kernel forgets to write fails the
+// comparison. Without a CUDA device every test skips with a message.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "tests/test_util.h"
+#include "worker/backend.h"
+
+namespace mamba {
+namespace {
+
+// float32 -> bf16 bits, rounded to nearest even (as __float2bfloat16_rn for finite values).
+uint16_t Bf16Bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+float Bf16Value(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+std::vector<float> RoundToBf16(const std::vector<float>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = Bf16Value(Bf16Bits(v[i]));
+  return out;
+}
+
+class CudaMixedPrecisionTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) {
+      GTEST_SKIP() << "no CUDA device visible: CUDA mixed-precision tests skipped";
+    }
+    CudaBackendOptions options;
+    options.gemm_precision = GemmPrecision::kBf16;
+    gpu_ = MakeCudaBackend(options);
+    cpu_ = MakeCpuBackend();
+  }
+
+  std::vector<float> Rand(int64_t n, double lo = -1.0, double hi = 1.0) {
+    const std::vector<double> v = testing::RandomVector(n, ++seed_, lo, hi);
+    return std::vector<float>(v.begin(), v.end());
+  }
+
+  // A GPU tensor of `dtype` (kF32, or kBF16 holding the values rounded) from float values.
+  Tensor Gpu(const Shape& shape, const std::vector<float>& v, DType dtype = DType::kF32) {
+    Tensor host = Tensor::Empty(shape, dtype);
+    EXPECT_EQ(host.numel(), static_cast<int64_t>(v.size()));
+    if (dtype == DType::kF32) {
+      std::copy(v.begin(), v.end(), host.data<float>());
+    } else {
+      auto* bits = static_cast<uint16_t*>(host.raw());
+      for (size_t i = 0; i < v.size(); ++i) bits[i] = Bf16Bits(v[i]);
+    }
+    return gpu_->FromHost(host);
+  }
+  Tensor Poisoned(const Shape& shape, DType dtype) {
+    return Gpu(shape,
+               std::vector<float>(NumElements(shape), std::numeric_limits<float>::quiet_NaN()),
+               dtype);
+  }
+  static Tensor Ref(const Shape& shape, const std::vector<float>& v) {
+    Tensor t = Tensor::Empty(shape, DType::kF64);
+    std::copy(v.begin(), v.end(), t.data<double>());
+    return t;
+  }
+
+  // The values of an fp32 or bf16 GPU tensor.
+  std::vector<float> Fetch(const Tensor& t) {
+    const Tensor h = gpu_->ToHost(t);
+    if (h.dtype() == DType::kF32)
+      return std::vector<float>(h.data<float>(), h.data<float>() + h.numel());
+    const auto* bits = static_cast<const uint16_t*>(h.raw());
+    std::vector<float> out(h.numel());
+    for (int64_t i = 0; i < h.numel(); ++i) out[i] = Bf16Value(bits[i]);
+    return out;
+  }
+  std::vector<uint16_t> FetchBits(const Tensor& t) {
+    EXPECT_EQ(t.dtype(), DType::kBF16);
+    const Tensor h = gpu_->ToHost(t);
+    const auto* bits = static_cast<const uint16_t*>(h.raw());
+    return std::vector<uint16_t>(bits, bits + h.numel());
+  }
+
+  // Global relative error against a float64 CPU result; a NaN (an unwritten entry) fails.
+  void ExpectClose(const Tensor& got, const Tensor& ref, const std::string& what, double tol) {
+    const std::vector<float> g = Fetch(got);
+    const double* r = ref.data<double>();
+    const double err = testing::RelativeError(g, std::vector<double>(r, r + ref.numel()));
+    EXPECT_LE(err, tol) << what;
+  }
+
+  std::unique_ptr<Backend> gpu_, cpu_;
+  uint64_t seed_ = 4321;
+};
+
+const char* Name(DType d) { return d == DType::kBF16 ? "bf16" : "fp32"; }
+std::string Dims(int64_t M, int64_t N, int64_t K) {
+  return std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K);
+}
+
+// fp32 outputs keep the fp32 accumulation (1e-5, as in fp32 mode); a bf16 output adds one
+// rounding of its own (2^-9 relative) and, with a bias, the bias's.
+double OutputTol(DType d) { return d == DType::kBF16 ? 8e-3 : 1e-5; }
+
+TEST_F(CudaMixedPrecisionTest, LinearForwardEveryDtype) {
+  const DType kDtypes[] = {DType::kF32, DType::kBF16};
+  // Sizes that are not (first) and are (second) multiples of 4: both conversion paths.
+  for (const auto& [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{133, 67, 259},
+                                std::tuple<int64_t, int64_t, int64_t>{256, 96, 512}}) {
+    const std::vector<float> x = Rand(M * K), w = Rand(N * K), b = Rand(N);
+    Tensor ry = cpu_->Empty({M, N}, DType::kF64), ryb = cpu_->Empty({M, N}, DType::kF64);
+    cpu_->LinearForward(Ref({M, K}, RoundToBf16(x)), Ref({N, K}, RoundToBf16(w)), Tensor(), ry);
+    cpu_->LinearForward(Ref({M, K}, RoundToBf16(x)), Ref({N, K}, RoundToBf16(w)), Ref({N}, b), ryb);
+    for (const DType xd : kDtypes) {
+      for (const DType wd : kDtypes) {
+        for (const DType yd : kDtypes) {
+          for (const bool with_bias : {false, true}) {
+            const std::string what = Dims(M, N, K) + " x " + Name(xd) + " w " + Name(wd) + " y " +
+                                     Name(yd) + (with_bias ? " bias" : "");
+            Tensor y = Poisoned({M, N}, yd);
+            gpu_->LinearForward(Gpu({M, K}, x, xd), Gpu({N, K}, w, wd),
+                                with_bias ? Gpu({N}, b) : Tensor(), y);
+            ASSERT_EQ(y.dtype(), yd);
+            ExpectClose(y, with_bias ? ryb : ry, what, OutputTol(yd));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaMixedPrecisionTest, LinearBackwardEveryDtype) {
+  const DType kDtypes[] = {DType::kF32, DType::kBF16};
+  for (const auto& [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{133, 67, 259},
+                                std::tuple<int64_t, int64_t, int64_t>{256, 96, 512}}) {
+    const std::vector<float> x = Rand(M * K), w = Rand(N * K), dy = Rand(M * N), dw0 = Rand(N * K),
+                             db0 = Rand(N);
+    const std::vector<float> dyr = RoundToBf16(dy);
+    Tensor rdx = cpu_->Empty({M, K}, DType::kF64), rdw = Ref({N, K}, dw0), none;
+    cpu_->LinearBackward(Ref({M, N}, dyr), Ref({M, K}, RoundToBf16(x)), Ref({N, K}, RoundToBf16(w)),
+                         rdx, rdw, none);
+    // dbias sums dy as it is given: exactly, or rounded to bf16.
+    Tensor rdb[2] = {Ref({N}, db0), Ref({N}, db0)};
+    for (int64_t r = 0; r < M; ++r) {
+      for (int64_t n = 0; n < N; ++n) {
+        rdb[0].data<double>()[n] += dy[r * N + n];
+        rdb[1].data<double>()[n] += dyr[r * N + n];
+      }
+    }
+    for (const DType dyd : kDtypes) {
+      for (const DType xd : kDtypes) {
+        for (const DType wd : kDtypes) {
+          for (const DType dxd : kDtypes) {
+            const std::string what = Dims(M, N, K) + " dy " + Name(dyd) + " x " + Name(xd) + " w " +
+                                     Name(wd) + " dx " + Name(dxd);
+            Tensor dx = Poisoned({M, K}, dxd), dw = Gpu({N, K}, dw0), db = Gpu({N}, db0);
+            gpu_->LinearBackward(Gpu({M, N}, dy, dyd), Gpu({M, K}, x, xd), Gpu({N, K}, w, wd), dx,
+                                 dw, db);
+            ExpectClose(dx, rdx, what + ": dx", OutputTol(dxd));
+            ExpectClose(dw, rdw, what + ": dw", 1e-5);
+            ExpectClose(db, rdb[dyd == DType::kBF16], what + ": dbias", 1e-5);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_F(CudaMixedPrecisionTest, LinearWithBf16TensorsIsDeterministic) {
+  const int64_t M = 133, N = 67, K = 259;
+  const std::vector<float> x = Rand(M * K), w = Rand(N * K), dy = Rand(M * N), dw0 = Rand(N * K),
+                           db0 = Rand(N);
+  Tensor y[2], dx[2], dw[2], db[2];
+  for (int run = 0; run < 2; ++run) {
+    y[run] = Poisoned({M, N}, DType::kBF16);
+    gpu_->LinearForward(Gpu({M, K}, x, DType::kBF16), Gpu({N, K}, w, DType::kBF16), Tensor(),
+                        y[run]);
+    dx[run] = Poisoned({M, K}, DType::kBF16);
+    dw[run] = Gpu({N, K}, dw0);
+    db[run] = Gpu({N}, db0);
+    gpu_->LinearBackward(Gpu({M, N}, dy, DType::kBF16), Gpu({M, K}, x, DType::kBF16),
+                         Gpu({N, K}, w, DType::kBF16), dx[run], dw[run], db[run]);
+  }
+  EXPECT_EQ(FetchBits(y[0]), FetchBits(y[1]));
+  EXPECT_EQ(FetchBits(dx[0]), FetchBits(dx[1]));
+  EXPECT_EQ(Fetch(dw[0]), Fetch(dw[1]));
+  EXPECT_EQ(Fetch(db[0]), Fetch(db[1]));
+}
+
+// A bf16 weight (the model's shadow) and an fp32 one holding the same rounded values give the
+// same bits: the shadow only skips the conversion.
+TEST_F(CudaMixedPrecisionTest, Bf16WeightEqualsItsRoundedFp32Copy) {
+  const int64_t M = 256, N = 96, K = 512;
+  const std::vector<float> x = Rand(M * K), w = Rand(N * K), dy = Rand(M * N);
+  Tensor y32 = Poisoned({M, N}, DType::kF32), y16 = Poisoned({M, N}, DType::kF32);
+  gpu_->LinearForward(Gpu({M, K}, x), Gpu({N, K}, w), Tensor(), y32);
+  gpu_->LinearForward(Gpu({M, K}, x), Gpu({N, K}, w, DType::kBF16), Tensor(), y16);
+  EXPECT_EQ(Fetch(y32), Fetch(y16));
+  Tensor dx32 = Poisoned({M, K}, DType::kF32), dx16 = Poisoned({M, K}, DType::kF32), none;
+  Tensor dw32 = Gpu({N, K}, std::vector<float>(N * K, 0.f)),
+         dw16 = Gpu({N, K}, std::vector<float>(N * K, 0.f));
+  gpu_->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w), dx32, dw32, none);
+  gpu_->LinearBackward(Gpu({M, N}, dy), Gpu({M, K}, x), Gpu({N, K}, w, DType::kBF16), dx16, dw16,
+                       none);
+  EXPECT_EQ(Fetch(dx32), Fetch(dx16));
+  EXPECT_EQ(Fetch(dw32), Fetch(dw16));
+}
+
+TEST_F(CudaMixedPrecisionTest, Bf16TensorsNeedBf16Gemms) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EQ(gpu_->GemmOperandDType(DType::kF32), DType::kBF16);
+  std::unique_ptr<Backend> fp32 = MakeCudaBackend();
+  EXPECT_EQ(fp32->GemmOperandDType(DType::kF32), DType::kF32);
+  EXPECT_DEATH(
+      {
+        Tensor y = fp32->Empty({2, 3}, DType::kF32);
+        fp32->LinearForward(Gpu({2, 4}, Rand(8), DType::kBF16), Gpu({3, 4}, Rand(12)), Tensor(), y);
+      },
+      "linear_fwd: a bfloat16 GEMM tensor needs GemmPrecision::kBf16");
+  EXPECT_DEATH(
+      {
+        Tensor y = fp32->Empty({2, 3}, DType::kBF16);
+        fp32->LinearForward(Gpu({2, 4}, Rand(8)), Gpu({3, 4}, Rand(12)), Tensor(), y);
+      },
+      "linear_fwd: a bfloat16 GEMM tensor needs GemmPrecision::kBf16");
+}
+
+TEST_F(CudaMixedPrecisionTest, ConvertRoundsToNearestEven) {
+  // Ties both ways, values that round up into the next binade, tiny and huge ones, then random.
+  std::vector<float> v = {1.0f,     1.00390625f, 1.01171875f, -1.00390625f, 1.9999999f,
+                          1.0e-30f, -0.f,        3.0e38f,     0.1f,         -2.5e-5f};
+  for (float r : Rand(1002, -100, 100)) v.push_back(r);
+  ASSERT_EQ(v.size() % 4, 0u);           // the vectorized path at offset 0
+  for (const int64_t offset : {0, 1}) {  // an unaligned view: the scalar path
+    const int64_t n = int64_t(v.size()) - offset;
+    std::vector<float> src(v.begin() + offset, v.end());
+    Tensor f = Gpu({int64_t(v.size())}, v).View(offset, {n});
+    Tensor b = Poisoned({n}, DType::kBF16);
+    gpu_->Convert(f, b);
+    std::vector<uint16_t> want(n);
+    for (int64_t i = 0; i < n; ++i) want[i] = Bf16Bits(src[i]);
+    EXPECT_EQ(FetchBits(b), want) << "offset " << offset;
+    Tensor back = Poisoned({n}, DType::kF32);
+    gpu_->Convert(b, back);
+    EXPECT_EQ(Fetch(back), RoundToBf16(src)) << "offset " << offset;
+  }
+}
+
+TEST_F(CudaMixedPrecisionTest, CopyFromHostWritesOnlyTheView) {
+  const std::vector<float> outer = Rand(100), inner = Rand(30);
+  Tensor t = Gpu({100}, outer);
+  Tensor view = t.View(40, {5, 6});
+  Tensor host = Tensor::Empty({5, 6}, DType::kF32);
+  std::copy(inner.begin(), inner.end(), host.data<float>());
+  gpu_->CopyFromHost(host, view);
+  std::vector<float> want = outer;
+  std::copy(inner.begin(), inner.end(), want.begin() + 40);
+  EXPECT_EQ(Fetch(t), want);
+}
+
+// AdamW's fused shadow is the bf16 rounding of the updated fp32 value, bit for bit; the gradient
+// scale is applied exactly as a Scale pass before it (same bits); both against float64.
+TEST_F(CudaMixedPrecisionTest, AdamWShadowAndGradScale) {
+  const int64_t n = 10007;  // odd: not a multiple of any vector width
+  const std::vector<float> p = Rand(n), m = Rand(n, -0.1, 0.1), v = Rand(n, 0, 0.01);
+  Tensor gp = Gpu({n}, p), gm = Gpu({n}, m), gv = Gpu({n}, v);
+  Tensor sp = Gpu({n}, p), sm = Gpu({n}, m), sv = Gpu({n}, v);  // with a Scale pass
+  Tensor rp = Ref({n}, p), rm = Ref({n}, m), rv = Ref({n}, v);
+  Tensor shadow = Poisoned({n}, DType::kBF16), none;
+  AdamWHyper h;
+  h.lr = 3e-3;
+  h.weight_decay = 0.1;
+  for (int step = 1; step <= 3; ++step) {
+    h.step = step;
+    const std::vector<float> g = Rand(n, -4, 4);
+    const double scale = 0.3 + 0.2 * step;
+    AdamWHyper hs = h;
+    hs.grad_scale = scale;
+    gpu_->AdamW(gp, Gpu({n}, g), gm, gv, shadow, hs);
+    Tensor scaled = Gpu({n}, g);
+    gpu_->Scale(scaled, scale);
+    gpu_->AdamW(sp, scaled, sm, sv, none, h);
+    // The float64 reference scales by the float32 factor, as the GPU does.
+    AdamWHyper hr = h;
+    hr.grad_scale = double(float(scale));
+    cpu_->AdamW(rp, Ref({n}, g), rm, rv, none, hr);
+  }
+  ExpectClose(gp, rp, "adamw param", 1e-5);
+  ExpectClose(gm, rm, "adamw m", 1e-5);
+  ExpectClose(gv, rv, "adamw v", 1e-5);
+  EXPECT_EQ(Fetch(gp), Fetch(sp)) << "grad_scale differs from a Scale pass";
+  EXPECT_EQ(Fetch(gm), Fetch(sm));
+  EXPECT_EQ(Fetch(gv), Fetch(sv));
+  const std::vector<float> updated = Fetch(gp);
+  std::vector<uint16_t> want(n);
+  for (int64_t i = 0; i < n; ++i) want[i] = Bf16Bits(updated[i]);
+  EXPECT_EQ(FetchBits(shadow), want);
+}
+
+}  // namespace
+}  // namespace mamba
