@@ -103,6 +103,12 @@ class Backend {
   virtual kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
                                                   int32_t ignore_index, double grad_scale,
                                                   Tensor& dlogits) = 0;
+  // The same, with the statistics added to a running total on the device instead of returned, so
+  // that a loop over row chunks waits for the device once: TakeCrossEntropyStats returns the
+  // total of the calls since the last take (added in call order: deterministic) and resets it.
+  virtual void AccumulateCrossEntropy(const Tensor& logits, const Tensor& targets,
+                                      int32_t ignore_index, double grad_scale, Tensor& dlogits) = 0;
+  virtual kernels::CrossEntropyStats TakeCrossEntropyStats() = 0;
 
   // Column blocks of row-major matrices, to split fused projections: dst (M, n) = src[:, c0:c0+n]
   // and back.

@@ -4,8 +4,8 @@
 // dtypes, opens an NVTX range in the "mamba" domain and launches the kernels of
 // worker/kernels/<op>.cu; CUDA and cuBLAS failures abort naming the op (they are programming or
 // environment errors, not user input). Ops are asynchronous except those that return host values
-// (FromHost, ToHost, CrossEntropy, SumSquares), which synchronize the stream and then also check
-// the device error word that kernels set on invalid ids or targets.
+// (FromHost, ToHost, CrossEntropy, TakeCrossEntropyStats, SumSquares), which synchronize the
+// stream and then also check the device error word that kernels set on invalid ids or targets.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -42,6 +42,7 @@ struct DeviceScalars {
   int error_bits;
   double sum_squares;
   kernels::CrossEntropyDeviceStats cross_entropy;
+  kernels::CrossEntropyDeviceStats cross_entropy_total;  // AccumulateCrossEntropy's running sum
 };
 
 // A caching allocator: freed blocks go to a free list of their (rounded) size and are handed out
@@ -546,22 +547,24 @@ class CudaBackend final : public Backend {
                                           Tensor& dlogits) override {
     constexpr const char* op = "cross_entropy";
     OpScope range(this, op);
-    const int64_t rows = logits.rows();
-    MAMBA_CHECK(targets.numel() == rows) << op << ": targets " << targets.DebugString();
-    if (dlogits.defined()) CheckSameShape(logits, dlogits, op);
-    WithActType(ActDType(op, {{"logits", logits}, {"dlogits", dlogits}}), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      kernels::CrossEntropyCuda(
-          rows, logits.dim(-1), Act<T>(logits, op, "logits"), Ids(targets, op), ignore_index,
-          grad_scale, OptAct<T>(dlogits, op, "dlogits"), &scalars()->cross_entropy,
-          Workspace(kernels::CrossEntropyWorkspaceBytes(rows)), error_bits(), stream_);
-    });
+    LaunchCrossEntropy(logits, targets, ignore_index, grad_scale, dlogits, false, op);
     SyncAndCheck(op);
-    kernels::CrossEntropyStats stats;
-    stats.loss_sum = scalars_host_->cross_entropy.loss_sum;
-    stats.count = scalars_host_->cross_entropy.count;
-    stats.correct = scalars_host_->cross_entropy.correct;
-    return stats;
+    return HostStats(scalars_host_->cross_entropy);
+  }
+  void AccumulateCrossEntropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index,
+                              double grad_scale, Tensor& dlogits) override {
+    constexpr const char* op = "cross_entropy";
+    OpScope range(this, op);
+    LaunchCrossEntropy(logits, targets, ignore_index, grad_scale, dlogits, true, op);
+  }
+  kernels::CrossEntropyStats TakeCrossEntropyStats() override {
+    constexpr const char* op = "cross_entropy_stats";
+    OpScope range(this, op);
+    SyncAndCheck(op);
+    // Zeroed in stream order: later accumulations start a new total.
+    MAMBA_CUDA_CHECK(op, cudaMemsetAsync(&scalars()->cross_entropy_total, 0,
+                                         sizeof(kernels::CrossEntropyDeviceStats), stream_));
+    return HostStats(scalars_host_->cross_entropy_total);
   }
 
   void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
@@ -645,6 +648,28 @@ class CudaBackend final : public Backend {
   int* error_bits() { return &scalars()->error_bits; }
 
   static size_t ElemSize(const Tensor& t) { return DTypeSize(t.dtype()); }
+
+  void LaunchCrossEntropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index,
+                          double grad_scale, Tensor& dlogits, bool accumulate, const char* op) {
+    const int64_t rows = logits.rows();
+    MAMBA_CHECK(targets.numel() == rows) << op << ": targets " << targets.DebugString();
+    if (dlogits.defined()) CheckSameShape(logits, dlogits, op);
+    WithActType(ActDType(op, {{"logits", logits}, {"dlogits", dlogits}}), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::CrossEntropyCuda(
+          rows, logits.dim(-1), Act<T>(logits, op, "logits"), Ids(targets, op), ignore_index,
+          grad_scale, OptAct<T>(dlogits, op, "dlogits"), accumulate,
+          accumulate ? &scalars()->cross_entropy_total : &scalars()->cross_entropy,
+          Workspace(kernels::CrossEntropyWorkspaceBytes(rows)), error_bits(), stream_);
+    });
+  }
+  static kernels::CrossEntropyStats HostStats(const kernels::CrossEntropyDeviceStats& d) {
+    kernels::CrossEntropyStats stats;
+    stats.loss_sum = d.loss_sum;
+    stats.count = d.count;
+    stats.correct = d.correct;
+    return stats;
+  }
 
   // Row-major 2-D copy of `rows` rows of n elements, source and destination row strides in
   // elements.

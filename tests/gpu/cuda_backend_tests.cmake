@@ -1,5 +1,5 @@
 # The CUDA backend's ops against the CPU backend. Builds wherever nvcc is found (also in
 # kernels-only mode) and skips, with a message, on machines without a GPU.
 mamba_test(test_cuda_backend SOURCES gpu/test_cuda_backend.cc LIBS mamba_backend)
-# The same ops on bfloat16 activations.
+# The same ops on bfloat16 activations (and the deferred cross-entropy statistics).
 mamba_test(test_cuda_backend_bf16 SOURCES gpu/test_cuda_backend_bf16.cc LIBS mamba_backend)

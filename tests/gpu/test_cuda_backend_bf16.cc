@@ -359,6 +359,82 @@ TEST_F(CudaBackendBf16Test, CrossEntropy) {
   }
 }
 
+// Deferred statistics: chunks accumulated on the device and taken once equal the per-chunk
+// results added in order on the host (bit for bit), an immediate call in between leaves the
+// total alone, and a take resets it.
+void CheckAccumulatedCrossEntropy(Backend& be, DType dtype, const Tensor& logits_host,
+                                  const Tensor& targets_host) {
+  const int64_t rows = logits_host.dim(0), V = logits_host.dim(1);
+  const int64_t cuts[] = {0, 40, 41, rows};
+  const Tensor logits = be.FromHost(logits_host), targets = be.FromHost(targets_host);
+  kernels::CrossEntropyStats want;
+  for (int c = 0; c < 3; ++c) {
+    Tensor dz = be.Empty({cuts[c + 1] - cuts[c], V}, dtype);
+    const kernels::CrossEntropyStats s = be.CrossEntropy(
+        logits.Slice(cuts[c], cuts[c + 1]), targets.Slice(cuts[c], cuts[c + 1]), -100, 0.5, dz);
+    want.loss_sum += s.loss_sum;
+    want.count += s.count;
+    want.correct += s.correct;
+  }
+  for (int c = 0; c < 3; ++c) {
+    Tensor dz = be.Empty({cuts[c + 1] - cuts[c], V}, dtype);
+    be.AccumulateCrossEntropy(logits.Slice(cuts[c], cuts[c + 1]),
+                              targets.Slice(cuts[c], cuts[c + 1]), -100, 0.5, dz);
+    if (c == 0) {
+      Tensor none;
+      be.CrossEntropy(logits, targets, -100, 0.5, none);
+    }
+  }
+  const kernels::CrossEntropyStats got = be.TakeCrossEntropyStats();
+  EXPECT_EQ(got.loss_sum, want.loss_sum);
+  EXPECT_EQ(got.count, want.count);
+  EXPECT_EQ(got.correct, want.correct);
+  EXPECT_GT(got.count, 0);
+  const kernels::CrossEntropyStats empty = be.TakeCrossEntropyStats();
+  EXPECT_EQ(empty.loss_sum, 0.0);
+  EXPECT_EQ(empty.count, 0);
+  EXPECT_EQ(empty.correct, 0);
+}
+
+Tensor CrossEntropyTargets(int64_t rows, int64_t V) {
+  std::vector<int32_t> tgt(rows);
+  std::mt19937 rng(3);
+  for (auto& t : tgt) t = rng() % 7 == 0 ? -100 : static_cast<int32_t>(rng() % V);
+  Tensor t = Tensor::Empty({rows}, DType::kI32);
+  std::copy(tgt.begin(), tgt.end(), t.data<int32_t>());
+  return t;
+}
+
+TEST_F(CudaBackendBf16Test, AccumulatedCrossEntropy) {
+  const int64_t rows = 97, V = 301;
+  for (const DType dtype : {kBF16, kF32}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    CheckAccumulatedCrossEntropy(*gpu_, dtype, Host({rows, V}, Rand(rows * V, -3, 3), dtype),
+                                 CrossEntropyTargets(rows, V));
+  }
+}
+
+TEST(CpuBackendTest, AccumulatedCrossEntropy) {
+  const int64_t rows = 97, V = 301;
+  const std::vector<double> z = RandomVector(rows * V, 5, -3, 3);
+  std::unique_ptr<Backend> cpu = MakeCpuBackend();
+  CheckAccumulatedCrossEntropy(*cpu, kF32,
+                               Host({rows, V}, std::vector<float>(z.begin(), z.end()), kF32),
+                               CrossEntropyTargets(rows, V));
+}
+
+TEST_F(CudaBackendBf16Test, AccumulatedCrossEntropyReportsBadTargets) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        Tensor none;
+        gpu_->AccumulateCrossEntropy(Gpu({2, 4}, Rand(8), kBF16), GpuInts({2}, {1, 9}), -100, 1.0,
+                                     none);
+        gpu_->TakeCrossEntropyStats();
+      },
+      "cross-entropy target outside");
+}
+
 TEST_F(CudaBackendBf16Test, AddMixedDtypes) {
   // dst += src in float, rounded to dst's dtype: exactly the host's float addition, rounded.
   const int64_t n = 70001;

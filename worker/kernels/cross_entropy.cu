@@ -93,7 +93,7 @@ __global__ void RowKernel(int64_t vocab, const T* logits, const int32_t* targets
 }
 
 __global__ void StatsKernel(int64_t rows, const double* row_loss, const int* row_hit,
-                            CrossEntropyDeviceStats* stats) {
+                            bool accumulate, CrossEntropyDeviceStats* stats) {
   __shared__ double dscratch[32];
   __shared__ long long iscratch[32];
   double loss = 0.0;
@@ -106,7 +106,15 @@ __global__ void StatsKernel(int64_t rows, const double* row_loss, const int* row
   loss = BlockSum(loss, dscratch);
   count = BlockSum(count, iscratch);
   correct = BlockSum(correct, iscratch);
-  if (threadIdx.x == 0) *stats = CrossEntropyDeviceStats{loss, count, correct};
+  if (threadIdx.x == 0) {
+    if (accumulate) {
+      stats->loss_sum += loss;
+      stats->count += count;
+      stats->correct += correct;
+    } else {
+      *stats = CrossEntropyDeviceStats{loss, count, correct};
+    }
+  }
 }
 
 }  // namespace
@@ -117,7 +125,7 @@ size_t CrossEntropyWorkspaceBytes(int64_t rows) {
 
 template <typename T>
 void CrossEntropyCuda(int64_t rows, int64_t vocab, const T* logits, const int32_t* targets,
-                      int32_t ignore_index, double grad_scale, T* dlogits,
+                      int32_t ignore_index, double grad_scale, T* dlogits, bool accumulate,
                       CrossEntropyDeviceStats* stats, void* workspace, int* error_flag,
                       cudaStream_t stream) {
   MAMBA_CHECK(rows < (int64_t(1) << 31)) << "cross_entropy: too many rows";
@@ -131,14 +139,15 @@ void CrossEntropyCuda(int64_t rows, int64_t vocab, const T* logits, const int32_
         error_flag);
     MAMBA_CUDA_CHECK_LAUNCH("cross_entropy");
   }
-  StatsKernel<<<1, kStatsThreads, 0, stream>>>(rows, row_loss, row_hit, stats);
+  StatsKernel<<<1, kStatsThreads, 0, stream>>>(rows, row_loss, row_hit, accumulate, stats);
   MAMBA_CUDA_CHECK_LAUNCH("cross_entropy");
 }
 
 template void CrossEntropyCuda<float>(int64_t, int64_t, const float*, const int32_t*, int32_t,
-                                      double, float*, CrossEntropyDeviceStats*, void*, int*,
+                                      double, float*, bool, CrossEntropyDeviceStats*, void*, int*,
                                       cudaStream_t);
 template void CrossEntropyCuda<bf16>(int64_t, int64_t, const bf16*, const int32_t*, int32_t, double,
-                                     bf16*, CrossEntropyDeviceStats*, void*, int*, cudaStream_t);
+                                     bf16*, bool, CrossEntropyDeviceStats*, void*, int*,
+                                     cudaStream_t);
 
 }  // namespace mamba::kernels

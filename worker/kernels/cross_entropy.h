@@ -24,10 +24,11 @@ struct CrossEntropyDeviceStats {
 };
 
 size_t CrossEntropyWorkspaceBytes(int64_t rows);
-// dlogits may be null. *stats (device) is overwritten.
+// dlogits may be null. *stats (device) is overwritten, or added to when `accumulate` (in call
+// order on the stream, so the total is deterministic).
 template <typename T>
 void CrossEntropyCuda(int64_t rows, int64_t vocab, const T* logits, const int32_t* targets,
-                      int32_t ignore_index, double grad_scale, T* dlogits,
+                      int32_t ignore_index, double grad_scale, T* dlogits, bool accumulate,
                       CrossEntropyDeviceStats* stats, void* workspace, int* error_flag,
                       cudaStream_t stream);
 
