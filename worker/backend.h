@@ -7,6 +7,17 @@
 // linear weights use torch's (out, in) layout. Activation gradients are overwritten, parameter
 // gradients accumulate (+=), so tied weights and several contributions add up. Optional inputs are
 // undefined Tensors.
+//
+// Dtypes: the CPU backend takes float32 or float64, one dtype per op. The CUDA backend keeps
+// parameters and their gradients, the residual stream and the scan state in float32; activations
+// ("act": float32 or bfloat16, picked by the tensor's dtype, computed in float inside the kernels
+// and rounded to nearest even on store) are, per op:
+//   Embedding: out, dout act. AddRmsNorm: x and y act (each its own); residual_in/out,
+//   dresidual_out, dx, weight, rstd float32; dy act. CausalConv1d, Silu: x, y, prefix and their
+//   gradients one act dtype. SelectiveScan: u, delta, z, Bm, Cm, out and their gradients one act
+//   dtype; A, D_skip, dt_bias, h0, h_last and their gradients float32. CrossEntropy: logits and
+//   dlogits one act dtype. Add: src and dst act, any mix. CopyColumns, WriteColumns: any dtype,
+//   the same for src and dst.
 #pragma once
 
 #include <memory>
@@ -102,11 +113,17 @@ class Backend {
   virtual void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout,
                                      const Tensor& dh_last, ScanGrads& grads) = 0;
 
-  // Cross-entropy over rows of logits (M, V) against int32 targets; dlogits (optional) is
-  // overwritten with grad_scale * d(sum of row losses)/dlogits.
+  // Cross-entropy over rows of logits (M, V) against int32 targets; dlogits (optional, may alias
+  // logits) is overwritten with grad_scale * d(sum of row losses)/dlogits.
   virtual kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
                                                   int32_t ignore_index, double grad_scale,
                                                   Tensor& dlogits) = 0;
+  // The same, with the statistics added to a running total on the device instead of returned, so
+  // that a loop over row chunks waits for the device once: TakeCrossEntropyStats returns the
+  // total of the calls since the last take (added in call order: deterministic) and resets it.
+  virtual void AccumulateCrossEntropy(const Tensor& logits, const Tensor& targets,
+                                      int32_t ignore_index, double grad_scale, Tensor& dlogits) = 0;
+  virtual kernels::CrossEntropyStats TakeCrossEntropyStats() = 0;
 
   // Column blocks of row-major matrices, to split fused projections: dst (M, n) = src[:, c0:c0+n]
   // and back.
@@ -150,8 +167,8 @@ struct CudaBackendOptions {
 // Number of visible CUDA devices; 0 when there is no driver or no device.
 int CudaDeviceCount();
 
-// The CUDA backend (float32 tensors). Aborts when the device does not exist: check
-// CudaDeviceCount() first.
+// The CUDA backend (float32 tensors, bfloat16 activations; see the dtypes above). Aborts when
+// the device does not exist: check CudaDeviceCount() first.
 std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options = {});
 
 // Device memory of CUDA tensors (a caching allocator: freed blocks are kept for reuse).

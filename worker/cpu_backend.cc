@@ -216,6 +216,19 @@ class CpuBackend final : public Backend {
                                          OptMut<T>(dlogits));
     });
   }
+  void AccumulateCrossEntropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index,
+                              double grad_scale, Tensor& dlogits) override {
+    const kernels::CrossEntropyStats s =
+        CrossEntropy(logits, targets, ignore_index, grad_scale, dlogits);
+    cross_entropy_total_.loss_sum += s.loss_sum;
+    cross_entropy_total_.count += s.count;
+    cross_entropy_total_.correct += s.correct;
+  }
+  kernels::CrossEntropyStats TakeCrossEntropyStats() override {
+    const kernels::CrossEntropyStats total = cross_entropy_total_;
+    cross_entropy_total_ = {};
+    return total;
+  }
 
   void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
     const int64_t rows = src.rows(), n = dst.dim(-1), ld = src.dim(-1);
@@ -309,6 +322,8 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  kernels::CrossEntropyStats cross_entropy_total_;
+
   static kernels::ScanShape ScanShapeOf(const ScanInputs& in) {
     kernels::ScanShape s;
     s.batch = in.u.dim(0);

@@ -1,16 +1,21 @@
-// The CUDA backend: float32 tensors in device memory, every op on one stream the backend owns.
-// Each op checks shapes and devices, opens an NVTX range in the "mamba" domain and launches the
-// kernels of worker/kernels/<op>.cu; CUDA and cuBLAS failures abort naming the op (they are
-// programming or environment errors, not user input). Ops are asynchronous except those that
-// return host values or read host memory (FromHost, ToHost, CopyFromHost, CrossEntropy,
-// SumSquares, Synchronize), which synchronize the stream
-// and then also check the device error word that kernels set on invalid ids or targets.
+// The CUDA backend: tensors in device memory, every op on one stream the backend owns. Parameters,
+// the residual stream and the scan state are float32; activations may be float32 or bfloat16
+// (computed in float inside the kernels; see backend.h). Each op checks shapes, devices and
+// dtypes, opens an NVTX range in the "mamba" domain and launches the kernels of
+// worker/kernels/<op>.cu; CUDA and cuBLAS failures abort naming the op (they are programming or
+// environment errors, not user input). Ops are asynchronous except those that return host values
+// or read host memory (FromHost, ToHost, CopyFromHost, CrossEntropy, TakeCrossEntropyStats,
+// SumSquares, Synchronize), which synchronize the stream and then also check the device error
+// word that kernels set on invalid ids or targets.
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -39,6 +44,7 @@ struct DeviceScalars {
   int error_bits;
   double sum_squares;
   kernels::CrossEntropyDeviceStats cross_entropy;
+  kernels::CrossEntropyDeviceStats cross_entropy_total;  // AccumulateCrossEntropy's running sum
 };
 
 // A caching allocator: freed blocks go to a free list of their (rounded) size and are handed out
@@ -132,19 +138,95 @@ const int32_t* Ids(const Tensor& t, const char* op) {
   return t.data<int32_t>();
 }
 
-// (B, L, D) and (B, L, G, N) contiguous float32 tensors as the scan kernels' strided views.
-kernels::cuda::Strided3 Strided(const Tensor& t, const char* op) {
-  MAMBA_CHECK(t.rank() == 3) << op << ": expected (B, L, D), got " << t.DebugString();
-  const int64_t L = t.dim(1), D = t.dim(2);
-  return {In(t, op), L * D, D, 1};
-}
-kernels::cuda::Strided4 Strided4Of(const Tensor& t, const char* op) {
-  MAMBA_CHECK(t.rank() == 4) << op << ": expected (B, L, G, N), got " << t.DebugString();
-  const int64_t L = t.dim(1), G = t.dim(2), N = t.dim(3);
-  return {In(t, op), L * G * N, G * N, N, 1};
+// Tensors named in messages. F32: a float32 tensor (parameters, the residual stream, the scan
+// state); Act: an activation tensor, whose dtype (float32 or bfloat16) picks the kernels' T.
+struct Named {
+  const char* name;
+  const Tensor& t;
+};
+
+void CheckCuda(const Tensor& t, const char* op, const char* name) {
+  MAMBA_CHECK(t.device() == Device::kCUDA)
+      << op << ": CUDA backend given " << name << " " << t.DebugString();
 }
 
-kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op) {
+float* F32(const Tensor& t, const char* op, const char* name) {
+  CheckCuda(t, op, name);
+  MAMBA_CHECK(t.dtype() == DType::kF32)
+      << op << ": " << name << " must be float32, got " << t.DebugString();
+  return static_cast<float*>(t.raw());
+}
+float* OptF32(const Tensor& t, const char* op, const char* name) {
+  return t.defined() ? F32(t, op, name) : nullptr;
+}
+
+// The one dtype of an op's activation tensors (undefined ones skipped): float32 or bfloat16.
+DType ActDType(const char* op, std::initializer_list<Named> tensors) {
+  const Named* first = nullptr;
+  for (const Named& n : tensors) {
+    if (!n.t.defined()) continue;
+    CheckCuda(n.t, op, n.name);
+    MAMBA_CHECK(n.t.dtype() == DType::kF32 || n.t.dtype() == DType::kBF16)
+        << op << ": " << n.name << " must be float32 or bfloat16, got " << n.t.DebugString();
+    if (first == nullptr) {
+      first = &n;
+    } else {
+      MAMBA_CHECK(n.t.dtype() == first->t.dtype())
+          << op << ": " << first->name << " and " << n.name << " must share one dtype, got "
+          << first->t.DebugString() << " and " << n.t.DebugString();
+    }
+  }
+  return first == nullptr ? DType::kF32 : first->t.dtype();
+}
+
+template <typename T>
+constexpr DType ActDTypeOf() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16>);
+  return std::is_same_v<T, float> ? DType::kF32 : DType::kBF16;
+}
+
+void* ActRaw(const Tensor& t, DType dtype, const char* op, const char* name) {
+  CheckCuda(t, op, name);
+  MAMBA_CHECK(t.dtype() == dtype) << op << ": " << name << " must be " << DTypeName(dtype)
+                                  << ", got " << t.DebugString();
+  return t.raw();
+}
+template <typename T>
+T* Act(const Tensor& t, const char* op, const char* name) {
+  return static_cast<T*>(ActRaw(t, ActDTypeOf<T>(), op, name));
+}
+template <typename T>
+T* OptAct(const Tensor& t, const char* op, const char* name) {
+  return t.defined() ? Act<T>(t, op, name) : nullptr;
+}
+
+// Calls fn(std::type_identity<T>{}) with T the kernels' element type of an activation dtype.
+template <typename Fn>
+void WithActType(DType dtype, Fn&& fn) {
+  if (dtype == DType::kBF16) {
+    fn(std::type_identity<__nv_bfloat16>{});
+  } else {
+    fn(std::type_identity<float>{});
+  }
+}
+
+// (B, L, D) and (B, L, G, N) contiguous activation tensors as the scan kernels' strided views.
+kernels::cuda::Strided3 Strided(const Tensor& t, DType dtype, const char* op, const char* name) {
+  MAMBA_CHECK(t.rank() == 3) << op << ": " << name << " must be (B, L, D), got " << t.DebugString();
+  const int64_t L = t.dim(1), D = t.dim(2);
+  return {ActRaw(t, dtype, op, name), L * D, D, 1};
+}
+kernels::cuda::Strided4 Strided4Of(const Tensor& t, DType dtype, const char* op, const char* name) {
+  MAMBA_CHECK(t.rank() == 4) << op << ": " << name << " must be (B, L, G, N), got "
+                             << t.DebugString();
+  const int64_t L = t.dim(1), G = t.dim(2), N = t.dim(3);
+  return {ActRaw(t, dtype, op, name), L * G * N, G * N, N, 1};
+}
+
+// The scan's activations (u, delta, z, Bm, Cm and the op's activation outputs or gradients in
+// `acts`) share one dtype, float32 or bfloat16; A, D_skip, dt_bias and the states are float32.
+kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op,
+                                         std::initializer_list<Named> acts) {
   kernels::cuda::ScanProblem p;
   p.batch = in.u.dim(0);
   p.len = in.u.dim(1);
@@ -156,20 +238,27 @@ kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op) {
       << op << ": Bm " << in.Bm.DebugString();
   CheckSameShape(in.Bm, in.Cm, op);
   CheckSameShape(in.u, in.delta, op);
-  p.dtype = kernels::cuda::DType::kF32;
+  const DType dtype =
+      ActDType(op, {{"u", in.u}, {"delta", in.delta}, {"z", in.z}, {"Bm", in.Bm}, {"Cm", in.Cm}});
+  for (const Named& n : acts) {
+    MAMBA_CHECK(!n.t.defined() || n.t.dtype() == dtype)
+        << op << ": " << n.name << " must have the dtype of u, " << DTypeName(dtype) << ", got "
+        << n.t.DebugString();
+  }
+  p.dtype = dtype == DType::kBF16 ? kernels::cuda::DType::kBF16 : kernels::cuda::DType::kF32;
   p.softplus = in.delta_softplus;
-  p.u = Strided(in.u, op);
-  p.delta = Strided(in.delta, op);
+  p.u = Strided(in.u, dtype, op, "u");
+  p.delta = Strided(in.delta, dtype, op, "delta");
   if (in.z.defined()) {
     CheckSameShape(in.u, in.z, op);
-    p.z = Strided(in.z, op);
+    p.z = Strided(in.z, dtype, op, "z");
   }
-  p.Bm = Strided4Of(in.Bm, op);
-  p.Cm = Strided4Of(in.Cm, op);
-  p.A = In(in.A, op);
-  p.D_skip = OptIn(in.D_skip, op);
-  p.dt_bias = OptIn(in.dt_bias, op);
-  p.h0 = OptIn(in.h0, op);
+  p.Bm = Strided4Of(in.Bm, dtype, op, "Bm");
+  p.Cm = Strided4Of(in.Cm, dtype, op, "Cm");
+  p.A = F32(in.A, op, "A");
+  p.D_skip = OptF32(in.D_skip, op, "D_skip");
+  p.dt_bias = OptF32(in.dt_bias, op, "dt_bias");
+  p.h0 = OptF32(in.h0, op, "h0");
   return p;
 }
 
@@ -295,23 +384,30 @@ class CudaBackend final : public Backend {
   }
 
   void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) override {
-    OpScope range(this, "embedding_fwd");
+    constexpr const char* op = "embedding_fwd";
+    OpScope range(this, op);
     MAMBA_CHECK(weight.rank() == 2 && out.numel() == ids.numel() * weight.dim(1))
         << "embedding: ids " << ids.DebugString() << " weight " << weight.DebugString() << " out "
         << out.DebugString();
-    kernels::EmbeddingForwardCuda(Ids(ids, "embedding_fwd"), ids.numel(),
-                                  In(weight, "embedding_fwd"), weight.dim(0), weight.dim(1),
-                                  Out(out, "embedding_fwd"), error_bits(), stream_);
+    WithActType(ActDType(op, {{"out", out}}), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::EmbeddingForwardCuda(Ids(ids, op), ids.numel(), F32(weight, op, "weight"),
+                                    weight.dim(0), weight.dim(1), Act<T>(out, op, "out"),
+                                    error_bits(), stream_);
+    });
   }
   void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dweight) override {
-    OpScope range(this, "embedding_bwd");
+    constexpr const char* op = "embedding_bwd";
+    OpScope range(this, op);
     MAMBA_CHECK(dweight.rank() == 2 && dout.numel() == ids.numel() * dweight.dim(1))
         << "embedding backward: ids " << ids.DebugString() << " dout " << dout.DebugString();
     const size_t bytes = kernels::EmbeddingBackwardWorkspaceBytes(ids.numel(), dweight.dim(0));
-    kernels::EmbeddingBackwardCuda(Ids(ids, "embedding_bwd"), ids.numel(),
-                                   In(dout, "embedding_bwd"), dweight.dim(0), dweight.dim(1),
-                                   Out(dweight, "embedding_bwd"), Workspace(bytes), bytes,
-                                   error_bits(), stream_);
+    WithActType(ActDType(op, {{"dout", dout}}), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::EmbeddingBackwardCuda(Ids(ids, op), ids.numel(), Act<T>(dout, op, "dout"),
+                                     dweight.dim(0), dweight.dim(1), F32(dweight, op, "dweight"),
+                                     Workspace(bytes), bytes, error_bits(), stream_);
+    });
   }
 
   void AddRmsNormForward(const Tensor& residual_in, const Tensor& x, const Tensor& weight,
@@ -322,9 +418,17 @@ class CudaBackend final : public Backend {
     CheckSameShape(x, residual_out, op);
     if (residual_in.defined()) CheckSameShape(x, residual_in, op);
     MAMBA_CHECK(x.dim(-1) == weight.numel() && rstd.numel() == x.rows()) << op;
-    kernels::AddRmsNormForwardCuda(x.rows(), x.dim(-1), OptIn(residual_in, op), In(x, op),
-                                   In(weight, op), float(eps), Out(residual_out, op), Out(y, op),
-                                   Out(rstd, op), stream_);
+    // x and y may differ in dtype: x is the residual stream itself when a layer is recomputed.
+    WithActType(ActDType(op, {{"x", x}}), [&](auto x_tag) {
+      using TX = typename decltype(x_tag)::type;
+      WithActType(ActDType(op, {{"y", y}}), [&](auto y_tag) {
+        using TY = typename decltype(y_tag)::type;
+        kernels::AddRmsNormForwardCuda(x.rows(), x.dim(-1), OptF32(residual_in, op, "residual_in"),
+                                       Act<TX>(x, op, "x"), F32(weight, op, "weight"), float(eps),
+                                       F32(residual_out, op, "residual_out"), Act<TY>(y, op, "y"),
+                                       F32(rstd, op, "rstd"), stream_);
+      });
+    });
   }
   void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out, const Tensor& residual_out,
                           const Tensor& weight, const Tensor& rstd, Tensor& dx,
@@ -338,10 +442,14 @@ class CudaBackend final : public Backend {
                 rstd.numel() == dy.rows())
         << op;
     const int64_t rows = dy.rows(), dim = dy.dim(-1);
-    kernels::AddRmsNormBackwardCuda(
-        rows, dim, In(dy, op), OptIn(dresidual_out, op), In(residual_out, op), In(weight, op),
-        In(rstd, op), Out(dx, op), Out(dweight, op),
-        Workspace(kernels::AddRmsNormBackwardWorkspaceBytes(rows, dim)), stream_);
+    WithActType(ActDType(op, {{"dy", dy}}), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::AddRmsNormBackwardCuda(
+          rows, dim, Act<T>(dy, op, "dy"), OptF32(dresidual_out, op, "dresidual_out"),
+          F32(residual_out, op, "residual_out"), F32(weight, op, "weight"), F32(rstd, op, "rstd"),
+          F32(dx, op, "dx"), F32(dweight, op, "dweight"),
+          Workspace(kernels::AddRmsNormBackwardWorkspaceBytes(rows, dim)), stream_);
+    });
   }
 
   void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) override {
@@ -381,8 +489,12 @@ class CudaBackend final : public Backend {
     CheckSameShape(x, y, op);
     const int64_t B = x.dim(0), L = x.dim(1), C = x.dim(2), K = weight.dim(-1);
     CheckConv(x, weight, bias, prefix, op);
-    kernels::CausalConv1dForwardCuda(B, L, C, K, In(x, op), In(weight, op), OptIn(bias, op),
-                                     OptIn(prefix, op), silu, Out(y, op), stream_);
+    WithActType(ActDType(op, {{"x", x}, {"prefix", prefix}, {"y", y}}), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::CausalConv1dForwardCuda(B, L, C, K, Act<T>(x, op, "x"), F32(weight, op, "weight"),
+                                       OptF32(bias, op, "bias"), OptAct<T>(prefix, op, "prefix"),
+                                       silu, Act<T>(y, op, "y"), stream_);
+    });
   }
   void CausalConv1dBackward(const Tensor& x, const Tensor& weight, const Tensor& bias,
                             const Tensor& prefix, bool silu, const Tensor& dy, Tensor& dx,
@@ -396,74 +508,100 @@ class CudaBackend final : public Backend {
     MAMBA_CHECK(dweight.numel() == C * K && (!dbias.defined() || dbias.numel() == C) &&
                 (!dprefix.defined() || dprefix.numel() == B * (K - 1) * C))
         << op << ": dweight " << dweight.DebugString();
-    kernels::CausalConv1dBackwardCuda(
-        B, L, C, K, In(x, op), In(weight, op), OptIn(bias, op), OptIn(prefix, op), silu, In(dy, op),
-        Out(dx, op), Out(dweight, op), OptOut(dbias, op), OptOut(dprefix, op),
-        Workspace(kernels::CausalConv1dBackwardWorkspaceBytes(B, L, C, K)), stream_);
+    const DType dtype =
+        ActDType(op, {{"x", x}, {"prefix", prefix}, {"dy", dy}, {"dx", dx}, {"dprefix", dprefix}});
+    WithActType(dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::CausalConv1dBackwardCuda(
+          B, L, C, K, Act<T>(x, op, "x"), F32(weight, op, "weight"), OptF32(bias, op, "bias"),
+          OptAct<T>(prefix, op, "prefix"), silu, Act<T>(dy, op, "dy"), Act<T>(dx, op, "dx"),
+          F32(dweight, op, "dweight"), OptF32(dbias, op, "dbias"),
+          OptAct<T>(dprefix, op, "dprefix"),
+          Workspace(kernels::CausalConv1dBackwardWorkspaceBytes(B, L, C, K)), stream_);
+    });
   }
 
   void SiluForward(const Tensor& x, Tensor& y) override {
-    OpScope range(this, "silu_fwd");
-    CheckSameShape(x, y, "silu_fwd");
-    kernels::SiluForwardCuda(x.numel(), In(x, "silu_fwd"), Out(y, "silu_fwd"), stream_);
+    constexpr const char* op = "silu_fwd";
+    OpScope range(this, op);
+    CheckSameShape(x, y, op);
+    WithActType(ActDType(op, {{"x", x}, {"y", y}}), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::SiluForwardCuda(x.numel(), Act<T>(x, op, "x"), Act<T>(y, op, "y"), stream_);
+    });
   }
   void SiluBackward(const Tensor& x, const Tensor& dy, Tensor& dx) override {
-    OpScope range(this, "silu_bwd");
-    CheckSameShape(x, dx, "silu_bwd");
-    CheckSameShape(x, dy, "silu_bwd");
-    kernels::SiluBackwardCuda(x.numel(), In(x, "silu_bwd"), In(dy, "silu_bwd"), Out(dx, "silu_bwd"),
-                              stream_);
+    constexpr const char* op = "silu_bwd";
+    OpScope range(this, op);
+    CheckSameShape(x, dx, op);
+    CheckSameShape(x, dy, op);
+    WithActType(ActDType(op, {{"x", x}, {"dy", dy}, {"dx", dx}}), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::SiluBackwardCuda(x.numel(), Act<T>(x, op, "x"), Act<T>(dy, op, "dy"),
+                                Act<T>(dx, op, "dx"), stream_);
+    });
   }
 
-  // The fused scan kernels live in branch cuda-scan; the lead wires them in after that merge.
   // The scan kernels take the backend's channel-contiguous layout directly (as strides).
   void SelectiveScanForward(const ScanInputs& in, Tensor& out, Tensor& h_last) override {
     constexpr const char* op = "selective_scan_fwd";
     OpScope range(this, op);
-    kernels::cuda::ScanProblem p = ScanProblemOf(in, op);
+    kernels::cuda::ScanProblem p = ScanProblemOf(in, op, {{"out", out}});
     CheckSameShape(in.u, out, op);
-    p.out = Strided(out, op);
-    p.h_last = OptOut(h_last, op);
+    p.out = Strided(out, in.u.dtype(), op, "out");
+    p.h_last = OptF32(h_last, op, "h_last");
     MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanForward(p, stream_));
   }
   void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout, const Tensor& dh_last,
                              ScanGrads& g) override {
     constexpr const char* op = "selective_scan_bwd";
     OpScope range(this, op);
-    kernels::cuda::ScanProblem p = ScanProblemOf(in, op);
+    kernels::cuda::ScanProblem p = ScanProblemOf(in, op,
+                                                 {{"dout", dout},
+                                                  {"du", g.du},
+                                                  {"ddelta", g.ddelta},
+                                                  {"dz", g.dz},
+                                                  {"dBm", g.dBm},
+                                                  {"dCm", g.dCm}});
     CheckSameShape(in.u, dout, op);
-    p.dout = Strided(dout, op);
-    p.dh_last = OptIn(dh_last, op);
-    p.du = Strided(g.du, op);
-    p.ddelta = Strided(g.ddelta, op);
-    if (in.z.defined()) p.dz = Strided(g.dz, op);
-    p.dBm = Strided4Of(g.dBm, op);
-    p.dCm = Strided4Of(g.dCm, op);
-    p.dA = Out(g.dA, op);
-    p.dD_skip = OptOut(g.dD_skip, op);
-    p.ddt_bias = OptOut(g.ddt_bias, op);
-    p.dh0 = OptOut(g.dh0, op);
+    const DType dtype = in.u.dtype();  // the activations' dtype, checked above
+    p.dout = Strided(dout, dtype, op, "dout");
+    p.dh_last = OptF32(dh_last, op, "dh_last");
+    p.du = Strided(g.du, dtype, op, "du");
+    p.ddelta = Strided(g.ddelta, dtype, op, "ddelta");
+    if (in.z.defined()) p.dz = Strided(g.dz, dtype, op, "dz");
+    p.dBm = Strided4Of(g.dBm, dtype, op, "dBm");
+    p.dCm = Strided4Of(g.dCm, dtype, op, "dCm");
+    p.dA = F32(g.dA, op, "dA");
+    p.dD_skip = OptF32(g.dD_skip, op, "dD_skip");
+    p.ddt_bias = OptF32(g.ddt_bias, op, "ddt_bias");
+    p.dh0 = OptF32(g.dh0, op, "dh0");
     MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanBackward(p, stream_));
   }
 
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
                                           int32_t ignore_index, double grad_scale,
                                           Tensor& dlogits) override {
-    OpScope range(this, "cross_entropy");
     constexpr const char* op = "cross_entropy";
-    const int64_t rows = logits.rows();
-    MAMBA_CHECK(targets.numel() == rows) << op << ": targets " << targets.DebugString();
-    if (dlogits.defined()) CheckSameShape(logits, dlogits, op);
-    kernels::CrossEntropyCuda(rows, logits.dim(-1), In(logits, op), Ids(targets, op), ignore_index,
-                              grad_scale, OptOut(dlogits, op), &scalars()->cross_entropy,
-                              Workspace(kernels::CrossEntropyWorkspaceBytes(rows)), error_bits(),
-                              stream_);
+    OpScope range(this, op);
+    LaunchCrossEntropy(logits, targets, ignore_index, grad_scale, dlogits, false, op);
     SyncAndCheck(op);
-    kernels::CrossEntropyStats stats;
-    stats.loss_sum = scalars_host_->cross_entropy.loss_sum;
-    stats.count = scalars_host_->cross_entropy.count;
-    stats.correct = scalars_host_->cross_entropy.correct;
-    return stats;
+    return HostStats(scalars_host_->cross_entropy);
+  }
+  void AccumulateCrossEntropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index,
+                              double grad_scale, Tensor& dlogits) override {
+    constexpr const char* op = "cross_entropy";
+    OpScope range(this, op);
+    LaunchCrossEntropy(logits, targets, ignore_index, grad_scale, dlogits, true, op);
+  }
+  kernels::CrossEntropyStats TakeCrossEntropyStats() override {
+    constexpr const char* op = "cross_entropy_stats";
+    OpScope range(this, op);
+    SyncAndCheck(op);
+    // Zeroed in stream order: later accumulations start a new total.
+    MAMBA_CUDA_CHECK(op, cudaMemsetAsync(&scalars()->cross_entropy_total, 0,
+                                         sizeof(kernels::CrossEntropyDeviceStats), stream_));
+    return HostStats(scalars_host_->cross_entropy_total);
   }
 
   void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
@@ -497,9 +635,17 @@ class CudaBackend final : public Backend {
                             Out(dst, "addproduct"), stream_);
   }
   void Add(const Tensor& src, Tensor& dst) override {
-    OpScope range(this, "add");
+    constexpr const char* op = "add";
+    OpScope range(this, op);
     MAMBA_CHECK(src.numel() == dst.numel()) << src.DebugString() << " += " << dst.DebugString();
-    kernels::AddCuda(dst.numel(), In(src, "add"), Out(dst, "add"), stream_);
+    // Any mix of float32 and bfloat16: summed in float, rounded to dst's dtype.
+    WithActType(ActDType(op, {{"src", src}}), [&](auto src_tag) {
+      using TS = typename decltype(src_tag)::type;
+      WithActType(ActDType(op, {{"dst", dst}}), [&](auto dst_tag) {
+        using TD = typename decltype(dst_tag)::type;
+        kernels::AddCuda(dst.numel(), Act<TS>(src, op, "src"), Act<TD>(dst, op, "dst"), stream_);
+      });
+    });
   }
   void Scale(Tensor& x, double s) override {
     OpScope range(this, "scale");
@@ -549,6 +695,28 @@ class CudaBackend final : public Backend {
   int* error_bits() { return &scalars()->error_bits; }
 
   static size_t ElemSize(const Tensor& t) { return DTypeSize(t.dtype()); }
+
+  void LaunchCrossEntropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index,
+                          double grad_scale, Tensor& dlogits, bool accumulate, const char* op) {
+    const int64_t rows = logits.rows();
+    MAMBA_CHECK(targets.numel() == rows) << op << ": targets " << targets.DebugString();
+    if (dlogits.defined()) CheckSameShape(logits, dlogits, op);
+    WithActType(ActDType(op, {{"logits", logits}, {"dlogits", dlogits}}), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      kernels::CrossEntropyCuda(
+          rows, logits.dim(-1), Act<T>(logits, op, "logits"), Ids(targets, op), ignore_index,
+          grad_scale, OptAct<T>(dlogits, op, "dlogits"), accumulate,
+          accumulate ? &scalars()->cross_entropy_total : &scalars()->cross_entropy,
+          Workspace(kernels::CrossEntropyWorkspaceBytes(rows)), error_bits(), stream_);
+    });
+  }
+  static kernels::CrossEntropyStats HostStats(const kernels::CrossEntropyDeviceStats& d) {
+    kernels::CrossEntropyStats stats;
+    stats.loss_sum = d.loss_sum;
+    stats.count = d.count;
+    stats.correct = d.correct;
+    return stats;
+  }
 
   // Row-major 2-D copy of `rows` rows of n elements, source and destination row strides in
   // elements.

@@ -301,16 +301,18 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
       Tensor logits = Act({r1 - r0, V});
       be.LinearForward(hf, GemmWeight(*embedding_), Tensor(), logits);
       Tensor dlogits = backward ? logits : Tensor();
-      const kernels::CrossEntropyStats ce = be.CrossEntropy(logits, tgt.Reshape({M}).Slice(r0, r1),
-                                                            ignore_index, grad_scale, dlogits);
-      stats.loss_sum += ce.loss_sum;
-      stats.count += ce.count;
-      stats.correct += ce.correct;
+      // The statistics stay on the device: one wait for all chunks, after the loop.
+      be.AccumulateCrossEntropy(logits, tgt.Reshape({M}).Slice(r0, r1), ignore_index, grad_scale,
+                                dlogits);
       if (backward) {
         Tensor dhf_rows = dhf.Slice(r0, r1);
         be.LinearBackward(dlogits, hf, GemmWeight(*embedding_), dhf_rows, embedding_->grad, none);
       }
     }
+    const kernels::CrossEntropyStats ce = be.TakeCrossEntropyStats();
+    stats.loss_sum = ce.loss_sum;
+    stats.count = ce.count;
+    stats.correct = ce.correct;
   }
   if (!backward) {
     for (Layer& l : layers_) ReleaseActivations(l);

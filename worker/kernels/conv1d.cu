@@ -4,6 +4,7 @@
 
 #include "worker/kernels/conv1d.h"
 #include "worker/kernels/cuda_check.h"
+#include "worker/kernels/cuda_dtype.cuh"
 #include "worker/kernels/silu_device.cuh"
 
 namespace mamba::kernels {
@@ -28,52 +29,13 @@ constexpr int kBwdMaxVec = 2;
 size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
 int64_t TilesL(int64_t L) { return std::max<int64_t>(1, (L + kTileL - 1) / kTileL); }
 
-template <int V>
-struct Vec {
-  float v[V];
-};
-
-template <int V>
-__device__ __forceinline__ Vec<V> Load(const float* p) {
-  Vec<V> r;
-  if constexpr (V == 4) {
-    const float4 f = *reinterpret_cast<const float4*>(p);
-    r.v[0] = f.x, r.v[1] = f.y, r.v[2] = f.z, r.v[3] = f.w;
-  } else if constexpr (V == 2) {
-    const float2 f = *reinterpret_cast<const float2*>(p);
-    r.v[0] = f.x, r.v[1] = f.y;
-  } else {
-    r.v[0] = *p;
-  }
-  return r;
-}
-
-template <int V>
-__device__ __forceinline__ void Store(float* p, const Vec<V>& r) {
-  if constexpr (V == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(r.v[0], r.v[1], r.v[2], r.v[3]);
-  } else if constexpr (V == 2) {
-    *reinterpret_cast<float2*>(p) = make_float2(r.v[0], r.v[1]);
-  } else {
-    *p = r.v[0];
-  }
-}
-
-template <int V>
-__device__ __forceinline__ Vec<V> Zero() {
-  Vec<V> r;
-#pragma unroll
-  for (int v = 0; v < V; ++v) r.v[v] = 0.f;
-  return r;
-}
-
 // Input at position p (-(K-1) <= p < L) of row b, channels c..c+V-1: x, the prefix or zero.
-template <int V, int K>
-__device__ __forceinline__ Vec<V> Input(const float* x, const float* prefix, int64_t b, int64_t p,
+template <int V, int K, typename T>
+__device__ __forceinline__ Vec<V> Input(const T* x, const T* prefix, int64_t b, int64_t p,
                                         int64_t c, int64_t L, int64_t C) {
-  if (p >= 0) return Load<V>(x + (b * L + p) * C + c);
-  if (prefix) return Load<V>(prefix + (b * (K - 1) + (K - 1) + p) * C + c);
-  return Zero<V>();
+  if (p >= 0) return LoadVec<V>(x + (b * L + p) * C + c);
+  if (prefix) return LoadVec<V>(prefix + (b * (K - 1) + (K - 1) + p) * C + c);
+  return ZeroVec<V>();
 }
 
 // Per-thread constants: weights w[v][k] and bias.
@@ -115,10 +77,10 @@ __device__ __forceinline__ Tile ThreadTile(int64_t L, int64_t C, int64_t tiles_l
   return r;
 }
 
-template <int V, int K>
+template <typename T, int V, int K>
 __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
-    ForwardKernel(int64_t L, int64_t C, int64_t tiles_l, const float* x, const float* weight,
-                  const float* bias, const float* prefix, bool silu, float* y) {
+    ForwardKernel(int64_t L, int64_t C, int64_t tiles_l, const T* x, const float* weight,
+                  const float* bias, const T* prefix, bool silu, T* y) {
   const Tile tl = ThreadTile<V>(L, C, tiles_l);
   if (!tl.active) return;
   float w[V][K], bb[V];
@@ -129,15 +91,15 @@ __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
     win[j + 1] = Input<V, K>(x, prefix, tl.b, tl.t0 - (K - 1) + j, tl.c, L, C);
   }
   const int64_t n = L - tl.t0 < kSteps ? L - tl.t0 : kSteps;
-  const float* xp = x + (tl.b * L + tl.t0) * C + tl.c;
-  float* yp = y + (tl.b * L + tl.t0) * C + tl.c;
+  const T* xp = x + (tl.b * L + tl.t0) * C + tl.c;
+  T* yp = y + (tl.b * L + tl.t0) * C + tl.c;
   Vec<V> in[kFwdStage];
 #pragma unroll
   for (int s = 0; s < kSteps; ++s) {
     if (s % kFwdStage == 0) {
 #pragma unroll
       for (int u = 0; u < kFwdStage; ++u) {
-        if (s + u < n) in[u] = Load<V>(xp + (s + u) * C);
+        if (s + u < n) in[u] = LoadVec<V>(xp + (s + u) * C);
       }
     }
     if (s < n) {
@@ -150,7 +112,7 @@ __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
         const float pre = Pre<V, K>(w, bb, win, v);
         out.v[v] = silu ? pre * StableSigmoidF(pre) : pre;
       }
-      Store<V>(yp + s * C, out);
+      StoreVec<V>(yp + s * C, out);
     }
   }
 }
@@ -158,14 +120,15 @@ __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
 // dy of the K-1 rows after each block tile, copied before the main kernel runs when dx aliases
 // dy (the next block may already have overwritten them). halo[((b * tiles_l + tile) * (K-1) + j)
 // * C + c]; zero past L.
-__global__ void HaloKernel(int64_t B, int64_t L, int64_t C, int64_t K, int64_t tiles_l,
-                           const float* dy, float* halo) {
+template <typename T>
+__global__ void HaloKernel(int64_t B, int64_t L, int64_t C, int64_t K, int64_t tiles_l, const T* dy,
+                           T* halo) {
   const int64_t n = B * tiles_l * (K - 1) * C;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = i % C, r = i / C, j = r % (K - 1), bt = r / (K - 1);
     const int64_t b = bt / tiles_l, t = (bt % tiles_l + 1) * kTileL + j;
-    halo[i] = t < L ? dy[(b * L + t) * C + c] : 0.f;
+    halo[i] = t < L ? dy[(b * L + t) * C + c] : FromFloat<T>(0.f);
   }
 }
 
@@ -175,22 +138,22 @@ __global__ void HaloKernel(int64_t B, int64_t L, int64_t C, int64_t K, int64_t t
 // written once its last term is known. A thread only writes dx at rows whose dy it has read;
 // dy rows past its run (owned by the next run) are read before the __syncthreads, or from
 // `halo` at the block's end.
-template <int V, int K>
+template <typename T, int V, int K>
 __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
-    BackwardKernel(int64_t L, int64_t C, int64_t tiles_l, const float* x, const float* weight,
-                   const float* bias, const float* prefix, bool silu, const float* dy,
-                   const float* halo, float* dx, float* dprefix, double* partial) {
+    BackwardKernel(int64_t L, int64_t C, int64_t tiles_l, const T* x, const float* weight,
+                   const float* bias, const T* prefix, bool silu, const T* dy, const T* halo, T* dx,
+                   T* dprefix, double* partial) {
   const Tile tl = ThreadTile<V>(L, C, tiles_l);
   Vec<V> hdy[K > 1 ? K - 1 : 1];
 #pragma unroll
   for (int j = 0; j < K - 1; ++j) {
     const int64_t t = tl.t0 + kSteps + j;
     if (!tl.active || t >= L) {
-      hdy[j] = Zero<V>();
+      hdy[j] = ZeroVec<V>();
     } else if (halo && threadIdx.y == kSubTiles - 1) {
-      hdy[j] = Load<V>(halo + ((int64_t(blockIdx.x) * (K - 1)) + j) * C + tl.c);
+      hdy[j] = LoadVec<V>(halo + ((int64_t(blockIdx.x) * (K - 1)) + j) * C + tl.c);
     } else {
-      hdy[j] = Load<V>(dy + (tl.b * L + t) * C + tl.c);
+      hdy[j] = LoadVec<V>(dy + (tl.b * L + t) * C + tl.c);
     }
   }
   __syncthreads();
@@ -207,7 +170,7 @@ __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
     LoadParams<V, K>(weight, bias, tl.c, w, bb);
     Vec<V> win[K], dp[K];
 #pragma unroll
-    for (int j = 0; j < K; ++j) dp[j] = Zero<V>();
+    for (int j = 0; j < K; ++j) dp[j] = ZeroVec<V>();
 #pragma unroll
     for (int j = 0; j < K - 1; ++j) {
       win[j + 1] = Input<V, K>(x, prefix, tl.b, tl.t0 - (K - 1) + j, tl.c, L, C);
@@ -221,15 +184,15 @@ __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
       if (s % kStage == 0 && s < kSteps) {
 #pragma unroll
         for (int u = 0; u < kStage; ++u) {
-          xs[u] = s + u < n ? Load<V>(x + row0 + (s + u) * C) : Zero<V>();
-          gs[u] = s + u < n ? Load<V>(dy + row0 + (s + u) * C) : Zero<V>();
+          xs[u] = s + u < n ? LoadVec<V>(x + row0 + (s + u) * C) : ZeroVec<V>();
+          gs[u] = s + u < n ? LoadVec<V>(dy + row0 + (s + u) * C) : ZeroVec<V>();
         }
       }
       Vec<V> xin, g;
       if (s < kSteps) {
         xin = xs[s % kStage], g = gs[s % kStage];
       } else {
-        xin = s < nx ? Load<V>(x + row0 + s * C) : Zero<V>();
+        xin = s < nx ? LoadVec<V>(x + row0 + s * C) : ZeroVec<V>();
         g = hdy[s >= kSteps ? s - kSteps : 0];
       }
 #pragma unroll
@@ -257,9 +220,9 @@ __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
           out.v[v] = acc;
         }
         if (s >= K - 1) {
-          Store<V>(dx + row0 + (s - (K - 1)) * C, out);
+          StoreVec<V>(dx + row0 + (s - (K - 1)) * C, out);
         } else {
-          Store<V>(dprefix + (tl.b * (K - 1) + (K - 1) + p) * C + tl.c, out);
+          StoreVec<V>(dprefix + (tl.b * (K - 1) + (K - 1) + p) * C + tl.c, out);
         }
       }
     }
@@ -302,125 +265,141 @@ __global__ void ParamFinalKernel(int64_t C, int64_t K, int64_t chunks, const dou
   }
 }
 
-// Widest vector (4, 2 or 1 floats, at most max_vec) that divides C and keeps every pointer
-// aligned.
-int VecWidth(int max_vec, int64_t C, std::initializer_list<const void*> ptrs) {
+// Widest vector (4, 2 or 1 elements of `elem` bytes, at most max_vec) that divides C and keeps
+// every pointer aligned.
+int VecWidth(int max_vec, size_t elem, int64_t C, std::initializer_list<const void*> ptrs) {
   for (const int v : {4, 2}) {
     bool ok = v <= max_vec && C % v == 0;
-    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (v * 4) == 0;
+    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (v * elem) == 0;
     if (ok) return v;
   }
   return 1;
 }
 
-template <template <int, int> class Launch, int V, typename... Args>
+template <template <typename, int, int> class Launch, typename T, int V, typename... Args>
 void DispatchK(int64_t K, Args&&... args) {
   switch (K) {
     case 1:
-      return Launch<V, 1>::Run(args...);
+      return Launch<T, V, 1>::Run(args...);
     case 2:
-      return Launch<V, 2>::Run(args...);
+      return Launch<T, V, 2>::Run(args...);
     case 3:
-      return Launch<V, 3>::Run(args...);
+      return Launch<T, V, 3>::Run(args...);
     case 4:
-      return Launch<V, 4>::Run(args...);
+      return Launch<T, V, 4>::Run(args...);
     case 5:
-      return Launch<V, 5>::Run(args...);
+      return Launch<T, V, 5>::Run(args...);
     case 6:
-      return Launch<V, 6>::Run(args...);
+      return Launch<T, V, 6>::Run(args...);
     case 7:
-      return Launch<V, 7>::Run(args...);
+      return Launch<T, V, 7>::Run(args...);
     default:
-      return Launch<V, 8>::Run(args...);
+      return Launch<T, V, 8>::Run(args...);
   }
 }
 
-template <template <int, int> class Launch, int MaxVec, typename... Args>
+template <template <typename, int, int> class Launch, typename T, int MaxVec, typename... Args>
 void Dispatch(int vec, int64_t K, Args&&... args) {
   static_assert(kConv1dMaxK == 8);
   if constexpr (MaxVec >= 4) {
-    if (vec == 4) return DispatchK<Launch, 4>(K, args...);
+    if (vec == 4) return DispatchK<Launch, T, 4>(K, args...);
   }
-  if (vec == 2) return DispatchK<Launch, 2>(K, args...);
-  return DispatchK<Launch, 1>(K, args...);
+  if (vec == 2) return DispatchK<Launch, T, 2>(K, args...);
+  return DispatchK<Launch, T, 1>(K, args...);
 }
 
 dim3 TileGrid(int64_t B, int64_t L, int64_t C, int vec) {
   return dim3(static_cast<unsigned int>(B * TilesL(L)), GridFor(C, kLanes * vec));
 }
 
-template <int V, int K>
+template <typename T, int V, int K>
 struct ForwardLaunch {
-  static void Run(int64_t B, int64_t L, int64_t C, const float* x, const float* weight,
-                  const float* bias, const float* prefix, bool silu, float* y,
-                  cudaStream_t stream) {
-    ForwardKernel<V, K><<<TileGrid(B, L, C, V), dim3(kLanes, kSubTiles), 0, stream>>>(
+  static void Run(int64_t B, int64_t L, int64_t C, const T* x, const float* weight,
+                  const float* bias, const T* prefix, bool silu, T* y, cudaStream_t stream) {
+    ForwardKernel<T, V, K><<<TileGrid(B, L, C, V), dim3(kLanes, kSubTiles), 0, stream>>>(
         L, C, TilesL(L), x, weight, bias, prefix, silu, y);
   }
 };
 
-template <int V, int K>
+template <typename T, int V, int K>
 struct BackwardLaunch {
-  static void Run(int64_t B, int64_t L, int64_t C, const float* x, const float* weight,
-                  const float* bias, const float* prefix, bool silu, const float* dy,
-                  const float* halo, float* dx, float* dprefix, double* partial,
-                  cudaStream_t stream) {
-    BackwardKernel<V, K><<<TileGrid(B, L, C, V), dim3(kLanes, kSubTiles), 0, stream>>>(
+  static void Run(int64_t B, int64_t L, int64_t C, const T* x, const float* weight,
+                  const float* bias, const T* prefix, bool silu, const T* dy, const T* halo, T* dx,
+                  T* dprefix, double* partial, cudaStream_t stream) {
+    BackwardKernel<T, V, K><<<TileGrid(B, L, C, V), dim3(kLanes, kSubTiles), 0, stream>>>(
         L, C, TilesL(L), x, weight, bias, prefix, silu, dy, halo, dx, dprefix, partial);
   }
 };
 
 }  // namespace
 
-void CausalConv1dForwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
-                             const float* weight, const float* bias, const float* prefix, bool silu,
-                             float* y, cudaStream_t stream) {
+template <typename T>
+void CausalConv1dForwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const T* x,
+                             const float* weight, const float* bias, const T* prefix, bool silu,
+                             T* y, cudaStream_t stream) {
   MAMBA_CHECK(K >= 1 && K <= kConv1dMaxK)
       << "conv1d: kernel size " << K << " outside [1, " << kConv1dMaxK << "]";
   if (B * L * C == 0) return;
-  Dispatch<ForwardLaunch, kFwdMaxVec>(VecWidth(kFwdMaxVec, C, {x, prefix, y}), K, B, L, C, x,
-                                      weight, bias, prefix, silu, y, stream);
+  Dispatch<ForwardLaunch, T, kFwdMaxVec>(VecWidth(kFwdMaxVec, sizeof(T), C, {x, prefix, y}), K, B,
+                                         L, C, x, weight, bias, prefix, silu, y, stream);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_fwd");
 }
 
+// The halo holds activations: float-sized entries cover both dtypes.
 size_t CausalConv1dBackwardWorkspaceBytes(int64_t B, int64_t L, int64_t C, int64_t K) {
   const int64_t tiles = B * TilesL(L);
   return Align(tiles * C * (K + 1) * sizeof(double)) + tiles * (K - 1) * C * sizeof(float);
 }
 
-void CausalConv1dBackwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const float* x,
-                              const float* weight, const float* bias, const float* prefix,
-                              bool silu, const float* dy, float* dx, float* dweight, float* dbias,
-                              float* dprefix, void* workspace, cudaStream_t stream) {
+template <typename T>
+void CausalConv1dBackwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const T* x,
+                              const float* weight, const float* bias, const T* prefix, bool silu,
+                              const T* dy, T* dx, float* dweight, float* dbias, T* dprefix,
+                              void* workspace, cudaStream_t stream) {
   MAMBA_CHECK(K >= 1 && K <= kConv1dMaxK)
       << "conv1d: kernel size " << K << " outside [1, " << kConv1dMaxK << "]";
   if (C == 0 || B == 0) return;
   if (L == 0) {  // no outputs feed the prefix: its gradient is zero, the parameters get nothing
     if (dprefix && K > 1) {
       MAMBA_CUDA_CHECK("conv1d_bwd",
-                       cudaMemsetAsync(dprefix, 0, B * (K - 1) * C * sizeof(float), stream));
+                       cudaMemsetAsync(dprefix, 0, B * (K - 1) * C * sizeof(T), stream));
     }
     return;
   }
   if (K == 1) dprefix = nullptr;
   const int64_t tiles = B * TilesL(L);
   double* partial = static_cast<double*>(workspace);
-  float* halo = nullptr;
+  T* halo = nullptr;
   const int64_t n = B * L * C;
   if (K > 1 && dx < dy + n && dy < dx + n) {  // dx overlaps dy
-    halo = reinterpret_cast<float*>(static_cast<char*>(workspace) +
-                                    Align(tiles * C * (K + 1) * sizeof(double)));
+    halo = reinterpret_cast<T*>(static_cast<char*>(workspace) +
+                                Align(tiles * C * (K + 1) * sizeof(double)));
     HaloKernel<<<std::min(GridFor(tiles * (K - 1) * C, 256), 65536u), 256, 0, stream>>>(
         B, L, C, K, TilesL(L), dy, halo);
     MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
   }
-  Dispatch<BackwardLaunch, kBwdMaxVec>(
-      VecWidth(kBwdMaxVec, C, {x, prefix, dy, halo, dx, dprefix}), K, B, L, C, x, weight, bias,
-      prefix, silu, dy, static_cast<const float*>(halo), dx, dprefix, partial, stream);
+  Dispatch<BackwardLaunch, T, kBwdMaxVec>(
+      VecWidth(kBwdMaxVec, sizeof(T), C, {x, prefix, dy, halo, dx, dprefix}), K, B, L, C, x, weight,
+      bias, prefix, silu, dy, static_cast<const T*>(halo), dx, dprefix, partial, stream);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
   ParamFinalKernel<<<GridFor(C * (K + 1), 256), 256, 0, stream>>>(C, K, tiles, partial, dweight,
                                                                   dbias);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
 }
+
+template void CausalConv1dForwardCuda<float>(int64_t, int64_t, int64_t, int64_t, const float*,
+                                             const float*, const float*, const float*, bool, float*,
+                                             cudaStream_t);
+template void CausalConv1dForwardCuda<bf16>(int64_t, int64_t, int64_t, int64_t, const bf16*,
+                                            const float*, const float*, const bf16*, bool, bf16*,
+                                            cudaStream_t);
+template void CausalConv1dBackwardCuda<float>(int64_t, int64_t, int64_t, int64_t, const float*,
+                                              const float*, const float*, const float*, bool,
+                                              const float*, float*, float*, float*, float*, void*,
+                                              cudaStream_t);
+template void CausalConv1dBackwardCuda<bf16>(int64_t, int64_t, int64_t, int64_t, const bf16*,
+                                             const float*, const float*, const bf16*, bool,
+                                             const bf16*, bf16*, float*, float*, bf16*, void*,
+                                             cudaStream_t);
 
 }  // namespace mamba::kernels

@@ -2,6 +2,7 @@
 
 #include "worker/kernels/cross_entropy.h"
 #include "worker/kernels/cuda_check.h"
+#include "worker/kernels/cuda_dtype.cuh"
 #include "worker/kernels/cuda_reduce.cuh"
 
 namespace mamba::kernels {
@@ -46,19 +47,20 @@ __device__ Online WarpCombine(Online v) {
 }
 
 // Per row: loss (double) and hit into row_loss / row_hit (0 loss and -1 hit for ignored rows).
-__global__ void RowKernel(int64_t vocab, const float* logits, const int32_t* targets,
-                          int32_t ignore_index, float grad_scale, float* dlogits, double* row_loss,
+template <typename T>
+__global__ void RowKernel(int64_t vocab, const T* logits, const int32_t* targets,
+                          int32_t ignore_index, float grad_scale, T* dlogits, double* row_loss,
                           int* row_hit, int* error_flag) {
   __shared__ Online scratch[32];
   const int64_t r = blockIdx.x;
   const int32_t target = targets[r];
-  const float* z = logits + r * vocab;
-  float* dz = dlogits ? dlogits + r * vocab : nullptr;
+  const T* z = logits + r * vocab;
+  T* dz = dlogits ? dlogits + r * vocab : nullptr;
   const bool bad = target != ignore_index && (target < 0 || target >= vocab);
   if (target == ignore_index || bad) {
     if (bad && threadIdx.x == 0) atomicOr(error_flag, kBadTarget);
     if (dz) {
-      for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) dz[v] = 0.f;
+      for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) Store(dz + v, 0.f);
     }
     if (threadIdx.x == 0) {
       row_loss[r] = 0.0;
@@ -68,7 +70,7 @@ __global__ void RowKernel(int64_t vocab, const float* logits, const int32_t* tar
   }
   Online acc{-FLT_MAX, 0.f, -1};
   for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x)
-    acc = Combine(acc, Online{z[v], 1.f, v});
+    acc = Combine(acc, Online{Load(z + v), 1.f, v});
   acc = WarpCombine(acc);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) scratch[warp] = acc;
@@ -76,12 +78,12 @@ __global__ void RowKernel(int64_t vocab, const float* logits, const int32_t* tar
   acc = lane < int(blockDim.x >> 5) ? scratch[lane] : Online{-FLT_MAX, 0.f, -1};
   acc = WarpCombine(acc);  // every warp now holds the row's result; all reads of z are done
   const float lse = acc.max + logf(acc.sum);
-  const float z_target = z[target];
+  const float z_target = Load(z + target);
   __syncthreads();  // dz may alias z: z[target] is read by every thread before any write
   if (dz) {
     for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
-      const float p = expf(z[v] - lse);
-      dz[v] = grad_scale * (v == target ? p - 1.f : p);
+      const float p = expf(Load(z + v) - lse);
+      Store(dz + v, grad_scale * (v == target ? p - 1.f : p));
     }
   }
   if (threadIdx.x == 0) {
@@ -91,7 +93,7 @@ __global__ void RowKernel(int64_t vocab, const float* logits, const int32_t* tar
 }
 
 __global__ void StatsKernel(int64_t rows, const double* row_loss, const int* row_hit,
-                            CrossEntropyDeviceStats* stats) {
+                            bool accumulate, CrossEntropyDeviceStats* stats) {
   __shared__ double dscratch[32];
   __shared__ long long iscratch[32];
   double loss = 0.0;
@@ -104,7 +106,15 @@ __global__ void StatsKernel(int64_t rows, const double* row_loss, const int* row
   loss = BlockSum(loss, dscratch);
   count = BlockSum(count, iscratch);
   correct = BlockSum(correct, iscratch);
-  if (threadIdx.x == 0) *stats = CrossEntropyDeviceStats{loss, count, correct};
+  if (threadIdx.x == 0) {
+    if (accumulate) {
+      stats->loss_sum += loss;
+      stats->count += count;
+      stats->correct += correct;
+    } else {
+      *stats = CrossEntropyDeviceStats{loss, count, correct};
+    }
+  }
 }
 
 }  // namespace
@@ -113,8 +123,9 @@ size_t CrossEntropyWorkspaceBytes(int64_t rows) {
   return Align(rows * sizeof(double)) + Align(rows * sizeof(int));
 }
 
-void CrossEntropyCuda(int64_t rows, int64_t vocab, const float* logits, const int32_t* targets,
-                      int32_t ignore_index, double grad_scale, float* dlogits,
+template <typename T>
+void CrossEntropyCuda(int64_t rows, int64_t vocab, const T* logits, const int32_t* targets,
+                      int32_t ignore_index, double grad_scale, T* dlogits, bool accumulate,
                       CrossEntropyDeviceStats* stats, void* workspace, int* error_flag,
                       cudaStream_t stream) {
   MAMBA_CHECK(rows < (int64_t(1) << 31)) << "cross_entropy: too many rows";
@@ -128,8 +139,15 @@ void CrossEntropyCuda(int64_t rows, int64_t vocab, const float* logits, const in
         error_flag);
     MAMBA_CUDA_CHECK_LAUNCH("cross_entropy");
   }
-  StatsKernel<<<1, kStatsThreads, 0, stream>>>(rows, row_loss, row_hit, stats);
+  StatsKernel<<<1, kStatsThreads, 0, stream>>>(rows, row_loss, row_hit, accumulate, stats);
   MAMBA_CUDA_CHECK_LAUNCH("cross_entropy");
 }
+
+template void CrossEntropyCuda<float>(int64_t, int64_t, const float*, const int32_t*, int32_t,
+                                      double, float*, bool, CrossEntropyDeviceStats*, void*, int*,
+                                      cudaStream_t);
+template void CrossEntropyCuda<bf16>(int64_t, int64_t, const bf16*, const int32_t*, int32_t, double,
+                                     bf16*, bool, CrossEntropyDeviceStats*, void*, int*,
+                                     cudaStream_t);
 
 }  // namespace mamba::kernels

@@ -1,4 +1,5 @@
 #include "worker/kernels/cuda_check.h"
+#include "worker/kernels/cuda_dtype.cuh"
 #include "worker/kernels/cuda_reduce.cuh"
 #include "worker/kernels/elementwise.h"
 
@@ -26,8 +27,9 @@ __global__ void AddProductKernel(int64_t n, const float* a, const float* b, floa
   MAMBA_GRID_STRIDE(i, n) dst[i] += a[i] * b[i];
 }
 
-__global__ void AddKernel(int64_t n, const float* src, float* dst) {
-  MAMBA_GRID_STRIDE(i, n) dst[i] += src[i];
+template <typename TS, typename TD>
+__global__ void AddKernel(int64_t n, const TS* src, TD* dst) {
+  MAMBA_GRID_STRIDE(i, n) Store(dst + i, Load(dst + i) + Load(src + i));
 }
 
 __global__ void ScaleKernel(int64_t n, float* x, float s) { MAMBA_GRID_STRIDE(i, n) x[i] *= s; }
@@ -67,7 +69,8 @@ void AddProductCuda(int64_t n, const float* a, const float* b, float* dst, cudaS
   MAMBA_CUDA_CHECK_LAUNCH("addproduct");
 }
 
-void AddCuda(int64_t n, const float* src, float* dst, cudaStream_t stream) {
+template <typename TS, typename TD>
+void AddCuda(int64_t n, const TS* src, TD* dst, cudaStream_t stream) {
   if (n == 0) return;
   AddKernel<<<Blocks(n), kThreads, 0, stream>>>(n, src, dst);
   MAMBA_CUDA_CHECK_LAUNCH("add");
@@ -93,5 +96,10 @@ void SumSquaresCuda(const FloatSpan* xs, size_t count, double* result, void* wor
   SumSquaresFinalKernel<<<1, kSumBlocks, 0, stream>>>(int64_t(count), partial, result);
   MAMBA_CUDA_CHECK_LAUNCH("sum_squares");
 }
+
+template void AddCuda<float, float>(int64_t, const float*, float*, cudaStream_t);
+template void AddCuda<float, bf16>(int64_t, const float*, bf16*, cudaStream_t);
+template void AddCuda<bf16, float>(int64_t, const bf16*, float*, cudaStream_t);
+template void AddCuda<bf16, bf16>(int64_t, const bf16*, bf16*, cudaStream_t);
 
 }  // namespace mamba::kernels

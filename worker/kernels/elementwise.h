@@ -1,7 +1,9 @@
-// Elementwise helpers and the deterministic sum of squares on the GPU (float32); the CPU twins
-// are the loops in cpu_backend.cc. All launched on `stream`, asynchronous.
+// Elementwise helpers and the deterministic sum of squares on the GPU (float32, except where a
+// template says otherwise); the CPU twins are the loops in cpu_backend.cc. All launched on
+// `stream`, asynchronous.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -10,9 +12,11 @@ namespace mamba::kernels {
 
 void NegExpCuda(int64_t n, const float* x, float* y, cudaStream_t stream);  // y = -exp(x)
 void AddProductCuda(int64_t n, const float* a, const float* b, float* dst,
-                    cudaStream_t stream);                                    // dst += a*b
-void AddCuda(int64_t n, const float* src, float* dst, cudaStream_t stream);  // dst += src
-void ScaleCuda(int64_t n, float* x, float s, cudaStream_t stream);           // x *= s
+                    cudaStream_t stream);  // dst += a*b
+// dst += src in float, rounded to TD; TS and TD are float or __nv_bfloat16, in any mix.
+template <typename TS, typename TD>
+void AddCuda(int64_t n, const TS* src, TD* dst, cudaStream_t stream);
+void ScaleCuda(int64_t n, float* x, float s, cudaStream_t stream);  // x *= s
 
 // A device array of n floats.
 struct FloatSpan {

@@ -1,6 +1,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "worker/kernels/cuda_check.h"
+#include "worker/kernels/cuda_dtype.cuh"
 #include "worker/kernels/embedding.h"
 
 namespace mamba::kernels {
@@ -8,14 +9,15 @@ namespace {
 
 constexpr int kThreads = 128;
 
+template <typename T>
 __global__ void EmbeddingForwardKernel(const int32_t* ids, const float* weight, int64_t vocab,
-                                       int64_t dim, float* out, int* error_flag) {
+                                       int64_t dim, T* out, int* error_flag) {
   const int64_t t = blockIdx.x;
   const int32_t id = ids[t];
   const bool ok = id >= 0 && id < vocab;
   if (!ok && threadIdx.x == 0) atomicOr(error_flag, kBadEmbeddingId);
   for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    out[t * dim + j] = ok ? weight[id * dim + j] : 0.f;
+    Store(out + t * dim + j, ok ? weight[id * dim + j] : 0.f);
   }
 }
 
@@ -33,16 +35,18 @@ __global__ void MakeKeysKernel(const int32_t* ids, int64_t num_tokens, int64_t v
 
 // Block (i, y): if sorted position i starts a run of equal ids, its threads own columns
 // y*blockDim + tid of that id's row and add the run's dout rows into them in token order.
+template <typename T>
 __global__ void AccumulateRunsKernel(const int32_t* keys, const int32_t* tokens, int64_t num_tokens,
-                                     int64_t vocab, int64_t dim, const float* dout,
-                                     float* dweight) {
+                                     int64_t vocab, int64_t dim, const T* dout, float* dweight) {
   const int64_t i = blockIdx.x;
   const int32_t key = keys[i];
   if (key >= vocab || (i > 0 && keys[i - 1] == key)) return;
   const int64_t j = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
   if (j >= dim) return;
   float acc = dweight[key * dim + j];
-  for (int64_t r = i; r < num_tokens && keys[r] == key; ++r) acc += dout[tokens[r] * dim + j];
+  for (int64_t r = i; r < num_tokens && keys[r] == key; ++r) {
+    acc += Load(dout + int64_t(tokens[r]) * dim + j);
+  }
   dweight[key * dim + j] = acc;
 }
 
@@ -66,8 +70,9 @@ size_t SortTempBytes(int64_t num_tokens, int64_t vocab) {
 
 }  // namespace
 
+template <typename T>
 void EmbeddingForwardCuda(const int32_t* ids, int64_t num_tokens, const float* weight,
-                          int64_t vocab, int64_t dim, float* out, int* error_flag,
+                          int64_t vocab, int64_t dim, T* out, int* error_flag,
                           cudaStream_t stream) {
   if (num_tokens == 0 || dim == 0) return;
   MAMBA_CHECK(num_tokens < (int64_t(1) << 31)) << "embedding: too many tokens";
@@ -80,7 +85,8 @@ size_t EmbeddingBackwardWorkspaceBytes(int64_t num_tokens, int64_t vocab) {
   return 4 * Align(num_tokens * sizeof(int32_t)) + Align(SortTempBytes(num_tokens, vocab));
 }
 
-void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const float* dout, int64_t vocab,
+template <typename T>
+void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const T* dout, int64_t vocab,
                            int64_t dim, float* dweight, void* workspace, size_t workspace_bytes,
                            int* error_flag, cudaStream_t stream) {
   if (num_tokens == 0 || dim == 0) return;
@@ -108,5 +114,14 @@ void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const float* 
                                                       dweight);
   MAMBA_CUDA_CHECK_LAUNCH("embedding_bwd");
 }
+
+template void EmbeddingForwardCuda<float>(const int32_t*, int64_t, const float*, int64_t, int64_t,
+                                          float*, int*, cudaStream_t);
+template void EmbeddingForwardCuda<bf16>(const int32_t*, int64_t, const float*, int64_t, int64_t,
+                                         bf16*, int*, cudaStream_t);
+template void EmbeddingBackwardCuda<float>(const int32_t*, int64_t, const float*, int64_t, int64_t,
+                                           float*, void*, size_t, int*, cudaStream_t);
+template void EmbeddingBackwardCuda<bf16>(const int32_t*, int64_t, const bf16*, int64_t, int64_t,
+                                          float*, void*, size_t, int*, cudaStream_t);
 
 }  // namespace mamba::kernels

@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "worker/kernels/cuda_check.h"
+#include "worker/kernels/cuda_dtype.cuh"
 #include "worker/kernels/cuda_reduce.cuh"
 #include "worker/kernels/rmsnorm.h"
 
@@ -13,14 +14,15 @@ constexpr int64_t kMaxRowChunks = 256;
 
 int64_t RowChunks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxRowChunks)); }
 
-__global__ void AddRmsNormForwardKernel(int64_t dim, const float* residual_in, const float* x,
-                                        const float* weight, float eps, float* residual_out,
-                                        float* y, float* rstd) {
+template <typename TX, typename TY>
+__global__ void AddRmsNormForwardKernel(int64_t dim, const float* residual_in, const TX* x,
+                                        const float* weight, float eps, float* residual_out, TY* y,
+                                        float* rstd) {
   __shared__ float scratch[32];
   const int64_t base = blockIdx.x * dim;
   float sum_sq = 0.f;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = residual_in ? residual_in[base + i] + x[base + i] : x[base + i];
+    const float v = residual_in ? residual_in[base + i] + Load(x + base + i) : Load(x + base + i);
     residual_out[base + i] = v;
     sum_sq += v * v;
   }
@@ -29,13 +31,14 @@ __global__ void AddRmsNormForwardKernel(int64_t dim, const float* residual_in, c
   if (threadIdx.x == 0) rstd[blockIdx.x] = s;
   // Each thread reads back only the entries it wrote itself.
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    y[base + i] = residual_out[base + i] * s * weight[i];
+    Store(y + base + i, residual_out[base + i] * s * weight[i]);
   }
 }
 
 // Block c handles rows [c*rows/chunks, (c+1)*rows/chunks): dx for each row, and the chunk's
 // dweight partial (double) in partial[c * dim + i], owned by the thread of column i.
-__global__ void AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chunks, const float* dy,
+template <typename T>
+__global__ void AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chunks, const T* dy,
                                          const float* dresidual_out, const float* residual_out,
                                          const float* weight, const float* rstd, float* dx,
                                          double* partial) {
@@ -49,14 +52,14 @@ __global__ void AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chun
     const float s = rstd[r];
     float dot = 0.f;
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-      const float g = dy[base + i], res = residual_out[base + i];
+      const float g = Load(dy + base + i), res = residual_out[base + i];
       dot += g * weight[i] * res;
       dw[i] += double(g) * double(res) * double(s);
     }
     dot = BlockSum(dot, scratch);  // its barriers also order every read of dy before the writes
     const float k = s * s * dot / float(dim);
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-      float v = s * (dy[base + i] * weight[i] - residual_out[base + i] * k);
+      float v = s * (Load(dy + base + i) * weight[i] - residual_out[base + i] * k);
       if (dresidual_out) v += dresidual_out[base + i];
       dx[base + i] = v;
     }
@@ -66,9 +69,10 @@ __global__ void AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chun
 
 }  // namespace
 
-void AddRmsNormForwardCuda(int64_t rows, int64_t dim, const float* residual_in, const float* x,
-                           const float* weight, float eps, float* residual_out, float* y,
-                           float* rstd, cudaStream_t stream) {
+template <typename TX, typename TY>
+void AddRmsNormForwardCuda(int64_t rows, int64_t dim, const float* residual_in, const TX* x,
+                           const float* weight, float eps, float* residual_out, TY* y, float* rstd,
+                           cudaStream_t stream) {
   if (rows == 0) return;
   MAMBA_CHECK(rows < (int64_t(1) << 31)) << "rmsnorm: too many rows";
   AddRmsNormForwardKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
@@ -80,7 +84,8 @@ size_t AddRmsNormBackwardWorkspaceBytes(int64_t rows, int64_t dim) {
   return RowChunks(rows) * dim * sizeof(double);
 }
 
-void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const float* dy, const float* dresidual_out,
+template <typename T>
+void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float* dresidual_out,
                             const float* residual_out, const float* weight, const float* rstd,
                             float* dx, float* dweight, void* workspace, cudaStream_t stream) {
   if (dim == 0) return;
@@ -95,5 +100,21 @@ void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const float* dy, const fl
                                                                       partial, dweight);
   MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_bwd");
 }
+
+#define MAMBA_INSTANTIATE_FWD(TX, TY)                                                    \
+  template void AddRmsNormForwardCuda<TX, TY>(int64_t, int64_t, const float*, const TX*, \
+                                              const float*, float, float*, TY*, float*,  \
+                                              cudaStream_t);
+MAMBA_INSTANTIATE_FWD(float, float)
+MAMBA_INSTANTIATE_FWD(float, bf16)
+MAMBA_INSTANTIATE_FWD(bf16, float)
+MAMBA_INSTANTIATE_FWD(bf16, bf16)
+#undef MAMBA_INSTANTIATE_FWD
+template void AddRmsNormBackwardCuda<float>(int64_t, int64_t, const float*, const float*,
+                                            const float*, const float*, const float*, float*,
+                                            float*, void*, cudaStream_t);
+template void AddRmsNormBackwardCuda<bf16>(int64_t, int64_t, const bf16*, const float*,
+                                           const float*, const float*, const float*, float*, float*,
+                                           void*, cudaStream_t);
 
 }  // namespace mamba::kernels

@@ -1,0 +1,624 @@
+// The CUDA backend's ops on bfloat16 activations against the CPU backend in float64. Inputs are
+// random, nonzero and rounded to bf16 first, so both backends see the same numbers; the oracle runs
+// on those rounded values. Errors are global relative errors (largest |diff| over largest |ref|):
+//   - bf16 outputs: <= kBf16Tol. Rounding to 8 significant bits costs up to 2^-9 (~2e-3) of each
+//     entry; the float math before it adds little.
+//   - float32 outputs (residual stream, statistics, parameter gradients, scan state): the fp32
+//     tests' tolerances, since bf16 inputs widen exactly and the kernels then compute in float as
+//     they do on fp32 inputs; no bf16 rounding lies on the path to these outputs.
+// Ops whose float result is exact (copies, a single addition) are checked bit for bit against a
+// host emulation (float math, then round to nearest even). Outputs are poisoned with NaN first, so
+// an entry a kernel forgets to write fails. Without a CUDA device the GPU tests skip.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "tests/test_util.h"
+#include "worker/backend.h"
+
+namespace mamba {
+namespace {
+
+using testing::RandomVector;
+
+constexpr double kBf16Tol = 1e-2;
+constexpr double kF32Tol = 1e-5;
+constexpr double kScanGradTol = 1e-4;  // the fp32 scan gradients' tolerance in test_cuda_backend
+
+// float -> bf16 bits, round to nearest even (as __float2bfloat16_rn for finite values).
+uint16_t Bf16Bits(float f) {
+  if (std::isnan(f)) return 0x7fc0;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fff + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+float FromBf16Bits(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+float RoundBf16(float f) { return FromBf16Bits(Bf16Bits(f)); }
+
+constexpr DType kBF16 = DType::kBF16;
+constexpr DType kF32 = DType::kF32;
+
+// A host tensor of the given values as float32 or bf16 (rounded) or float64.
+Tensor Host(const Shape& shape, const std::vector<float>& v, DType dtype) {
+  Tensor t = Tensor::Empty(shape, dtype);
+  EXPECT_EQ(t.numel(), static_cast<int64_t>(v.size()));
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (dtype == kF32) {
+      t.data<float>()[i] = v[i];
+    } else if (dtype == kBF16) {
+      static_cast<uint16_t*>(t.raw())[i] = Bf16Bits(v[i]);
+    } else {
+      t.data<double>()[i] = v[i];
+    }
+  }
+  return t;
+}
+
+// Entries of a float32 or bf16 host tensor, widened.
+std::vector<float> Values(const Tensor& h) {
+  std::vector<float> v(h.numel());
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    v[i] = h.dtype() == kBF16 ? FromBf16Bits(static_cast<const uint16_t*>(h.raw())[i])
+                              : h.data<float>()[i];
+  }
+  return v;
+}
+
+class CudaBackendBf16Test : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) {
+      GTEST_SKIP() << "no CUDA device visible: CUDA backend bf16 tests skipped";
+    }
+    gpu_ = MakeCudaBackend();
+    cpu_ = MakeCpuBackend();
+  }
+
+  // Random values, rounded to bf16 so that bf16 and float tensors hold them exactly.
+  std::vector<float> Rand(int64_t n, double lo = -1.0, double hi = 1.0) {
+    std::vector<float> v = RandF32(n, lo, hi);
+    for (float& x : v) x = RoundBf16(x);
+    return v;
+  }
+  // Random float32 values (most not representable in bf16).
+  std::vector<float> RandF32(int64_t n, double lo = -1.0, double hi = 1.0) {
+    const std::vector<double> v = RandomVector(n, ++seed_, lo, hi);
+    return std::vector<float>(v.begin(), v.end());
+  }
+
+  Tensor Gpu(const Shape& shape, const std::vector<float>& v, DType dtype) {
+    return gpu_->FromHost(Host(shape, v, dtype));
+  }
+  static Tensor Ref(const Shape& shape, const std::vector<float>& v) {
+    return Host(shape, v, DType::kF64);
+  }
+  Tensor Poisoned(const Shape& shape, DType dtype) {
+    return Gpu(shape,
+               std::vector<float>(NumElements(shape), std::numeric_limits<float>::quiet_NaN()),
+               dtype);
+  }
+  Tensor GpuInts(const Shape& shape, const std::vector<int32_t>& v) {
+    return gpu_->FromHost(HostInts(shape, v));
+  }
+  static Tensor HostInts(const Shape& shape, const std::vector<int32_t>& v) {
+    Tensor t = Tensor::Empty(shape, DType::kI32);
+    std::copy(v.begin(), v.end(), t.data<int32_t>());
+    return t;
+  }
+  std::vector<float> Fetch(const Tensor& t) { return Values(gpu_->ToHost(t)); }
+
+  // Global relative error against a float64 reference; non-finite entries fail outright.
+  void ExpectClose(const Tensor& got, const Tensor& ref, const char* what, double tol) {
+    const std::vector<float> g = Fetch(got);
+    ASSERT_EQ(static_cast<int64_t>(g.size()), ref.numel()) << what;
+    const double* r = ref.data<double>();
+    double max_diff = 0, max_ref = 0;
+    for (size_t i = 0; i < g.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(g[i])) << what << ": entry " << i << " is " << g[i];
+      max_diff = std::max(max_diff, std::abs(double(g[i]) - r[i]));
+      max_ref = std::max(max_ref, std::abs(r[i]));
+    }
+    ASSERT_GT(max_ref, 0) << what << ": the reference is all zeros";
+    EXPECT_LE(max_diff / max_ref, tol)
+        << what << ": max |diff| " << max_diff << ", max |ref| " << max_ref;
+  }
+  // An activation output: kBf16Tol when bf16, kF32Tol when float32.
+  void ExpectCloseAct(const Tensor& got, const Tensor& ref, const char* what) {
+    ExpectClose(got, ref, what, got.dtype() == kBF16 ? kBf16Tol : kF32Tol);
+  }
+  void ExpectSameBits(const Tensor& a, const Tensor& b, const char* what) {
+    const Tensor ha = gpu_->ToHost(a), hb = gpu_->ToHost(b);
+    ASSERT_EQ(ha.dtype(), hb.dtype()) << what;
+    ASSERT_EQ(ha.nbytes(), hb.nbytes()) << what;
+    EXPECT_EQ(std::memcmp(ha.raw(), hb.raw(), ha.nbytes()), 0) << what << ": differ";
+  }
+  // Exact: the GPU tensor holds `want` rounded to its dtype.
+  void ExpectBits(const Tensor& got, const std::vector<float>& want, const char* what) {
+    const Tensor h = gpu_->ToHost(got);
+    const Tensor w = Host(got.shape(), want, got.dtype());
+    ASSERT_EQ(h.nbytes(), w.nbytes()) << what;
+    EXPECT_EQ(std::memcmp(h.raw(), w.raw(), h.nbytes()), 0) << what << ": not bit-exact";
+  }
+
+  std::unique_ptr<Backend> gpu_, cpu_;
+  uint64_t seed_ = 4321;
+};
+
+TEST_F(CudaBackendBf16Test, Embedding) {
+  const int64_t T = 1003, V = 37, C = 67;
+  std::vector<int32_t> ids(T);
+  std::mt19937 rng(7);
+  for (auto& id : ids) id = static_cast<int32_t>(rng() % V);
+  // Forward: bf16 rows of float32 weights, rounded to nearest even.
+  const std::vector<float> w = RandF32(V * C);
+  Tensor out = Poisoned({T, C}, kBF16);
+  gpu_->EmbeddingForward(GpuInts({T}, ids), Gpu({V, C}, w, kF32), out);
+  std::vector<float> want(T * C);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < C; ++j) want[t * C + j] = w[ids[t] * C + j];
+  }
+  ExpectBits(out, want, "embedding forward");
+
+  // Backward from bf16 dout into float32 dweight: the float32 CPU reference's order of
+  // additions on the same (widened) values, so the bits match it.
+  const std::vector<float> dout = Rand(T * C), dw0 = RandF32(V * C);
+  Tensor dw = Gpu({V, C}, dw0, kF32);
+  gpu_->EmbeddingBackward(GpuInts({T}, ids), Gpu({T, C}, dout, kBF16), dw);
+  Tensor cdw = Host({V, C}, dw0, kF32), rdw = Ref({V, C}, dw0);
+  cpu_->EmbeddingBackward(HostInts({T}, ids), Host({T, C}, dout, kF32), cdw);
+  cpu_->EmbeddingBackward(HostInts({T}, ids), Ref({T, C}, dout), rdw);
+  ExpectBits(dw, Values(cdw), "embedding dweight");
+  ExpectClose(dw, rdw, "embedding dweight", kF32Tol);
+}
+
+TEST_F(CudaBackendBf16Test, AddRmsNorm) {
+  // (x, y) dtypes: the model's bf16 layers, the residual stream itself as x (a recomputed layer)
+  // or an fp32 embedding output, and an fp32 norm output.
+  for (const auto [x_dtype, y_dtype] :
+       {std::array<DType, 2>{kBF16, kBF16}, {kF32, kBF16}, {kBF16, kF32}}) {
+    for (const int64_t dim : {3, 1537}) {
+      for (const bool with_residual : {false, true}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "x " << DTypeName(x_dtype) << " y " << DTypeName(y_dtype) << " dim " << dim
+                     << " residual " << with_residual);
+        const int64_t rows = dim == 3 ? 1031 : 77;
+        const Shape s{rows, dim};
+        const std::vector<float> res = RandF32(rows * dim), x = Rand(rows * dim, -2, 2),
+                                 w = RandF32(dim, 0.5, 1.5), dy = Rand(rows * dim),
+                                 dres = RandF32(rows * dim), dw0 = RandF32(dim);
+        Tensor g_res = with_residual ? Gpu(s, res, kF32) : Tensor();
+        Tensor r_res = with_residual ? Ref(s, res) : Tensor();
+        Tensor gro = Poisoned(s, kF32), gy = Poisoned(s, y_dtype), grstd = Poisoned({rows}, kF32);
+        Tensor rro = cpu_->Empty(s, DType::kF64), ry = cpu_->Empty(s, DType::kF64),
+               rrstd = cpu_->Empty({rows}, DType::kF64);
+        gpu_->AddRmsNormForward(g_res, Gpu(s, x, x_dtype), Gpu({dim}, w, kF32), 1e-5, gro, gy,
+                                grstd);
+        cpu_->AddRmsNormForward(r_res, Ref(s, x), Ref({dim}, w), 1e-5, rro, ry, rrstd);
+        ExpectClose(gro, rro, "rmsnorm residual_out", kF32Tol);
+        ExpectClose(grstd, rrstd, "rmsnorm rstd", kF32Tol);
+        ExpectCloseAct(gy, ry, "rmsnorm y");
+
+        // The backward from the GPU's forward state (the same numbers on both sides); dy is an
+        // activation (x's dtype here), the rest float32.
+        const std::vector<float> ro = Fetch(gro), rstd = Fetch(grstd);
+        Tensor g_dres = with_residual ? Gpu(s, dres, kF32) : Tensor();
+        Tensor r_dres = with_residual ? Ref(s, dres) : Tensor();
+        Tensor gdx[2], gdw[2];
+        for (int run = 0; run < 2; ++run) {
+          gdx[run] = Poisoned(s, kF32);
+          gdw[run] = Gpu({dim}, dw0, kF32);
+          gpu_->AddRmsNormBackward(Gpu(s, dy, x_dtype), g_dres, Gpu(s, ro, kF32),
+                                   Gpu({dim}, w, kF32), Gpu({rows}, rstd, kF32), gdx[run],
+                                   gdw[run]);
+        }
+        Tensor rdx = cpu_->Empty(s, DType::kF64), rdw = Ref({dim}, dw0);
+        cpu_->AddRmsNormBackward(Ref(s, dy), r_dres, Ref(s, ro), Ref({dim}, w), Ref({rows}, rstd),
+                                 rdx, rdw);
+        ExpectClose(gdx[0], rdx, "rmsnorm dx", kF32Tol);
+        ExpectClose(gdw[0], rdw, "rmsnorm dweight", kF32Tol);
+        ExpectSameBits(gdx[0], gdx[1], "rmsnorm dx");
+        ExpectSameBits(gdw[0], gdw[1], "rmsnorm dweight");
+      }
+    }
+  }
+}
+
+TEST_F(CudaBackendBf16Test, AddRmsNormInPlace) {
+  // y aliasing x (both bf16) and residual_out aliasing residual_in.
+  const int64_t rows = 5, dim = 259;
+  const std::vector<float> res = RandF32(rows * dim), x = Rand(rows * dim), w = RandF32(dim);
+  Tensor gres = Gpu({rows, dim}, res, kF32), gx = Gpu({rows, dim}, x, kBF16);
+  Tensor grstd = Poisoned({rows}, kF32);
+  Tensor rro = cpu_->Empty({rows, dim}, DType::kF64), ry = cpu_->Empty({rows, dim}, DType::kF64),
+         rrstd = cpu_->Empty({rows}, DType::kF64);
+  gpu_->AddRmsNormForward(gres, gx, Gpu({dim}, w, kF32), 1e-5, gres, gx, grstd);
+  cpu_->AddRmsNormForward(Ref({rows, dim}, res), Ref({rows, dim}, x), Ref({dim}, w), 1e-5, rro, ry,
+                          rrstd);
+  ExpectClose(gres, rro, "in-place residual_out", kF32Tol);
+  ExpectClose(gx, ry, "in-place y", kBf16Tol);
+}
+
+// The fp32 test's shapes: float2 channels at one time tile; several time tiles with the widest
+// vectors (4 bf16, 8 bytes) forward; odd C (scalar path) with L shorter than the kernel.
+TEST_F(CudaBackendBf16Test, CausalConv1d) {
+  struct ConvShape {
+    int64_t B, L, C;
+  };
+  for (const ConvShape shape : {ConvShape{3, 37, 70}, ConvShape{2, 300, 132}, ConvShape{2, 2, 67}})
+    for (const int64_t K : {4, 1, 3}) {
+      for (const bool silu : {true, false}) {
+        for (const bool with_prefix : {false, true}) {
+          const int64_t B = shape.B, L = shape.L, C = shape.C;
+          SCOPED_TRACE(::testing::Message() << "B " << B << " L " << L << " C " << C << " K " << K
+                                            << " silu " << silu << " prefix " << with_prefix);
+          const Shape xs{B, L, C}, ps{B, K - 1, C};
+          const std::vector<float> x = Rand(B * L * C, -2, 2), w = RandF32(C * K), b = RandF32(C),
+                                   pre = Rand(B * (K - 1) * C), dy = Rand(B * L * C),
+                                   dw0 = RandF32(C * K), db0 = RandF32(C);
+          Tensor gp = with_prefix ? Gpu(ps, pre, kBF16) : Tensor(),
+                 rp = with_prefix ? Ref(ps, pre) : Tensor();
+          Tensor gx = Gpu(xs, x, kBF16), gw = Gpu({C, 1, K}, w, kF32), gb = Gpu({C}, b, kF32);
+          Tensor rx = Ref(xs, x), rw = Ref({C, 1, K}, w), rb = Ref({C}, b);
+          Tensor gy = Poisoned(xs, kBF16), ry = cpu_->Empty(xs, DType::kF64);
+          gpu_->CausalConv1dForward(gx, gw, gb, gp, silu, gy);
+          cpu_->CausalConv1dForward(rx, rw, rb, rp, silu, ry);
+          ExpectClose(gy, ry, "conv1d y", kBf16Tol);
+
+          Tensor gdx[2], gdw[2], gdb[2], gdp[2];
+          for (int run = 0; run < 2; ++run) {
+            gdx[run] = Poisoned(xs, kBF16);
+            gdw[run] = Gpu({C, 1, K}, dw0, kF32);
+            gdb[run] = Gpu({C}, db0, kF32);
+            gdp[run] = Poisoned(ps, kBF16);
+            gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, Gpu(xs, dy, kBF16), gdx[run], gdw[run],
+                                       gdb[run], gdp[run]);
+          }
+          Tensor rdx = cpu_->Empty(xs, DType::kF64), rdw = Ref({C, 1, K}, dw0), rdb = Ref({C}, db0),
+                 rdp = cpu_->Empty(ps, DType::kF64);
+          cpu_->CausalConv1dBackward(rx, rw, rb, rp, silu, Ref(xs, dy), rdx, rdw, rdb, rdp);
+          ExpectClose(gdx[0], rdx, "conv1d dx", kBf16Tol);
+          ExpectClose(gdw[0], rdw, "conv1d dweight", kF32Tol);
+          ExpectClose(gdb[0], rdb, "conv1d dbias", kF32Tol);
+          if (K > 1) ExpectClose(gdp[0], rdp, "conv1d dprefix", kBf16Tol);
+          ExpectSameBits(gdx[0], gdx[1], "conv1d dx");
+          ExpectSameBits(gdw[0], gdw[1], "conv1d dweight");
+          ExpectSameBits(gdb[0], gdb[1], "conv1d dbias");
+
+          // dx aliasing dy: the same bits as with separate buffers.
+          Tensor inplace = Gpu(xs, dy, kBF16), adw = Gpu({C, 1, K}, dw0, kF32),
+                 adb = Gpu({C}, db0, kF32), adp = Poisoned(ps, kBF16);
+          gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, inplace, inplace, adw, adb, adp);
+          ExpectSameBits(inplace, gdx[0], "conv1d dx in place");
+          ExpectSameBits(adw, gdw[0], "conv1d dweight in place");
+          ExpectSameBits(adb, gdb[0], "conv1d dbias in place");
+          if (K > 1) ExpectSameBits(adp, gdp[0], "conv1d dprefix in place");
+        }
+      }
+    }
+}
+
+TEST_F(CudaBackendBf16Test, Silu) {
+  const int64_t n = 100003;
+  const std::vector<float> x = Rand(n, -30, 30), dy = Rand(n);
+  Tensor gy = Poisoned({n}, kBF16), ry = cpu_->Empty({n}, DType::kF64);
+  gpu_->SiluForward(Gpu({n}, x, kBF16), gy);
+  cpu_->SiluForward(Ref({n}, x), ry);
+  ExpectClose(gy, ry, "silu y", kBf16Tol);
+  Tensor gdx = Poisoned({n}, kBF16), rdx = cpu_->Empty({n}, DType::kF64);
+  gpu_->SiluBackward(Gpu({n}, x, kBF16), Gpu({n}, dy, kBF16), gdx);
+  cpu_->SiluBackward(Ref({n}, x), Ref({n}, dy), rdx);
+  ExpectClose(gdx, rdx, "silu dx", kBf16Tol);
+}
+
+TEST_F(CudaBackendBf16Test, CrossEntropy) {
+  for (const int64_t V : {1001, 5, 50280}) {
+    SCOPED_TRACE(::testing::Message() << "vocab " << V);
+    const int64_t rows = 129;
+    const int32_t ignore = -100;
+    std::vector<int32_t> tgt(rows);
+    std::mt19937 rng(11);
+    for (auto& t : tgt) t = rng() % 5 == 0 ? ignore : static_cast<int32_t>(rng() % V);
+    // bf16 logits tie often (8 significant bits): the first maximum is the argmax on both sides.
+    std::vector<float> z = Rand(rows * V, -4, 4);
+    z[3 * V + 1] = z[3 * V + 2] = 9.f;
+    tgt[3] = 1;
+    const double scale = 1.0 / 97;
+    Tensor gz = Gpu({rows, V}, z, kBF16), gt = GpuInts({rows}, tgt);
+    Tensor gdz = Poisoned({rows, V}, kBF16), rdz = cpu_->Empty({rows, V}, DType::kF64);
+    const kernels::CrossEntropyStats g = gpu_->CrossEntropy(gz, gt, ignore, scale, gdz);
+    const kernels::CrossEntropyStats r =
+        cpu_->CrossEntropy(Ref({rows, V}, z), HostInts({rows}, tgt), ignore, scale, rdz);
+    EXPECT_EQ(g.count, r.count);
+    EXPECT_EQ(g.correct, r.correct);
+    EXPECT_GE(g.correct, 1);                                              // row 3 at least
+    EXPECT_NEAR(g.loss_sum, r.loss_sum, kF32Tol * std::abs(r.loss_sum));  // float math, as fp32
+    ExpectClose(gdz, rdz, "cross-entropy dlogits", kBf16Tol);
+
+    // dlogits aliasing logits (how the model calls it), and without a gradient.
+    Tensor inplace = Gpu({rows, V}, z, kBF16);
+    const kernels::CrossEntropyStats g2 = gpu_->CrossEntropy(inplace, gt, ignore, scale, inplace);
+    EXPECT_EQ(g2.loss_sum, g.loss_sum);
+    EXPECT_EQ(g2.correct, g.correct);
+    ExpectSameBits(inplace, gdz, "cross-entropy dlogits in place");
+    Tensor none;
+    const kernels::CrossEntropyStats g3 = gpu_->CrossEntropy(gz, gt, ignore, scale, none);
+    EXPECT_EQ(g3.loss_sum, g.loss_sum);
+    EXPECT_EQ(g3.correct, g.correct);
+  }
+}
+
+// Deferred statistics: chunks accumulated on the device and taken once equal the per-chunk
+// results added in order on the host (bit for bit), an immediate call in between leaves the
+// total alone, and a take resets it.
+void CheckAccumulatedCrossEntropy(Backend& be, DType dtype, const Tensor& logits_host,
+                                  const Tensor& targets_host) {
+  const int64_t rows = logits_host.dim(0), V = logits_host.dim(1);
+  const int64_t cuts[] = {0, 40, 41, rows};
+  const Tensor logits = be.FromHost(logits_host), targets = be.FromHost(targets_host);
+  kernels::CrossEntropyStats want;
+  for (int c = 0; c < 3; ++c) {
+    Tensor dz = be.Empty({cuts[c + 1] - cuts[c], V}, dtype);
+    const kernels::CrossEntropyStats s = be.CrossEntropy(
+        logits.Slice(cuts[c], cuts[c + 1]), targets.Slice(cuts[c], cuts[c + 1]), -100, 0.5, dz);
+    want.loss_sum += s.loss_sum;
+    want.count += s.count;
+    want.correct += s.correct;
+  }
+  for (int c = 0; c < 3; ++c) {
+    Tensor dz = be.Empty({cuts[c + 1] - cuts[c], V}, dtype);
+    be.AccumulateCrossEntropy(logits.Slice(cuts[c], cuts[c + 1]),
+                              targets.Slice(cuts[c], cuts[c + 1]), -100, 0.5, dz);
+    if (c == 0) {
+      Tensor none;
+      be.CrossEntropy(logits, targets, -100, 0.5, none);
+    }
+  }
+  const kernels::CrossEntropyStats got = be.TakeCrossEntropyStats();
+  EXPECT_EQ(got.loss_sum, want.loss_sum);
+  EXPECT_EQ(got.count, want.count);
+  EXPECT_EQ(got.correct, want.correct);
+  EXPECT_GT(got.count, 0);
+  const kernels::CrossEntropyStats empty = be.TakeCrossEntropyStats();
+  EXPECT_EQ(empty.loss_sum, 0.0);
+  EXPECT_EQ(empty.count, 0);
+  EXPECT_EQ(empty.correct, 0);
+}
+
+Tensor CrossEntropyTargets(int64_t rows, int64_t V) {
+  std::vector<int32_t> tgt(rows);
+  std::mt19937 rng(3);
+  for (auto& t : tgt) t = rng() % 7 == 0 ? -100 : static_cast<int32_t>(rng() % V);
+  Tensor t = Tensor::Empty({rows}, DType::kI32);
+  std::copy(tgt.begin(), tgt.end(), t.data<int32_t>());
+  return t;
+}
+
+TEST_F(CudaBackendBf16Test, AccumulatedCrossEntropy) {
+  const int64_t rows = 97, V = 301;
+  for (const DType dtype : {kBF16, kF32}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    CheckAccumulatedCrossEntropy(*gpu_, dtype, Host({rows, V}, Rand(rows * V, -3, 3), dtype),
+                                 CrossEntropyTargets(rows, V));
+  }
+}
+
+TEST(CpuBackendTest, AccumulatedCrossEntropy) {
+  const int64_t rows = 97, V = 301;
+  const std::vector<double> z = RandomVector(rows * V, 5, -3, 3);
+  std::unique_ptr<Backend> cpu = MakeCpuBackend();
+  CheckAccumulatedCrossEntropy(*cpu, kF32,
+                               Host({rows, V}, std::vector<float>(z.begin(), z.end()), kF32),
+                               CrossEntropyTargets(rows, V));
+}
+
+TEST_F(CudaBackendBf16Test, AccumulatedCrossEntropyReportsBadTargets) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        Tensor none;
+        gpu_->AccumulateCrossEntropy(Gpu({2, 4}, Rand(8), kBF16), GpuInts({2}, {1, 9}), -100, 1.0,
+                                     none);
+        gpu_->TakeCrossEntropyStats();
+      },
+      "cross-entropy target outside");
+}
+
+TEST_F(CudaBackendBf16Test, AddMixedDtypes) {
+  // dst += src in float, rounded to dst's dtype: exactly the host's float addition, rounded.
+  const int64_t n = 70001;
+  for (const auto [src_dtype, dst_dtype] :
+       {std::array<DType, 2>{kBF16, kBF16}, {kBF16, kF32}, {kF32, kBF16}, {kF32, kF32}}) {
+    SCOPED_TRACE(::testing::Message() << DTypeName(src_dtype) << " into " << DTypeName(dst_dtype));
+    const std::vector<float> src = src_dtype == kBF16 ? Rand(n) : RandF32(n);
+    const std::vector<float> dst = dst_dtype == kBF16 ? Rand(n, -3, 3) : RandF32(n, -3, 3);
+    Tensor gdst = Gpu({n}, dst, dst_dtype);
+    gpu_->Add(Gpu({n}, src, src_dtype), gdst);
+    std::vector<float> want(n);
+    for (int64_t i = 0; i < n; ++i) want[i] = dst[i] + src[i];
+    ExpectBits(gdst, want, "add");
+  }
+}
+
+TEST_F(CudaBackendBf16Test, CopyAndWriteColumns) {
+  const int64_t rows = 41, ld = 77, col0 = 13, n = 29;
+  const std::vector<float> src = Rand(rows * ld), blk = Rand(rows * n);
+  Tensor gsrc = Gpu({rows, ld}, src, kBF16), gdst = Poisoned({rows, n}, kBF16);
+  gpu_->CopyColumns(gsrc, col0, gdst);
+  std::vector<float> want(rows * n);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) want[r * n + j] = src[r * ld + col0 + j];
+  }
+  ExpectBits(gdst, want, "copy columns");
+  gpu_->WriteColumns(Gpu({rows, n}, blk, kBF16), gsrc, col0);
+  std::vector<float> written = src;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) written[r * ld + col0 + j] = blk[r * n + j];
+  }
+  ExpectBits(gsrc, written, "write columns");
+}
+
+// The scan in bf16 through the backend, as the kernels' own bf16 tests check it: the reference
+// in float64 on the rounded inputs. Shapes: the tiled N == 16 kernels (one tile; several tiles and
+// segments) and the general kernels (N == 8, several backward segments).
+TEST_F(CudaBackendBf16Test, SelectiveScan) {
+  struct ScanShape {
+    int64_t B, L, D, N, G;
+  };
+  for (const ScanShape sh :
+       {ScanShape{2, 37, 40, 16, 2}, ScanShape{1, 300, 64, 16, 1}, ScanShape{2, 130, 40, 8, 1}}) {
+    const int64_t B = sh.B, L = sh.L, D = sh.D, N = sh.N, G = sh.G;
+    SCOPED_TRACE(::testing::Message()
+                 << "B " << B << " L " << L << " D " << D << " N " << N << " G " << G);
+    const Shape act{B, L, D}, bc{B, L, G, N}, st{B, D, N};
+    const std::vector<float> u = Rand(B * L * D), delta = Rand(B * L * D, -3.0, 0.5),
+                             Bm = Rand(B * L * G * N), Cm = Rand(B * L * G * N),
+                             z = Rand(B * L * D, -2.0, 2.0), dout = Rand(B * L * D);
+    const std::vector<float> A = RandF32(D * N, -2.0, -0.1), Dskip = RandF32(D),
+                             bias = RandF32(D, -1.0, 0.0), h0 = RandF32(B * D * N),
+                             dh_last = RandF32(B * D * N);
+    // The activations in bf16 (or float64), the rest float32 (or float64).
+    auto inputs = [&](auto act_t, auto f32_t) {
+      ScanInputs in;
+      in.u = act_t(act, u);
+      in.delta = act_t(act, delta);
+      in.A = f32_t(Shape{D, N}, A);
+      in.Bm = act_t(bc, Bm);
+      in.Cm = act_t(bc, Cm);
+      in.D_skip = f32_t(Shape{D}, Dskip);
+      in.z = act_t(act, z);
+      in.dt_bias = f32_t(Shape{D}, bias);
+      in.h0 = f32_t(st, h0);
+      return in;
+    };
+    const auto bf16 = [&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v, kBF16); };
+    const auto f32 = [&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v, kF32); };
+    const auto f64 = [&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); };
+    const ScanInputs gin = inputs(bf16, f32);
+    const ScanInputs cin = inputs(f64, f64);
+    Tensor gout = Poisoned(act, kBF16), gh = Poisoned(st, kF32);
+    Tensor cout = Tensor::Empty(act, DType::kF64), ch = Tensor::Empty(st, DType::kF64);
+    gpu_->SelectiveScanForward(gin, gout, gh);
+    cpu_->SelectiveScanForward(cin, cout, ch);
+    ExpectClose(gout, cout, "scan out", kBf16Tol);
+    ExpectClose(gh, ch, "scan h_last", kF32Tol);
+
+    auto grads = [&](auto act_t, auto f32_t) {
+      ScanGrads g;
+      g.du = act_t(act);
+      g.ddelta = act_t(act);
+      g.dA = f32_t(Shape{D, N});
+      g.dBm = act_t(bc);
+      g.dCm = act_t(bc);
+      g.dD_skip = f32_t(Shape{D});
+      g.dz = act_t(act);
+      g.ddt_bias = f32_t(Shape{D});
+      g.dh0 = f32_t(st);
+      return g;
+    };
+    ScanGrads gg = grads([&](const Shape& s) { return Poisoned(s, kBF16); },
+                         [&](const Shape& s) { return Poisoned(s, kF32); });
+    const auto empty64 = [](const Shape& s) { return Tensor::Empty(s, DType::kF64); };
+    ScanGrads cg = grads(empty64, empty64);
+    gpu_->SelectiveScanBackward(gin, Gpu(act, dout, kBF16), Gpu(st, dh_last, kF32), gg);
+    cpu_->SelectiveScanBackward(cin, Ref(act, dout), Ref(st, dh_last), cg);
+    ExpectClose(gg.du, cg.du, "scan du", kBf16Tol);
+    ExpectClose(gg.ddelta, cg.ddelta, "scan ddelta", kBf16Tol);
+    ExpectClose(gg.dBm, cg.dBm, "scan dBm", kBf16Tol);
+    ExpectClose(gg.dCm, cg.dCm, "scan dCm", kBf16Tol);
+    ExpectClose(gg.dz, cg.dz, "scan dz", kBf16Tol);
+    ExpectClose(gg.dA, cg.dA, "scan dA", kScanGradTol);
+    ExpectClose(gg.dD_skip, cg.dD_skip, "scan dD", kScanGradTol);
+    ExpectClose(gg.ddt_bias, cg.ddt_bias, "scan ddt_bias", kScanGradTol);
+    ExpectClose(gg.dh0, cg.dh0, "scan dh0", kScanGradTol);
+  }
+}
+
+// Mixed dtypes abort naming the op and the tensors.
+TEST_F(CudaBackendBf16Test, DtypeMismatchesAbortNamingThem) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const Shape xs{2, 5, 8};
+  EXPECT_DEATH(
+      {
+        Tensor y = Poisoned(xs, kF32);
+        gpu_->CausalConv1dForward(Gpu(xs, Rand(80), kBF16), Gpu({8, 1, 4}, Rand(32), kF32),
+                                  Tensor(), Tensor(), true, y);
+      },
+      "conv1d_fwd: x and y must share one dtype");
+  EXPECT_DEATH(
+      {
+        Tensor ro = Poisoned({4, 8}, kBF16);
+        Tensor y = Poisoned({4, 8}, kBF16);
+        Tensor rstd = Poisoned({4}, kF32);
+        gpu_->AddRmsNormForward(Tensor(), Gpu({4, 8}, Rand(32), kBF16), Gpu({8}, Rand(8), kF32),
+                                1e-5, ro, y, rstd);
+      },
+      "rmsnorm_fwd: residual_out must be float32");
+  EXPECT_DEATH(
+      {
+        Tensor dz = Poisoned({4, 8}, kF32);
+        gpu_->CrossEntropy(Gpu({4, 8}, Rand(32), kBF16), GpuInts({4}, {0, 1, 2, 3}), -100, 1.0, dz);
+      },
+      "cross_entropy: logits and dlogits must share one dtype");
+  EXPECT_DEATH(
+      {
+        Tensor dst = gpu_->FromHost(Tensor::Zeros({4}, DType::kF64));
+        gpu_->Add(Gpu({4}, Rand(4), kBF16), dst);
+      },
+      "add: dst must be float32 or bfloat16");
+  // The scan: an input, then a gradient, of the other activation dtype.
+  const int64_t B = 1, L = 3, D = 4, N = 2;
+  auto scan_inputs = [&](DType bm_dtype) {
+    ScanInputs in;
+    in.u = Gpu({B, L, D}, Rand(B * L * D), kBF16);
+    in.delta = Gpu({B, L, D}, Rand(B * L * D), kBF16);
+    in.A = Gpu({D, N}, RandF32(D * N, -1, -0.1), kF32);
+    in.Bm = Gpu({B, L, 1, N}, Rand(B * L * N), bm_dtype);
+    in.Cm = Gpu({B, L, 1, N}, Rand(B * L * N), kBF16);
+    return in;
+  };
+  EXPECT_DEATH(
+      {
+        Tensor out = Poisoned({B, L, D}, kBF16);
+        Tensor none;
+        gpu_->SelectiveScanForward(scan_inputs(kF32), out, none);
+      },
+      "selective_scan_fwd: u and Bm must share one dtype");
+  EXPECT_DEATH(
+      {
+        ScanGrads g;
+        g.du = Poisoned({B, L, D}, kF32);
+        g.ddelta = Poisoned({B, L, D}, kBF16);
+        g.dA = Poisoned({D, N}, kF32);
+        g.dBm = Poisoned({B, L, 1, N}, kBF16);
+        g.dCm = Poisoned({B, L, 1, N}, kBF16);
+        gpu_->SelectiveScanBackward(scan_inputs(kBF16), Gpu({B, L, D}, Rand(B * L * D), kBF16),
+                                    Tensor(), g);
+      },
+      "selective_scan_bwd: du must have the dtype of u");
+}
+
+TEST(CpuBackendTest, RejectsBf16) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  std::unique_ptr<Backend> cpu = MakeCpuBackend();
+  EXPECT_DEATH(
+      {
+        Tensor y = Tensor::Empty({4}, kBF16);
+        cpu->SiluForward(Host({4}, {1, 2, 3, 4}, kBF16), y);
+      },
+      "CPU backend supports float32 and float64, got .*bfloat16");
+}
+
+}  // namespace
+}  // namespace mamba
