@@ -13,7 +13,11 @@ cmake --build "$BUILD" -j"$(nproc)"
 STAGE=$(mktemp -d)/bundle
 mkdir -p "$STAGE/build" "$STAGE/lib"
 # Executables (and the kernels' shared library) at their build-tree names.
-find "$BUILD" -maxdepth 1 -type f \( -perm -u+x -o -name '*.so' \) -exec cp {} "$STAGE/build/" \;
+# Only what the GPU run uses (each binary carries every CUDA kernel, ~11 MB; the device tool
+# carries at most 64 MiB). BUNDLE_BINS: space-separated globs relative to the build folder.
+for pattern in ${BUNDLE_BINS:-test_cuda_* train_bench mamba-worker mamba_logits}; do
+  for f in "$BUILD"/$pattern; do [[ -f "$f" ]] && cp "$f" "$STAGE/build/"; done
+done
 # Shared libraries the GPU machine's Ubuntu image lacks.
 for bin in "$STAGE"/build/*; do ldd "$bin" 2>/dev/null || true; done |
   awk '/=> \// {print $3}' | sort -u |

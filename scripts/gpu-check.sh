@@ -23,8 +23,10 @@ trap pack EXIT
 run_bundle() {
   tar -xJf .gpu-bundle/bundle.tar.xz -C /tmp || return 1
   local run=/tmp/bundle/run.sh bin=/tmp/bundle/build
-  "$run" "$bin/test_cuda_backend" --gtest_brief=1 2>&1 | tee "$OUT/cuda_backend.log" || status=1
-  "$run" "$bin/test_cuda_model" --gtest_brief=1 2>&1 | tee "$OUT/cuda_model.log" || status=1
+  local t
+  for t in "$bin"/test_cuda_*; do
+    "$run" "$t" --gtest_brief=1 2>&1 | tee "$OUT/$(basename "$t").log" || status=1
+  done
   if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     "$run" "$bin/train_bench" --json "$OUT/train_bench_130m.json" ${TRAIN_BENCH_ARGS:-} 2>&1 |
       tee "$OUT/train_bench_130m.log" || status=1

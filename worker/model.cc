@@ -22,6 +22,8 @@ MambaModel::MambaModel(const ModelConfig& config, Backend* backend, DType dtype,
     : config_(config),
       backend_(backend),
       dtype_(dtype),
+      // Mixed precision (DESIGN.md): where the GEMMs take bf16, so do the activations around them.
+      act_dtype_(backend->GemmOperandDType(dtype) == DType::kBF16 ? DType::kBF16 : dtype),
       options_(options),
       params_(2 + 10 * config.n_layer) {  // Layer keeps pointers into params_
   const int64_t dm = config.d_model, E = config.d_inner(), N = config.d_state, R = config.dt_rank,
@@ -132,33 +134,33 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
                 R = config_.dt_rank;
   Backend& be = *backend_;
   l.residual = Act({M, dm});
-  l.h = Act({M, dm});
+  l.h = Act16({M, dm});
   l.rstd = Act({M});
   be.AddRmsNormForward(residual_in, hidden_in, l.norm->value, config_.norm_eps, l.residual, l.h,
                        l.rstd);
   // in_proj's two halves (rows [0, E) give x, [E, 2E) give z) as two GEMMs on weight views, so
   // x and z come out contiguous with no (tokens x 2E) buffer to split.
-  l.x = Act({B, L, E});
-  l.z = Act({B, L, E});
+  l.x = Act16({B, L, E});
+  l.z = Act16({B, L, E});
   const Tensor& in_w = GemmWeight(*l.in_proj);
   be.LinearForward(l.h, in_w.Slice(0, E), Tensor(), l.x);
   be.LinearForward(l.h, in_w.Slice(E, 2 * E), Tensor(), l.z);
-  l.xa = Act({B, L, E});
+  l.xa = Act16({B, L, E});
   be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), /*silu=*/true, l.xa);
-  l.dbc = Act({M, R + 2 * N});
+  l.dbc = Act16({M, R + 2 * N});
   be.LinearForward(l.xa, GemmWeight(*l.x_proj), Tensor(), l.dbc);
-  l.dt_raw = Act({M, R});
-  l.Bm = Act({B, L, 1, N});
-  l.Cm = Act({B, L, 1, N});
+  l.dt_raw = Act16({M, R});
+  l.Bm = Act16({B, L, 1, N});
+  l.Cm = Act16({B, L, 1, N});
   be.CopyColumns(l.dbc, 0, l.dt_raw);
   be.CopyColumns(l.dbc, R, l.Bm);
   be.CopyColumns(l.dbc, R + N, l.Cm);
   // dt_proj's bias is applied inside the scan (with the softplus), as in mamba_ssm.
-  l.delta = Act({B, L, E});
+  l.delta = Act16({B, L, E});
   be.LinearForward(l.dt_raw, GemmWeight(*l.dt_w), Tensor(), l.delta);
   l.A = Act({E, N});
   be.NegExp(l.A_log->value, l.A);
-  l.y = Act({B, L, E});
+  l.y = Act16({B, L, E});
   Tensor no_state;
   be.SelectiveScanForward(
       {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, l.y,
@@ -166,7 +168,7 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   // A recompute for the backward keeps everything and skips the output projection: the backward
   // needs y, not the output.
   if (recompute) return;
-  l.out = Act({M, dm});
+  l.out = Act16({M, dm});
   be.LinearForward(l.y, GemmWeight(*l.out_proj), Tensor(), l.out);
   // Keep only what the backward cannot cheaply recompute (see Recompute).
   l.dbc = Tensor();
@@ -194,24 +196,24 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   } else if (!l.xa.defined()) {
     // Recompute::kConvAndDelta (mamba_ssm's checkpoint_lvl 1): two cheap ops instead of two
     // (tokens x d_inner) activations kept from the forward.
-    l.xa = Act({B, L, E});
+    l.xa = Act16({B, L, E});
     be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), true, l.xa);
-    l.delta = Act({B, L, E});
+    l.delta = Act16({B, L, E});
     be.LinearForward(l.dt_raw, GemmWeight(*l.dt_w), Tensor(), l.delta);
   }
   Tensor none;
   // out_proj
-  Tensor dy = Act({B, L, E});
+  Tensor dy = Act16({B, L, E});
   be.LinearBackward(d_residual, l.y, GemmWeight(*l.out_proj), dy, l.out_proj->grad, none);
   // scan
   ScanGrads g;
-  g.du = Act({B, L, E});
-  g.ddelta = Act({B, L, E});
+  g.du = Act16({B, L, E});
+  g.ddelta = Act16({B, L, E});
   g.dA = Act({E, N});
-  g.dBm = Act({B, L, 1, N});
-  g.dCm = Act({B, L, 1, N});
+  g.dBm = Act16({B, L, 1, N});
+  g.dCm = Act16({B, L, 1, N});
   g.dD_skip = Act({E});
-  g.dz = Act({B, L, E});
+  g.dz = Act16({B, L, E});
   g.ddt_bias = Act({E});
   be.SelectiveScanBackward(
       {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, dy, none,
@@ -220,17 +222,17 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   be.Add(g.dD_skip, l.D->grad);
   be.Add(g.ddt_bias, l.dt_b->grad);
   // dt_proj (no bias here), then x_proj's output gradient assembled from its three blocks.
-  Tensor ddbc = Act({M, R + 2 * N});
-  Tensor ddt_raw = Act({M, R});
+  Tensor ddbc = Act16({M, R + 2 * N});
+  Tensor ddt_raw = Act16({M, R});
   be.LinearBackward(g.ddelta, l.dt_raw, GemmWeight(*l.dt_w), ddt_raw, l.dt_w->grad, none);
   be.WriteColumns(ddt_raw, ddbc, 0);
   be.WriteColumns(g.dBm, ddbc, R);
   be.WriteColumns(g.dCm, ddbc, R + N);
-  Tensor dxa = Act({B, L, E});
+  Tensor dxa = Act16({B, L, E});
   be.LinearBackward(ddbc, l.xa, GemmWeight(*l.x_proj), dxa, l.x_proj->grad, none);
   be.Add(g.du, dxa);
   // conv1d + SiLU
-  Tensor dx = Act({B, L, E});
+  Tensor dx = Act16({B, L, E});
   be.CausalConv1dBackward(l.x, l.conv_w->value, l.conv_b->value, none, true, dxa, dx,
                           l.conv_w->grad, l.conv_b->grad, none);
   // in_proj backward, half by half: weight-gradient views accumulate in place; dh sums both.
@@ -263,7 +265,7 @@ MambaModel::Head MambaModel::Forward(const Tensor& inputs) {
     l.out = Tensor();  // the next add consumes it; its backward needs only the sum
   }
   h.res_f = Act({M, dm});
-  h.hf = Act({M, dm});
+  h.hf = Act16({M, dm});
   h.rstd_f = Act({M});
   be.AddRmsNormForward(residual, hidden, norm_f_->value, config_.norm_eps, h.res_f, h.hf, h.rstd_f);
   return h;
@@ -298,7 +300,7 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
     for (int64_t r0 = 0; r0 < M; r0 += chunk) {
       const int64_t r1 = std::min(M, r0 + chunk);
       const Tensor hf = head.hf.Slice(r0, r1);
-      Tensor logits = Act({r1 - r0, V});
+      Tensor logits = Act16({r1 - r0, V});
       be.LinearForward(hf, GemmWeight(*embedding_), Tensor(), logits);
       Tensor dlogits = backward ? logits : Tensor();
       // The statistics stay on the device: one wait for all chunks, after the loop.

@@ -84,11 +84,16 @@ class MambaModel {
   // w.r.t. the stream before the layer (equal to that w.r.t. the previous layer's output).
   void BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t L);
   void ReleaseActivations(Layer& l);
+  // The residual stream, its gradient and the norms' statistics: the model dtype.
   Tensor Act(const Shape& shape) { return backend_->Empty(shape, dtype_); }
+  // Activations that feed GEMMs, the conv and the scan (and their gradients): bf16 when the
+  // backend multiplies in bf16 (mixed precision), else the model dtype.
+  Tensor Act16(const Shape& shape) { return backend_->Empty(shape, act_dtype_); }
 
   ModelConfig config_;
   Backend* backend_;
   DType dtype_;
+  DType act_dtype_;
   ModelOptions options_;
   ParameterStore params_;
   std::vector<Layer> layers_;
