@@ -305,6 +305,14 @@ TEST(LinearCpu, BackwardMatchesFiniteDifferences) {
       if (with_bias) {
         EXPECT_LT(RelativeError(db1, Scaled(db, 2)), kExactTol) << tag;
       }
+      // accumulate_dx adds dy w to what dx holds.
+      const Vec dx0 = RandomVector(M * K, 54);
+      Vec dx2 = dx0, dw2(N * K, 0.0);
+      LinearBackwardCpu<double>(M, N, K, wy.data(), x.data(), w.data(), dx2.data(), dw2.data(),
+                                nullptr, /*accumulate_dx=*/true);
+      Vec expect = dx0;
+      for (size_t i = 0; i < expect.size(); ++i) expect[i] += dx[i];
+      EXPECT_LT(RelativeError(dx2, expect), kExactTol) << tag;
     }
   }
 }

@@ -94,8 +94,14 @@ class Backend {
   // y (M, N) = x (M, K) w (N, K)^T + bias. Backends may take bf16 x, w, dy and give bf16 y, dx
   // (the CUDA backend under GemmPrecision::kBf16); dw and dbias are in the param dtype.
   virtual void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) = 0;
+  // accumulate_dx: dx += dy w instead of dx = dy w (the sum of two layers' input gradients
+  // without a separate add).
   virtual void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx,
-                              Tensor& dw, Tensor& dbias) = 0;
+                              Tensor& dw, Tensor& dbias, bool accumulate_dx) = 0;
+  void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
+                      Tensor& dbias) {
+    LinearBackward(dy, x, w, dx, dw, dbias, /*accumulate_dx=*/false);
+  }
 
   // Depthwise causal conv1d along L with bias and optional fused SiLU. x, y: (B, L, C);
   // weight (C, 1, K) as HF stores it; prefix (B, K-1, C): the positions before x, or undefined.

@@ -122,14 +122,15 @@ class CpuBackend final : public Backend {
       kernels::LinearForwardCpu<T>(M, N, K, x.data<T>(), w.data<T>(), Opt<T>(bias), y.data<T>());
     });
   }
+  using Backend::LinearBackward;
   void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
-                      Tensor& dbias) override {
+                      Tensor& dbias, bool accumulate_dx) override {
     const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(dy.numel() == M * N && dw.shape() == w.shape());
     Dispatch(x, [&](auto z) {
       using T = decltype(z);
       kernels::LinearBackwardCpu<T>(M, N, K, dy.data<T>(), x.data<T>(), w.data<T>(), OptMut<T>(dx),
-                                    dw.data<T>(), OptMut<T>(dbias));
+                                    dw.data<T>(), OptMut<T>(dbias), accumulate_dx);
     });
   }
 

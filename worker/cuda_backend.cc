@@ -464,8 +464,9 @@ class CudaBackend final : public Backend {
         cublas_, gemm_, M, N, K, xm, wm, OptIn(bias, op), ym,
         Workspace(kernels::LinearForwardWorkspaceBytes(gemm_, M, N, K, xm, wm)), stream_);
   }
+  using Backend::LinearBackward;
   void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
-                      Tensor& dbias) override {
+                      Tensor& dbias, bool accumulate_dx) override {
     OpScope range(this, "linear_bwd");
     constexpr const char* op = "linear_bwd";
     const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
@@ -477,7 +478,7 @@ class CudaBackend final : public Backend {
                               wm = GemmOperand(w, op),
                               dxm = dx.defined() ? GemmOperand(dx, op) : kernels::GemmMatrix();
     kernels::LinearBackwardCuda(
-        cublas_, gemm_, M, N, K, dym, xm, wm, dxm, Out(dw, op), OptOut(dbias, op),
+        cublas_, gemm_, M, N, K, dym, xm, wm, dxm, accumulate_dx, Out(dw, op), OptOut(dbias, op),
         Workspace(kernels::LinearBackwardWorkspaceBytes(gemm_, M, N, K, dym, xm, wm, dxm)),
         stream_);
   }
@@ -724,9 +725,8 @@ class CudaBackend final : public Backend {
               const Tensor& like, const char* op) {
     MAMBA_CHECK(like.device() == Device::kCUDA) << op << ": " << like.DebugString();
     if (rows == 0 || n == 0) return;
-    const size_t es = ElemSize(like);
-    MAMBA_CUDA_CHECK(op, cudaMemcpy2DAsync(dst, dst_ld * es, src, src_ld * es, n * es, rows,
-                                           cudaMemcpyDeviceToDevice, stream_));
+    const int64_t es = static_cast<int64_t>(ElemSize(like));
+    kernels::Copy2DCuda(src, src_ld * es, dst, dst_ld * es, n * es, rows, stream_);
   }
 
   void CheckConv(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& prefix,

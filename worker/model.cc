@@ -228,20 +228,21 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t 
   be.WriteColumns(ddt_raw, ddbc, 0);
   be.WriteColumns(g.dBm, ddbc, R);
   be.WriteColumns(g.dCm, ddbc, R + N);
-  Tensor dxa = Act16({B, L, E});
-  be.LinearBackward(ddbc, l.xa, GemmWeight(*l.x_proj), dxa, l.x_proj->grad, none);
-  be.Add(g.du, dxa);
+  // The conv output feeds both the scan (u) and x_proj: its gradient is du + x_proj's, summed by
+  // the GEMM itself.
+  Tensor& dxa = g.du;
+  be.LinearBackward(ddbc, l.xa, GemmWeight(*l.x_proj), dxa, l.x_proj->grad, none,
+                    /*accumulate_dx=*/true);
   // conv1d + SiLU
   Tensor dx = Act16({B, L, E});
   be.CausalConv1dBackward(l.x, l.conv_w->value, l.conv_b->value, none, true, dxa, dx,
                           l.conv_w->grad, l.conv_b->grad, none);
   // in_proj backward, half by half: weight-gradient views accumulate in place; dh sums both.
-  Tensor dh = Act({M, dm}), dh_z = Act({M, dm});
+  Tensor dh = Act({M, dm});
   Tensor in_grad_x = l.in_proj->grad.Slice(0, E), in_grad_z = l.in_proj->grad.Slice(E, 2 * E);
   const Tensor& in_w = GemmWeight(*l.in_proj);
   be.LinearBackward(dx, l.h, in_w.Slice(0, E), dh, in_grad_x, none);
-  be.LinearBackward(g.dz, l.h, in_w.Slice(E, 2 * E), dh_z, in_grad_z, none);
-  be.Add(dh_z, dh);
+  be.LinearBackward(g.dz, l.h, in_w.Slice(E, 2 * E), dh, in_grad_z, none, /*accumulate_dx=*/true);
   // Fused add + norm: the residual stream's gradient so far joins the norm's.
   Tensor d_res_in = Act({M, dm});
   be.AddRmsNormBackward(dh, d_residual, l.residual, l.norm->value, l.rstd, d_res_in, l.norm->grad);

@@ -180,6 +180,28 @@ TEST_F(CudaMixedPrecisionTest, LinearBackwardEveryDtype) {
   }
 }
 
+// accumulate_dx: dx += dy w, in fp32 and bf16 dx (the model sums x_proj's and the scan's input
+// gradients, and in_proj's two halves, this way).
+TEST_F(CudaMixedPrecisionTest, LinearBackwardAccumulatesDx) {
+  const int64_t M = 133, N = 67, K = 259;
+  const std::vector<float> x = Rand(M * K), w = Rand(N * K), dy = Rand(M * N), dx0 = Rand(M * K);
+  // The GEMM operands are bf16 either way (rounded in the workspace when fp32); dx's previous
+  // value is exact in fp32.
+  const std::vector<float> xs = RoundToBf16(x), ws = RoundToBf16(w), dys = RoundToBf16(dy);
+  for (const DType d : {DType::kF32, DType::kBF16}) {
+    const std::vector<float> dx0s = d == DType::kBF16 ? RoundToBf16(dx0) : dx0;
+    Tensor rdx = Ref({M, K}, dx0s), rdw = cpu_->Empty({N, K}, DType::kF64), none;
+    cpu_->Zero(rdw);
+    cpu_->LinearBackward(Ref({M, N}, dys), Ref({M, K}, xs), Ref({N, K}, ws), rdx, rdw, none,
+                         /*accumulate_dx=*/true);
+    Tensor dx = Gpu({M, K}, dx0, d), dw = Gpu({N, K}, std::vector<float>(N * K, 0.f));
+    gpu_->LinearBackward(Gpu({M, N}, dy, d), Gpu({M, K}, x, d), Gpu({N, K}, w, d), dx, dw, none,
+                         /*accumulate_dx=*/true);
+    ExpectClose(dx, rdx, std::string("accumulated dx ") + Name(d), OutputTol(d));
+    ExpectClose(dw, rdw, std::string("dw ") + Name(d), 1e-5);
+  }
+}
+
 TEST_F(CudaMixedPrecisionTest, LinearWithBf16TensorsIsDeterministic) {
   const int64_t M = 133, N = 67, K = 259;
   const std::vector<float> x = Rand(M * K), w = Rand(N * K), dy = Rand(M * N), dw0 = Rand(N * K),

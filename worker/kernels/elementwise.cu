@@ -102,4 +102,41 @@ template void AddCuda<float, bf16>(int64_t, const float*, bf16*, cudaStream_t);
 template void AddCuda<bf16, float>(int64_t, const bf16*, float*, cudaStream_t);
 template void AddCuda<bf16, bf16>(int64_t, const bf16*, bf16*, cudaStream_t);
 
+namespace {
+
+template <typename W>
+__global__ void Copy2DKernel(const char* src, int64_t src_pitch, char* dst, int64_t dst_pitch,
+                             int64_t row_words, int64_t rows) {
+  const int64_t n = row_words * rows;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / row_words, c = i - r * row_words;
+    reinterpret_cast<W*>(dst + r * dst_pitch)[c] =
+        reinterpret_cast<const W*>(src + r * src_pitch)[c];
+  }
+}
+
+}  // namespace
+
+void Copy2DCuda(const void* src, int64_t src_pitch, void* dst, int64_t dst_pitch, int64_t row_bytes,
+                int64_t rows, cudaStream_t stream) {
+  if (rows == 0 || row_bytes == 0) return;
+  const auto s = reinterpret_cast<uintptr_t>(src), d = reinterpret_cast<uintptr_t>(dst);
+  const bool words =
+      (s | d | uint64_t(src_pitch) | uint64_t(dst_pitch) | uint64_t(row_bytes)) % 4 == 0;
+  const int64_t unit = words ? 4 : 1, n = row_bytes / unit * rows;
+  unsigned int blocks = GridFor(n, kThreads);
+  if (blocks > 65536u) blocks = 65536u;
+  const char* sp = static_cast<const char*>(src);
+  char* dp = static_cast<char*>(dst);
+  if (words) {
+    Copy2DKernel<uint32_t>
+        <<<blocks, kThreads, 0, stream>>>(sp, src_pitch, dp, dst_pitch, row_bytes / 4, rows);
+  } else {
+    Copy2DKernel<unsigned char>
+        <<<blocks, kThreads, 0, stream>>>(sp, src_pitch, dp, dst_pitch, row_bytes, rows);
+  }
+  MAMBA_CUDA_CHECK_LAUNCH("copy_2d");
+}
+
 }  // namespace mamba::kernels

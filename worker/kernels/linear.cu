@@ -158,7 +158,8 @@ size_t LinearBackwardWorkspaceBytes(GemmPrecision precision, int64_t M, int64_t 
 
 void LinearBackwardCuda(cublasHandle_t handle, GemmPrecision precision, int64_t M, int64_t N,
                         int64_t K, GemmMatrix dy, GemmMatrix x, GemmMatrix w, GemmMatrix dx,
-                        float* dw, float* dbias, void* workspace, cudaStream_t stream) {
+                        bool accumulate_dx, float* dw, float* dbias, void* workspace,
+                        cudaStream_t stream) {
   double* partial = static_cast<double*>(workspace);
   const bool gemms = M > 0 && N > 0 && K > 0;
   if (gemms) {
@@ -169,12 +170,12 @@ void LinearBackwardCuda(cublasHandle_t handle, GemmPrecision precision, int64_t 
       const void* wa = scratch.Operand("linear_bwd", precision, N * K, w, stream);
       // dx^T(K, M) = w^T(K, N) dy^T(N, M).
       Gemm("linear_bwd_dx", handle, precision, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, wa, K, dya, N,
-           0.f, dx, K);
+           accumulate_dx ? 1.f : 0.f, dx, K);
     }
     // dw^T(K, N) += x^T(K, M) dy(M, N), dy(M, N) being the transpose of dy^T(N, M).
     Gemm("linear_bwd_dw", handle, precision, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, xa, K, dya, N, 1.f,
          GemmMatrix{dw, false}, K);
-  } else if (dx.data && M > 0 && K > 0) {  // N == 0: dx is an empty sum
+  } else if (dx.data && M > 0 && K > 0 && !accumulate_dx) {  // N == 0: dx is an empty sum
     MAMBA_CUDA_CHECK("linear_bwd", cudaMemsetAsync(dx.data, 0, M * K * ElemBytes(dx), stream));
   }
   if (dbias && M > 0 && N > 0) {

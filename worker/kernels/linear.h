@@ -46,8 +46,10 @@ void LinearForwardCuda(cublasHandle_t handle, GemmPrecision precision, int64_t M
 size_t LinearBackwardWorkspaceBytes(GemmPrecision precision, int64_t M, int64_t N, int64_t K,
                                     GemmMatrix dy, GemmMatrix x, GemmMatrix w, GemmMatrix dx);
 // dx (data) and dbias may be null.
+// accumulate_dx: dx += dy w (beta 1) instead of dx = dy w.
 void LinearBackwardCuda(cublasHandle_t handle, GemmPrecision precision, int64_t M, int64_t N,
                         int64_t K, GemmMatrix dy, GemmMatrix x, GemmMatrix w, GemmMatrix dx,
-                        float* dw, float* dbias, void* workspace, cudaStream_t stream);
+                        bool accumulate_dx, float* dw, float* dbias, void* workspace,
+                        cudaStream_t stream);
 
 }  // namespace mamba::kernels

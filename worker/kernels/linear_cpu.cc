@@ -110,12 +110,13 @@ void LinearForwardCpu(int64_t M, int64_t N, int64_t K, const T* x, const T* w, c
 
 template <typename T>
 void LinearBackwardCpu(int64_t M, int64_t N, int64_t K, const T* dy, const T* x, const T* w, T* dx,
-                       T* dw, T* dbias) {
+                       T* dw, T* dbias, bool accumulate_dx) {
   if (dx && M > 0 && K > 0) {
     if (N == 0) {
-      std::fill(dx, dx + M * K, T(0));
+      if (!accumulate_dx) std::fill(dx, dx + M * K, T(0));
     } else {
-      BlockedGemm(false, false, M, K, N, dy, N, w, K, T(0), dx, K);  // dx(M, K) = dy(M, N) w(N, K)
+      // dx(M, K) (+)= dy(M, N) w(N, K)
+      BlockedGemm(false, false, M, K, N, dy, N, w, K, T(accumulate_dx ? 1 : 0), dx, K);
     }
   }
   if (M == 0) return;
@@ -135,8 +136,8 @@ template void LinearForwardCpu<float>(int64_t, int64_t, int64_t, const float*, c
 template void LinearForwardCpu<double>(int64_t, int64_t, int64_t, const double*, const double*,
                                        const double*, double*);
 template void LinearBackwardCpu<float>(int64_t, int64_t, int64_t, const float*, const float*,
-                                       const float*, float*, float*, float*);
+                                       const float*, float*, float*, float*, bool);
 template void LinearBackwardCpu<double>(int64_t, int64_t, int64_t, const double*, const double*,
-                                        const double*, double*, double*, double*);
+                                        const double*, double*, double*, double*, bool);
 
 }  // namespace mamba::kernels
