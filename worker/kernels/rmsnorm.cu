@@ -9,8 +9,11 @@ namespace mamba::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-// Row chunks of the dweight reduction (at most this many; fixed by `rows`).
-constexpr int64_t kMaxRowChunks = 256;
+// Row chunks of the dweight reduction (at most this many; fixed by `rows`): enough blocks to
+// fill the GPU, each walking its rows in order.
+constexpr int64_t kMaxRowChunks = 2048;
+// Widest row the backward takes: kThreads * 32 columns.
+constexpr int64_t kMaxBackwardDim = kThreads * 32;
 
 int64_t RowChunks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxRowChunks)); }
 
@@ -37,33 +40,56 @@ __global__ void AddRmsNormForwardKernel(int64_t dim, const float* residual_in, c
 
 // Block c handles rows [c*rows/chunks, (c+1)*rows/chunks): dx for each row, and the chunk's
 // dweight partial (double) in partial[c * dim + i], owned by the thread of column i.
-template <typename T>
-__global__ void AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chunks, const T* dy,
-                                         const float* dresidual_out, const float* residual_out,
-                                         const float* weight, const float* rstd, float* dx,
-                                         double* partial) {
+// A thread owns the columns tid + j * kThreads, j < kCols, for all rows of its chunk: their
+// dweight partials stay in registers (in double, added in row order), and each row's loads are
+// issued together before the row's reduction.
+template <typename T, int kCols>
+__global__ void __launch_bounds__(kThreads)
+    AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chunks, const T* dy,
+                             const float* dresidual_out, const float* residual_out,
+                             const float* weight, const float* rstd, float* dx, double* partial) {
   __shared__ float scratch[32];
   const int64_t c = blockIdx.x;
   const int64_t r_begin = rows * c / chunks, r_end = rows * (c + 1) / chunks;
-  double* dw = partial + c * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dw[i] = 0.0;
+  double dw[kCols];
+  float w[kCols];
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    const int64_t i = threadIdx.x + j * int64_t(kThreads);
+    dw[j] = 0.0;
+    w[j] = i < dim ? weight[i] : 0.f;
+  }
   for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t base = r * dim;
     const float s = rstd[r];
+    float g[kCols], res[kCols];
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      const int64_t i = threadIdx.x + j * int64_t(kThreads);
+      g[j] = i < dim ? Load(dy + base + i) : 0.f;
+      res[j] = i < dim ? residual_out[base + i] : 0.f;
+    }
     float dot = 0.f;
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-      const float g = Load(dy + base + i), res = residual_out[base + i];
-      dot += g * weight[i] * res;
-      dw[i] += double(g) * double(res) * double(s);
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      dot += g[j] * w[j] * res[j];
+      dw[j] += double(g[j]) * double(res[j]) * double(s);
     }
     dot = BlockSum(dot, scratch);  // its barriers also order every read of dy before the writes
     const float k = s * s * dot / float(dim);
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-      float v = s * (Load(dy + base + i) * weight[i] - residual_out[base + i] * k);
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      const int64_t i = threadIdx.x + j * int64_t(kThreads);
+      if (i >= dim) continue;
+      float v = s * (g[j] * w[j] - res[j] * k);
       if (dresidual_out) v += dresidual_out[base + i];
       dx[base + i] = v;
     }
-    __syncthreads();  // dx may alias dy: the next row's reads must not overtake these writes
+  }
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    const int64_t i = threadIdx.x + j * int64_t(kThreads);
+    if (i < dim) partial[c * dim + i] = dw[j];
   }
 }
 
@@ -92,8 +118,27 @@ void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float*
   const int64_t chunks = RowChunks(rows);
   double* partial = static_cast<double*>(workspace);
   if (rows > 0) {
-    AddRmsNormBackwardKernel<<<static_cast<unsigned int>(chunks), kThreads, 0, stream>>>(
-        rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, partial);
+    MAMBA_CHECK(dim <= kMaxBackwardDim)
+        << "rmsnorm_bwd: dim " << dim << " above " << kMaxBackwardDim;
+    const unsigned int blocks = static_cast<unsigned int>(chunks);
+#define MAMBA_LAUNCH(cols)                                            \
+  AddRmsNormBackwardKernel<T, cols><<<blocks, kThreads, 0, stream>>>( \
+      rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, partial)
+    const int64_t cols = (dim + kThreads - 1) / kThreads;
+    if (cols <= 1) {
+      MAMBA_LAUNCH(1);
+    } else if (cols <= 2) {
+      MAMBA_LAUNCH(2);
+    } else if (cols <= 4) {
+      MAMBA_LAUNCH(4);
+    } else if (cols <= 8) {
+      MAMBA_LAUNCH(8);
+    } else if (cols <= 16) {
+      MAMBA_LAUNCH(16);
+    } else {
+      MAMBA_LAUNCH(32);
+    }
+#undef MAMBA_LAUNCH
     MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_bwd");
   }
   AddChunkSumsKernel<<<GridFor(dim, kThreads), kThreads, 0, stream>>>(dim, rows > 0 ? chunks : 0,

@@ -4,11 +4,15 @@
 
 namespace mamba::kernels {
 
-// expf only ever sees a non-positive argument, so neither branch overflows.
+// 1 / (1 + 2^(-x log2 e)) with the hardware exp2 and reciprocal (relative error ~2^-22): 4
+// instructions instead of a branch, expf and an IEEE division, which made the conv kernels
+// instruction-bound. Saturates cleanly: exp2 overflows to inf (sigmoid 0) or underflows to 0
+// (sigmoid 1).
 __device__ __forceinline__ float StableSigmoidF(float x) {
-  if (x >= 0.f) return 1.f / (1.f + expf(-x));
-  const float e = expf(x);
-  return e / (1.f + e);
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-x * 1.4426950408889634f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  return r;
 }
 
 __device__ __forceinline__ float SiluGradF(float x) {
