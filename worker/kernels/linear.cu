@@ -189,7 +189,7 @@ void LinearBackwardCuda(cublasHandle_t handle, GemmPrecision precision, int64_t 
           M, N, chunks, static_cast<const float*>(dy.data), partial);
     }
     MAMBA_CUDA_CHECK_LAUNCH("linear_bwd_dbias");
-    AddChunkSumsKernel<<<GridFor(N, kThreads), kThreads, 0, stream>>>(N, chunks, partial, dbias);
+    LaunchAddChunkSums(N, chunks, partial, dbias, stream);
     MAMBA_CUDA_CHECK_LAUNCH("linear_bwd_dbias");
   }
 }

@@ -141,8 +141,7 @@ void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float*
 #undef MAMBA_LAUNCH
     MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_bwd");
   }
-  AddChunkSumsKernel<<<GridFor(dim, kThreads), kThreads, 0, stream>>>(dim, rows > 0 ? chunks : 0,
-                                                                      partial, dweight);
+  LaunchAddChunkSums(dim, rows > 0 ? chunks : 0, partial, dweight, stream);
   MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_bwd");
 }
 
