@@ -378,8 +378,11 @@ void CausalConv1dBackwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const 
         B, L, C, K, TilesL(L), dy, halo);
     MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
   }
-  Dispatch<BackwardLaunch, T, kBwdMaxVec>(
-      VecWidth(kBwdMaxVec, sizeof(T), C, {x, prefix, dy, halo, dx, dprefix}), K, B, L, C, x, weight,
+  // bf16 takes 4-wide (8-byte) accesses: its packed loads leave room in the registers where fp32
+  // spilled.
+  constexpr int kMaxVec = std::is_same_v<T, float> ? kBwdMaxVec : 4;
+  Dispatch<BackwardLaunch, T, kMaxVec>(
+      VecWidth(kMaxVec, sizeof(T), C, {x, prefix, dy, halo, dx, dprefix}), K, B, L, C, x, weight,
       bias, prefix, silu, dy, static_cast<const T*>(halo), dx, dprefix, partial, stream);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
   ParamFinalKernel<<<GridFor(C * (K + 1), 256), 256, 0, stream>>>(C, K, tiles, partial, dweight,
