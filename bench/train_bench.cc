@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
   Tensor inputs = Tensor::Empty({B, L}, mamba::DType::kI32);
   Tensor targets = Tensor::Empty({B, L}, mamba::DType::kI32);
   std::vector<double> step_ms;
-  std::map<std::string, double> phase_ms;
+  std::map<std::string, double> phase_ms, op_ms;
   double loss = 0;
   for (int64_t s = 0; s < warmup + steps; ++s) {
     for (int64_t i = 0; i < B * L; ++i) {
@@ -132,7 +132,10 @@ int main(int argc, char** argv) {
     loss = st.mean_loss();
     if (timed) {
       step_ms.push_back(ms);
-      for (const auto& [op, t] : backend->TakeOpTimes()) phase_ms[Phase(op)] += t;
+      for (const auto& [op, t] : backend->TakeOpTimes()) {
+        phase_ms[Phase(op)] += t;
+        op_ms[op] += t;
+      }
     }
     std::printf("  step %ld%s: %.1f ms, loss %.4f\n", long(s + 1), timed ? "" : " (warm-up)", ms,
                 loss);
@@ -155,6 +158,8 @@ int main(int argc, char** argv) {
   for (const auto& [p, t] : phase_ms) {
     std::printf("%-10s %10.2f %6.1f%%\n", p.c_str(), t / steps, 100.0 * t / phase_total);
   }
+  std::printf("\n%-20s %10s\n", "op", "ms/step");
+  for (const auto& [op, t] : op_ms) std::printf("%-20s %10.2f\n", op.c_str(), t / steps);
   const std::string out = absl::GetFlag(FLAGS_json);
   if (!out.empty()) {
     nlohmann::json j;
@@ -171,6 +176,7 @@ int main(int argc, char** argv) {
     j["peak_tensor_gib"] = peak_gib;
     j["step_ms"] = step_ms;
     for (const auto& [p, t] : phase_ms) j["phase_ms_per_step"][p] = t / steps;
+    for (const auto& [op, t] : op_ms) j["op_ms_per_step"][op] = t / steps;
     std::ofstream(out) << j.dump(2) << "\n";
   }
   return 0;
