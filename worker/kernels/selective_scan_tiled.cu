@@ -577,12 +577,15 @@ struct BwdSmem {
   // State before each step, per thread. Once a warp has read its row tt, the row's first 64
   // floats of the warp's part hold its sums of step tt (RedAt, DbcAt), for the epilogue.
   float4 hist[kBT][kTh];
-  float chan[2][4][kCh];  // dD, dbias partials per row of threads
+  float chan[2][kBT][kCh];  // dD, dbias partials per row of threads (4 rows scalar, 16 vector)
+  float dsk[kCh];           // D_skip of the block's channels (vector epilogue)
 };
 
-// y, sum g*e*h*A, sum g*B of step tt and channel c, summed over the channel's lanes.
+// y, sum g*e*h*A, sum g*B of step tt and channel c, summed over the channel's lanes. Within a
+// warp's 8 slots the channels are rotated by c >> 3, so that the vector epilogue's quarter warp
+// (channels 0, 4, ..., 28 plus j) reads 8 different 16-byte bank groups.
 __device__ __forceinline__ float4& RedAt(BwdSmem& sm, int tt, int c) {
-  return sm.hist[tt][(c >> 3) * 32 + (c & 7)];
+  return sm.hist[tt][(c >> 3) * 32 + (((c & 7) + (c >> 3)) & 7)];
 }
 // dBm (m < 16) and dCm (16 + m) of step tt summed over the 8 channels of warp w.
 __device__ __forceinline__ float& DbcAt(BwdSmem& sm, int w, int tt, int m) {
@@ -606,6 +609,7 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
   const int64_t de = k.d0 + (ceok ? ce : 0);
   const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
   StageBias(p, k, sm.s);  // read after the first barrier of the tile loop
+  if (tid < kCh) sm.dsk[tid] = p.D_skip && tid < k.nvalid ? p.D_skip[k.d0 + tid] : 0.f;
 
   float A[4], a2[4], h[4], g[4], dA[4];
 #pragma unroll
@@ -625,7 +629,8 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
   const int64_t ck_row = row * (p.seg_len / kBT - 1);
   Raw<T, kBT, kTh, kVec> rr;  // next tile of the backward walk
   LoadRaw<T, kBT, true, true, true, true, kTh, kVec>(p, k, t0 + (ntiles - 1) * kBT, t1, rr);
-  float dD_acc = 0.f, dbias_acc = 0.f;
+  // dD and dbias partials: of channel ce (scalar epilogue) or of the vector's channels.
+  float dD_acc[kVec ? 4 : 1] = {}, dbias_acc[kVec ? 4 : 1] = {};
   const bool one_block = cpg == 1;
   for (int r = ntiles - 1; r >= 0; --r) {
     const int64_t tb = t0 + r * kBT;
@@ -721,48 +726,98 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
     DbcAt(sm, warp, 0, dbc_m) = dbc_prev;
     __syncthreads();
     // Epilogue per (t, channel).
-    const int64_t te = tb + (tid >> 5);
-    const int64_t obu = k.b * p.du.sb + te * p.du.sl + de * p.du.sd;
-    const int64_t obd = k.b * p.ddelta.sb + te * p.ddelta.sl + de * p.ddelta.sd;
-    const int64_t obz = k.b * p.dz.sb + te * p.dz.sl + de * p.dz.sd;
+    if constexpr (kVec) {
+      // A thread finishes 4 consecutive channels of one step: one 8/16-byte store per output.
+      using M = TileMap<T, kBT, kTh, true>;
+      static_assert(M::kVE == 4 && M::kA == 4, "one vector of 4 channels a thread");
+      const int tt = M::Step(tid, 0), c0 = M::Chan(tid, 0);
+      if (c0 < k.nvalid && tb + tt < t1) {
+        float du[4], ddelta[4], dz[4];
 #pragma unroll
-    for (int i = 0; i < kBT * kCh / kTh; ++i) {
-      const int tt = (tid >> 5) + 4 * i;
-      if (!ceok || tb + tt >= t1) continue;
-      const float4 rd = RedAt(sm, tt, ce);
-      const float y = rd.x, ga = rd.y, gb = rd.z;
-      const float dt = sm.s.dt[tt][ce], dy = sm.s.dy[tt][ce];
-      const float u = sm.s.u[tt][ce];
-      const float dsp = sm.s.dsp[tt][ce];
-      const float du = fmaf(dsk, dy, gb * dt);
-      const float ddelta = fmaf(gb, u, ga) * dsp;
-      St<T>(p.du.p, obu + 4 * i * p.du.sl, du);
-      St<T>(p.ddelta.p, obd + 4 * i * p.ddelta.sl, ddelta);
-      if (p.z.p && p.dz.p) St<T>(p.dz.p, obz + 4 * i * p.dz.sl, sm.s.dzf[tt][ce] * fmaf(dsk, u, y));
-      dD_acc = fmaf(dy, u, dD_acc);
-      dbias_acc += ddelta;
+        for (int j = 0; j < 4; ++j) {
+          const int c = c0 + j;
+          const float4 rd = RedAt(sm, tt, c);
+          const float y = rd.x, ga = rd.y, gb = rd.z;
+          const float dt = sm.s.dt[tt][c], dy = sm.s.dy[tt][c], u = sm.s.u[tt][c];
+          const float dsk_c = sm.dsk[c];
+          du[j] = fmaf(dsk_c, dy, gb * dt);
+          ddelta[j] = fmaf(gb, u, ga) * sm.s.dsp[tt][c];
+          dz[j] = sm.s.dzf[tt][c] * fmaf(dsk_c, u, y);
+          dD_acc[j] = fmaf(dy, u, dD_acc[j]);
+          dbias_acc[j] += ddelta[j];
+        }
+        StVec<T, 4>(p.du, k.b, tb + tt, k.d0 + c0, du);
+        StVec<T, 4>(p.ddelta, k.b, tb + tt, k.d0 + c0, ddelta);
+        if (p.z.p && p.dz.p) StVec<T, 4>(p.dz, k.b, tb + tt, k.d0 + c0, dz);
+      }
+    } else {
+      const int64_t te = tb + (tid >> 5);
+      const int64_t obu = k.b * p.du.sb + te * p.du.sl + de * p.du.sd;
+      const int64_t obd = k.b * p.ddelta.sb + te * p.ddelta.sl + de * p.ddelta.sd;
+      const int64_t obz = k.b * p.dz.sb + te * p.dz.sl + de * p.dz.sd;
+#pragma unroll
+      for (int i = 0; i < kBT * kCh / kTh; ++i) {
+        const int tt = (tid >> 5) + 4 * i;
+        if (!ceok || tb + tt >= t1) continue;
+        const float4 rd = RedAt(sm, tt, ce);
+        const float y = rd.x, ga = rd.y, gb = rd.z;
+        const float dt = sm.s.dt[tt][ce], dy = sm.s.dy[tt][ce];
+        const float u = sm.s.u[tt][ce];
+        const float dsp = sm.s.dsp[tt][ce];
+        const float du = fmaf(dsk, dy, gb * dt);
+        const float ddelta = fmaf(gb, u, ga) * dsp;
+        St<T>(p.du.p, obu + 4 * i * p.du.sl, du);
+        St<T>(p.ddelta.p, obd + 4 * i * p.ddelta.sl, ddelta);
+        if (p.z.p && p.dz.p) {
+          St<T>(p.dz.p, obz + 4 * i * p.dz.sl, sm.s.dzf[tt][ce] * fmaf(dsk, u, y));
+        }
+        dD_acc[0] = fmaf(dy, u, dD_acc[0]);
+        dbias_acc[0] += ddelta;
+      }
     }
-    // dBm/dCm of this tile: sum over the block's 4 warps, then a partial per channel block.
-#pragma unroll
-    for (int i = 0; i < kBT * 32 / kTh; ++i) {
-      const int idx = tid + kTh * i, tt = idx >> 5, m = idx & 31;
+    // dBm/dCm of this tile: sum over the block's 4 warps, then a partial per channel block. A
+    // thread takes 4 consecutive entries m0.. of one step (one 16-byte read per warp).
+    {
+      static_assert(kBT * 32 == kTh * 4, "one float4 of dBm/dCm entries a thread");
+      const int tt = tid >> 3, m0 = (tid & 7) * 4;
       const int64_t t = tb + tt;
-      if (t >= t1) continue;
-      const float v =
-          (DbcAt(sm, 0, tt, m) + DbcAt(sm, 1, tt, m)) + (DbcAt(sm, 2, tt, m) + DbcAt(sm, 3, tt, m));
-      const int kind = m >> 4, n = m & 15;
-      if (one_block) {
-        const Strided4& o = kind == 0 ? p.dBm : p.dCm;
-        St<T>(o.p, k.b * o.sb + t * o.sl + k.g * o.sg + n * o.sn, v);
-      } else {
-        const int64_t cbg = (k.d0 - k.g * p.dims_per_group) / kCh;
-        // [cbg][b][t][g][kind][n]
-        p.ws_dbc[(((cbg * p.batch + k.b) * L + t) * p.groups + k.g) * 32 + m] = v;
+      if (t < t1) {
+        float4 q[4];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) q[w] = *reinterpret_cast<const float4*>(&DbcAt(sm, w, tt, m0));
+        const float v[4] = {
+            (q[0].x + q[1].x) + (q[2].x + q[3].x), (q[0].y + q[1].y) + (q[2].y + q[3].y),
+            (q[0].z + q[1].z) + (q[2].z + q[3].z), (q[0].w + q[1].w) + (q[2].w + q[3].w)};
+        if (one_block) {
+          const int kind = m0 >> 4;
+          const Strided4& o = kind == 0 ? p.dBm : p.dCm;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            St<T>(o.p, k.b * o.sb + t * o.sl + k.g * o.sg + ((m0 & 15) + j) * o.sn, v[j]);
+          }
+        } else {
+          const int64_t cbg = (k.d0 - k.g * p.dims_per_group) / kCh;
+          // [cbg][b][t][g][kind][n]
+          *reinterpret_cast<float4*>(
+              &p.ws_dbc[(((cbg * p.batch + k.b) * L + t) * p.groups + k.g) * 32 + m0]) =
+              make_float4(v[0], v[1], v[2], v[3]);
+        }
       }
     }
   }
-  sm.chan[0][tid >> 5][ce] = dD_acc;
-  sm.chan[1][tid >> 5][ce] = dbias_acc;
+  // dD, dbias: the rows of threads' partials of each channel, summed in row order.
+  constexpr int kRows = kVec ? kBT : 4;
+  if constexpr (kVec) {
+    using M = TileMap<T, kBT, kTh, true>;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      sm.chan[0][M::Step(tid, 0)][M::Chan(tid, 0) + j] = dD_acc[j];
+      sm.chan[1][M::Step(tid, 0)][M::Chan(tid, 0) + j] = dbias_acc[j];
+    }
+  } else {
+    sm.chan[0][tid >> 5][ce] = dD_acc[0];
+    sm.chan[1][tid >> 5][ce] = dbias_acc[0];
+  }
   if (cok) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -774,9 +829,11 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
   __syncthreads();
   if (tid < kCh && ceok) {
     const int64_t i = (k.b * S + k.seg) * D + de;
-    p.ws_dD[i] = (sm.chan[0][0][ce] + sm.chan[0][1][ce]) + (sm.chan[0][2][ce] + sm.chan[0][3][ce]);
-    p.ws_dbias[i] =
-        (sm.chan[1][0][ce] + sm.chan[1][1][ce]) + (sm.chan[1][2][ce] + sm.chan[1][3][ce]);
+    float sd = 0.f, sb = 0.f;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) sd += sm.chan[0][r][ce], sb += sm.chan[1][r][ce];
+    p.ws_dD[i] = sd;
+    p.ws_dbias[i] = sb;
   }
 }
 
@@ -813,9 +870,12 @@ bool BcVectorizable(const Strided4& a, DType dtype) {
          reinterpret_cast<uintptr_t>(a.p) % 16 == 0;
 }
 bool TiledVectorizable(const Params& p, bool bwd) {
+  const bool outs = bwd ? ActVectorizable(p.dout) && ActVectorizable(p.du) &&
+                              ActVectorizable(p.ddelta) && ActVectorizable(p.dz)
+                        : ActVectorizable(p.out);
   return p.dims_per_group % 8 == 0 && ActVectorizable(p.u) && ActVectorizable(p.delta) &&
          ActVectorizable(p.z) && BcVectorizable(p.Bm, p.dtype) && BcVectorizable(p.Cm, p.dtype) &&
-         ActVectorizable(bwd ? p.dout : p.out);
+         outs;
 }
 
 // The forward takes the vector layout in bf16 only: in fp32 (capped at 80 registers for 6 blocks
