@@ -291,8 +291,12 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
   // never exist. With backward, each chunk's logits are overwritten by their gradient, which goes
   // straight through the lm_head's backward (dhf rows, embedding grad +=, in chunk order).
   const int64_t V = config_.vocab_size;
+  // 256 MiB of logits per chunk by default (2^26 fp32 or 2^27 bf16 logits): each chunk's
+  // lm_head weight-gradient GEMM reads and writes the whole fp32 embedding gradient, so fewer,
+  // larger chunks save that traffic.
+  const int64_t chunk_logits = (int64_t{1} << 28) / int64_t(DTypeSize(act_dtype_));
   const int64_t chunk = options_.loss_chunk_rows > 0 ? options_.loss_chunk_rows
-                                                     : std::max<int64_t>(1, (int64_t{1} << 26) / V);
+                                                     : std::max<int64_t>(1, chunk_logits / V);
   Tensor dhf = backward ? Act({M, dm}) : Tensor();
   LossStats stats;
   {

@@ -30,7 +30,7 @@ enum class Recompute {
 
 struct ModelOptions {
   Recompute recompute = Recompute::kConvAndDelta;
-  // Rows of the lm_head + loss per chunk; 0 picks about 2^26 logits per chunk.
+  // Rows of the lm_head + loss per chunk; 0 picks about 256 MiB of logits per chunk.
   int64_t loss_chunk_rows = 0;
 };
 
