@@ -289,9 +289,12 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
   for (int i = 0; i < M::kA; ++i) {
     const int tt = M::Step(tid, i), c = M::Chan(tid, i);
     const bool ok = c < nvalid && tt < steps;
+    // Computed for every element and then selected: a conditional call became a branch around
+    // each element's exponentials.
     float dsp;
     const float raw = Elem<T, kVec>(r.dl, i) + s.bias[c];
-    const float dt = ok ? FastStepSize<T>(raw, p.softplus, &dsp) : 0.f;
+    float dt = FastStepSize<T>(raw, p.softplus, &dsp);
+    dt = ok ? dt : 0.f;
     dsp = ok ? dsp : 0.f;
     const float u = Elem<T, kVec>(r.u, i);
     s.dt[tt][c] = dt;
