@@ -191,10 +191,13 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
     for (int v = 0; v < M::kA / M::kVE; ++v) {
       const int64_t t = tb + M::Step(tid, v * M::kVE);
       const bool ok = cok && t < t1;
-      LdVec<kVB>(ActAt<T>(p.delta, k.b, t, d), ok, r.dl + v * kWV);
-      if constexpr (kU) LdVec<kVB>(ActAt<T>(p.u, k.b, t, d), ok, r.u + v * kWV);
-      if constexpr (kZ) LdVec<kVB>(ActAt<T>(p.z, k.b, t, d), ok && p.z.p, r.z + v * kWV);
-      if constexpr (kDout) LdVec<kVB>(ActAt<T>(p.dout, k.b, t, d), ok, r.dout + v * kWV);
+      // The vector layout's activations share one (batch, step) layout: one offset for all.
+      const int64_t off = k.b * p.u.sb + t * p.u.sl + d;
+      const auto at = [off](const Strided3& a) { return static_cast<const Bits<T>*>(a.p) + off; };
+      LdVec<kVB>(at(p.delta), ok, r.dl + v * kWV);
+      if constexpr (kU) LdVec<kVB>(at(p.u), ok, r.u + v * kWV);
+      if constexpr (kZ) LdVec<kVB>(at(p.z), ok && p.z.p, r.z + v * kWV);
+      if constexpr (kDout) LdVec<kVB>(at(p.dout), ok, r.dout + v * kWV);
     }
     constexpr int kBB = M::kB * int(sizeof(Bits<T>));
     const int idx = M::BcIndex(tid, 0);
@@ -373,9 +376,8 @@ __device__ __forceinline__ float LanesSum(const float (&part)[kL]) {
 // layout's condition), rounded to nearest even for bf16 as St does. In PTX: nvcc 13 split a
 // plain uint4 store into four 4-byte stores here.
 template <typename T, int kVE>
-__device__ __forceinline__ void StVec(const Strided3& o, int64_t b, int64_t t, int64_t d,
-                                      const float (&y)[kVE]) {
-  void* q = static_cast<Bits<T>*>(const_cast<void*>(o.p)) + (b * o.sb + t * o.sl + d);
+__device__ __forceinline__ void StVec(const Strided3& o, int64_t off, const float (&y)[kVE]) {
+  void* q = static_cast<Bits<T>*>(const_cast<void*>(o.p)) + off;
   uint32_t w[4];
   if constexpr (std::is_same_v<T, float>) {
     static_assert(kVE == 4);
@@ -538,7 +540,7 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
           y[j] = LanesSum<kL>(yp[tt][YpSlot(tt, c)]);
           y[j] = fmaf(dsk_s[c], s.u[tt][c], y[j]) * (gate ? g : 1.f);
         }
-        StVec<T, M::kVE>(p.out, k.b, tb + tt, k.d0 + c0, y);
+        StVec<T, M::kVE>(p.out, k.b * p.u.sb + (tb + tt) * p.u.sl + k.d0 + c0, y);
       }
     } else if constexpr (kMain) {
       const int64_t obase = k.b * p.out.sb + (tb + (tid >> 5)) * p.out.sl + de * p.out.sd;
@@ -749,9 +751,10 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
           dD_acc[j] = fmaf(dy, u, dD_acc[j]);
           dbias_acc[j] += ddelta[j];
         }
-        StVec<T, 4>(p.du, k.b, tb + tt, k.d0 + c0, du);
-        StVec<T, 4>(p.ddelta, k.b, tb + tt, k.d0 + c0, ddelta);
-        if (p.z.p && p.dz.p) StVec<T, 4>(p.dz, k.b, tb + tt, k.d0 + c0, dz);
+        const int64_t off = k.b * p.u.sb + (tb + tt) * p.u.sl + k.d0 + c0;  // u's layout
+        StVec<T, 4>(p.du, off, du);
+        StVec<T, 4>(p.ddelta, off, ddelta);
+        if (p.z.p && p.dz.p) StVec<T, 4>(p.dz, off, dz);
       }
     } else {
       const int64_t te = tb + (tid >> 5);
@@ -861,8 +864,9 @@ int TiledBackwardTile() { return kBT; }
 int64_t TiledBlocks(const Params& p) { return p.batch * p.groups * CeilDiv(p.dims_per_group, kCh); }
 
 // The vector tile layout's condition: activations channel-contiguous with step and batch
-// strides and bases on 16-byte boundaries, groups of whole 8-channel vectors, and Bm/Cm
-// state-contiguous likewise. (8 elements: the widest vector, bf16 at 16 bytes.)
+// strides and bases on 16-byte boundaries, all with u's layout (one offset serves every array),
+// groups of whole 8-channel vectors, and Bm/Cm state-contiguous likewise. (8 elements: the
+// widest vector, bf16 at 16 bytes.)
 bool ActVectorizable(const Strided3& a) {
   return a.p == nullptr || (a.sd == 1 && a.sl % 8 == 0 && a.sb % 8 == 0 &&
                             reinterpret_cast<uintptr_t>(a.p) % 16 == 0);
@@ -873,6 +877,11 @@ bool BcVectorizable(const Strided4& a, DType dtype) {
          reinterpret_cast<uintptr_t>(a.p) % 16 == 0;
 }
 bool TiledVectorizable(const Params& p, bool bwd) {
+  const auto like_u = [&](const Strided3& a) {
+    return a.p == nullptr || (a.sb == p.u.sb && a.sl == p.u.sl);
+  };
+  if (!like_u(p.delta) || !like_u(p.z) || !like_u(bwd ? p.dout : p.out)) return false;
+  if (bwd && (!like_u(p.du) || !like_u(p.ddelta) || !like_u(p.dz))) return false;
   const bool outs = bwd ? ActVectorizable(p.dout) && ActVectorizable(p.du) &&
                               ActVectorizable(p.ddelta) && ActVectorizable(p.dz)
                         : ActVectorizable(p.out);
