@@ -637,24 +637,34 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
   // dD and dbias partials: of channel ce (scalar epilogue) or of the vector's channels.
   float dD_acc[kVec ? 4 : 1] = {}, dbias_acc[kVec ? 4 : 1] = {};
   const bool one_block = cpg == 1;
+  // Tile r's checkpoint (the pre-pass's zero-start state at its start and the step-size sum to
+  // there), loaded one tile ahead like the inputs.
+  float4 ck = make_float4(0.f, 0.f, 0.f, 0.f);
+  float ck_sum = 0.f;
+  const auto load_ck = [&](int r) {
+    if (r > 0 && cok) {
+      const int64_t ci = ck_row + r - 1;
+      ck = reinterpret_cast<const float4*>(p.ws_ck)[ci * 4 + sl];
+      ck_sum = p.ws_cks[ci];
+    }
+  };
+  load_ck(ntiles - 1);
   for (int r = ntiles - 1; r >= 0; --r) {
     const int64_t tb = t0 + r * kBT;
     // The state entering tile r: the pre-pass's zero-start state there plus the decayed state
     // entering the segment (no forward sweep).
     float hh[4] = {h[0], h[1], h[2], h[3]};
     if (r > 0 && cok) {
-      const int64_t ci = ck_row + r - 1;
-      const float4 c = reinterpret_cast<const float4*>(p.ws_ck)[ci * 4 + sl];
-      const float sdt = p.ws_cks[ci];
-      const float cv[4] = {c.x, c.y, c.z, c.w};
+      const float cv[4] = {ck.x, ck.y, ck.z, ck.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) hh[j] = fmaf(Ex2(a2[j] * sdt), h[j], cv[j]);
+      for (int j = 0; j < 4; ++j) hh[j] = fmaf(Ex2(a2[j] * ck_sum), h[j], cv[j]);
     }
     __syncthreads();
     PrepTile<T, kBT, true, true, true, StepSmem<kBT, true, true>, kTh, kVec>(p, k, tb, t1, rr,
                                                                              sm.s);
     __syncthreads();
     if (r > 0) LoadRaw<T, kBT, true, true, true, true, kTh, kVec>(p, k, tb - kBT, t1, rr);
+    load_ck(r - 1);
 #pragma unroll 4
     for (int tt = 0; tt < kBT; ++tt) {
       const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
