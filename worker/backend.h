@@ -86,10 +86,17 @@ class Backend {
   // Fused residual add + RMSNorm: residual_out = residual_in + x; y = RMSNorm(residual_out) * w.
   virtual void AddRmsNormForward(const Tensor& residual_in, const Tensor& x, const Tensor& weight,
                                  double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) = 0;
-  // dx: gradient with respect to residual_out (and so to residual_in and x).
+  // dx: gradient with respect to residual_out (and so to residual_in and x). dx_copy
+  // (optional): dx again, in its own dtype (bf16 for the next GEMM), written in the same pass.
   virtual void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out,
                                   const Tensor& residual_out, const Tensor& weight,
-                                  const Tensor& rstd, Tensor& dx, Tensor& dweight) = 0;
+                                  const Tensor& rstd, Tensor& dx, Tensor& dweight,
+                                  Tensor& dx_copy) = 0;
+  void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out, const Tensor& residual_out,
+                          const Tensor& weight, const Tensor& rstd, Tensor& dx, Tensor& dweight) {
+    Tensor none;
+    AddRmsNormBackward(dy, dresidual_out, residual_out, weight, rstd, dx, dweight, none);
+  }
 
   // y (M, N) = x (M, K) w (N, K)^T + bias. Backends may take bf16 x, w, dy and give bf16 y, dx
   // (the CUDA backend under GemmPrecision::kBf16); dw and dbias are in the param dtype.

@@ -101,15 +101,20 @@ class CpuBackend final : public Backend {
                                        y.data<T>(), rstd.data<T>());
     });
   }
+  using Backend::AddRmsNormBackward;
   void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out, const Tensor& residual_out,
-                          const Tensor& weight, const Tensor& rstd, Tensor& dx,
-                          Tensor& dweight) override {
+                          const Tensor& weight, const Tensor& rstd, Tensor& dx, Tensor& dweight,
+                          Tensor& dx_copy) override {
     CheckSameShape(dy, dx, "rmsnorm backward");
     Dispatch(dy, [&](auto z) {
       using T = decltype(z);
       kernels::AddRmsNormBackwardCpu<T>(dy.rows(), dy.dim(-1), dy.data<T>(), Opt<T>(dresidual_out),
                                         residual_out.data<T>(), weight.data<T>(), rstd.data<T>(),
                                         dx.data<T>(), dweight.data<T>());
+      if (dx_copy.defined()) {
+        CheckSameShape(dx, dx_copy, "rmsnorm backward dx_copy");
+        std::copy(dx.data<T>(), dx.data<T>() + dx.numel(), dx_copy.data<T>());
+      }
     });
   }
 

@@ -430,12 +430,18 @@ class CudaBackend final : public Backend {
       });
     });
   }
+  using Backend::AddRmsNormBackward;
   void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out, const Tensor& residual_out,
-                          const Tensor& weight, const Tensor& rstd, Tensor& dx,
-                          Tensor& dweight) override {
+                          const Tensor& weight, const Tensor& rstd, Tensor& dx, Tensor& dweight,
+                          Tensor& dx_copy) override {
     OpScope range(this, "rmsnorm_bwd");
     constexpr const char* op = "rmsnorm_bwd";
     CheckSameShape(dy, dx, op);
+    if (dx_copy.defined()) {
+      CheckSameShape(dx, dx_copy, op);
+      MAMBA_CHECK(dx_copy.dtype() == DType::kBF16 || dx_copy.dtype() == DType::kF32)
+          << op << ": dx_copy must be bfloat16 or float32, got " << dx_copy.DebugString();
+    }
     CheckSameShape(dy, residual_out, op);
     if (dresidual_out.defined()) CheckSameShape(dy, dresidual_out, op);
     MAMBA_CHECK(dy.dim(-1) == weight.numel() && weight.numel() == dweight.numel() &&
@@ -447,9 +453,17 @@ class CudaBackend final : public Backend {
       kernels::AddRmsNormBackwardCuda(
           rows, dim, Act<T>(dy, op, "dy"), OptF32(dresidual_out, op, "dresidual_out"),
           F32(residual_out, op, "residual_out"), F32(weight, op, "weight"), F32(rstd, op, "rstd"),
-          F32(dx, op, "dx"), F32(dweight, op, "dweight"),
+          F32(dx, op, "dx"),
+          dx_copy.defined() && dx_copy.dtype() == DType::kBF16
+              ? static_cast<__nv_bfloat16*>(dx_copy.raw())
+              : nullptr,
+          F32(dweight, op, "dweight"),
           Workspace(kernels::AddRmsNormBackwardWorkspaceBytes(rows, dim)), stream_);
     });
+    if (dx_copy.defined() && dx_copy.dtype() == DType::kF32) {
+      MAMBA_CUDA_CHECK(op, cudaMemcpyAsync(dx_copy.raw(), dx.raw(), dx.nbytes(),
+                                           cudaMemcpyDeviceToDevice, stream_));
+    }
   }
 
   void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) override {

@@ -30,7 +30,7 @@ enum class Recompute {
 
 struct ModelOptions {
   Recompute recompute = Recompute::kConvAndDelta;
-  // Rows of the lm_head + loss per chunk; 0 picks about 256 MiB of logits per chunk.
+  // Rows of the lm_head + loss per chunk; 0 picks about 512 MiB of logits per chunk.
   int64_t loss_chunk_rows = 0;
 };
 
@@ -82,13 +82,21 @@ class MambaModel {
   // d_residual: the gradient w.r.t. the residual stream after this layer, which is also the
   // gradient w.r.t. the layer's output (it is added to the stream). Replaced by the gradient
   // w.r.t. the stream before the layer (equal to that w.r.t. the previous layer's output).
-  void BackwardLayer(Layer& l, Tensor& d_residual, int64_t B, int64_t L);
+  // d_residual16: d_residual as a GEMM operand (bf16 in mixed precision; undefined otherwise),
+  // replaced likewise.
+  void BackwardLayer(Layer& l, Tensor& d_residual, Tensor& d_residual16, int64_t B, int64_t L);
   void ReleaseActivations(Layer& l);
   // The residual stream, its gradient and the norms' statistics: the model dtype.
   Tensor Act(const Shape& shape) { return backend_->Empty(shape, dtype_); }
   // Activations that feed GEMMs, the conv and the scan (and their gradients): bf16 when the
   // backend multiplies in bf16 (mixed precision), else the model dtype.
   Tensor Act16(const Shape& shape) { return backend_->Empty(shape, act_dtype_); }
+  // A bf16 copy of the residual stream's gradient, which the norm's backward writes in the same
+  // pass for out_proj's backward (instead of the GEMM converting the fp32 one); undefined when
+  // activations are in the model dtype.
+  Tensor ResidualGradCopy(const Shape& shape) {
+    return act_dtype_ != dtype_ ? Act16(shape) : Tensor();
+  }
 
   ModelConfig config_;
   Backend* backend_;

@@ -46,6 +46,11 @@ float FromBf16Bits(uint16_t b) {
   return f;
 }
 float RoundBf16(float f) { return FromBf16Bits(Bf16Bits(f)); }
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 constexpr DType kBF16 = DType::kBF16;
 constexpr DType kF32 = DType::kF32;
@@ -232,6 +237,30 @@ TEST_F(CudaBackendBf16Test, AddRmsNorm) {
         ExpectSameBits(gdw[0], gdw[1], "rmsnorm dweight");
       }
     }
+  }
+}
+
+// dx_copy: the same pass also writes dx rounded to bf16 (out_proj's backward operand), bit for
+// bit the rounding of the fp32 dx; an fp32 copy is dx itself.
+TEST_F(CudaBackendBf16Test, AddRmsNormBackwardWritesDxCopy) {
+  const int64_t rows = 37, dim = 768;
+  const Shape s{rows, dim};
+  const std::vector<float> dy = Rand(rows * dim), dres = RandF32(rows * dim),
+                           ro = RandF32(rows * dim), w = RandF32(dim), rstd = RandF32(rows, 0.5, 2);
+  for (const DType copy_dtype : {kBF16, kF32}) {
+    Tensor dx = Poisoned(s, kF32), copy = Poisoned(s, copy_dtype),
+           dw = Gpu({dim}, std::vector<float>(dim, 0.f), kF32);
+    gpu_->AddRmsNormBackward(Gpu(s, dy, kBF16), Gpu(s, dres, kF32), Gpu(s, ro, kF32),
+                             Gpu({dim}, w, kF32), Gpu({rows}, rstd, kF32), dx, dw, copy);
+    const std::vector<float> got = Fetch(copy), full = Fetch(dx);
+    ASSERT_EQ(got.size(), full.size());
+    double norm = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const float want = copy_dtype == kBF16 ? RoundBf16(full[i]) : full[i];
+      ASSERT_EQ(Bits(got[i]), Bits(want)) << "entry " << i;
+      norm += double(full[i]) * full[i];
+    }
+    EXPECT_GT(norm, 1.0);  // a copy of zeros proves nothing
   }
 }
 

@@ -47,7 +47,8 @@ template <typename T, int kCols>
 __global__ void __launch_bounds__(kThreads)
     AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chunks, const T* dy,
                              const float* dresidual_out, const float* residual_out,
-                             const float* weight, const float* rstd, float* dx, double* partial) {
+                             const float* weight, const float* rstd, float* dx, bf16* dx_bf16,
+                             double* partial) {
   __shared__ float scratch[32];
   const int64_t c = blockIdx.x;
   const int64_t r_begin = rows * c / chunks, r_end = rows * (c + 1) / chunks;
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(kThreads)
       float v = s * (g[j] * w[j] - res[j] * k);
       if (dresidual_out) v += dresidual_out[base + i];
       dx[base + i] = v;
+      if (dx_bf16) dx_bf16[base + i] = __float2bfloat16_rn(v);
     }
   }
 #pragma unroll
@@ -113,7 +115,8 @@ size_t AddRmsNormBackwardWorkspaceBytes(int64_t rows, int64_t dim) {
 template <typename T>
 void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float* dresidual_out,
                             const float* residual_out, const float* weight, const float* rstd,
-                            float* dx, float* dweight, void* workspace, cudaStream_t stream) {
+                            float* dx, bf16* dx_bf16, float* dweight, void* workspace,
+                            cudaStream_t stream) {
   if (dim == 0) return;
   const int64_t chunks = RowChunks(rows);
   double* partial = static_cast<double*>(workspace);
@@ -123,7 +126,7 @@ void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float*
     const unsigned int blocks = static_cast<unsigned int>(chunks);
 #define MAMBA_LAUNCH(cols)                                            \
   AddRmsNormBackwardKernel<T, cols><<<blocks, kThreads, 0, stream>>>( \
-      rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, partial)
+      rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, dx_bf16, partial)
     const int64_t cols = (dim + kThreads - 1) / kThreads;
     if (cols <= 1) {
       MAMBA_LAUNCH(1);
@@ -155,10 +158,10 @@ MAMBA_INSTANTIATE_FWD(bf16, float)
 MAMBA_INSTANTIATE_FWD(bf16, bf16)
 #undef MAMBA_INSTANTIATE_FWD
 template void AddRmsNormBackwardCuda<float>(int64_t, int64_t, const float*, const float*,
-                                            const float*, const float*, const float*, float*,
+                                            const float*, const float*, const float*, float*, bf16*,
                                             float*, void*, cudaStream_t);
 template void AddRmsNormBackwardCuda<bf16>(int64_t, int64_t, const bf16*, const float*,
-                                           const float*, const float*, const float*, float*, float*,
-                                           void*, cudaStream_t);
+                                           const float*, const float*, const float*, float*, bf16*,
+                                           float*, void*, cudaStream_t);
 
 }  // namespace mamba::kernels

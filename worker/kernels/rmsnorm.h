@@ -23,8 +23,10 @@ void AddRmsNormForwardCuda(int64_t rows, int64_t dim, const float* residual_in, 
 
 size_t AddRmsNormBackwardWorkspaceBytes(int64_t rows, int64_t dim);
 template <typename T>
+// dx_bf16 (nullable): dx rounded to bf16, written in the same pass (the next GEMM's operand).
 void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float* dresidual_out,
                             const float* residual_out, const float* weight, const float* rstd,
-                            float* dx, float* dweight, void* workspace, cudaStream_t stream);
+                            float* dx, __nv_bfloat16* dx_bf16, float* dweight, void* workspace,
+                            cudaStream_t stream);
 
 }  // namespace mamba::kernels
