@@ -186,9 +186,10 @@ std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options = {})
 
 // Device memory of CUDA tensors (a caching allocator: freed blocks are kept for reuse).
 struct CudaMemoryStats {
-  size_t in_use = 0;       // bytes held by live tensors
-  size_t peak_in_use = 0;  // high-water mark of in_use since the last reset
-  size_t reserved = 0;     // bytes obtained from cudaMalloc (in use + cached)
+  size_t in_use = 0;               // bytes held by live tensors
+  size_t peak_in_use = 0;          // high-water mark of in_use since the last reset
+  size_t reserved = 0;             // bytes obtained from cudaMalloc (in use + cached)
+  int64_t device_allocations = 0;  // cudaMalloc calls so far (steady-state steps add none)
 };
 CudaMemoryStats GetCudaMemoryStats();
 void ResetCudaPeakMemory();

@@ -75,6 +75,7 @@ class CachingAllocator {
       }
       std::lock_guard<std::mutex> lock(mu_);
       stats_.reserved += size;
+      ++stats_.device_allocations;
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -122,6 +123,13 @@ CachingAllocator& Allocator() {
 }
 
 std::shared_ptr<void> CudaAllocate(size_t bytes) { return Allocator().Allocate(bytes); }
+
+// The scan's scratch from the caching allocator: counted in the memory statistics, and no new
+// device allocation once a step's sizes have been seen.
+const kernels::cuda::ScanScratch& ScanScratchFromCache() {
+  static const kernels::cuda::ScanScratch scratch{CudaAllocate};
+  return scratch;
+}
 
 // Typed device pointers, checking the device (the dtype is checked by Tensor::data).
 const float* In(const Tensor& t, const char* op) {
@@ -565,7 +573,7 @@ class CudaBackend final : public Backend {
     CheckSameShape(in.u, out, op);
     p.out = Strided(out, in.u.dtype(), op, "out");
     p.h_last = OptF32(h_last, op, "h_last");
-    MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanForward(p, stream_));
+    MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanForward(p, stream_, {}, ScanScratchFromCache()));
   }
   void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout, const Tensor& dh_last,
                              ScanGrads& g) override {
@@ -591,7 +599,7 @@ class CudaBackend final : public Backend {
     p.dD_skip = OptF32(g.dD_skip, op, "dD_skip");
     p.ddt_bias = OptF32(g.ddt_bias, op, "ddt_bias");
     p.dh0 = OptF32(g.dh0, op, "dh0");
-    MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanBackward(p, stream_));
+    MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanBackward(p, stream_, {}, ScanScratchFromCache()));
   }
 
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,

@@ -334,5 +334,47 @@ TEST(CudaModel, Bf16ShadowsFollowEveryWrite) {
   ExpectShadowsMatch(*fp32, plain.parameters(), false, "with fp32 GEMMs");
 }
 
+// "No allocation inside the step": once a step's sizes have been seen, further steps (forward,
+// backward with the scan's scratch, loss chunks, optimizer) take every buffer from the caching
+// allocator's cache: no cudaMalloc, nothing more reserved. L = 600 gives the scan several backward
+// segments (its largest scratch).
+TEST(CudaModel, SteadyStateStepsAllocateNothing) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA model test needs a GPU";
+  ModelConfig c;
+  c.d_model = 64;
+  c.n_layer = 2;
+  c.dt_rank = ModelConfig::DefaultDtRank(64);
+  c.vocab_size = ModelConfig::PadVocab(300);
+  for (const GemmPrecision precision : {GemmPrecision::kFp32, GemmPrecision::kBf16}) {
+    CudaBackendOptions options;
+    options.gemm_precision = precision;
+    auto gpu = MakeCudaBackend(options);
+    MambaModel model(c, gpu.get());
+    model.Initialize(9);
+    AdamWOptimizer opt(OptimizerConfig(), gpu.get(), &model.parameter_store());
+    const int64_t B = 2, L = 600;
+    Tensor inputs = Tensor::Empty({B, L}, DType::kI32),
+           targets = Tensor::Empty({B, L}, DType::kI32);
+    std::mt19937 rng(11);
+    CudaMemoryStats after_warmup;
+    for (int step = 0; step < 4; ++step) {
+      for (int64_t i = 0; i < B * L; ++i) {
+        inputs.data<int32_t>()[i] = rng() % 300;
+        targets.data<int32_t>()[i] = rng() % 300;
+      }
+      model.ZeroGrad();
+      model.ForwardBackward(inputs, targets, -100, 1.0 / (B * L), true);
+      ASSERT_TRUE(opt.Step().applied);
+      gpu->Synchronize();
+      if (step == 1) after_warmup = GetCudaMemoryStats();
+    }
+    const CudaMemoryStats now = GetCudaMemoryStats();
+    EXPECT_GT(after_warmup.device_allocations, 0);
+    EXPECT_EQ(now.device_allocations, after_warmup.device_allocations)
+        << "precision " << int(precision) << ": steps 3 and 4 called cudaMalloc";
+    EXPECT_EQ(now.reserved, after_warmup.reserved) << "precision " << int(precision);
+  }
+}
+
 }  // namespace
 }  // namespace mamba

@@ -29,12 +29,14 @@ Params MakeParams(const ScanProblem& s, int threads_per_block) {
   return p;
 }
 
-// Stream-ordered scratch, carved into pieces; freed (stream-ordered) when it goes out of scope.
+// Scratch carved into pieces: from the caller's allocator (ScanScratch) or stream-ordered
+// cudaMallocAsync, released when it goes out of scope (after the launches are enqueued).
 class Workspace {
  public:
-  explicit Workspace(cudaStream_t stream) : stream_(stream) {}
+  Workspace(cudaStream_t stream, const ScanScratch* scratch)
+      : stream_(stream), scratch_(scratch && scratch->allocate ? scratch : nullptr) {}
   ~Workspace() {
-    if (base_) cudaFreeAsync(base_, stream_);
+    if (base_ && !scratch_) cudaFreeAsync(base_, stream_);
   }
   // Reserve `n` floats; pointers are valid after Allocate().
   void Reserve(float** slot, int64_t n) {
@@ -43,28 +45,38 @@ class Workspace {
     total_ += CeilDiv(std::max<int64_t>(n, 1), 64) * 64;  // 256-byte aligned pieces
   }
   cudaError_t Allocate() {
-    static const bool pool_kept = [] {
-      // Keep freed blocks in the pool: the scan allocates the same sizes call after call.
-      int dev = 0;
-      cudaMemPool_t pool;
-      if (cudaGetDevice(&dev) == cudaSuccess &&
-          cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
-        uint64_t keep = UINT64_MAX;
-        cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
-      }
-      return true;
-    }();
-    (void)pool_kept;
     if (total_ == 0) return cudaSuccess;
-    cudaError_t err =
-        cudaMallocAsync(reinterpret_cast<void**>(&base_), total_ * sizeof(float), stream_);
-    if (err != cudaSuccess) return err;
+    const size_t bytes = total_ * sizeof(float);
+    if (scratch_) {
+      held_ = scratch_->allocate(bytes);
+      if (!held_) return cudaErrorMemoryAllocation;
+      base_ = static_cast<float*>(held_.get());
+    } else {
+      static const bool pool_kept = [] {
+        // Keep freed blocks in the pool: the scan allocates the same sizes call after call.
+        int dev = 0;
+        cudaMemPool_t pool;
+        if (cudaGetDevice(&dev) == cudaSuccess &&
+            cudaDeviceGetDefaultMemPool(&pool, dev) == cudaSuccess) {
+          uint64_t keep = UINT64_MAX;
+          cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+        }
+        return true;
+      }();
+      (void)pool_kept;
+      if (cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&base_), bytes, stream_);
+          err != cudaSuccess) {
+        return err;
+      }
+    }
     for (int i = 0; i < count_; ++i) *slots_[i] = base_ + offsets_[i];
     return cudaSuccess;
   }
 
  private:
   cudaStream_t stream_;
+  const ScanScratch* scratch_;
+  std::shared_ptr<void> held_;
   float* base_ = nullptr;
   float** slots_[16] = {};
   int64_t offsets_[16] = {};
@@ -92,7 +104,7 @@ cudaError_t ForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& tunin
   p.seg_len = CeilDiv(p.len, segs);
   p.num_seg = CeilDiv(p.len, p.seg_len);
 
-  Workspace ws(stream);
+  Workspace ws(stream, p.scratch);
   const int64_t rows = p.batch * p.dim * p.num_seg;
   if (p.num_seg > 1) {
     ws.Reserve(&p.ws_s, rows * p.dstate);
@@ -122,7 +134,7 @@ cudaError_t BackwardTyped(Params& p, cudaStream_t stream) {
   p.seg_len = kBwdSeg;
   p.num_seg = CeilDiv(p.len, kBwdSeg);
   const int64_t rows = p.batch * p.dim * p.num_seg;
-  Workspace ws(stream);
+  Workspace ws(stream, p.scratch);
   if (p.num_seg > 1) {
     ws.Reserve(&p.ws_s, rows * p.dstate);
     ws.Reserve(&p.ws_r, rows * p.dstate);
@@ -190,7 +202,7 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, tile));
   p.seg_len = CeilDiv(CeilDiv(p.len, segs), tile) * tile;
   p.num_seg = CeilDiv(p.len, p.seg_len);
-  Workspace ws(stream);
+  Workspace ws(stream, p.scratch);
   const int64_t rows = p.batch * p.dim * p.num_seg;
   if (p.num_seg > 1) {
     ws.Reserve(&p.ws_s, rows * 16);
@@ -233,7 +245,7 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
   // The pre-pass also leaves the checkpoints at tile starts, so it runs whenever a segment has
   // more than one tile, even with one segment.
   const bool pre = p.num_seg > 1 || p.len > tile;
-  Workspace ws(stream);
+  Workspace ws(stream, p.scratch);
   if (pre) {
     ws.Reserve(&p.ws_s, rows * 16);
     ws.Reserve(&p.ws_r, rows * 16);
@@ -271,8 +283,10 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
 }
 
 template <bool kBwd>
-cudaError_t Dispatch(const ScanProblem& s, cudaStream_t stream, const ScanTuning& tuning) {
+cudaError_t Dispatch(const ScanProblem& s, cudaStream_t stream, const ScanTuning& tuning,
+                     const ScanScratch& scratch) {
   Params p = MakeParams(s, kFwdThreads);
+  p.scratch = &scratch;
   if (s.dstate == 16 && !tuning.force_v2) {
     if (s.dtype == DType::kF32) {
       return kBwd ? TiledBackwardTyped<float>(p, stream, tuning)
@@ -295,15 +309,16 @@ cudaError_t Dispatch(const ScanProblem& s, cudaStream_t stream, const ScanTuning
 
 }  // namespace
 
-cudaError_t LaunchScanForward(const ScanProblem& p, cudaStream_t stream, const ScanTuning& tuning) {
+cudaError_t LaunchScanForward(const ScanProblem& p, cudaStream_t stream, const ScanTuning& tuning,
+                              const ScanScratch& scratch) {
   ScopedRange range("selective_scan_fwd");
-  return Dispatch<false>(p, stream, tuning);
+  return Dispatch<false>(p, stream, tuning, scratch);
 }
 
-cudaError_t LaunchScanBackward(const ScanProblem& p, cudaStream_t stream,
-                               const ScanTuning& tuning) {
+cudaError_t LaunchScanBackward(const ScanProblem& p, cudaStream_t stream, const ScanTuning& tuning,
+                               const ScanScratch& scratch) {
   ScopedRange range("selective_scan_bwd");
-  return Dispatch<true>(p, stream, tuning);
+  return Dispatch<true>(p, stream, tuning, scratch);
 }
 
 }  // namespace mamba::kernels::cuda

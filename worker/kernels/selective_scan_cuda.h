@@ -12,7 +12,10 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <memory>
 
 namespace mamba::kernels::cuda {
 
@@ -59,9 +62,18 @@ struct ScanTuning {
   bool force_v2 = false;        // N == 16: use the general kernels (for comparison)
 };
 
+// Where the launches' scratch (segment states, checkpoints, partial sums) comes from: by default
+// stream-ordered cudaMallocAsync from the device's pool (the C ABI); a caller with its own
+// allocator (the CUDA backend's caching allocator, which then accounts for it and allocates
+// nothing new in steady state) passes it. The buffer is released after the launches are
+// enqueued: the allocator must only reuse it for work later on the same stream.
+struct ScanScratch {
+  std::function<std::shared_ptr<void>(size_t bytes)> allocate;
+};
+
 cudaError_t LaunchScanForward(const ScanProblem& p, cudaStream_t stream,
-                              const ScanTuning& tuning = {});
+                              const ScanTuning& tuning = {}, const ScanScratch& scratch = {});
 cudaError_t LaunchScanBackward(const ScanProblem& p, cudaStream_t stream,
-                               const ScanTuning& tuning = {});
+                               const ScanTuning& tuning = {}, const ScanScratch& scratch = {});
 
 }  // namespace mamba::kernels::cuda

@@ -24,6 +24,7 @@ constexpr int kBwdThreads = 64;
 constexpr int kFwdThreads = 128;
 
 struct Params : ScanProblem {
+  const ScanScratch* scratch = nullptr;  // host side only: where the workspace comes from
   int64_t dims_per_group = 0, chan_warps = 0, chan_blocks = 0;
   int n_slices = 1;
   int64_t seg_len = 0, num_seg = 1;
