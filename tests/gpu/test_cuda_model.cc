@@ -100,7 +100,7 @@ TEST(CudaModel, Bf16LossAndGradientsMatchCpuFloat64) {
   // gradients) to bf16, 2^-9 relative each, against a float64 reference that rounds nothing.
   // Loss: 1e-2 (measured 1.2e-5 on an H100). Gradients: 2e-2. With bf16 GEMM operands alone
   // (fp32 activations, commit 2567a66) the worst was layer 0's norm weight at 1.16e-2; with bf16
-  // activations too (commit 5c69364+) the worst were layer 0's A_log 1.55e-2, x_proj.weight
+  // activations too (since commit 85eca52) the worst were layer 0's A_log 1.55e-2, x_proj.weight
   // 1.18e-2 and layer 1's D 1.02e-2: sums over all tokens of products of several rounded
   // factors, with cancellation. mamba_ssm's own bf16 scan tests allow 3e-2 for gradients.
   const double bf16 = CheckLossAndGradients(GemmPrecision::kBf16, 1e-2, 2e-2, 2e-2);
