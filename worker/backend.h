@@ -35,12 +35,19 @@ namespace mamba {
 struct ScanInputs {
   Tensor u, delta, A, Bm, Cm, D_skip, z, dt_bias, h0;
   bool delta_softplus = true;
+  // Or, with one group, Bm and Cm as column blocks of a (B, L, K) tensor read in place (x_proj's
+  // output, with no copies): Bm = bc[..., bm_col, + N), Cm = bc[..., cm_col, + N). Used when bc
+  // is defined, Bm and Cm then undefined.
+  Tensor bc;
+  int64_t bm_col = 0, cm_col = 0;
 };
 
 // Gradients of the scan: activation gradients shaped like their inputs; dA, dD_skip, ddt_bias
 // overwritten (not accumulated) since the model maps them onto its parameters itself.
 struct ScanGrads {
   Tensor du, ddelta, dA, dBm, dCm, dD_skip, dz, ddt_bias, dh0;
+  // With ScanInputs::bc: dBm and dCm go to the same columns of dbc (shaped like bc) instead.
+  Tensor dbc;
 };
 
 struct AdamWHyper {

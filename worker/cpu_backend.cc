@@ -179,7 +179,8 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void SelectiveScanForward(const ScanInputs& in, Tensor& out, Tensor& h_last) override {
+  void SelectiveScanForward(const ScanInputs& given, Tensor& out, Tensor& h_last) override {
+    const ScanInputs in = WithBlocks(given);
     const kernels::ScanShape s = ScanShapeOf(in);
     Dispatch(in.u, [&](auto z) {
       using T = decltype(z);
@@ -189,8 +190,14 @@ class CpuBackend final : public Backend {
       kernels::SelectiveScanForwardCpu<T>(s, a);
     });
   }
-  void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout, const Tensor& dh_last,
+  void SelectiveScanBackward(const ScanInputs& given, const Tensor& dout, const Tensor& dh_last,
                              ScanGrads& g) override {
+    const ScanInputs in = WithBlocks(given);
+    if (given.bc.defined()) {  // gradients of the blocks, then into dbc's columns
+      CheckSameShape(given.bc, g.dbc, "scan backward dbc");
+      g.dBm = Empty(in.Bm.shape(), in.Bm.dtype());
+      g.dCm = Empty(in.Cm.shape(), in.Cm.dtype());
+    }
     const kernels::ScanShape s = ScanShapeOf(in);
     Dispatch(in.u, [&](auto z) {
       using T = decltype(z);
@@ -209,6 +216,11 @@ class CpuBackend final : public Backend {
       a.dh0 = OptMut<T>(g.dh0);
       kernels::SelectiveScanBackwardCpu<T>(s, a);
     });
+    if (given.bc.defined()) {
+      WriteColumns(g.dBm, g.dbc, given.bm_col);
+      WriteColumns(g.dCm, g.dbc, given.cm_col);
+      g.dBm = g.dCm = Tensor();
+    }
   }
 
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
@@ -330,6 +342,18 @@ class CpuBackend final : public Backend {
  private:
   kernels::CrossEntropyStats cross_entropy_total_;
 
+  // ScanInputs with Bm and Cm as their own tensors: copies of bc's column blocks when given so.
+  ScanInputs WithBlocks(const ScanInputs& in) {
+    if (!in.bc.defined()) return in;
+    ScanInputs r = in;
+    const int64_t B = in.bc.dim(0), L = in.bc.dim(1), N = in.A.dim(1);
+    r.Bm = Empty({B, L, 1, N}, in.bc.dtype());
+    r.Cm = Empty({B, L, 1, N}, in.bc.dtype());
+    CopyColumns(in.bc, in.bm_col, r.Bm);
+    CopyColumns(in.bc, in.cm_col, r.Cm);
+    r.bc = Tensor();
+    return r;
+  }
   static kernels::ScanShape ScanShapeOf(const ScanInputs& in) {
     kernels::ScanShape s;
     s.batch = in.u.dim(0);

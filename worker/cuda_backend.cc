@@ -233,6 +233,16 @@ kernels::cuda::Strided4 Strided4Of(const Tensor& t, DType dtype, const char* op,
 
 // The scan's activations (u, delta, z, Bm, Cm and the op's activation outputs or gradients in
 // `acts`) share one dtype, float32 or bfloat16; A, D_skip, dt_bias and the states are float32.
+// Column block [col, col + N) of a (B, L, K) tensor as a one-group (B, L, 1, N) operand.
+kernels::cuda::Strided4 ColumnBlock(const Tensor& t, int64_t col, int64_t N, DType dtype,
+                                    const char* op, const char* name) {
+  MAMBA_CHECK(t.rank() == 3 && col >= 0 && col + N <= t.dim(2))
+      << op << ": " << name << " columns [" << col << ", " << col + N << ") of " << t.DebugString();
+  const int64_t L = t.dim(1), K = t.dim(2);
+  const char* base = static_cast<const char*>(ActRaw(t, dtype, op, name));
+  return {base + col * int64_t(DTypeSize(dtype)), L * K, K, N, 1};
+}
+
 kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op,
                                          std::initializer_list<Named> acts) {
   kernels::cuda::ScanProblem p;
@@ -240,14 +250,21 @@ kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op,
   p.len = in.u.dim(1);
   p.dim = in.u.dim(2);
   p.dstate = in.A.dim(1);
-  p.groups = in.Bm.dim(2);
+  const bool bc = in.bc.defined();
+  p.groups = bc ? 1 : in.Bm.dim(2);
   MAMBA_CHECK(in.A.dim(0) == p.dim && p.dim % p.groups == 0) << op << ": A " << in.A.DebugString();
-  MAMBA_CHECK(in.Bm.shape() == (Shape{p.batch, p.len, p.groups, p.dstate}))
-      << op << ": Bm " << in.Bm.DebugString();
-  CheckSameShape(in.Bm, in.Cm, op);
+  if (bc) {
+    MAMBA_CHECK(in.bc.rank() == 3 && in.bc.dim(0) == p.batch && in.bc.dim(1) == p.len)
+        << op << ": bc must be (B, L, K), got " << in.bc.DebugString();
+  } else {
+    MAMBA_CHECK(in.Bm.shape() == (Shape{p.batch, p.len, p.groups, p.dstate}))
+        << op << ": Bm " << in.Bm.DebugString();
+    CheckSameShape(in.Bm, in.Cm, op);
+  }
   CheckSameShape(in.u, in.delta, op);
-  const DType dtype =
-      ActDType(op, {{"u", in.u}, {"delta", in.delta}, {"z", in.z}, {"Bm", in.Bm}, {"Cm", in.Cm}});
+  const DType dtype = ActDType(
+      op,
+      {{"u", in.u}, {"delta", in.delta}, {"z", in.z}, {"Bm", in.Bm}, {"Cm", in.Cm}, {"bc", in.bc}});
   for (const Named& n : acts) {
     MAMBA_CHECK(!n.t.defined() || n.t.dtype() == dtype)
         << op << ": " << n.name << " must have the dtype of u, " << DTypeName(dtype) << ", got "
@@ -261,8 +278,13 @@ kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op,
     CheckSameShape(in.u, in.z, op);
     p.z = Strided(in.z, dtype, op, "z");
   }
-  p.Bm = Strided4Of(in.Bm, dtype, op, "Bm");
-  p.Cm = Strided4Of(in.Cm, dtype, op, "Cm");
+  if (bc) {
+    p.Bm = ColumnBlock(in.bc, in.bm_col, p.dstate, dtype, op, "Bm (bc)");
+    p.Cm = ColumnBlock(in.bc, in.cm_col, p.dstate, dtype, op, "Cm (bc)");
+  } else {
+    p.Bm = Strided4Of(in.Bm, dtype, op, "Bm");
+    p.Cm = Strided4Of(in.Cm, dtype, op, "Cm");
+  }
   p.A = F32(in.A, op, "A");
   p.D_skip = OptF32(in.D_skip, op, "D_skip");
   p.dt_bias = OptF32(in.dt_bias, op, "dt_bias");
@@ -585,7 +607,8 @@ class CudaBackend final : public Backend {
                                                   {"ddelta", g.ddelta},
                                                   {"dz", g.dz},
                                                   {"dBm", g.dBm},
-                                                  {"dCm", g.dCm}});
+                                                  {"dCm", g.dCm},
+                                                  {"dbc", g.dbc}});
     CheckSameShape(in.u, dout, op);
     const DType dtype = in.u.dtype();  // the activations' dtype, checked above
     p.dout = Strided(dout, dtype, op, "dout");
@@ -593,8 +616,14 @@ class CudaBackend final : public Backend {
     p.du = Strided(g.du, dtype, op, "du");
     p.ddelta = Strided(g.ddelta, dtype, op, "ddelta");
     if (in.z.defined()) p.dz = Strided(g.dz, dtype, op, "dz");
-    p.dBm = Strided4Of(g.dBm, dtype, op, "dBm");
-    p.dCm = Strided4Of(g.dCm, dtype, op, "dCm");
+    if (in.bc.defined()) {
+      CheckSameShape(in.bc, g.dbc, op);
+      p.dBm = ColumnBlock(g.dbc, in.bm_col, p.dstate, dtype, op, "dBm (dbc)");
+      p.dCm = ColumnBlock(g.dbc, in.cm_col, p.dstate, dtype, op, "dCm (dbc)");
+    } else {
+      p.dBm = Strided4Of(g.dBm, dtype, op, "dBm");
+      p.dCm = Strided4Of(g.dCm, dtype, op, "dCm");
+    }
     p.dA = F32(g.dA, op, "dA");
     p.dD_skip = OptF32(g.dD_skip, op, "dD_skip");
     p.ddt_bias = OptF32(g.ddt_bias, op, "ddt_bias");

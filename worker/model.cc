@@ -121,10 +121,26 @@ void MambaModel::Initialize(uint64_t seed) {
 }
 
 void MambaModel::ReleaseActivations(Layer& l) {
-  for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.Bm, &l.Cm,
-                    &l.delta, &l.A, &l.y, &l.out}) {
+  for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.delta,
+                    &l.A, &l.y, &l.out}) {
     *t = Tensor();
   }
+}
+
+ScanInputs MambaModel::ScanInputsOf(const Layer& l) const {
+  ScanInputs in;
+  in.u = l.xa;
+  in.delta = l.delta;
+  in.A = l.A;
+  in.D_skip = l.D->value;
+  in.z = l.z;
+  in.dt_bias = l.dt_b->value;  // applied inside the scan with the softplus, as in mamba_ssm
+  in.delta_softplus = true;
+  // Bm and Cm are read in place from x_proj's output (dt_raw | Bm | Cm).
+  in.bc = l.dbc;
+  in.bm_col = config_.dt_rank;
+  in.cm_col = config_.dt_rank + config_.d_state;
+  return in;
 }
 
 void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in,
@@ -147,31 +163,23 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   be.LinearForward(l.h, in_w.Slice(E, 2 * E), Tensor(), l.z);
   l.xa = Act16({B, L, E});
   be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), /*silu=*/true, l.xa);
-  l.dbc = Act16({M, R + 2 * N});
+  l.dbc = Act16({B, L, R + 2 * N});
   be.LinearForward(l.xa, GemmWeight(*l.x_proj), Tensor(), l.dbc);
-  l.dt_raw = Act16({M, R});
-  l.Bm = Act16({B, L, 1, N});
-  l.Cm = Act16({B, L, 1, N});
+  l.dt_raw = Act16({M, R});  // dt_proj's GEMM input; the scan reads Bm and Cm from dbc
   be.CopyColumns(l.dbc, 0, l.dt_raw);
-  be.CopyColumns(l.dbc, R, l.Bm);
-  be.CopyColumns(l.dbc, R + N, l.Cm);
-  // dt_proj's bias is applied inside the scan (with the softplus), as in mamba_ssm.
   l.delta = Act16({B, L, E});
   be.LinearForward(l.dt_raw, GemmWeight(*l.dt_w), Tensor(), l.delta);
   l.A = Act({E, N});
   be.NegExp(l.A_log->value, l.A);
   l.y = Act16({B, L, E});
   Tensor no_state;
-  be.SelectiveScanForward(
-      {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, l.y,
-      no_state);
+  be.SelectiveScanForward(ScanInputsOf(l), l.y, no_state);
   // A recompute for the backward keeps everything and skips the output projection: the backward
   // needs y, not the output.
   if (recompute) return;
   l.out = Act16({M, dm});
   be.LinearForward(l.y, GemmWeight(*l.out_proj), Tensor(), l.out);
   // Keep only what the backward cannot cheaply recompute (see Recompute).
-  l.dbc = Tensor();
   if (options_.recompute == Recompute::kLayer) {
     const Tensor residual = l.residual, out = l.out;
     ReleaseActivations(l);
@@ -212,24 +220,20 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, Tensor& d_residual1
   g.du = Act16({B, L, E});
   g.ddelta = Act16({B, L, E});
   g.dA = Act({E, N});
-  g.dBm = Act16({B, L, 1, N});
-  g.dCm = Act16({B, L, 1, N});
   g.dD_skip = Act({E});
   g.dz = Act16({B, L, E});
   g.ddt_bias = Act({E});
-  be.SelectiveScanBackward(
-      {l.xa, l.delta, l.A, l.Bm, l.Cm, l.D->value, l.z, l.dt_b->value, Tensor(), true}, dy, none,
-      g);
+  // x_proj's output gradient (ddt_raw | dBm | dCm): the scan writes its dBm and dCm columns.
+  Tensor ddbc = Act16({B, L, R + 2 * N});
+  g.dbc = ddbc;
+  be.SelectiveScanBackward(ScanInputsOf(l), dy, none, g);
   be.AddProduct(g.dA, l.A, l.A_log->grad);  // A = -exp(A_log): dA_log = dA * A
   be.Add(g.dD_skip, l.D->grad);
   be.Add(g.ddt_bias, l.dt_b->grad);
-  // dt_proj (no bias here), then x_proj's output gradient assembled from its three blocks.
-  Tensor ddbc = Act16({M, R + 2 * N});
+  // dt_proj (no bias here) completes x_proj's output gradient.
   Tensor ddt_raw = Act16({M, R});
   be.LinearBackward(g.ddelta, l.dt_raw, GemmWeight(*l.dt_w), ddt_raw, l.dt_w->grad, none);
   be.WriteColumns(ddt_raw, ddbc, 0);
-  be.WriteColumns(g.dBm, ddbc, R);
-  be.WriteColumns(g.dCm, ddbc, R + N);
   // The conv output feeds both the scan (u) and x_proj: its gradient is du + x_proj's, summed by
   // the GEMM itself.
   Tensor& dxa = g.du;

@@ -73,7 +73,8 @@ class MambaModel {
   struct Layer {
     Parameter* norm;
     Parameter *in_proj, *conv_w, *conv_b, *x_proj, *dt_w, *dt_b, *A_log, *D, *out_proj;
-    Tensor residual, h, rstd, x, z, xa, dbc, dt_raw, Bm, Cm, delta, A, y, out;
+    // dbc: x_proj's output (B, L, R + 2N); the scan reads Bm and Cm as its column blocks.
+    Tensor residual, h, rstd, x, z, xa, dbc, dt_raw, delta, A, y, out;
   };
 
   // recompute: rerun for the backward (Recompute::kLayer): keep every activation, skip out_proj.
@@ -86,6 +87,7 @@ class MambaModel {
   // replaced likewise.
   void BackwardLayer(Layer& l, Tensor& d_residual, Tensor& d_residual16, int64_t B, int64_t L);
   void ReleaseActivations(Layer& l);
+  ScanInputs ScanInputsOf(const Layer& l) const;
   // The residual stream, its gradient and the norms' statistics: the model dtype.
   Tensor Act(const Shape& shape) { return backend_->Empty(shape, dtype_); }
   // Activations that feed GEMMs, the conv and the scan (and their gradients): bf16 when the

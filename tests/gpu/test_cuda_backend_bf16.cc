@@ -501,6 +501,81 @@ TEST_F(CudaBackendBf16Test, CopyAndWriteColumns) {
 // The scan in bf16 through the backend, as the kernels' own bf16 tests check it: the reference
 // in float64 on the rounded inputs. Shapes: the tiled N == 16 kernels (one tile; several tiles and
 // segments) and the general kernels (N == 8, several backward segments).
+// Bm and Cm read in place as column blocks of one (B, L, K) tensor (x_proj's output, as the
+// model passes them), and dBm/dCm written into the same columns of dbc: the same bits as with
+// separate tensors, in both dtypes; the other columns of dbc are left as they were.
+TEST_F(CudaBackendBf16Test, SelectiveScanReadsBmCmInPlace) {
+  const int64_t B = 2, L = 300, D = 64, N = 16, R = 48, K = R + 2 * N;
+  const Shape act{B, L, D}, bcs{B, L, 1, N}, st{B, D, N};
+  const std::vector<float> u = Rand(B * L * D), delta = Rand(B * L * D, -3.0, 0.5),
+                           z = Rand(B * L * D, -2.0, 2.0), dout = Rand(B * L * D),
+                           bc = Rand(B * L * K), dbc0 = Rand(B * L * K);
+  const std::vector<float> A = RandF32(D * N, -2.0, -0.1), Dskip = RandF32(D),
+                           bias = RandF32(D, -1.0, 0.0);
+  std::vector<float> Bm(B * L * N), Cm(B * L * N);
+  for (int64_t r = 0; r < B * L; ++r) {
+    for (int64_t n = 0; n < N; ++n) {
+      Bm[r * N + n] = bc[r * K + R + n];
+      Cm[r * N + n] = bc[r * K + R + N + n];
+    }
+  }
+  for (const DType dt : {kF32, kBF16}) {
+    SCOPED_TRACE(DTypeName(dt));
+    ScanInputs sep;
+    sep.u = Gpu(act, u, dt);
+    sep.delta = Gpu(act, delta, dt);
+    sep.A = Gpu({D, N}, A, kF32);
+    sep.D_skip = Gpu({D}, Dskip, kF32);
+    sep.z = Gpu(act, z, dt);
+    sep.dt_bias = Gpu({D}, bias, kF32);
+    ScanInputs blk = sep;
+    sep.Bm = Gpu(bcs, Bm, dt);
+    sep.Cm = Gpu(bcs, Cm, dt);
+    blk.bc = Gpu({B, L, K}, bc, dt);
+    blk.bm_col = R;
+    blk.cm_col = R + N;
+    Tensor y_sep = Poisoned(act, dt), y_blk = Poisoned(act, dt), none;
+    gpu_->SelectiveScanForward(sep, y_sep, none);
+    gpu_->SelectiveScanForward(blk, y_blk, none);
+    ExpectSameBits(y_sep, y_blk, "scan out");
+    const std::vector<float> y = Fetch(y_sep);
+    EXPECT_GT(std::abs(y[0]) + std::abs(y[y.size() / 2]), 0.f);
+
+    auto grads = [&] {
+      ScanGrads g;
+      g.du = Poisoned(act, dt);
+      g.ddelta = Poisoned(act, dt);
+      g.dA = Poisoned({D, N}, kF32);
+      g.dD_skip = Poisoned({D}, kF32);
+      g.dz = Poisoned(act, dt);
+      g.ddt_bias = Poisoned({D}, kF32);
+      return g;
+    };
+    ScanGrads gs = grads(), gb = grads();
+    gs.dBm = Poisoned(bcs, dt);
+    gs.dCm = Poisoned(bcs, dt);
+    gb.dbc = Gpu({B, L, K}, dbc0, dt);
+    gpu_->SelectiveScanBackward(sep, Gpu(act, dout, dt), Tensor(), gs);
+    gpu_->SelectiveScanBackward(blk, Gpu(act, dout, dt), Tensor(), gb);
+    ExpectSameBits(gs.du, gb.du, "du");
+    ExpectSameBits(gs.ddelta, gb.ddelta, "ddelta");
+    ExpectSameBits(gs.dz, gb.dz, "dz");
+    ExpectSameBits(gs.dA, gb.dA, "dA");
+    ExpectSameBits(gs.dD_skip, gb.dD_skip, "dD");
+    ExpectSameBits(gs.ddt_bias, gb.ddt_bias, "ddt_bias");
+    const std::vector<float> dB = Fetch(gs.dBm), dC = Fetch(gs.dCm), dbc = Fetch(gb.dbc),
+                             before = Fetch(Gpu({B, L, K}, dbc0, dt));
+    for (int64_t r = 0; r < B * L; ++r) {
+      for (int64_t k = 0; k < K; ++k) {
+        const float want = k < R       ? before[r * K + k]
+                           : k < R + N ? dB[r * N + k - R]
+                                       : dC[r * N + k - R - N];
+        ASSERT_EQ(Bits(dbc[r * K + k]), Bits(want)) << "dbc row " << r << " column " << k;
+      }
+    }
+  }
+}
+
 TEST_F(CudaBackendBf16Test, SelectiveScan) {
   struct ScanShape {
     int64_t B, L, D, N, G;
