@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <vector>
@@ -17,6 +18,33 @@ inline std::vector<double> RandomVector(int64_t n, uint64_t seed, double lo = -1
   std::vector<double> v(n);
   for (auto& x : v) x = dist(rng);
   return v;
+}
+
+// bf16 on the host, as the GPU kernels round (__float2bfloat16_rn): float32 -> bf16 bits,
+// nearest even (NaN stays a quiet NaN), and back.
+inline uint16_t Bf16Bits(float f) {
+  if (std::isnan(f)) return 0x7fc0;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+inline float Bf16Value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float RoundBf16(float f) { return Bf16Value(Bf16Bits(f)); }
+inline std::vector<float> RoundToBf16(const std::vector<float>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = RoundBf16(v[i]);
+  return out;
+}
+// The bits of a float, to compare results exactly.
+inline uint32_t FloatBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
 }
 
 template <typename T>

@@ -267,18 +267,6 @@ TEST_F(CudaBackendTest, LinearWithTf32) {
   ExpectClose(gy, ry, "tf32 linear y", 5e-3);
 }
 
-// float32 rounded to bf16 (nearest even) and back, as __float2bfloat16_rn does for finite values.
-std::vector<float> RoundToBf16(const std::vector<float>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, &v[i], 4);
-    bits = (bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff0000u;
-    std::memcpy(&out[i], &bits, 4);
-  }
-  return out;
-}
-
 TEST_F(CudaBackendTest, LinearWithBf16) {
   // bf16 operands keep 8 mantissa bits: within 1e-2 of the float64 product of the fp32 inputs;
   // and, since the products accumulate in fp32, within fp32 tolerance of the float64 product of
@@ -293,7 +281,8 @@ TEST_F(CudaBackendTest, LinearWithBf16) {
     SCOPED_TRACE(::testing::Message() << "M " << M << " N " << N << " K " << K);
     const std::vector<float> x = Rand(M * K), w = Rand(N * K), b = Rand(N), dy = Rand(M * N),
                              dw0 = Rand(N * K), db0 = Rand(N);
-    const std::vector<float> xr = RoundToBf16(x), wr = RoundToBf16(w), dyr = RoundToBf16(dy);
+    const std::vector<float> xr = testing::RoundToBf16(x), wr = testing::RoundToBf16(w),
+                             dyr = testing::RoundToBf16(dy);
     ASSERT_NE(xr, x);  // the rounded reference differs from the exact one
 
     Tensor gy = Poisoned({M, N}), gy2 = Poisoned({M, N});

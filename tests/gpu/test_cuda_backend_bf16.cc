@@ -31,26 +31,10 @@ constexpr double kBf16Tol = 1e-2;
 constexpr double kF32Tol = 1e-5;
 constexpr double kScanGradTol = 1e-4;  // the fp32 scan gradients' tolerance in test_cuda_backend
 
-// float -> bf16 bits, round to nearest even (as __float2bfloat16_rn for finite values).
-uint16_t Bf16Bits(float f) {
-  if (std::isnan(f)) return 0x7fc0;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fff + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-float FromBf16Bits(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-float RoundBf16(float f) { return FromBf16Bits(Bf16Bits(f)); }
-uint32_t Bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
+using testing::Bf16Bits;
+using testing::Bf16Value;
+using testing::FloatBits;
+using testing::RoundBf16;
 
 constexpr DType kBF16 = DType::kBF16;
 constexpr DType kF32 = DType::kF32;
@@ -75,7 +59,7 @@ Tensor Host(const Shape& shape, const std::vector<float>& v, DType dtype) {
 std::vector<float> Values(const Tensor& h) {
   std::vector<float> v(h.numel());
   for (int64_t i = 0; i < h.numel(); ++i) {
-    v[i] = h.dtype() == kBF16 ? FromBf16Bits(static_cast<const uint16_t*>(h.raw())[i])
+    v[i] = h.dtype() == kBF16 ? Bf16Value(static_cast<const uint16_t*>(h.raw())[i])
                               : h.data<float>()[i];
   }
   return v;
@@ -257,7 +241,7 @@ TEST_F(CudaBackendBf16Test, AddRmsNormBackwardWritesDxCopy) {
     double norm = 0;
     for (size_t i = 0; i < got.size(); ++i) {
       const float want = copy_dtype == kBF16 ? RoundBf16(full[i]) : full[i];
-      ASSERT_EQ(Bits(got[i]), Bits(want)) << "entry " << i;
+      ASSERT_EQ(FloatBits(got[i]), FloatBits(want)) << "entry " << i;
       norm += double(full[i]) * full[i];
     }
     EXPECT_GT(norm, 1.0);  // a copy of zeros proves nothing
@@ -570,7 +554,7 @@ TEST_F(CudaBackendBf16Test, SelectiveScanReadsBmCmInPlace) {
         const float want = k < R       ? before[r * K + k]
                            : k < R + N ? dB[r * N + k - R]
                                        : dC[r * N + k - R - N];
-        ASSERT_EQ(Bits(dbc[r * K + k]), Bits(want)) << "dbc row " << r << " column " << k;
+        ASSERT_EQ(FloatBits(dbc[r * K + k]), FloatBits(want)) << "dbc row " << r << " column " << k;
       }
     }
   }

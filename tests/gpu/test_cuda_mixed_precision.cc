@@ -20,23 +20,9 @@
 namespace mamba {
 namespace {
 
-// float32 -> bf16 bits, rounded to nearest even (as __float2bfloat16_rn for finite values).
-uint16_t Bf16Bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-float Bf16Value(uint16_t b) {
-  const uint32_t bits = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-std::vector<float> RoundToBf16(const std::vector<float>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = Bf16Value(Bf16Bits(v[i]));
-  return out;
-}
+using testing::Bf16Bits;
+using testing::Bf16Value;
+using testing::RoundToBf16;
 
 class CudaMixedPrecisionTest : public ::testing::Test {
  protected:

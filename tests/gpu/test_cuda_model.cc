@@ -149,13 +149,6 @@ TEST(CudaModel, Bf16TrainingLossCurveMatchesCpu) {
   std::printf("  bf16 loss curve: worst relative difference %.3g\n", worst);
 }
 
-// float32 -> bf16 bits, rounded to nearest even (as __float2bfloat16_rn for finite values).
-uint16_t Bf16Bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-
 // Every shadow holds its value rounded to bf16, bit for bit; exactly the weight-decay group (every
 // GEMM weight) has one when the backend's GEMMs are bf16.
 void ExpectShadowsMatch(Backend& be, const std::vector<Parameter>& params, bool bf16,
@@ -172,7 +165,7 @@ void ExpectShadowsMatch(Backend& be, const std::vector<Parameter>& params, bool 
     const auto* bits = static_cast<const uint16_t*>(shadow.raw());
     int64_t wrong = 0;
     for (int64_t i = 0; i < value.numel(); ++i)
-      wrong += bits[i] != Bf16Bits(value.data<float>()[i]);
+      wrong += bits[i] != testing::Bf16Bits(value.data<float>()[i]);
     EXPECT_EQ(wrong, 0) << p.name << " " << when
                         << ": shadow entries differ from the rounded value";
   }
