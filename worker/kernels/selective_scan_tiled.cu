@@ -261,14 +261,18 @@ struct StepSmem {
   float dy[kDy ? kTT : 1][kP];
   float u[kEpi ? kTT : 1][kP], z[kF][kP], dsp[kB][kP], dzf[kB][kP];
   float4 bm[kTT][4], cm[kTT][4];
-  float bias[kCh];
+  float bias[kCh], dsk[kCh];  // dt_bias and D_skip of the block's channels
 };
 
-// Fills s.bias for the block's channels; the caller synchronizes before the first PrepTile.
+// Fills s.bias and s.dsk for the block's channels; the caller synchronizes before their first
+// use.
 template <typename S>
-__device__ __forceinline__ void StageBias(const Params& p, const TileBlock& k, S& s) {
+__device__ __forceinline__ void StageChannelParams(const Params& p, const TileBlock& k, S& s) {
   const int c = threadIdx.x;
-  if (c < kCh) s.bias[c] = p.dt_bias && c < k.nvalid ? p.dt_bias[k.d0 + c] : 0.f;
+  if (c < kCh) {
+    s.bias[c] = p.dt_bias && c < k.nvalid ? p.dt_bias[k.d0 + c] : 0.f;
+    s.dsk[c] = p.D_skip && c < k.nvalid ? p.D_skip[k.d0 + c] : 0.f;
+  }
 }
 
 template <int kN>
@@ -426,7 +430,6 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
   static_assert(!kBwd || kL == 4, "the backward checkpoints are written as float4 per lane");
   static_assert(!kVec || kL == 4, "the vector layout's partials are one float4 per channel");
   __shared__ StepSmem<kTT, kBwd, kMain> s;
-  __shared__ float dsk_s[kVec && kMain ? kCh : 1];  // D_skip of the block's channels
   // Per-lane partial outputs [kTT][kCh][kL] (main pass), dynamic: 32 KB at 8 lanes.
   extern __shared__ float4 dyn[];
   auto yp = reinterpret_cast<float(*)[kCh][kL]>(dyn);
@@ -443,10 +446,7 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
   const bool ceok = ce < k.nvalid;
   const int64_t de = k.d0 + (ceok ? ce : 0);
   const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
-  StageBias(p, k, s);
-  if constexpr (kVec && kMain) {
-    if (tid < kCh) dsk_s[tid] = p.D_skip && tid < k.nvalid ? p.D_skip[k.d0 + tid] : 0.f;
-  }
+  StageChannelParams(p, k, s);
   __syncthreads();
 
   float a2[kS], h[kS], P[kS], r[kS];
@@ -538,7 +538,7 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
           const float z = s.z[tt][c];
           const float g = z * Sigmoid(z);  // selected, not branched on: no divergence to join
           y[j] = LanesSum<kL>(yp[tt][YpSlot(tt, c)]);
-          y[j] = fmaf(dsk_s[c], s.u[tt][c], y[j]) * (gate ? g : 1.f);
+          y[j] = fmaf(s.dsk[c], s.u[tt][c], y[j]) * (gate ? g : 1.f);
         }
         StVec<T, M::kVE>(p.out, k.b * p.u.sb + (tb + tt) * p.u.sl + k.d0 + c0, y);
       }
@@ -583,7 +583,6 @@ struct BwdSmem {
   // floats of the warp's part hold its sums of step tt (RedAt, DbcAt), for the epilogue.
   float4 hist[kBT][kTh];
   float chan[2][kBT][kCh];  // dD, dbias partials per row of threads (4 rows scalar, 16 vector)
-  float dsk[kCh];           // D_skip of the block's channels (vector epilogue)
 };
 
 // y, sum g*e*h*A, sum g*B of step tt and channel c, summed over the channel's lanes. Within a
@@ -613,8 +612,7 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
   const bool ceok = ce < k.nvalid;
   const int64_t de = k.d0 + (ceok ? ce : 0);
   const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
-  StageBias(p, k, sm.s);  // read after the first barrier of the tile loop
-  if (tid < kCh) sm.dsk[tid] = p.D_skip && tid < k.nvalid ? p.D_skip[k.d0 + tid] : 0.f;
+  StageChannelParams(p, k, sm.s);  // read after the first barrier of the tile loop
 
   float A[4], a2[4], h[4], g[4], dA[4];
 #pragma unroll
@@ -754,7 +752,7 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
           const float4 rd = RedAt(sm, tt, c);
           const float y = rd.x, ga = rd.y, gb = rd.z;
           const float dt = sm.s.dt[tt][c], dy = sm.s.dy[tt][c], u = sm.s.u[tt][c];
-          const float dsk_c = sm.dsk[c];
+          const float dsk_c = sm.s.dsk[c];
           du[j] = fmaf(dsk_c, dy, gb * dt);
           ddelta[j] = fmaf(gb, u, ga) * sm.s.dsp[tt][c];
           dz[j] = sm.s.dzf[tt][c] * fmaf(dsk_c, u, y);
