@@ -28,7 +28,6 @@ constexpr int kFwdMaxVec = 4;
 constexpr int kBwdMaxVec = 2;
 
 size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
-int64_t CeilDivInt(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t TilesL(int64_t L) { return std::max<int64_t>(1, (L + kTileL - 1) / kTileL); }
 
 // Input at position p (-(K-1) <= p < L) of row b, channels c..c+V-1: x, the prefix or zero.
@@ -253,33 +252,20 @@ __global__ void __launch_bounds__(kLanes* kSubTiles, 2)
   }
 }
 
-// dweight/dbias from the blocks' partials, in a fixed order: a block of kChunkSumLanes^2
-// threads covers kChunkSumLanes items; thread (x, y) sums chunks y, y + 32, ... in order, then
-// one thread per item adds the 32 sums in y order (one thread per item over every chunk was
-// latency-bound).
-__global__ void ParamFinalKernel(int64_t C, int64_t K, int64_t chunks, const double* partial,
-                                 float* dweight, float* dbias) {
-  __shared__ double part[kChunkSumLanes][kChunkSumLanes + 1];
-  const int64_t items = C * (K + 1);
-  const int64_t i = blockIdx.x * int64_t(kChunkSumLanes) + threadIdx.x;  // over C * (K + 1)
-  double s = 0.0;
-  if (i < items) {
-    for (int64_t chunk = threadIdx.y; chunk < chunks; chunk += kChunkSumLanes) {
-      s += partial[chunk * items + i];
+// dweight/dbias from the blocks' chunk sums: item i = c * (K + 1) + k, k == K being dbias.
+struct ParamSink {
+  int64_t K;
+  float* dweight;
+  float* dbias;
+  __device__ void operator()(int64_t i, double sum) const {
+    const int64_t c = i / (K + 1), k = i % (K + 1);
+    if (k < K) {
+      dweight[c * K + k] += float(sum);
+    } else if (dbias) {
+      dbias[c] += float(sum);
     }
   }
-  part[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y != 0 || i >= items) return;
-  double total = 0.0;
-  for (int y = 0; y < kChunkSumLanes; ++y) total += part[y][threadIdx.x];
-  const int64_t c = i / (K + 1), k = i % (K + 1);
-  if (k < K) {
-    dweight[c * K + k] += float(total);
-  } else if (dbias) {
-    dbias[c] += float(total);
-  }
-}
+};
 
 // Widest vector (4, 2 or 1 elements of `elem` bytes, at most max_vec) that divides C and keeps
 // every pointer aligned.
@@ -401,9 +387,7 @@ void CausalConv1dBackwardCuda(int64_t B, int64_t L, int64_t C, int64_t K, const 
       VecWidth(kMaxVec, sizeof(T), C, {x, prefix, dy, halo, dx, dprefix}), K, B, L, C, x, weight,
       bias, prefix, silu, dy, static_cast<const T*>(halo), dx, dprefix, partial, stream);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
-  ParamFinalKernel<<<static_cast<unsigned int>(CeilDivInt(C * (K + 1), kChunkSumLanes)),
-                     dim3(kChunkSumLanes, kChunkSumLanes), 0, stream>>>(C, K, tiles, partial,
-                                                                        dweight, dbias);
+  LaunchChunkSums(C * (K + 1), tiles, partial, ParamSink{K, dweight, dbias}, stream);
   MAMBA_CUDA_CHECK_LAUNCH("conv1d_bwd");
 }
 

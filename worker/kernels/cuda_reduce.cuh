@@ -27,15 +27,15 @@ __device__ T BlockSum(T v, T* scratch) {
   return WarpSum(total);
 }
 
-// out[i] += sum over c of partial[c * n + i]: the final pass of the chunked (double)
-// parameter-gradient reductions, in a fixed order. A block of kChunkSumLanes x kChunkSumLanes
-// threads covers kChunkSumLanes outputs: thread (x, y) sums chunks y, y + 32, ... in order
-// (loads coalesced over x), then one thread per output adds the 32 partials in y order. (One
-// thread per output walking every chunk was latency-bound: ~100 us for 768 outputs x 2048
-// chunks.) Launch with LaunchAddChunkSums.
+// sink(i, sum over c of partial[c * n + i]) for every i < n: the final pass of the chunked
+// (double) parameter-gradient reductions, in a fixed order. A block of kChunkSumLanes x
+// kChunkSumLanes threads covers kChunkSumLanes outputs: thread (x, y) sums chunks y, y + 32, ...
+// in order (loads coalesced over x), then one thread per output adds the 32 partials in y order.
+// (One thread per output walking every chunk was latency-bound: ~100 us for 768 outputs x 2048
+// chunks.) Launch with LaunchChunkSums.
 constexpr int kChunkSumLanes = 32;
-__global__ inline void AddChunkSumsKernel(int64_t n, int64_t chunks, const double* partial,
-                                          float* out) {
+template <typename Sink>
+__global__ void ChunkSumsKernel(int64_t n, int64_t chunks, const double* partial, Sink sink) {
   __shared__ double part[kChunkSumLanes][kChunkSumLanes + 1];
   const int64_t i = blockIdx.x * int64_t(kChunkSumLanes) + threadIdx.x;
   double sum = 0.0;
@@ -44,18 +44,28 @@ __global__ inline void AddChunkSumsKernel(int64_t n, int64_t chunks, const doubl
   }
   part[threadIdx.y][threadIdx.x] = sum;
   __syncthreads();
-  if (threadIdx.y == 0 && i < n) {
-    double total = 0.0;
-    for (int y = 0; y < kChunkSumLanes; ++y) total += part[y][threadIdx.x];
-    out[i] += float(total);
-  }
+  if (threadIdx.y != 0 || i >= n) return;
+  double total = 0.0;
+  for (int y = 0; y < kChunkSumLanes; ++y) total += part[y][threadIdx.x];
+  sink(i, total);
 }
-inline void LaunchAddChunkSums(int64_t n, int64_t chunks, const double* partial, float* out,
-                               cudaStream_t stream) {
+template <typename Sink>
+void LaunchChunkSums(int64_t n, int64_t chunks, const double* partial, Sink sink,
+                     cudaStream_t stream) {
   if (n == 0) return;
   const unsigned int blocks = static_cast<unsigned int>((n + kChunkSumLanes - 1) / kChunkSumLanes);
-  AddChunkSumsKernel<<<blocks, dim3(kChunkSumLanes, kChunkSumLanes), 0, stream>>>(n, chunks,
-                                                                                  partial, out);
+  ChunkSumsKernel<<<blocks, dim3(kChunkSumLanes, kChunkSumLanes), 0, stream>>>(n, chunks, partial,
+                                                                               sink);
+}
+
+// out[i] += the chunk sum i.
+struct AddToFloats {
+  float* out;
+  __device__ void operator()(int64_t i, double sum) const { out[i] += float(sum); }
+};
+inline void LaunchAddChunkSums(int64_t n, int64_t chunks, const double* partial, float* out,
+                               cudaStream_t stream) {
+  LaunchChunkSums(n, chunks, partial, AddToFloats{out}, stream);
 }
 
 }  // namespace mamba::kernels
