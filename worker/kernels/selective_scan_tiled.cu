@@ -328,8 +328,8 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
       b[i] = Elem<T, kVec>(r.bm, i);
       c[i] = Elem<T, kVec>(r.cm, i);
     }
-    StShared<M::kB>(bm + tid * M::kB, b);
-    if constexpr (kC) StShared<M::kB>(cm + tid * M::kB, c);
+    StShared<M::kB>(bm + M::BcIndex(tid, 0), b);
+    if constexpr (kC) StShared<M::kB>(cm + M::BcIndex(tid, 0), c);
   } else {
 #pragma unroll
     for (int i = 0; i < M::kB; ++i) {
