@@ -2,7 +2,9 @@
 // tokens/s and step time (median of the timed steps, run without instrumentation), peak device
 // memory and a per-phase breakdown (per-op CUDA events in --profile_steps extra steps), and
 // writes JSON. Defaults: Mamba-130M (d_model 768, 24 layers, vocab 50280 padded to 50280,
-// N 16) at batch 8, seqlen 2048.
+// N 16) at batch 8, seqlen 2048. --batch 0 finds the largest batch (a multiple of 8) whose step
+// fits in device memory, by probe steps, and times that. After the first warm-up step the
+// step's buffers become one workspace (Backend::ReserveWorkspace), as in training jobs.
 //   train_bench [--d_model 768 --n_layer 24 --batch 8 --seq_len 2048 --steps 10]
 //               [--precision fp32|tf32|bf16] [--json out.json]
 #include <algorithm>
@@ -24,7 +26,7 @@ ABSL_FLAG(int64_t, d_model, 768, "model width");
 ABSL_FLAG(int64_t, n_layer, 24, "layers");
 ABSL_FLAG(int64_t, vocab, 50280, "vocabulary (padded to a multiple of 8)");
 ABSL_FLAG(int64_t, d_state, 16, "SSM state size N");
-ABSL_FLAG(int64_t, batch, 8, "sequences per step");
+ABSL_FLAG(int64_t, batch, 8, "sequences per step; 0: the largest multiple of 8 that fits");
 ABSL_FLAG(int64_t, seq_len, 2048, "tokens per sequence");
 ABSL_FLAG(int64_t, steps, 10, "timed steps");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps first");
@@ -53,6 +55,51 @@ std::string Phase(const std::string& op) {
   return "other";
 }
 
+// Whether a training step of `batch` sequences fits in device memory: one probe forward/backward
+// and gradient norm (no update).
+template <typename RandomBatch>
+bool Fits(mamba::MambaModel& model, mamba::AdamWOptimizer& opt, mamba::Backend& backend,
+          int64_t batch, RandomBatch& random_batch) {
+  Tensor inputs, targets;
+  random_batch(batch, inputs, targets);
+  model.ZeroGrad();
+  try {
+    model.ForwardBackward(inputs, targets, -100, 1.0, true);
+    opt.GradNorm();
+    backend.Synchronize();
+  } catch (const mamba::DeviceOutOfMemory&) {
+    model.ZeroGrad();
+    backend.ReleaseCachedMemory();  // the failed probe's buffers, the ops' scratch among them
+    return false;
+  }
+  model.ZeroGrad();
+  return true;
+}
+
+// The largest multiple of 8 sequences whose step fits: doubling, then bisection.
+template <typename RandomBatch>
+int64_t LargestBatch(mamba::MambaModel& model, mamba::AdamWOptimizer& opt, mamba::Backend& backend,
+                     int64_t seq_len, RandomBatch& random_batch) {
+  int64_t fits = 0, fails = 8;
+  while (Fits(model, opt, backend, fails, random_batch)) {
+    std::printf("  batch %ld x %ld fits\n", long(fails), long(seq_len));
+    fits = fails;
+    fails *= 2;
+  }
+  std::printf("  batch %ld x %ld does not fit\n", long(fails), long(seq_len));
+  while (fails - fits > 8) {
+    const int64_t mid = (fits + fails) / 16 * 8;
+    const bool ok = Fits(model, opt, backend, mid, random_batch);
+    std::printf("  batch %ld x %ld %s\n", long(mid), long(seq_len), ok ? "fits" : "does not fit");
+    (ok ? fits : fails) = mid;
+  }
+  if (fits == 0) {
+    std::fprintf(stderr, "train_bench: not even batch 8 fits\n");
+    std::exit(3);
+  }
+  return fits;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -63,7 +110,8 @@ int main(int argc, char** argv) {
   c.vocab_size = mamba::ModelConfig::PadVocab(absl::GetFlag(FLAGS_vocab));
   c.d_state = absl::GetFlag(FLAGS_d_state);
   c.dt_rank = mamba::ModelConfig::DefaultDtRank(c.d_model);
-  const int64_t B = absl::GetFlag(FLAGS_batch), L = absl::GetFlag(FLAGS_seq_len);
+  int64_t B = absl::GetFlag(FLAGS_batch);
+  const int64_t L = absl::GetFlag(FLAGS_seq_len);
   const int64_t steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
   const int64_t profile_steps = std::max<int64_t>(1, absl::GetFlag(FLAGS_profile_steps));
   const std::string backend_name = absl::GetFlag(FLAGS_backend);
@@ -109,30 +157,42 @@ int main(int argc, char** argv) {
       long(c.vocab_size), long(c.d_state), model.num_parameters() / 1e6, long(B), long(L));
 
   std::mt19937 rng(7);
-  Tensor inputs = Tensor::Empty({B, L}, mamba::DType::kI32);
-  Tensor targets = Tensor::Empty({B, L}, mamba::DType::kI32);
-  std::vector<double> step_ms;
-  std::map<std::string, double> phase_ms, op_ms;
-  double loss = 0;
-  for (int64_t s = 0; s < warmup + steps + profile_steps; ++s) {
-    for (int64_t i = 0; i < B * L; ++i) {
+  const auto random_batch = [&](int64_t batch, Tensor& inputs, Tensor& targets) {
+    inputs = Tensor::Empty({batch, L}, mamba::DType::kI32);
+    targets = Tensor::Empty({batch, L}, mamba::DType::kI32);
+    for (int64_t i = 0; i < batch * L; ++i) {
       inputs.data<int32_t>()[i] = int32_t(rng() % c.vocab_size);
       targets.data<int32_t>()[i] = int32_t(rng() % c.vocab_size);
     }
+  };
+  if (B == 0) {
+    B = LargestBatch(model, opt, *backend, L, random_batch);
+    backend->ReleaseCachedMemory();  // the probes' buffers; the timed batch's come next
+  }
+  Tensor inputs, targets;
+  std::vector<double> step_ms;
+  std::map<std::string, double> phase_ms, op_ms;
+  double loss = 0;
+  size_t workspace = 0;
+  for (int64_t s = 0; s < warmup + steps + profile_steps; ++s) {
+    random_batch(B, inputs, targets);
     const bool timed = s >= warmup && s < warmup + steps;
     const bool profiled = s >= warmup + steps;
-    if (s == warmup) {
-#ifdef MAMBA_HAS_CUDA
-      if (backend->device() == mamba::Device::kCUDA) mamba::ResetCudaPeakMemory();
-#endif
-    }
+    if (s == warmup) backend->ResetPeakMemory();
     if (s == warmup + steps) {
       backend->EnableOpTiming(true);
       backend->TakeOpTimes();
     }
     const auto t0 = std::chrono::steady_clock::now();
     model.ZeroGrad();
-    const mamba::LossStats st = model.ForwardBackward(inputs, targets, -100, 1.0 / (B * L), true);
+    mamba::LossStats st;
+    try {
+      if (s == 1) workspace = backend->ReserveWorkspace();  // the first step's buffers
+      st = model.ForwardBackward(inputs, targets, -100, 1.0 / (B * L), true);
+    } catch (const mamba::DeviceOutOfMemory& e) {
+      std::fprintf(stderr, "train_bench: batch %ld does not fit: %s\n", long(B), e.what());
+      return 3;
+    }
     opt.Step();
     backend->Synchronize();  // the step has finished on the device
     const double ms =
@@ -155,14 +215,13 @@ int main(int argc, char** argv) {
   std::sort(sorted.begin(), sorted.end());
   const double median = sorted[sorted.size() / 2];
   const double tokens_per_s = double(B * L) / (median / 1e3);
-  double peak_gib = 0;
-#ifdef MAMBA_HAS_CUDA
-  if (backend->device() == mamba::Device::kCUDA) {
-    peak_gib = double(mamba::GetCudaMemoryStats().peak_in_use) / (1 << 30);
-  }
-#endif
-  std::printf("\nmedian step %.1f ms | %.0f tokens/s | peak tensor memory %.2f GiB\n", median,
-              tokens_per_s, peak_gib);
+  const mamba::DeviceMemoryStats mem = backend->MemoryStats();
+  const double peak_gib = double(mem.peak_in_use) / (1 << 30);
+  std::printf(
+      "\nbatch %ld: median step %.1f ms | %.0f tokens/s | peak tensor memory %.2f GiB | "
+      "workspace %.2f GiB, reserved %.2f GiB\n",
+      long(B), median, tokens_per_s, peak_gib, double(workspace) / (1 << 30),
+      double(mem.reserved) / (1 << 30));
   double phase_total = 0;
   for (const auto& [p, t] : phase_ms) phase_total += t;
   std::printf("%-10s %10s %7s\n", "phase", "ms/step", "share");
@@ -185,6 +244,8 @@ int main(int argc, char** argv) {
     j["median_step_ms"] = median;
     j["tokens_per_second"] = tokens_per_s;
     j["peak_tensor_gib"] = peak_gib;
+    j["workspace_gib"] = double(workspace) / (1 << 30);
+    j["reserved_gib"] = double(mem.reserved) / (1 << 30);
     j["step_ms"] = step_ms;
     for (const auto& [p, t] : phase_ms) j["phase_ms_per_step"][p] = t / profile_steps;
     for (const auto& [op, t] : op_ms) j["op_ms_per_step"][op] = t / profile_steps;

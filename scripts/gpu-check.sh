@@ -19,7 +19,8 @@ trap pack EXIT
 
 # The full build (model, trainer, train_bench), made on a Debian machine by scripts/gpu-bundle.sh
 # and carried as .gpu-bundle/: the CUDA backend and model tests against the CPU backend, then the
-# training benchmark (Mamba-130M at batch 8, seqlen 2048; 370M-size). BUNDLE_ONLY=1 skips the rest.
+# training benchmark (Mamba-130M at batch 8, seqlen 2048; 370M-size; with MAX_BATCH=1 also 130M at
+# the largest batch that fits). BUNDLE_ONLY=1 skips the rest.
 run_bundle() {
   tar -xJf .gpu-bundle/bundle.tar.xz -C /tmp || return 1
   local run=/tmp/bundle/run.sh bin=/tmp/bundle/build
@@ -33,6 +34,10 @@ run_bundle() {
     "$run" "$bin/train_bench" --d_model 1024 --n_layer 48 --steps 5 \
       --json "$OUT/train_bench_370m.json" ${TRAIN_BENCH_ARGS:-} 2>&1 |
       tee "$OUT/train_bench_370m.log" || status=1
+    if [[ "${MAX_BATCH:-0}" == 1 ]]; then  # 130M at the largest batch that fits
+      "$run" "$bin/train_bench" --batch 0 --steps 5 --json "$OUT/train_bench_130m_max.json" \
+        ${TRAIN_BENCH_ARGS:-} 2>&1 | tee "$OUT/train_bench_130m_max.log" || status=1
+    fi
   fi
 }
 if [[ -f .gpu-bundle/bundle.tar.xz ]]; then

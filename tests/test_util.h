@@ -66,6 +66,19 @@ double RelativeError(const std::vector<A>& a, const std::vector<B>& b) {
   return max_diff / std::max(max_ref, 1e-30);
 }
 
+// ||a - b||_2 / ||b||_2: the error of a tensor as a whole (non-finite values give infinity).
+template <typename A, typename B>
+double NormRelativeError(const std::vector<A>& a, const std::vector<B>& b) {
+  if (a.size() != b.size()) return INFINITY;
+  double diff = 0, ref = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (!std::isfinite(double(a[i])) || !std::isfinite(double(b[i]))) return INFINITY;
+    diff += (double(a[i]) - double(b[i])) * (double(a[i]) - double(b[i]));
+    ref += double(b[i]) * double(b[i]);
+  }
+  return std::sqrt(diff) / std::max(std::sqrt(ref), 1e-30);
+}
+
 // Central finite differences of a scalar function f with respect to every entry of x:
 // returns df/dx. f reads x (which this perturbs in place and restores).
 inline std::vector<double> FiniteDifference(std::vector<double>& x,

@@ -20,7 +20,9 @@
 //   the same for src and dst.
 #pragma once
 
+#include <cstddef>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -58,6 +60,24 @@ struct AdamWHyper {
   double grad_scale = 1.0;
 };
 
+// Device memory of a backend's tensors (process-wide for the device). The CPU backend reports
+// zeros.
+struct DeviceMemoryStats {
+  size_t in_use = 0;               // bytes held by live tensors
+  size_t peak_in_use = 0;          // high-water mark of in_use since the last reset
+  size_t reserved = 0;             // bytes obtained from the device (in use + cached)
+  size_t workspace = 0;            // of those, bytes in one-piece workspaces (ReserveWorkspace)
+  int64_t device_allocations = 0;  // device allocation calls so far (steady-state steps add none)
+};
+
+// Thrown when a device allocation fails even after the cached blocks were given back: the one
+// exception in the worker, because a step can run out of memory inside any op and ops return
+// nothing. Trainer::Run turns it into RESOURCE_EXHAUSTED; nothing is updated or saved.
+class DeviceOutOfMemory : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -70,6 +90,15 @@ class Backend {
   virtual std::vector<std::pair<std::string, double>> TakeOpTimes() { return {}; }
 
   // Memory.
+  virtual DeviceMemoryStats MemoryStats() const { return {}; }
+  virtual void ResetPeakMemory() {}
+  // Gives the device buffers held free for reuse back to the device (not those of workspaces).
+  virtual void ReleaseCachedMemory() {}
+  // Gathers the device buffers held free for reuse (after a probe step: all of that step's
+  // buffers) into one allocation, carved into the same blocks, so that later steps of the same
+  // shapes take every buffer from it. Returns its size: 0 when nothing was free, and on backends
+  // without a device heap. Throws DeviceOutOfMemory when the one piece cannot be had.
+  virtual size_t ReserveWorkspace() { return 0; }
   virtual Tensor Empty(const Shape& shape, DType dtype) = 0;
   virtual void Zero(Tensor& t) = 0;
   virtual Tensor FromHost(const Tensor& host) = 0;  // a device copy of a CPU tensor
@@ -191,15 +220,6 @@ int CudaDeviceCount();
 // the device does not exist: check CudaDeviceCount() first.
 std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options = {});
 
-// Device memory of CUDA tensors (a caching allocator: freed blocks are kept for reuse).
-struct CudaMemoryStats {
-  size_t in_use = 0;               // bytes held by live tensors
-  size_t peak_in_use = 0;          // high-water mark of in_use since the last reset
-  size_t reserved = 0;             // bytes obtained from cudaMalloc (in use + cached)
-  int64_t device_allocations = 0;  // cudaMalloc calls so far (steady-state steps add none)
-};
-CudaMemoryStats GetCudaMemoryStats();
-void ResetCudaPeakMemory();
 #endif
 
 }  // namespace mamba

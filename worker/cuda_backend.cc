@@ -13,10 +13,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <initializer_list>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "profiling/nvtx.h"
@@ -51,7 +54,8 @@ struct DeviceScalars {
 // again, so a training step that repeats the same shapes allocates nothing after the first step
 // (cudaMalloc/cudaFree synchronize the device and cost far more than the small kernels). Reuse
 // is safe because every kernel runs on the backend's one stream: work on a reused block is
-// enqueued after the work of its previous owner.
+// enqueued after the work of its previous owner. ReserveWorkspace turns the free blocks into one
+// allocation (the step's workspace) carved into the same blocks.
 class CachingAllocator {
  public:
   std::shared_ptr<void> Allocate(size_t bytes) {
@@ -67,16 +71,7 @@ class CachingAllocator {
         list.pop_back();
       }
     }
-    if (p == nullptr) {
-      if (cudaMalloc(&p, size) != cudaSuccess) {
-        cudaGetLastError();  // clear the error, give the cache back and try once more
-        ReleaseCached();
-        MAMBA_CUDA_CHECK("allocate", cudaMalloc(&p, size));
-      }
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.reserved += size;
-      ++stats_.device_allocations;
-    }
+    if (p == nullptr) p = DeviceMalloc(size);
     {
       std::lock_guard<std::mutex> lock(mu_);
       stats_.in_use += size;
@@ -89,7 +84,38 @@ class CachingAllocator {
     });
   }
 
-  CudaMemoryStats Stats() {
+  // Frees the free blocks that are allocations of their own and allocates them again as one
+  // block, carved the same way (sizes are multiples of 512 bytes, so alignment holds).
+  size_t ReserveWorkspace() {
+    MAMBA_CUDA_CHECK("workspace", cudaDeviceSynchronize());
+    std::lock_guard<std::mutex> lock(mu_);
+    const std::vector<std::pair<size_t, size_t>> carve = FreeOwnBlocksLocked();
+    size_t total = 0;
+    for (const auto& [size, count] : carve) total += size * count;
+    if (total == 0) return size_t{0};
+    void* base = nullptr;
+    if (cudaMalloc(&base, total) != cudaSuccess) {
+      cudaGetLastError();
+      throw DeviceOutOfMemory("out of GPU memory: the " + Gib(total) +
+                              " GiB workspace cannot be had in one piece; " + FreeMemory());
+    }
+    ++stats_.device_allocations;
+    stats_.reserved += total;
+    stats_.workspace += total;
+    char* next = static_cast<char*>(base);
+    for (const auto& [size, count] : carve) {
+      for (size_t i = 0; i < count; ++i, next += size) free_[size].push_back(next);
+    }
+    return total;
+  }
+
+  void ReleaseCached() {
+    cudaDeviceSynchronize();
+    std::lock_guard<std::mutex> lock(mu_);
+    FreeOwnBlocksLocked();
+  }
+
+  DeviceMemoryStats Stats() {
     std::lock_guard<std::mutex> lock(mu_);
     return stats_;
   }
@@ -99,21 +125,62 @@ class CachingAllocator {
   }
 
  private:
-  void ReleaseCached() {
-    cudaDeviceSynchronize();
-    std::lock_guard<std::mutex> lock(mu_);
+  static std::string Gib(size_t bytes) {
+    char s[32];
+    std::snprintf(s, sizeof(s), "%.2f", double(bytes) / (1 << 30));
+    return s;
+  }
+  static std::string FreeMemory() {
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    return Gib(free_bytes) + " GiB of the device's " + Gib(total_bytes) + " GiB free";
+  }
+
+  // With mu_ held: frees the free blocks that are allocations of their own (workspace blocks
+  // stay); returns the (size, count) pairs freed.
+  std::vector<std::pair<size_t, size_t>> FreeOwnBlocksLocked() {
+    std::vector<std::pair<size_t, size_t>> freed;
     for (auto& [size, list] : free_) {
-      for (void* q : list) {
-        cudaFree(q);
-        stats_.reserved -= size;
+      size_t count = 0;
+      for (auto it = list.begin(); it != list.end();) {
+        if (own_.erase(*it)) {
+          cudaFree(*it);
+          it = list.erase(it);
+          ++count;
+        } else {
+          ++it;
+        }
       }
-      list.clear();
+      if (count > 0) freed.push_back({size, count});
+      stats_.reserved -= size * count;
     }
+    return freed;
+  }
+
+  // A new block of `size` bytes; when the device is full, gives the cached blocks back and tries
+  // once more, then throws DeviceOutOfMemory.
+  void* DeviceMalloc(size_t size) {
+    void* p = nullptr;
+    if (cudaMalloc(&p, size) != cudaSuccess) {
+      cudaGetLastError();  // out of memory is not a sticky error
+      ReleaseCached();
+      if (cudaMalloc(&p, size) != cudaSuccess) {
+        cudaGetLastError();
+        throw DeviceOutOfMemory("out of GPU memory: " + Gib(size) + " GiB more asked for with " +
+                                Gib(Stats().in_use) + " GiB held by tensors; " + FreeMemory());
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    own_.insert(p);
+    stats_.reserved += size;
+    ++stats_.device_allocations;
+    return p;
   }
 
   std::mutex mu_;
   std::unordered_map<size_t, std::vector<void*>> free_;
-  CudaMemoryStats stats_;
+  std::unordered_set<void*> own_;  // blocks that are cudaMalloc allocations of their own
+  DeviceMemoryStats stats_;
 };
 
 // Never destroyed: tensors may outlive any backend object, up to process exit.
@@ -335,6 +402,18 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
   Device device() const override { return Device::kCUDA; }
+
+  DeviceMemoryStats MemoryStats() const override { return Allocator().Stats(); }
+  void ResetPeakMemory() override { Allocator().ResetPeak(); }
+  void ReleaseCachedMemory() override {
+    workspace_.reset();  // the ops' scratch too: it regrows to what the next ops need
+    workspace_bytes_ = 0;
+    Allocator().ReleaseCached();
+  }
+  size_t ReserveWorkspace() override {
+    workspace_.reset();  // the ops' scratch joins the workspace; Workspace() takes it back
+    return Allocator().ReserveWorkspace();
+  }
 
   void EnableOpTiming(bool on) override { timing_ = on; }
   std::vector<std::pair<std::string, double>> TakeOpTimes() override {
@@ -832,8 +911,8 @@ class CudaBackend final : public Backend {
     if (bytes > workspace_bytes_) {
       workspace_.reset();  // back to the cache; a later reuse is ordered after its last reader
       workspace_bytes_ = std::max(bytes, workspace_bytes_ * 2);
-      workspace_ = CudaAllocate(workspace_bytes_);
     }
+    if (!workspace_) workspace_ = CudaAllocate(workspace_bytes_);
     return workspace_.get();
   }
 
@@ -891,8 +970,5 @@ std::unique_ptr<Backend> MakeCudaBackend(const CudaBackendOptions& options) {
       << ")";
   return std::make_unique<CudaBackend>(options);
 }
-
-CudaMemoryStats GetCudaMemoryStats() { return Allocator().Stats(); }
-void ResetCudaPeakMemory() { Allocator().ResetPeak(); }
 
 }  // namespace mamba

@@ -27,13 +27,17 @@ AdamWOptimizer::AdamWOptimizer(const OptimizerConfig& config, Backend* backend,
   v_views_ = params_->Views(v_);
 }
 
+double AdamWOptimizer::GradNorm() {
+  std::vector<Tensor> grads;
+  for (const ParameterGroup& g : params_->groups()) grads.push_back(g.grads);
+  return std::sqrt(backend_->SumSquares(grads));
+}
+
 AdamWOptimizer::StepInfo AdamWOptimizer::Step() {
   params_->CheckViews();
   const std::vector<ParameterGroup>& groups = params_->groups();
   StepInfo info;
-  std::vector<Tensor> grads;
-  for (const ParameterGroup& g : groups) grads.push_back(g.grads);
-  info.grad_norm = std::sqrt(backend_->SumSquares(grads));
+  info.grad_norm = GradNorm();
   if (!std::isfinite(info.grad_norm)) return info;
   info.applied = true;
   // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.

@@ -39,6 +39,8 @@ class AdamWOptimizer {
   // nothing (parameters, moments and step counter stay as they were), so the caller can stop
   // with the last good state intact. Returns before the update has finished on the device.
   StepInfo Step();
+  // The global L2 norm of the gradients (Step's one wait for the device).
+  double GradNorm();
 
   int64_t step() const { return step_; }
   // For resuming from a checkpoint (with the moments restored through the accessors below).

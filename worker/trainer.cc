@@ -190,6 +190,49 @@ absl::StatusOr<EvalResult> Trainer::Evaluate(int64_t seq_len) {
 }
 
 absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
+  try {
+    return RunSteps(log);
+  } catch (const DeviceOutOfMemory& e) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "batch_size: %s of batch %d x %d tokens does not fit in device memory (%s); use a smaller "
+        "batch_size, or memory.recompute: LAYER",
+        activity_, spec_.batch_size(), dataset_->seq_len(), e.what()));
+  }
+}
+
+absl::Status Trainer::ReserveWorkspace(const std::vector<int64_t>& eval_lens, std::ostream& log) {
+  const int64_t B = spec_.batch_size(), L = dataset_->seq_len();
+  auto batch = dataset_->GetBatch(data::Split::kTrain, start_step_, 0, B, L);
+  if (!batch.ok()) return batch.status();
+  auto [inputs, targets] = BatchTensors(*batch);
+  {
+    profiling::ScopedRange range("workspace_probe");
+    activity_ = "the probe step";
+    model_->ZeroGrad();
+    model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0, true);
+    optimizer_->GradNorm();  // the optimizer's reduction scratch
+    model_->ZeroGrad();
+    if (spec_.eval().batches() > 0) {
+      for (int64_t len : eval_lens) {
+        activity_ = absl::StrCat("evaluation at length ", len);
+        auto b = dataset_->GetBatch(data::Split::kValidation, 0, 0, B, len);
+        if (!b.ok()) return b.status();
+        auto [eval_inputs, eval_targets] = BatchTensors(*b);
+        model_->ForwardBackward(eval_inputs, eval_targets, data::kIgnoreIndex, 0, false);
+      }
+    }
+  }
+  const size_t held = backend_->MemoryStats().in_use;
+  activity_ = "reserving the workspace";
+  const size_t workspace = backend_->ReserveWorkspace();
+  log << absl::StrFormat(
+      "memory: %.2f GiB workspace in one allocation (sized by probe passes); %.2f GiB of "
+      "parameters, gradients and optimizer state\n",
+      double(workspace) / (1 << 30), double(held) / (1 << 30));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   const int64_t steps = spec_.steps(), B = spec_.batch_size(), L = dataset_->seq_len();
   const bool acc = dataset_->has_accuracy();
   TrainSummary summary;
@@ -206,6 +249,13 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
     log << absl::StrFormat("resumed from %s at step %d\n", resumed_from_, start_step_);
   }
 
+  const bool device = backend_->device() != Device::kCPU;
+  if (device && start_step_ < steps) {
+    if (absl::Status st = ReserveWorkspace(eval_lens, log); !st.ok()) return st;
+  }
+  const DeviceMemoryStats before = backend_->MemoryStats();
+  backend_->ResetPeakMemory();
+
   const auto t0 = Clock::now();
   auto window_start = t0;
   LossStats window;
@@ -218,6 +268,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
       return absl::FailedPreconditionError(absl::StrCat("step ", step, ": batch has no targets"));
     }
     auto [inputs, targets] = BatchTensors(*batch);
+    activity_ = absl::StrCat("step ", step + 1);
     profiling::ScopedRange step_range("step");
     model_->ZeroGrad();
     LossStats s = model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
@@ -262,6 +313,7 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
     const int64_t every = spec_.eval().every_steps();
     if (every > 0 && (step + 1) % every == 0 && !last) {
       for (int64_t len : eval_lens) {
+        activity_ = absl::StrCat("evaluation at length ", len);
         auto r = Evaluate(len);
         if (!r.ok()) return r.status();
         log << absl::StrFormat("  eval @ step %d, length %d: loss %.4f", step + 1, len, r->loss);
@@ -278,12 +330,17 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
   }
   summary.steps = steps;
   summary.seconds = SecondsSince(t0);
+  const DeviceMemoryStats after = backend_->MemoryStats();
+  summary.workspace_bytes = after.workspace;
+  summary.peak_memory_bytes = after.peak_in_use;
+  summary.step_device_allocations = after.device_allocations - before.device_allocations;
   summary.tokens_per_second =
       double(std::max<int64_t>(0, steps - start_step_) * B * L) / std::max(summary.seconds, 1e-9);
 
   if (spec_.eval().batches() > 0) {
     log << "held-out evaluation:\n";
     for (int64_t len : eval_lens) {
+      activity_ = absl::StrCat("evaluation at length ", len);
       auto r = Evaluate(len);
       if (!r.ok()) return r.status();
       summary.evals.push_back(*r);
@@ -295,6 +352,11 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
   log << absl::StrFormat("done: %d steps in %s, loss %.4f -> %.4f, %.0f tokens/s\n", steps,
                          FormatDuration(summary.seconds), summary.first_loss, summary.final_loss,
                          summary.tokens_per_second);
+  if (device) {
+    log << absl::StrFormat(
+        "memory: peak %.2f GiB held by tensors during the steps; %d device allocations in them\n",
+        double(summary.peak_memory_bytes) / (1 << 30), summary.step_device_allocations);
+  }
   return summary;
 }
 

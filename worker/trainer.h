@@ -32,6 +32,12 @@ struct TrainSummary {
   double seconds = 0;
   double tokens_per_second = 0;   // input tokens processed per second of training
   std::vector<EvalResult> evals;  // the final evaluation
+  // Device memory (zeros on the CPU backend): the workspace reserved before the first step, the
+  // peak held by tensors during the steps, and the device allocations the steps and their
+  // evaluations made (0 when every buffer came from the workspace).
+  size_t workspace_bytes = 0;
+  size_t peak_memory_bytes = 0;
+  int64_t step_device_allocations = 0;
 };
 
 class Trainer {
@@ -40,7 +46,9 @@ class Trainer {
   // dataset or model cannot do.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const v1::JobSpec& spec);
 
-  // Trains spec.steps steps, printing progress to `log`.
+  // Trains spec.steps steps, printing progress to `log`. On a GPU, first sizes and reserves the
+  // workspace with probe passes over the first batch (nothing is updated); a batch that does not
+  // fit fails with RESOURCE_EXHAUSTED, before any step or checkpoint.
   absl::StatusOr<TrainSummary> Run(std::ostream& log);
   // Held-out loss and accuracy at one length (eval.batches batches of batch_size).
   absl::StatusOr<EvalResult> Evaluate(int64_t seq_len);
@@ -58,6 +66,10 @@ class Trainer {
   absl::Status Resume(const std::string& path);
   // Writes checkpoint.dir/step_<step>/ atomically; returns its path.
   absl::StatusOr<std::string> SaveCheckpoint(int64_t step, const std::vector<double>& losses);
+  absl::StatusOr<TrainSummary> RunSteps(std::ostream& log);
+  // Probe passes (a training step's forward/backward without the update, an evaluation forward
+  // at each length), then Backend::ReserveWorkspace; logs the workspace's size.
+  absl::Status ReserveWorkspace(const std::vector<int64_t>& eval_lens, std::ostream& log);
 
   v1::JobSpec spec_;
   std::unique_ptr<Backend> backend_;
@@ -67,6 +79,7 @@ class Trainer {
   int64_t start_step_ = 0;
   std::vector<double> loss_history_;  // of the run resumed from
   std::string resumed_from_;          // never deleted by keep_last
+  std::string activity_;              // what runs now, for an out-of-memory message
 };
 
 // "1h02m", "3m05s", "12s".
