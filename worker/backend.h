@@ -92,7 +92,8 @@ class Backend {
   // Memory.
   virtual DeviceMemoryStats MemoryStats() const { return {}; }
   virtual void ResetPeakMemory() {}
-  // Gives the device buffers held free for reuse back to the device (not those of workspaces).
+  // Gives the device buffers held free for reuse back to the device, and the workspaces none of
+  // whose buffers is in use.
   virtual void ReleaseCachedMemory() {}
   // Gathers the device buffers held free for reuse (after a probe step: all of that step's
   // buffers) into one allocation, carved into the same blocks, so that later steps of the same

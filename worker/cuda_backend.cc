@@ -102,17 +102,42 @@ class CachingAllocator {
     ++stats_.device_allocations;
     stats_.reserved += total;
     stats_.workspace += total;
+    Arena arena{base, total, {}};
     char* next = static_cast<char*>(base);
     for (const auto& [size, count] : carve) {
-      for (size_t i = 0; i < count; ++i, next += size) free_[size].push_back(next);
+      for (size_t i = 0; i < count; ++i, next += size) {
+        free_[size].push_back(next);
+        arena.blocks.push_back({next, size});
+      }
     }
+    arenas_.push_back(std::move(arena));
     return total;
   }
 
+  // Frees the free blocks that are allocations of their own, and the workspaces none of whose
+  // blocks is in use.
   void ReleaseCached() {
     cudaDeviceSynchronize();
     std::lock_guard<std::mutex> lock(mu_);
     FreeOwnBlocksLocked();
+    std::unordered_set<void*> free_blocks;
+    for (const auto& [size, list] : free_) free_blocks.insert(list.begin(), list.end());
+    for (auto a = arenas_.begin(); a != arenas_.end();) {
+      const bool idle = std::all_of(a->blocks.begin(), a->blocks.end(),
+                                    [&](const auto& b) { return free_blocks.count(b.first) > 0; });
+      if (!idle) {
+        ++a;
+        continue;
+      }
+      for (const auto& [block, size] : a->blocks) {
+        auto& list = free_[size];
+        list.erase(std::find(list.begin(), list.end(), block));
+      }
+      cudaFree(a->base);
+      stats_.reserved -= a->bytes;
+      stats_.workspace -= a->bytes;
+      a = arenas_.erase(a);
+    }
   }
 
   DeviceMemoryStats Stats() {
@@ -177,7 +202,15 @@ class CachingAllocator {
     return p;
   }
 
+  // A workspace: one device allocation and the blocks carved from it.
+  struct Arena {
+    void* base;
+    size_t bytes;
+    std::vector<std::pair<void*, size_t>> blocks;
+  };
+
   std::mutex mu_;
+  std::vector<Arena> arenas_;
   std::unordered_map<size_t, std::vector<void*>> free_;
   std::unordered_set<void*> own_;  // blocks that are cudaMalloc allocations of their own
   DeviceMemoryStats stats_;

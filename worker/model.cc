@@ -292,6 +292,19 @@ Tensor MambaModel::Logits(const Tensor& inputs) {
 
 LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& targets,
                                       int32_t ignore_index, double grad_scale, bool backward) {
+  try {
+    return RunForwardBackward(inputs, targets, ignore_index, grad_scale, backward);
+  } catch (const DeviceOutOfMemory&) {
+    // The layers' saved activations would otherwise hold the failed pass's memory, and the
+    // loss chunks already counted would join the next pass's statistics.
+    for (Layer& l : layers_) ReleaseActivations(l);
+    backend_->TakeCrossEntropyStats();
+    throw;
+  }
+}
+
+LossStats MambaModel::RunForwardBackward(const Tensor& inputs, const Tensor& targets,
+                                         int32_t ignore_index, double grad_scale, bool backward) {
   MAMBA_CHECK(inputs.rank() == 2 && targets.shape() == inputs.shape());
   const int64_t B = inputs.dim(0), L = inputs.dim(1), M = B * L, dm = config_.d_model;
   Backend& be = *backend_;

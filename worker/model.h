@@ -57,6 +57,8 @@ class MambaModel {
   // inputs, targets: int32 host tensors (batch, seq_len). Computes the summed loss over targets
   // that are not ignore_index; with backward, adds grad_scale * d(summed loss)/d(param) to every
   // parameter's grad (grad_scale = 1 / tokens counted in the global batch gives the mean).
+  // Out of device memory (DeviceOutOfMemory) propagates with every activation released; the
+  // gradients are then partial (ZeroGrad before another pass).
   LossStats ForwardBackward(const Tensor& inputs, const Tensor& targets, int32_t ignore_index,
                             double grad_scale, bool backward);
   // Logits (batch * seq_len, vocab), rows ordered (batch, position), on the backend's device,
@@ -87,6 +89,8 @@ class MambaModel {
   // replaced likewise.
   void BackwardLayer(Layer& l, Tensor& d_residual, Tensor& d_residual16, int64_t B, int64_t L);
   void ReleaseActivations(Layer& l);
+  LossStats RunForwardBackward(const Tensor& inputs, const Tensor& targets, int32_t ignore_index,
+                               double grad_scale, bool backward);
   ScanInputs ScanInputsOf(const Layer& l) const;
   // The residual stream, its gradient and the norms' statistics: the model dtype.
   Tensor Act(const Shape& shape) { return backend_->Empty(shape, dtype_); }

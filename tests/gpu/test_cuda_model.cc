@@ -385,6 +385,51 @@ TEST(CudaModel, SteadyStateStepsAllocateNothing) {
   }
 }
 
+// A pass that runs out of device memory throws DeviceOutOfMemory and leaves nothing behind: the
+// memory held by tensors returns to what it was, and the next pass (after ZeroGrad) gives the
+// same loss and gradients as before the failure, bit for bit.
+TEST(CudaModel, OutOfMemoryPassLeavesNothingBehind) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA model test needs a GPU";
+  ModelConfig c;
+  c.d_model = 512;
+  c.n_layer = 2;
+  c.dt_rank = ModelConfig::DefaultDtRank(512);
+  c.vocab_size = ModelConfig::PadVocab(100);
+  auto gpu = MakeCudaBackend();
+  MambaModel model(c, gpu.get());
+  model.Initialize(4);
+  const auto batch = [](int64_t B, int64_t L) {
+    Tensor t = Tensor::Empty({B, L}, DType::kI32);
+    for (int64_t i = 0; i < B * L; ++i) t.data<int32_t>()[i] = int32_t(i * 7 % 100);
+    return t;
+  };
+  const Tensor small = batch(2, 64);
+  const auto grads = [&] {
+    std::vector<std::vector<float>> g;
+    for (const Parameter& p : model.parameters()) {
+      const Tensor h = gpu->ToHost(p.grad);
+      g.emplace_back(h.data<float>(), h.data<float>() + h.numel());
+    }
+    return g;
+  };
+  model.ZeroGrad();
+  const LossStats before = model.ForwardBackward(small, small, -100, 1.0, true);
+  const auto grads_before = grads();
+  const size_t held = gpu->MemoryStats().in_use;
+
+  // 3072 x 8192 tokens at d_model 512: far beyond any GPU's memory.
+  const Tensor huge = batch(3072, 8192);
+  model.ZeroGrad();
+  EXPECT_THROW(model.ForwardBackward(huge, huge, -100, 1.0, true), DeviceOutOfMemory);
+  EXPECT_EQ(gpu->MemoryStats().in_use, held);
+
+  model.ZeroGrad();
+  const LossStats after = model.ForwardBackward(small, small, -100, 1.0, true);
+  EXPECT_EQ(after.loss_sum, before.loss_sum);
+  EXPECT_EQ(after.count, before.count);
+  EXPECT_EQ(grads(), grads_before);
+}
+
 // A CUDA job's run: the status, the log, the summary.
 struct JobRun {
   absl::Status status;
@@ -422,6 +467,10 @@ TEST(CudaTrainer, WorkspaceReservedUpFrontServesEveryStep) {
     EXPECT_GT(r.summary.peak_memory_bytes, 0u) << precision;
     EXPECT_NE(r.log.find("workspace in one allocation"), std::string::npos) << r.log;
   }
+  // With the jobs' tensors gone, their workspaces go back to the device on request.
+  auto gpu = MakeCudaBackend();
+  gpu->ReleaseCachedMemory();
+  EXPECT_EQ(gpu->MemoryStats().workspace, 0u);
 }
 
 // A batch far beyond the device's memory fails the job with RESOURCE_EXHAUSTED naming
