@@ -17,6 +17,7 @@
 #include <initializer_list>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
@@ -331,8 +332,6 @@ kernels::cuda::Strided4 Strided4Of(const Tensor& t, DType dtype, const char* op,
   return {ActRaw(t, dtype, op, name), L * G * N, G * N, N, 1};
 }
 
-// The scan's activations (u, delta, z, Bm, Cm and the op's activation outputs or gradients in
-// `acts`) share one dtype, float32 or bfloat16; A, D_skip, dt_bias and the states are float32.
 // Column block [col, col + N) of a (B, L, K) tensor as a one-group (B, L, 1, N) operand.
 kernels::cuda::Strided4 ColumnBlock(const Tensor& t, int64_t col, int64_t N, DType dtype,
                                     const char* op, const char* name) {
@@ -343,6 +342,21 @@ kernels::cuda::Strided4 ColumnBlock(const Tensor& t, int64_t col, int64_t N, DTy
   return {base + col * int64_t(DTypeSize(dtype)), L * K, K, N, 1};
 }
 
+// The scan's Bm and Cm, or their gradients: column blocks of the (B, L, K) tensor `bc` at
+// in.bm_col and in.cm_col when in.bc is defined, else the (B, L, G, N) tensors bm and cm.
+std::pair<kernels::cuda::Strided4, kernels::cuda::Strided4> BcOperands(
+    const ScanInputs& in, const Tensor& bc, const Tensor& bm, const Tensor& cm, int64_t N,
+    DType dtype, const char* op, bool gradients) {
+  if (in.bc.defined()) {
+    return {ColumnBlock(bc, in.bm_col, N, dtype, op, gradients ? "dBm (dbc)" : "Bm (bc)"),
+            ColumnBlock(bc, in.cm_col, N, dtype, op, gradients ? "dCm (dbc)" : "Cm (bc)")};
+  }
+  return {Strided4Of(bm, dtype, op, gradients ? "dBm" : "Bm"),
+          Strided4Of(cm, dtype, op, gradients ? "dCm" : "Cm")};
+}
+
+// The scan's activations (u, delta, z, Bm, Cm and the op's activation outputs or gradients in
+// `acts`) share one dtype, float32 or bfloat16; A, D_skip, dt_bias and the states are float32.
 kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op,
                                          std::initializer_list<Named> acts) {
   kernels::cuda::ScanProblem p;
@@ -378,13 +392,7 @@ kernels::cuda::ScanProblem ScanProblemOf(const ScanInputs& in, const char* op,
     CheckSameShape(in.u, in.z, op);
     p.z = Strided(in.z, dtype, op, "z");
   }
-  if (bc) {
-    p.Bm = ColumnBlock(in.bc, in.bm_col, p.dstate, dtype, op, "Bm (bc)");
-    p.Cm = ColumnBlock(in.bc, in.cm_col, p.dstate, dtype, op, "Cm (bc)");
-  } else {
-    p.Bm = Strided4Of(in.Bm, dtype, op, "Bm");
-    p.Cm = Strided4Of(in.Cm, dtype, op, "Cm");
-  }
+  std::tie(p.Bm, p.Cm) = BcOperands(in, in.bc, in.Bm, in.Cm, p.dstate, dtype, op, false);
   p.A = F32(in.A, op, "A");
   p.D_skip = OptF32(in.D_skip, op, "D_skip");
   p.dt_bias = OptF32(in.dt_bias, op, "dt_bias");
@@ -728,14 +736,8 @@ class CudaBackend final : public Backend {
     p.du = Strided(g.du, dtype, op, "du");
     p.ddelta = Strided(g.ddelta, dtype, op, "ddelta");
     if (in.z.defined()) p.dz = Strided(g.dz, dtype, op, "dz");
-    if (in.bc.defined()) {
-      CheckSameShape(in.bc, g.dbc, op);
-      p.dBm = ColumnBlock(g.dbc, in.bm_col, p.dstate, dtype, op, "dBm (dbc)");
-      p.dCm = ColumnBlock(g.dbc, in.cm_col, p.dstate, dtype, op, "dCm (dbc)");
-    } else {
-      p.dBm = Strided4Of(g.dBm, dtype, op, "dBm");
-      p.dCm = Strided4Of(g.dCm, dtype, op, "dCm");
-    }
+    if (in.bc.defined()) CheckSameShape(in.bc, g.dbc, op);
+    std::tie(p.dBm, p.dCm) = BcOperands(in, g.dbc, g.dBm, g.dCm, p.dstate, dtype, op, true);
     p.dA = F32(g.dA, op, "dA");
     p.dD_skip = OptF32(g.dD_skip, op, "dD_skip");
     p.ddt_bias = OptF32(g.ddt_bias, op, "ddt_bias");
