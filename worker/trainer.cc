@@ -170,18 +170,24 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint(int64_t step,
                               options);
 }
 
+absl::StatusOr<LossStats> Trainer::EvaluateBatch(int64_t seq_len, int32_t index) {
+  activity_ = absl::StrCat("evaluation at length ", seq_len);
+  auto batch = dataset_->GetBatch(data::Split::kValidation, index, 0, spec_.batch_size(), seq_len);
+  if (!batch.ok()) return batch.status();
+  auto [inputs, targets] = BatchTensors(*batch);
+  return model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 0, false);
+}
+
 absl::StatusOr<EvalResult> Trainer::Evaluate(int64_t seq_len) {
   EvalResult r;
   r.seq_len = seq_len;
   LossStats total;
   for (int32_t i = 0; i < spec_.eval().batches(); ++i) {
-    auto batch = dataset_->GetBatch(data::Split::kValidation, i, 0, spec_.batch_size(), seq_len);
-    if (!batch.ok()) return batch.status();
-    auto [inputs, targets] = BatchTensors(*batch);
-    LossStats s = model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 0, false);
-    total.loss_sum += s.loss_sum;
-    total.count += s.count;
-    total.correct += s.correct;
+    auto s = EvaluateBatch(seq_len, i);
+    if (!s.ok()) return s.status();
+    total.loss_sum += s->loss_sum;
+    total.count += s->count;
+    total.correct += s->correct;
   }
   r.loss = total.mean_loss();
   r.accuracy = total.accuracy();
@@ -214,11 +220,7 @@ absl::Status Trainer::ReserveWorkspace(const std::vector<int64_t>& eval_lens, st
     model_->ZeroGrad();
     if (spec_.eval().batches() > 0) {
       for (int64_t len : eval_lens) {
-        activity_ = absl::StrCat("evaluation at length ", len);
-        auto b = dataset_->GetBatch(data::Split::kValidation, 0, 0, B, len);
-        if (!b.ok()) return b.status();
-        auto [eval_inputs, eval_targets] = BatchTensors(*b);
-        model_->ForwardBackward(eval_inputs, eval_targets, data::kIgnoreIndex, 0, false);
+        if (auto s = EvaluateBatch(len, 0); !s.ok()) return s.status();
       }
     }
   }
@@ -313,7 +315,6 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     const int64_t every = spec_.eval().every_steps();
     if (every > 0 && (step + 1) % every == 0 && !last) {
       for (int64_t len : eval_lens) {
-        activity_ = absl::StrCat("evaluation at length ", len);
         auto r = Evaluate(len);
         if (!r.ok()) return r.status();
         log << absl::StrFormat("  eval @ step %d, length %d: loss %.4f", step + 1, len, r->loss);
@@ -340,7 +341,6 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   if (spec_.eval().batches() > 0) {
     log << "held-out evaluation:\n";
     for (int64_t len : eval_lens) {
-      activity_ = absl::StrCat("evaluation at length ", len);
       auto r = Evaluate(len);
       if (!r.ok()) return r.status();
       summary.evals.push_back(*r);

@@ -64,6 +64,8 @@ class Trainer {
   // Loads checkpoint.resume_from (a step_ directory or a root) after checking that the saved job
   // spec trains the same model on the same data.
   absl::Status Resume(const std::string& path);
+  // The loss statistics of held-out batch `index` at one length.
+  absl::StatusOr<LossStats> EvaluateBatch(int64_t seq_len, int32_t index);
   // Writes checkpoint.dir/step_<step>/ atomically; returns its path.
   absl::StatusOr<std::string> SaveCheckpoint(int64_t step, const std::vector<double>& losses);
   absl::StatusOr<TrainSummary> RunSteps(std::ostream& log);
