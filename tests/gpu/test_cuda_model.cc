@@ -28,6 +28,17 @@ namespace {
 
 bool HaveGpu() { return CudaDeviceCount() > 0; }
 
+// A two-layer model of width d_model over a vocabulary of `vocab` (padded), default dt_rank.
+ModelConfig TwoLayerConfig(int64_t d_model, int64_t vocab, int64_t d_state = 16) {
+  ModelConfig c;
+  c.d_model = d_model;
+  c.n_layer = 2;
+  c.d_state = d_state;
+  c.dt_rank = ModelConfig::DefaultDtRank(d_model);
+  c.vocab_size = ModelConfig::PadVocab(vocab);
+  return c;
+}
+
 // Errors of a float32 tensor on any device against a float64 CPU tensor (NaN fails both):
 // element-wise (largest difference over largest reference value, testing::RelativeError) and
 // as a whole (testing::NormRelativeError).
@@ -51,12 +62,7 @@ struct GradientTolerances {
 // The tiny model's loss and gradients on the GPU with the given GEMM precision against the CPU
 // in float64; returns the largest element-wise gradient error (to compare modes).
 double CheckLossAndGradients(GemmPrecision precision, const GradientTolerances& tol) {
-  ModelConfig c;
-  c.d_model = 48;
-  c.n_layer = 2;
-  c.d_state = 16;
-  c.dt_rank = ModelConfig::DefaultDtRank(48);
-  c.vocab_size = ModelConfig::PadVocab(50);
+  const ModelConfig c = TwoLayerConfig(48, 50);
   CudaBackendOptions options;
   options.gemm_precision = precision;
   auto gpu = MakeCudaBackend(options);
@@ -277,12 +283,7 @@ TEST(CudaOptimizer, ArenaStepsMatchPerParameterCpuReference) {
 // every write: initialization, an optimizer step, a direct copy, a checkpoint load.
 TEST(CudaModel, Bf16ShadowsFollowEveryWrite) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA model test needs a GPU";
-  ModelConfig c;
-  c.d_model = 32;
-  c.n_layer = 2;
-  c.d_state = 8;
-  c.dt_rank = ModelConfig::DefaultDtRank(32);
-  c.vocab_size = ModelConfig::PadVocab(50);
+  const ModelConfig c = TwoLayerConfig(32, 50, 8);
   CudaBackendOptions options;
   options.gemm_precision = GemmPrecision::kBf16;
   auto gpu = MakeCudaBackend(options);
@@ -349,11 +350,7 @@ TEST(CudaModel, Bf16ShadowsFollowEveryWrite) {
 // segments (its largest scratch).
 TEST(CudaModel, SteadyStateStepsAllocateNothing) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA model test needs a GPU";
-  ModelConfig c;
-  c.d_model = 64;
-  c.n_layer = 2;
-  c.dt_rank = ModelConfig::DefaultDtRank(64);
-  c.vocab_size = ModelConfig::PadVocab(300);
+  const ModelConfig c = TwoLayerConfig(64, 300);
   for (const GemmPrecision precision : {GemmPrecision::kFp32, GemmPrecision::kBf16}) {
     CudaBackendOptions options;
     options.gemm_precision = precision;
@@ -390,11 +387,7 @@ TEST(CudaModel, SteadyStateStepsAllocateNothing) {
 // same loss and gradients as before the failure, bit for bit.
 TEST(CudaModel, OutOfMemoryPassLeavesNothingBehind) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device: the CUDA model test needs a GPU";
-  ModelConfig c;
-  c.d_model = 512;
-  c.n_layer = 2;
-  c.dt_rank = ModelConfig::DefaultDtRank(512);
-  c.vocab_size = ModelConfig::PadVocab(100);
+  const ModelConfig c = TwoLayerConfig(512, 100);
   auto gpu = MakeCudaBackend();
   MambaModel model(c, gpu.get());
   model.Initialize(4);
