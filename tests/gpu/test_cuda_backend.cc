@@ -3,7 +3,9 @@
 // over largest |reference|) that must be <= 1e-5 (GEMMs with TF32 off included). Sizes are odd on
 // purpose (not multiples of warps, blocks or chunks). Outputs are poisoned with NaN first, so an
 // entry a kernel forgets to write fails the comparison; accumulating outputs start from random
-// values, so += is checked too. Every op also runs twice and must give identical bits.
+// values, so += is checked too. Every op also runs twice and must give identical bits. The ops
+// whose activations take either dtype (conv1d, SiLU) run here on float32 and on bf16 activations
+// (CudaBackendActTest); test_cuda_backend_bf16 covers the other ops' bf16 forms.
 // Without a CUDA device every test skips with a message.
 #include <gtest/gtest.h>
 
@@ -13,101 +15,25 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "tests/gpu/cuda_backend_fixture.h"
 #include "tests/test_util.h"
 #include "worker/backend.h"
 
 namespace mamba {
 namespace {
 
-using testing::RandomVector;
+using testing::HostInts;
+using testing::HostTensor;
+using testing::kF32Tol;
 
-constexpr double kTol = 1e-5;
-
-class CudaBackendTest : public ::testing::Test {
+class CudaBackendTest : public testing::CudaBackendFixture {
  protected:
-  void SetUp() override {
-    if (CudaDeviceCount() == 0) {
-      GTEST_SKIP() << "no CUDA device visible: CUDA backend tests skipped";
-    }
-    gpu_ = MakeCudaBackend();
-    cpu_ = MakeCpuBackend();
-  }
-
-  // Random float32 values (the same numbers go to both backends).
-  std::vector<float> Rand(int64_t n, double lo = -1.0, double hi = 1.0) {
-    const std::vector<double> v = RandomVector(n, ++seed_, lo, hi);
-    return std::vector<float>(v.begin(), v.end());
-  }
-
-  // A host tensor of float32 values, as float32 or promoted to float64.
-  static Tensor Host(const Shape& shape, const std::vector<float>& v, DType dtype) {
-    Tensor t = Tensor::Empty(shape, dtype);
-    EXPECT_EQ(t.numel(), static_cast<int64_t>(v.size()));
-    for (size_t i = 0; i < v.size(); ++i) {
-      if (dtype == DType::kF32) {
-        t.data<float>()[i] = v[i];
-      } else {
-        t.data<double>()[i] = v[i];
-      }
-    }
-    return t;
-  }
-  Tensor Gpu(const Shape& shape, const std::vector<float>& v) {
-    return gpu_->FromHost(Host(shape, v, DType::kF32));
-  }
-  static Tensor Ref(const Shape& shape, const std::vector<float>& v) {
-    return Host(shape, v, DType::kF64);
-  }
-  // A GPU tensor whose every entry is NaN, for outputs the op must overwrite.
-  Tensor Poisoned(const Shape& shape) {
-    return Gpu(shape,
-               std::vector<float>(NumElements(shape), std::numeric_limits<float>::quiet_NaN()));
-  }
-  Tensor GpuInts(const Shape& shape, const std::vector<int32_t>& v) {
-    Tensor t = Tensor::Empty(shape, DType::kI32);
-    std::copy(v.begin(), v.end(), t.data<int32_t>());
-    return gpu_->FromHost(t);
-  }
-  static Tensor HostInts(const Shape& shape, const std::vector<int32_t>& v) {
-    Tensor t = Tensor::Empty(shape, DType::kI32);
-    std::copy(v.begin(), v.end(), t.data<int32_t>());
-    return t;
-  }
-
-  std::vector<float> Fetch(const Tensor& t) {
-    Tensor h = gpu_->ToHost(t);
-    return std::vector<float>(h.data<float>(), h.data<float>() + h.numel());
-  }
-
-  // Global relative error of a GPU result against a float64 CPU result; non-finite entries (an
-  // unwritten NaN, an overflow) fail outright.
-  void ExpectClose(const Tensor& got, const Tensor& ref, const char* what, double tol = kTol) {
-    const std::vector<float> g = Fetch(got);
-    ASSERT_EQ(static_cast<int64_t>(g.size()), ref.numel()) << what;
-    const double* r = ref.data<double>();
-    double max_diff = 0, max_ref = 0;
-    for (size_t i = 0; i < g.size(); ++i) {
-      ASSERT_TRUE(std::isfinite(g[i])) << what << ": entry " << i << " is " << g[i];
-      max_diff = std::max(max_diff, std::abs(double(g[i]) - r[i]));
-      max_ref = std::max(max_ref, std::abs(r[i]));
-    }
-    const double rel = max_diff / std::max(max_ref, 1e-30);
-    EXPECT_LE(rel, tol) << what << ": max |diff| " << max_diff << ", max |ref| " << max_ref;
-  }
-
-  void ExpectSameBits(const Tensor& a, const Tensor& b, const char* what) {
-    const Tensor ha = gpu_->ToHost(a), hb = gpu_->ToHost(b);
-    ASSERT_EQ(ha.nbytes(), hb.nbytes()) << what;
-    EXPECT_EQ(std::memcmp(ha.raw(), hb.raw(), ha.nbytes()), 0) << what << ": runs differ";
-  }
-
+  CudaBackendTest() : CudaBackendFixture(DType::kF32, 1234) {}
   void CheckEmbedding(int64_t T, int64_t V, int64_t C);
-
-  std::unique_ptr<Backend> gpu_, cpu_;
-  uint64_t seed_ = 1234;
 };
 
 TEST_F(CudaBackendTest, MemoryRoundTripsAndZero) {
@@ -153,8 +79,8 @@ void CudaBackendTest::CheckEmbedding(int64_t T, int64_t V, int64_t C) {
   ExpectClose(dw, rdw, "embedding dweight");
   ExpectSameBits(dw, dw2, "embedding dweight");
   // Same order of additions as the float32 CPU reference: the bits match it too.
-  Tensor cdw = Host({V, C}, dw0, DType::kF32);
-  cpu_->EmbeddingBackward(rid, Host({T, C}, dout, DType::kF32), cdw);
+  Tensor cdw = HostTensor({V, C}, dw0, DType::kF32);
+  cpu_->EmbeddingBackward(rid, HostTensor({T, C}, dout, DType::kF32), cdw);
   Tensor hdw = gpu_->ToHost(dw);
   EXPECT_EQ(std::memcmp(hdw.raw(), cdw.raw(), cdw.nbytes()), 0);
 }
@@ -323,9 +249,24 @@ TEST_F(CudaBackendTest, LinearWithBf16) {
   }
 }
 
+// Ops whose activations take either dtype, on both: float32 activations within kF32Tol, bf16
+// ones (inputs rounded to bf16, so both backends see the same numbers) within kBf16Tol;
+// parameters and their gradients are float32 (kF32Tol).
+class CudaBackendActTest : public testing::CudaBackendFixture,
+                           public ::testing::WithParamInterface<DType> {
+ protected:
+  CudaBackendActTest() : CudaBackendFixture(GetParam(), 2468) {}
+};
+INSTANTIATE_TEST_SUITE_P(Activations, CudaBackendActTest,
+                         ::testing::Values(DType::kF32, DType::kBF16),
+                         [](const ::testing::TestParamInfo<DType>& info) {
+                           return std::string(DTypeName(info.param));
+                         });
+
 // Shapes: one time tile with float2 channels; several time tiles (L not a multiple of the tile)
-// with float4 forward; odd C (scalar path) with L shorter than the kernel.
-TEST_F(CudaBackendTest, CausalConv1d) {
+// with the widest vectors forward; odd C (scalar path) with L shorter than the kernel.
+TEST_P(CudaBackendActTest, CausalConv1d) {
+  const DType act = GetParam();
   struct ConvShape {
     int64_t B, L, C;
   };
@@ -337,41 +278,41 @@ TEST_F(CudaBackendTest, CausalConv1d) {
           SCOPED_TRACE(::testing::Message() << "B " << B << " L " << L << " C " << C << " K " << K
                                             << " silu " << silu << " prefix " << with_prefix);
           const Shape xs{B, L, C}, ps{B, K - 1, C};
-          const std::vector<float> x = Rand(B * L * C, -2, 2), w = Rand(C * K), b = Rand(C),
+          const std::vector<float> x = Rand(B * L * C, -2, 2), w = RandF32(C * K), b = RandF32(C),
                                    pre = Rand(B * (K - 1) * C), dy = Rand(B * L * C),
-                                   dw0 = Rand(C * K), db0 = Rand(C);
-          Tensor gp = with_prefix ? Gpu(ps, pre) : Tensor(),
+                                   dw0 = RandF32(C * K), db0 = RandF32(C);
+          Tensor gp = with_prefix ? Gpu(ps, pre, act) : Tensor(),
                  rp = with_prefix ? Ref(ps, pre) : Tensor();
-          Tensor gx = Gpu(xs, x), gw = Gpu({C, 1, K}, w), gb = Gpu({C}, b);
+          Tensor gx = Gpu(xs, x, act), gw = Gpu({C, 1, K}, w), gb = Gpu({C}, b);
           Tensor rx = Ref(xs, x), rw = Ref({C, 1, K}, w), rb = Ref({C}, b);
-          Tensor gy = Poisoned(xs), ry = cpu_->Empty(xs, DType::kF64);
+          Tensor gy = Poisoned(xs, act), ry = cpu_->Empty(xs, DType::kF64);
           gpu_->CausalConv1dForward(gx, gw, gb, gp, silu, gy);
           cpu_->CausalConv1dForward(rx, rw, rb, rp, silu, ry);
-          ExpectClose(gy, ry, "conv1d y");
+          ExpectCloseAct(gy, ry, "conv1d y");
 
           Tensor gdx[2], gdw[2], gdb[2], gdp[2];
           for (int run = 0; run < 2; ++run) {
-            gdx[run] = Poisoned(xs);
+            gdx[run] = Poisoned(xs, act);
             gdw[run] = Gpu({C, 1, K}, dw0);
             gdb[run] = Gpu({C}, db0);
-            gdp[run] = Poisoned(ps);
-            gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, Gpu(xs, dy), gdx[run], gdw[run],
+            gdp[run] = Poisoned(ps, act);
+            gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, Gpu(xs, dy, act), gdx[run], gdw[run],
                                        gdb[run], gdp[run]);
           }
           Tensor rdx = cpu_->Empty(xs, DType::kF64), rdw = Ref({C, 1, K}, dw0), rdb = Ref({C}, db0),
                  rdp = cpu_->Empty(ps, DType::kF64);
           cpu_->CausalConv1dBackward(rx, rw, rb, rp, silu, Ref(xs, dy), rdx, rdw, rdb, rdp);
-          ExpectClose(gdx[0], rdx, "conv1d dx");
+          ExpectCloseAct(gdx[0], rdx, "conv1d dx");
           ExpectClose(gdw[0], rdw, "conv1d dweight");
           ExpectClose(gdb[0], rdb, "conv1d dbias");
-          if (K > 1) ExpectClose(gdp[0], rdp, "conv1d dprefix");
+          if (K > 1) ExpectCloseAct(gdp[0], rdp, "conv1d dprefix");
           ExpectSameBits(gdx[0], gdx[1], "conv1d dx");
           ExpectSameBits(gdw[0], gdw[1], "conv1d dweight");
           ExpectSameBits(gdb[0], gdb[1], "conv1d dbias");
 
           // dx may alias dy (in place): the same bits as with separate buffers.
-          Tensor inplace = Gpu(xs, dy), adw = Gpu({C, 1, K}, dw0), adb = Gpu({C}, db0),
-                 adp = Poisoned(ps);
+          Tensor inplace = Gpu(xs, dy, act), adw = Gpu({C, 1, K}, dw0), adb = Gpu({C}, db0),
+                 adp = Poisoned(ps, act);
           gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, inplace, inplace, adw, adb, adp);
           ExpectSameBits(inplace, gdx[0], "conv1d dx in place");
           ExpectSameBits(adw, gdw[0], "conv1d dweight in place");
@@ -382,17 +323,18 @@ TEST_F(CudaBackendTest, CausalConv1d) {
     }
 }
 
-TEST_F(CudaBackendTest, Silu) {
+TEST_P(CudaBackendActTest, Silu) {
+  const DType act = GetParam();
   const int64_t n = 100003;
   const std::vector<float> x = Rand(n, -30, 30), dy = Rand(n);
-  Tensor gy = Poisoned({n}), ry = cpu_->Empty({n}, DType::kF64);
-  gpu_->SiluForward(Gpu({n}, x), gy);
+  Tensor gy = Poisoned({n}, act), ry = cpu_->Empty({n}, DType::kF64);
+  gpu_->SiluForward(Gpu({n}, x, act), gy);
   cpu_->SiluForward(Ref({n}, x), ry);
-  ExpectClose(gy, ry, "silu y");
-  Tensor gdx = Poisoned({n}), rdx = cpu_->Empty({n}, DType::kF64);
-  gpu_->SiluBackward(Gpu({n}, x), Gpu({n}, dy), gdx);
+  ExpectCloseAct(gy, ry, "silu y");
+  Tensor gdx = Poisoned({n}, act), rdx = cpu_->Empty({n}, DType::kF64);
+  gpu_->SiluBackward(Gpu({n}, x, act), Gpu({n}, dy, act), gdx);
   cpu_->SiluBackward(Ref({n}, x), Ref({n}, dy), rdx);
-  ExpectClose(gdx, rdx, "silu dx");
+  ExpectCloseAct(gdx, rdx, "silu dx");
 }
 
 TEST_F(CudaBackendTest, CrossEntropy) {
@@ -415,7 +357,7 @@ TEST_F(CudaBackendTest, CrossEntropy) {
     EXPECT_EQ(g.count, r.count);
     EXPECT_EQ(g.correct, r.correct);
     EXPECT_GE(g.correct, 1);  // row 3 at least
-    EXPECT_NEAR(g.loss_sum, r.loss_sum, kTol * std::abs(r.loss_sum));
+    EXPECT_NEAR(g.loss_sum, r.loss_sum, kF32Tol * std::abs(r.loss_sum));
     ExpectClose(gdz, rdz, "cross-entropy dlogits");
 
     // Repeated, in place (dlogits aliasing logits), and without a gradient.
@@ -578,7 +520,7 @@ TEST_F(CudaBackendTest, RejectsCpuTensors) {
   EXPECT_DEATH(
       {
         Tensor y = gpu_->Empty({4}, DType::kF32);
-        gpu_->SiluForward(Host({4}, Rand(4), DType::kF32), y);
+        gpu_->SiluForward(HostTensor({4}, Rand(4), DType::kF32), y);
       },
       "silu_fwd: CUDA backend given");
 }

@@ -19,130 +19,30 @@
 #include <random>
 #include <vector>
 
+#include "tests/gpu/cuda_backend_fixture.h"
 #include "tests/test_util.h"
 #include "worker/backend.h"
 
 namespace mamba {
 namespace {
 
-using testing::RandomVector;
-
-constexpr double kBf16Tol = 1e-2;
-constexpr double kF32Tol = 1e-5;
-constexpr double kScanGradTol = 1e-4;  // the fp32 scan gradients' tolerance in test_cuda_backend
-
-using testing::Bf16Bits;
-using testing::Bf16Value;
 using testing::FloatBits;
+using testing::HostInts;
+using testing::HostTensor;
+using testing::kBf16Tol;
+using testing::kF32Tol;
+using testing::RandomVector;
 using testing::RoundBf16;
+using testing::Values;
+
+constexpr double kScanGradTol = 1e-4;  // the fp32 scan gradients' tolerance in test_cuda_backend
 
 constexpr DType kBF16 = DType::kBF16;
 constexpr DType kF32 = DType::kF32;
 
-// A host tensor of the given values as float32 or bf16 (rounded) or float64.
-Tensor Host(const Shape& shape, const std::vector<float>& v, DType dtype) {
-  Tensor t = Tensor::Empty(shape, dtype);
-  EXPECT_EQ(t.numel(), static_cast<int64_t>(v.size()));
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (dtype == kF32) {
-      t.data<float>()[i] = v[i];
-    } else if (dtype == kBF16) {
-      static_cast<uint16_t*>(t.raw())[i] = Bf16Bits(v[i]);
-    } else {
-      t.data<double>()[i] = v[i];
-    }
-  }
-  return t;
-}
-
-// Entries of a float32 or bf16 host tensor, widened.
-std::vector<float> Values(const Tensor& h) {
-  std::vector<float> v(h.numel());
-  for (int64_t i = 0; i < h.numel(); ++i) {
-    v[i] = h.dtype() == kBF16 ? Bf16Value(static_cast<const uint16_t*>(h.raw())[i])
-                              : h.data<float>()[i];
-  }
-  return v;
-}
-
-class CudaBackendBf16Test : public ::testing::Test {
+class CudaBackendBf16Test : public testing::CudaBackendFixture {
  protected:
-  void SetUp() override {
-    if (CudaDeviceCount() == 0) {
-      GTEST_SKIP() << "no CUDA device visible: CUDA backend bf16 tests skipped";
-    }
-    gpu_ = MakeCudaBackend();
-    cpu_ = MakeCpuBackend();
-  }
-
-  // Random values, rounded to bf16 so that bf16 and float tensors hold them exactly.
-  std::vector<float> Rand(int64_t n, double lo = -1.0, double hi = 1.0) {
-    std::vector<float> v = RandF32(n, lo, hi);
-    for (float& x : v) x = RoundBf16(x);
-    return v;
-  }
-  // Random float32 values (most not representable in bf16).
-  std::vector<float> RandF32(int64_t n, double lo = -1.0, double hi = 1.0) {
-    const std::vector<double> v = RandomVector(n, ++seed_, lo, hi);
-    return std::vector<float>(v.begin(), v.end());
-  }
-
-  Tensor Gpu(const Shape& shape, const std::vector<float>& v, DType dtype) {
-    return gpu_->FromHost(Host(shape, v, dtype));
-  }
-  static Tensor Ref(const Shape& shape, const std::vector<float>& v) {
-    return Host(shape, v, DType::kF64);
-  }
-  Tensor Poisoned(const Shape& shape, DType dtype) {
-    return Gpu(shape,
-               std::vector<float>(NumElements(shape), std::numeric_limits<float>::quiet_NaN()),
-               dtype);
-  }
-  Tensor GpuInts(const Shape& shape, const std::vector<int32_t>& v) {
-    return gpu_->FromHost(HostInts(shape, v));
-  }
-  static Tensor HostInts(const Shape& shape, const std::vector<int32_t>& v) {
-    Tensor t = Tensor::Empty(shape, DType::kI32);
-    std::copy(v.begin(), v.end(), t.data<int32_t>());
-    return t;
-  }
-  std::vector<float> Fetch(const Tensor& t) { return Values(gpu_->ToHost(t)); }
-
-  // Global relative error against a float64 reference; non-finite entries fail outright.
-  void ExpectClose(const Tensor& got, const Tensor& ref, const char* what, double tol) {
-    const std::vector<float> g = Fetch(got);
-    ASSERT_EQ(static_cast<int64_t>(g.size()), ref.numel()) << what;
-    const double* r = ref.data<double>();
-    double max_diff = 0, max_ref = 0;
-    for (size_t i = 0; i < g.size(); ++i) {
-      ASSERT_TRUE(std::isfinite(g[i])) << what << ": entry " << i << " is " << g[i];
-      max_diff = std::max(max_diff, std::abs(double(g[i]) - r[i]));
-      max_ref = std::max(max_ref, std::abs(r[i]));
-    }
-    ASSERT_GT(max_ref, 0) << what << ": the reference is all zeros";
-    EXPECT_LE(max_diff / max_ref, tol)
-        << what << ": max |diff| " << max_diff << ", max |ref| " << max_ref;
-  }
-  // An activation output: kBf16Tol when bf16, kF32Tol when float32.
-  void ExpectCloseAct(const Tensor& got, const Tensor& ref, const char* what) {
-    ExpectClose(got, ref, what, got.dtype() == kBF16 ? kBf16Tol : kF32Tol);
-  }
-  void ExpectSameBits(const Tensor& a, const Tensor& b, const char* what) {
-    const Tensor ha = gpu_->ToHost(a), hb = gpu_->ToHost(b);
-    ASSERT_EQ(ha.dtype(), hb.dtype()) << what;
-    ASSERT_EQ(ha.nbytes(), hb.nbytes()) << what;
-    EXPECT_EQ(std::memcmp(ha.raw(), hb.raw(), ha.nbytes()), 0) << what << ": differ";
-  }
-  // Exact: the GPU tensor holds `want` rounded to its dtype.
-  void ExpectBits(const Tensor& got, const std::vector<float>& want, const char* what) {
-    const Tensor h = gpu_->ToHost(got);
-    const Tensor w = Host(got.shape(), want, got.dtype());
-    ASSERT_EQ(h.nbytes(), w.nbytes()) << what;
-    EXPECT_EQ(std::memcmp(h.raw(), w.raw(), h.nbytes()), 0) << what << ": not bit-exact";
-  }
-
-  std::unique_ptr<Backend> gpu_, cpu_;
-  uint64_t seed_ = 4321;
+  CudaBackendBf16Test() : CudaBackendFixture(kBF16, 4321) {}
 };
 
 TEST_F(CudaBackendBf16Test, Embedding) {
@@ -165,8 +65,8 @@ TEST_F(CudaBackendBf16Test, Embedding) {
   const std::vector<float> dout = Rand(T * C), dw0 = RandF32(V * C);
   Tensor dw = Gpu({V, C}, dw0, kF32);
   gpu_->EmbeddingBackward(GpuInts({T}, ids), Gpu({T, C}, dout, kBF16), dw);
-  Tensor cdw = Host({V, C}, dw0, kF32), rdw = Ref({V, C}, dw0);
-  cpu_->EmbeddingBackward(HostInts({T}, ids), Host({T, C}, dout, kF32), cdw);
+  Tensor cdw = HostTensor({V, C}, dw0, kF32), rdw = Ref({V, C}, dw0);
+  cpu_->EmbeddingBackward(HostInts({T}, ids), HostTensor({T, C}, dout, kF32), cdw);
   cpu_->EmbeddingBackward(HostInts({T}, ids), Ref({T, C}, dout), rdw);
   ExpectBits(dw, Values(cdw), "embedding dweight");
   ExpectClose(dw, rdw, "embedding dweight", kF32Tol);
@@ -263,78 +163,6 @@ TEST_F(CudaBackendBf16Test, AddRmsNormInPlace) {
   ExpectClose(gx, ry, "in-place y", kBf16Tol);
 }
 
-// The fp32 test's shapes: float2 channels at one time tile; several time tiles with the widest
-// vectors (4 bf16, 8 bytes) forward; odd C (scalar path) with L shorter than the kernel.
-TEST_F(CudaBackendBf16Test, CausalConv1d) {
-  struct ConvShape {
-    int64_t B, L, C;
-  };
-  for (const ConvShape shape : {ConvShape{3, 37, 70}, ConvShape{2, 300, 132}, ConvShape{2, 2, 67}})
-    for (const int64_t K : {4, 1, 3}) {
-      for (const bool silu : {true, false}) {
-        for (const bool with_prefix : {false, true}) {
-          const int64_t B = shape.B, L = shape.L, C = shape.C;
-          SCOPED_TRACE(::testing::Message() << "B " << B << " L " << L << " C " << C << " K " << K
-                                            << " silu " << silu << " prefix " << with_prefix);
-          const Shape xs{B, L, C}, ps{B, K - 1, C};
-          const std::vector<float> x = Rand(B * L * C, -2, 2), w = RandF32(C * K), b = RandF32(C),
-                                   pre = Rand(B * (K - 1) * C), dy = Rand(B * L * C),
-                                   dw0 = RandF32(C * K), db0 = RandF32(C);
-          Tensor gp = with_prefix ? Gpu(ps, pre, kBF16) : Tensor(),
-                 rp = with_prefix ? Ref(ps, pre) : Tensor();
-          Tensor gx = Gpu(xs, x, kBF16), gw = Gpu({C, 1, K}, w, kF32), gb = Gpu({C}, b, kF32);
-          Tensor rx = Ref(xs, x), rw = Ref({C, 1, K}, w), rb = Ref({C}, b);
-          Tensor gy = Poisoned(xs, kBF16), ry = cpu_->Empty(xs, DType::kF64);
-          gpu_->CausalConv1dForward(gx, gw, gb, gp, silu, gy);
-          cpu_->CausalConv1dForward(rx, rw, rb, rp, silu, ry);
-          ExpectClose(gy, ry, "conv1d y", kBf16Tol);
-
-          Tensor gdx[2], gdw[2], gdb[2], gdp[2];
-          for (int run = 0; run < 2; ++run) {
-            gdx[run] = Poisoned(xs, kBF16);
-            gdw[run] = Gpu({C, 1, K}, dw0, kF32);
-            gdb[run] = Gpu({C}, db0, kF32);
-            gdp[run] = Poisoned(ps, kBF16);
-            gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, Gpu(xs, dy, kBF16), gdx[run], gdw[run],
-                                       gdb[run], gdp[run]);
-          }
-          Tensor rdx = cpu_->Empty(xs, DType::kF64), rdw = Ref({C, 1, K}, dw0), rdb = Ref({C}, db0),
-                 rdp = cpu_->Empty(ps, DType::kF64);
-          cpu_->CausalConv1dBackward(rx, rw, rb, rp, silu, Ref(xs, dy), rdx, rdw, rdb, rdp);
-          ExpectClose(gdx[0], rdx, "conv1d dx", kBf16Tol);
-          ExpectClose(gdw[0], rdw, "conv1d dweight", kF32Tol);
-          ExpectClose(gdb[0], rdb, "conv1d dbias", kF32Tol);
-          if (K > 1) ExpectClose(gdp[0], rdp, "conv1d dprefix", kBf16Tol);
-          ExpectSameBits(gdx[0], gdx[1], "conv1d dx");
-          ExpectSameBits(gdw[0], gdw[1], "conv1d dweight");
-          ExpectSameBits(gdb[0], gdb[1], "conv1d dbias");
-
-          // dx aliasing dy: the same bits as with separate buffers.
-          Tensor inplace = Gpu(xs, dy, kBF16), adw = Gpu({C, 1, K}, dw0, kF32),
-                 adb = Gpu({C}, db0, kF32), adp = Poisoned(ps, kBF16);
-          gpu_->CausalConv1dBackward(gx, gw, gb, gp, silu, inplace, inplace, adw, adb, adp);
-          ExpectSameBits(inplace, gdx[0], "conv1d dx in place");
-          ExpectSameBits(adw, gdw[0], "conv1d dweight in place");
-          ExpectSameBits(adb, gdb[0], "conv1d dbias in place");
-          if (K > 1) ExpectSameBits(adp, gdp[0], "conv1d dprefix in place");
-        }
-      }
-    }
-}
-
-TEST_F(CudaBackendBf16Test, Silu) {
-  const int64_t n = 100003;
-  const std::vector<float> x = Rand(n, -30, 30), dy = Rand(n);
-  Tensor gy = Poisoned({n}, kBF16), ry = cpu_->Empty({n}, DType::kF64);
-  gpu_->SiluForward(Gpu({n}, x, kBF16), gy);
-  cpu_->SiluForward(Ref({n}, x), ry);
-  ExpectClose(gy, ry, "silu y", kBf16Tol);
-  Tensor gdx = Poisoned({n}, kBF16), rdx = cpu_->Empty({n}, DType::kF64);
-  gpu_->SiluBackward(Gpu({n}, x, kBF16), Gpu({n}, dy, kBF16), gdx);
-  cpu_->SiluBackward(Ref({n}, x), Ref({n}, dy), rdx);
-  ExpectClose(gdx, rdx, "silu dx", kBf16Tol);
-}
-
 TEST_F(CudaBackendBf16Test, CrossEntropy) {
   for (const int64_t V : {1001, 5, 50280}) {
     SCOPED_TRACE(::testing::Message() << "vocab " << V);
@@ -422,7 +250,7 @@ TEST_F(CudaBackendBf16Test, AccumulatedCrossEntropy) {
   const int64_t rows = 97, V = 301;
   for (const DType dtype : {kBF16, kF32}) {
     SCOPED_TRACE(DTypeName(dtype));
-    CheckAccumulatedCrossEntropy(*gpu_, dtype, Host({rows, V}, Rand(rows * V, -3, 3), dtype),
+    CheckAccumulatedCrossEntropy(*gpu_, dtype, HostTensor({rows, V}, Rand(rows * V, -3, 3), dtype),
                                  CrossEntropyTargets(rows, V));
   }
 }
@@ -432,7 +260,7 @@ TEST(CpuBackendTest, AccumulatedCrossEntropy) {
   const std::vector<double> z = RandomVector(rows * V, 5, -3, 3);
   std::unique_ptr<Backend> cpu = MakeCpuBackend();
   CheckAccumulatedCrossEntropy(*cpu, kF32,
-                               Host({rows, V}, std::vector<float>(z.begin(), z.end()), kF32),
+                               HostTensor({rows, V}, std::vector<float>(z.begin(), z.end()), kF32),
                                CrossEntropyTargets(rows, V));
 }
 
@@ -703,7 +531,7 @@ TEST(CpuBackendTest, RejectsBf16) {
   EXPECT_DEATH(
       {
         Tensor y = Tensor::Empty({4}, kBF16);
-        cpu->SiluForward(Host({4}, {1, 2, 3, 4}, kBF16), y);
+        cpu->SiluForward(HostTensor({4}, {1, 2, 3, 4}, kBF16), y);
       },
       "CPU backend supports float32 and float64, got .*bfloat16");
 }

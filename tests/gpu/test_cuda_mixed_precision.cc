@@ -7,13 +7,12 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
 #include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "tests/gpu/cuda_backend_fixture.h"
 #include "tests/test_util.h"
 #include "worker/backend.h"
 
@@ -21,58 +20,16 @@ namespace mamba {
 namespace {
 
 using testing::Bf16Bits;
-using testing::Bf16Value;
 using testing::RoundToBf16;
 
-class CudaMixedPrecisionTest : public ::testing::Test {
+// The backend multiplies in bf16 (GemmPrecision::kBf16); inputs are float32 values.
+class CudaMixedPrecisionTest : public testing::CudaBackendFixture {
  protected:
-  void SetUp() override {
-    if (CudaDeviceCount() == 0) {
-      GTEST_SKIP() << "no CUDA device visible: CUDA mixed-precision tests skipped";
-    }
+  CudaMixedPrecisionTest() : CudaBackendFixture(DType::kF32, 4321, Bf16Gemms()) {}
+  static CudaBackendOptions Bf16Gemms() {
     CudaBackendOptions options;
     options.gemm_precision = GemmPrecision::kBf16;
-    gpu_ = MakeCudaBackend(options);
-    cpu_ = MakeCpuBackend();
-  }
-
-  std::vector<float> Rand(int64_t n, double lo = -1.0, double hi = 1.0) {
-    const std::vector<double> v = testing::RandomVector(n, ++seed_, lo, hi);
-    return std::vector<float>(v.begin(), v.end());
-  }
-
-  // A GPU tensor of `dtype` (kF32, or kBF16 holding the values rounded) from float values.
-  Tensor Gpu(const Shape& shape, const std::vector<float>& v, DType dtype = DType::kF32) {
-    Tensor host = Tensor::Empty(shape, dtype);
-    EXPECT_EQ(host.numel(), static_cast<int64_t>(v.size()));
-    if (dtype == DType::kF32) {
-      std::copy(v.begin(), v.end(), host.data<float>());
-    } else {
-      auto* bits = static_cast<uint16_t*>(host.raw());
-      for (size_t i = 0; i < v.size(); ++i) bits[i] = Bf16Bits(v[i]);
-    }
-    return gpu_->FromHost(host);
-  }
-  Tensor Poisoned(const Shape& shape, DType dtype) {
-    return Gpu(shape,
-               std::vector<float>(NumElements(shape), std::numeric_limits<float>::quiet_NaN()),
-               dtype);
-  }
-  static Tensor Ref(const Shape& shape, const std::vector<float>& v) {
-    Tensor t = Tensor::Empty(shape, DType::kF64);
-    std::copy(v.begin(), v.end(), t.data<double>());
-    return t;
-  }
-
-  // The values of an fp32 or bf16 GPU tensor.
-  std::vector<float> Fetch(const Tensor& t) {
-    const Tensor h = gpu_->ToHost(t);
-    if (h.dtype() == DType::kF32)
-      return std::vector<float>(h.data<float>(), h.data<float>() + h.numel());
-    const auto* bits = static_cast<const uint16_t*>(h.raw());
-    std::vector<float> out(h.numel());
-    for (int64_t i = 0; i < h.numel(); ++i) out[i] = Bf16Value(bits[i]);
-    return out;
+    return options;
   }
   std::vector<uint16_t> FetchBits(const Tensor& t) {
     EXPECT_EQ(t.dtype(), DType::kBF16);
@@ -80,17 +37,6 @@ class CudaMixedPrecisionTest : public ::testing::Test {
     const auto* bits = static_cast<const uint16_t*>(h.raw());
     return std::vector<uint16_t>(bits, bits + h.numel());
   }
-
-  // Global relative error against a float64 CPU result; a NaN (an unwritten entry) fails.
-  void ExpectClose(const Tensor& got, const Tensor& ref, const std::string& what, double tol) {
-    const std::vector<float> g = Fetch(got);
-    const double* r = ref.data<double>();
-    const double err = testing::RelativeError(g, std::vector<double>(r, r + ref.numel()));
-    EXPECT_LE(err, tol) << what;
-  }
-
-  std::unique_ptr<Backend> gpu_, cpu_;
-  uint64_t seed_ = 4321;
 };
 
 const char* Name(DType d) { return d == DType::kBF16 ? "bf16" : "fp32"; }
