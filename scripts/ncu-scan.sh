@@ -4,6 +4,7 @@
 # per kernel and the SASS of the scan kernels to $OUT, packed into $OUT/ncu-scan.tar.gz.
 #   ROWS=1 (scan_bench row, 0-based: 0 = (8,1536,2048) fp32, 1 = the same in bf16, ...)
 #   KERNELS='TiledScanKernel|TiledBackwardKernel' (regex)   NCU_ARGS=extra ncu flags
+#   BENCH_ARGS=extra scan_bench flags (e.g. "--fwd-warp 1")
 set -uo pipefail
 OUT=${OUT:-/tmp/ncu-scan}
 mkdir -p "$OUT"
@@ -23,6 +24,6 @@ for row in ${ROWS:-1}; do
   ncu --clock-control none --set full --import-source no \
     --kernel-name "regex:${KERNELS:-TiledScanKernel|TiledBackwardKernel}" \
     --launch-skip 3 --launch-count 3 ${NCU_ARGS:-} \
-    "$BUILD/scan_bench" --rows "$row" --runs 1 >"$OUT/ncu_row$row.txt" 2>&1
+    "$BUILD/scan_bench" --rows "$row" --runs 1 ${BENCH_ARGS:-} >"$OUT/ncu_row$row.txt" 2>&1
   tail -5 "$OUT/ncu_row$row.txt"
 done

@@ -200,6 +200,19 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   const int64_t enough = tuning.fwd_min_threads > 0 ? want : SmCount() * 128LL;
   int64_t segs = threads >= enough ? 1 : CeilDiv(want, threads);
   segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, tile));
+  // Where L would be split, a warp a channel with the tile's steps split over its lanes does one
+  // exponential pass instead of two, given enough channels to keep each scheduler busy (two warps
+  // each). MAMBA_SCAN_FWD_WARP (1 / -1) sets the default, so that the tests can cover both.
+  static const int env_warp = [] {
+    const char* e = std::getenv("MAMBA_SCAN_FWD_WARP");
+    return e ? std::atoi(e) : 0;
+  }();
+  const int warp = tuning.fwd_warp_scan != 0 ? tuning.fwd_warp_scan : env_warp;
+  if (warp > 0) {  // measured slower than the split where it would apply (RESULTS.md)
+    ScopedRange range("scan_fwd_warp");
+    LaunchWarpScanForward<T>(p, stream);
+    return cudaGetLastError();
+  }
   p.seg_len = CeilDiv(CeilDiv(p.len, segs), tile) * tile;
   p.num_seg = CeilDiv(p.len, p.seg_len);
   Workspace ws(stream, p.scratch);

@@ -41,6 +41,10 @@ void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream);
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream);
 
+// Warp-scan forward for N == 16 (selective_scan_warp.cu): one warp a channel, no segments.
+template <typename T>
+void LaunchWarpScanForward(const Params& p, cudaStream_t stream);
+
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace mamba::kernels::cuda
