@@ -217,12 +217,27 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   p.num_seg = CeilDiv(p.len, p.seg_len);
   Workspace ws(stream, p.scratch);
   const int64_t rows = p.batch * p.dim * p.num_seg;
+  const bool fused = p.num_seg > 1 && lanes == 4 && tuning.fwd_fused > 0;  // slower: opt-in
+  const int64_t nflags = p.chan_blocks * p.num_seg + 1;  // and the ticket
+  float* flags = nullptr;
   if (p.num_seg > 1) {
     ws.Reserve(&p.ws_s, rows * 16);
     ws.Reserve(&p.ws_hin, rows * 16);
     ws.Reserve(&p.ws_sum, rows);
+    if (fused) ws.Reserve(&flags, nflags);
   }
   if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
+  if (fused) {
+    p.ws_flags = reinterpret_cast<int*>(flags);
+    p.ws_ticket = p.ws_flags + nflags - 1;
+    if (cudaError_t err = cudaMemsetAsync(flags, 0, nflags * sizeof(int), stream);
+        err != cudaSuccess) {
+      return err;
+    }
+    ScopedRange range("scan_fwd_fused");
+    LaunchTiledFused<T>(p, stream);
+    return cudaGetLastError();
+  }
   if (p.num_seg > 1) {
     {
       ScopedRange range("scan_fwd_segments");

@@ -63,6 +63,9 @@ struct ScanTuning {
   // tiled kernel: 1 always, -1 never, 0 where the tiled kernel would split L over enough
   // channels.
   int fwd_warp_scan = 0;
+  // N == 16 forward split over segments: pre-pass and main pass in one launch (1, at 4 lanes;
+  // measured slower) instead of two kernels with a compose kernel between them (0 or -1).
+  int fwd_fused = 0;
   bool force_v2 = false;        // N == 16: use the general kernels (for comparison)
 };
 

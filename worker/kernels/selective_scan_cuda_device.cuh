@@ -38,6 +38,10 @@ struct Params : ScanProblem {
   // segment's first: [b][d][seg][tile - 1][n] and [b][d][seg][tile - 1].
   float* ws_ck = nullptr;
   float* ws_cks = nullptr;
+  // Fused forward (N == 16): a ready flag per (channel block, segment) and the item ticket,
+  // zeroed before the launch.
+  int* ws_flags = nullptr;
+  int* ws_ticket = nullptr;
   // Accumulators over state slices when N > kNT: [b][t][d].
   float* ws_yacc = nullptr;
   float* ws_duacc = nullptr;
