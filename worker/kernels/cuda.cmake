@@ -6,7 +6,6 @@ add_library(mamba_kernels_cuda_obj OBJECT
   ${CMAKE_CURRENT_LIST_DIR}/selective_scan_fwd.cu
   ${CMAKE_CURRENT_LIST_DIR}/selective_scan_bwd.cu
   ${CMAKE_CURRENT_LIST_DIR}/selective_scan_tiled.cu
-  ${CMAKE_CURRENT_LIST_DIR}/selective_scan_warp.cu
   ${CMAKE_CURRENT_LIST_DIR}/mamba_kernels_capi.cc
 )
 target_include_directories(mamba_kernels_cuda_obj PUBLIC ${PROJECT_SOURCE_DIR})

@@ -200,44 +200,16 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   const int64_t enough = tuning.fwd_min_threads > 0 ? want : SmCount() * 128LL;
   int64_t segs = threads >= enough ? 1 : CeilDiv(want, threads);
   segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, tile));
-  // Where L would be split, a warp a channel with the tile's steps split over its lanes does one
-  // exponential pass instead of two, given enough channels to keep each scheduler busy (two warps
-  // each). MAMBA_SCAN_FWD_WARP (1 / -1) sets the default, so that the tests can cover both.
-  static const int env_warp = [] {
-    const char* e = std::getenv("MAMBA_SCAN_FWD_WARP");
-    return e ? std::atoi(e) : 0;
-  }();
-  const int warp = tuning.fwd_warp_scan != 0 ? tuning.fwd_warp_scan : env_warp;
-  if (warp > 0) {  // measured slower than the split where it would apply (RESULTS.md)
-    ScopedRange range("scan_fwd_warp");
-    LaunchWarpScanForward<T>(p, stream);
-    return cudaGetLastError();
-  }
   p.seg_len = CeilDiv(CeilDiv(p.len, segs), tile) * tile;
   p.num_seg = CeilDiv(p.len, p.seg_len);
   Workspace ws(stream, p.scratch);
   const int64_t rows = p.batch * p.dim * p.num_seg;
-  const bool fused = p.num_seg > 1 && lanes == 4 && tuning.fwd_fused > 0;  // slower: opt-in
-  const int64_t nflags = p.chan_blocks * p.num_seg + 1;  // and the ticket
-  float* flags = nullptr;
   if (p.num_seg > 1) {
     ws.Reserve(&p.ws_s, rows * 16);
     ws.Reserve(&p.ws_hin, rows * 16);
     ws.Reserve(&p.ws_sum, rows);
-    if (fused) ws.Reserve(&flags, nflags);
   }
   if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
-  if (fused) {
-    p.ws_flags = reinterpret_cast<int*>(flags);
-    p.ws_ticket = p.ws_flags + nflags - 1;
-    if (cudaError_t err = cudaMemsetAsync(flags, 0, nflags * sizeof(int), stream);
-        err != cudaSuccess) {
-      return err;
-    }
-    ScopedRange range("scan_fwd_fused");
-    LaunchTiledFused<T>(p, stream);
-    return cudaGetLastError();
-  }
   if (p.num_seg > 1) {
     {
       ScopedRange range("scan_fwd_segments");

@@ -59,13 +59,6 @@ struct ScanTuning {
   int64_t fwd_min_threads = 0;  // forward splits L until this many threads run
   int64_t bwd_tiles = 0;        // N == 16 backward: tiles per segment
   int fwd_lanes = 0;            // N == 16 forward: lanes per channel, 2, 4 (default) or 8
-  // N == 16 forward: the warp-scan kernel (one exponential pass, no segments) instead of the
-  // tiled kernel: 1 always, -1 never, 0 where the tiled kernel would split L over enough
-  // channels.
-  int fwd_warp_scan = 0;
-  // N == 16 forward split over segments: pre-pass and main pass in one launch (1, at 4 lanes;
-  // measured slower) instead of two kernels with a compose kernel between them (0 or -1).
-  int fwd_fused = 0;
   bool force_v2 = false;        // N == 16: use the general kernels (for comparison)
 };
 

@@ -38,10 +38,6 @@ struct Params : ScanProblem {
   // segment's first: [b][d][seg][tile - 1][n] and [b][d][seg][tile - 1].
   float* ws_ck = nullptr;
   float* ws_cks = nullptr;
-  // Fused forward (N == 16): a ready flag per (channel block, segment) and the item ticket,
-  // zeroed before the launch.
-  int* ws_flags = nullptr;
-  int* ws_ticket = nullptr;
   // Accumulators over state slices when N > kNT: [b][t][d].
   float* ws_yacc = nullptr;
   float* ws_duacc = nullptr;
@@ -57,63 +53,6 @@ __device__ __forceinline__ float Ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-// Fast step size, shared by the N == 16 kernels (tiled and warp-scan forward).
-__device__ __forceinline__ float Rcp(float x) {
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Approximate hardware exp2 and reciprocal (relative error ~2^-22) instead of the accurate
-// library calls, which were about two thirds of the forward's instructions.
-__device__ __forceinline__ float Sigmoid(float x) { return Rcp(1.f + Ex2(-x * kLog2e)); }
-
-// softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = 2 atanh(s),
-// s = e / (2 + e) <= 1/3, as the odd series to s^13 (truncation < 2e-8 relative). *dsp gets
-// softplus'(x) = sigmoid(x).
-__device__ __forceinline__ float Softplus(float x, float* dsp) {
-  const float e = Ex2(-fabsf(x) * kLog2e);
-  const float s = e * Rcp(2.f + e);
-  const float w = s * s;
-  float q = 1.f / 13.f;
-  q = fmaf(q, w, 1.f / 11.f);
-  q = fmaf(q, w, 1.f / 9.f);
-  q = fmaf(q, w, 1.f / 7.f);
-  q = fmaf(q, w, 1.f / 5.f);
-  q = fmaf(q, w, 1.f / 3.f);
-  q = fmaf(q, w, 1.f);
-  const float r = Rcp(1.f + e);
-  *dsp = x >= 0.f ? r : e * r;
-  return fmaf(2.f * s, q, fmaxf(x, 0.f));
-}
-
-__device__ __forceinline__ float Lg2(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// bf16 inputs: log1p(e) as ln 2 * log2(1 + e), 6 instructions instead of 16. Absolute error
-// ~2e-7 (lg2.approx and the rounding of 1 + e), so relative error up to ~2e-4 at step sizes
-// near 1e-3: 50x below what rounding the input to bf16 already moves them there
-// (|x| * 2^-9 relative).
-__device__ __forceinline__ float SoftplusLg2(float x, float* dsp) {
-  const float e = Ex2(-fabsf(x) * kLog2e);
-  const float r = Rcp(1.f + e);
-  *dsp = x >= 0.f ? r : e * r;
-  return fmaf(Lg2(1.f + e), 0.6931471805599453f, fmaxf(x, 0.f));
-}
-
-// The step size from raw = delta + dt_bias (softplus or not) and its derivative; computed
-// without branches (the softplus is evaluated and discarded when not asked for).
-template <typename T>
-__device__ __forceinline__ float FastStepSize(float raw, bool softplus, float* dsp) {
-  float d;
-  const float sp = std::is_same_v<T, float> ? Softplus(raw, &d) : SoftplusLg2(raw, &d);
-  *dsp = softplus ? d : 1.f;
-  return softplus ? sp : raw;
 }
 
 template <typename T>

@@ -38,16 +38,8 @@ template <typename T>
 void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, int lanes, cudaStream_t stream);
 template <typename T>
 void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream);
-// The forward's pre-pass and main pass in one launch (4 lanes), p.ws_flags and p.ws_ticket
-// zeroed.
-template <typename T>
-void LaunchTiledFused(const Params& p, cudaStream_t stream);
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream);
-
-// Warp-scan forward for N == 16 (selective_scan_warp.cu): one warp a channel, no segments.
-template <typename T>
-void LaunchWarpScanForward(const Params& p, cudaStream_t stream);
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -20,16 +20,72 @@ enum Mode { kFwdMain = 0, kFwdPre = 1, kBwdPre = 2 };
 
 __device__ __forceinline__ int64_t CeilDivDev(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+__device__ __forceinline__ float Rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Approximate hardware exp2 and reciprocal (relative error ~2^-22) instead of the accurate
+// library calls, which were about two thirds of the forward's instructions.
+__device__ __forceinline__ float Sigmoid(float x) { return Rcp(1.f + Ex2(-x * kLog2e)); }
+
+// softplus(x) = max(x, 0) + log1p(e) with e = exp(-|x|) in (0, 1], and log1p(e) = 2 atanh(s),
+// s = e / (2 + e) <= 1/3, as the odd series to s^13 (truncation < 2e-8 relative). *dsp gets
+// softplus'(x) = sigmoid(x).
+__device__ __forceinline__ float Softplus(float x, float* dsp) {
+  const float e = Ex2(-fabsf(x) * kLog2e);
+  const float s = e * Rcp(2.f + e);
+  const float w = s * s;
+  float q = 1.f / 13.f;
+  q = fmaf(q, w, 1.f / 11.f);
+  q = fmaf(q, w, 1.f / 9.f);
+  q = fmaf(q, w, 1.f / 7.f);
+  q = fmaf(q, w, 1.f / 5.f);
+  q = fmaf(q, w, 1.f / 3.f);
+  q = fmaf(q, w, 1.f);
+  const float r = Rcp(1.f + e);
+  *dsp = x >= 0.f ? r : e * r;
+  return fmaf(2.f * s, q, fmaxf(x, 0.f));
+}
+
+__device__ __forceinline__ float Lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// bf16 inputs: log1p(e) as ln 2 * log2(1 + e), 6 instructions instead of 16. Absolute error
+// ~2e-7 (lg2.approx and the rounding of 1 + e), so relative error up to ~2e-4 at step sizes
+// near 1e-3: 50x below what rounding the input to bf16 already moves them there
+// (|x| * 2^-9 relative).
+__device__ __forceinline__ float SoftplusLg2(float x, float* dsp) {
+  const float e = Ex2(-fabsf(x) * kLog2e);
+  const float r = Rcp(1.f + e);
+  *dsp = x >= 0.f ? r : e * r;
+  return fmaf(Lg2(1.f + e), 0.6931471805599453f, fmaxf(x, 0.f));
+}
+
+// The step size from raw = delta + dt_bias (softplus or not) and its derivative; computed
+// without branches (the softplus is evaluated and discarded when not asked for).
+template <typename T>
+__device__ __forceinline__ float FastStepSize(float raw, bool softplus, float* dsp) {
+  float d;
+  const float sp = std::is_same_v<T, float> ? Softplus(raw, &d) : SoftplusLg2(raw, &d);
+  *dsp = softplus ? d : 1.f;
+  return softplus ? sp : raw;
+}
+
 // Block -> (segment, b, g, first channel); false when the block is past the last batch.
 struct TileBlock {
   int64_t seg, b, g, d0;  // d0: first channel (global index)
   int64_t nvalid;         // channels of this block inside the group
 };
 
-__device__ __forceinline__ TileBlock LocateBlock(const Params& p, int64_t item) {
+__device__ __forceinline__ TileBlock LocateBlock(const Params& p) {
   TileBlock k;
-  const int64_t cb = item % p.chan_blocks;
-  k.seg = item / p.chan_blocks;
+  const int64_t cb = blockIdx.x % p.chan_blocks;
+  k.seg = blockIdx.x / p.chan_blocks;
   const int64_t per_g = p.chan_warps;  // here: channel blocks per group
   k.b = cb / (p.groups * per_g);
   const int64_t rem = cb % (p.groups * per_g);
@@ -365,20 +421,20 @@ constexpr int ScanMinBlocks() {
   return kL == 2 ? 8 : kL == 8 ? 3 : kMode == kBwdPre || !kF32 ? 4 : 6;
 }
 
-template <int kMode>
-using SegmentSmem = StepSmem<kFT, kMode == kBwdPre, kMode == kFwdMain>;
-
-// One block's segment k of the pass kMode. kVec: the vector tile layout (see Raw), when the host
-// found the tensors contiguous and aligned. dyn: the main pass's per-lane partial outputs
-// [kFT][kCh][kL] (dynamic shared memory: 32 KB at 8 lanes).
+// kVec: the vector tile layout (see Raw), when the host found the tensors contiguous and aligned.
 template <typename T, int kMode, int kL, bool kVec>
-__device__ __forceinline__ void ScanSegment(const Params& p, const TileBlock& k,
-                                            SegmentSmem<kMode>& s, float4* dyn) {
+__global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T, float>, kL>())
+    TiledScanKernel(const Params p) {
   constexpr int kTT = kFT, kS = 16 / kL, kNT = kCh * kL;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
   static_assert(!kBwd || kL == 4, "the backward checkpoints are written as float4 per lane");
   static_assert(!kVec || kL == 4, "the vector layout's partials are one float4 per channel");
+  __shared__ StepSmem<kTT, kBwd, kMain> s;
+  // Per-lane partial outputs [kTT][kCh][kL] (main pass), dynamic: 32 KB at 8 lanes.
+  extern __shared__ float4 dyn[];
   auto yp = reinterpret_cast<float(*)[kCh][kL]>(dyn);
+  const TileBlock k = LocateBlock(p);
+  if (k.b >= p.batch) return;
   const int tid = threadIdx.x, ch = tid / kL, sl = tid % kL;
   const bool cok = ch < k.nvalid;
   const int64_t D = p.dim, S = p.num_seg;
@@ -518,116 +574,6 @@ __device__ __forceinline__ void ScanSegment(const Params& p, const TileBlock& k,
   }
 }
 
-template <typename T, int kMode, int kL, bool kVec>
-__global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T, float>, kL>())
-    TiledScanKernel(const Params p) {
-  __shared__ SegmentSmem<kMode> s;
-  extern __shared__ float4 dyn[];
-  const TileBlock k = LocateBlock(p, blockIdx.x);
-  if (k.b >= p.batch) return;
-  ScanSegment<T, kMode, kL, kVec>(p, k, s, dyn);
-}
-
-__device__ __forceinline__ void StoreRelease(int* p, int v) {
-  asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ int LoadAcquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// The forward's pre-pass and main pass in one launch, so that blocks in the pre-pass (bound by
-// the exponential unit) and blocks in the main pass (bound by instruction issue) share the SMs
-// instead of running one kernel after the other. Items are rows of p.chan_blocks blocks, taken
-// in ticket order: pre-pass rows of segments 0..S-2 and main-pass rows of segments 0..S-1,
-// interleaved with the main rows kFusedLag rows behind (P0 P1 P2 M0 P3 M1 ...), so that both kinds
-// run side by side. A pre-pass block publishes its segment's zero-start state; a main block waits
-// for the segments before it (all taken earlier by running blocks: no deadlock), folds their
-// maps in order (as the compose kernel does: the same bits) and runs its segment.
-constexpr int kFusedLag = 2;
-
-// Row R of the fused order -> (main?, segment).
-__device__ __forceinline__ void FusedRow(int64_t R, int64_t S, bool* main, int64_t* seg) {
-  int64_t row = 0;
-  for (int64_t r = 0;; ++r) {
-    if (r < S - 1) {
-      if (row++ == R) {
-        *main = false, *seg = r;
-        return;
-      }
-    }
-    if (r >= kFusedLag && r - kFusedLag < S) {
-      if (row++ == R) {
-        *main = true, *seg = r - kFusedLag;
-        return;
-      }
-    }
-  }
-}
-
-template <typename T, int kL, bool kVec>
-__global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kFwdMain, std::is_same_v<T, float>, kL>())
-    FusedForwardKernel(const Params p) {
-  constexpr int kS = 16 / kL;
-  __shared__ union {
-    SegmentSmem<kFwdPre> pre;
-    SegmentSmem<kFwdMain> main;
-  } s;
-  __shared__ int64_t item;
-  __shared__ bool is_main;
-  extern __shared__ float4 dyn[];
-  const int tid = threadIdx.x;
-  const int64_t S = p.num_seg;
-  if (tid == 0) {
-    const int64_t ticket = atomicAdd(p.ws_ticket, 1);
-    int64_t seg;
-    bool m;
-    FusedRow(ticket / p.chan_blocks, S, &m, &seg);
-    item = seg * p.chan_blocks + ticket % p.chan_blocks;
-    is_main = m;
-  }
-  __syncthreads();
-  const TileBlock k = LocateBlock(p, item);
-  if (k.b >= p.batch) return;  // not reached: one block an item
-  int* flags = p.ws_flags + (item % p.chan_blocks) * S;
-  if (!is_main) {
-    ScanSegment<T, kFwdPre, kL, kVec>(p, k, s.pre, dyn);
-    __syncthreads();  // every thread's zero-start state written
-    if (tid == 0) {
-      __threadfence();
-      StoreRelease(flags + k.seg, 1);
-    }
-    return;
-  }
-  if (k.seg > 0) {
-    if (tid == 0) {
-      for (int64_t q = 0; q < k.seg; ++q) {
-        while (LoadAcquire(flags + q) == 0) {
-        }
-      }
-    }
-    __syncthreads();
-    const int ch = tid / kL, sl = tid % kL;
-    if (ch < k.nvalid) {
-      const int64_t bd = k.b * p.dim + k.d0 + ch, base = bd * S;
-#pragma unroll
-      for (int j = 0; j < kS; ++j) {
-        const int n = kS * sl + j;
-        const float a2 = p.A[(k.d0 + ch) * 16 + n] * kLog2e;
-        float h = p.h0 ? p.h0[bd * 16 + n] : 0.f;
-        // Past L1: a line read here earlier may hold a neighbour's row from before it was written.
-        for (int64_t q = 0; q < k.seg; ++q) {
-          h = fmaf(Ex2(a2 * __ldcg(p.ws_sum + base + q)), h, __ldcg(p.ws_s + (base + q) * 16 + n));
-        }
-        p.ws_hin[(base + k.seg) * 16 + n] = h;  // read back by this thread
-      }
-    }
-  }
-  ScanSegment<T, kFwdMain, kL, kVec>(p, k, s.main, dyn);
-}
-
 // Backward main pass. A segment is p.seg_len / kBT tiles. From the last tile back, each tile's
 // states are recomputed into shared memory from its entering state (the pre-pass's checkpoint
 // plus the decayed segment entering state) and walked backwards with the state gradient g.
@@ -654,7 +600,7 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, int64_t cpg) {
   extern __shared__ float4 dyn[];
   BwdSmem& sm = *reinterpret_cast<BwdSmem*>(dyn);
-  const TileBlock k = LocateBlock(p, blockIdx.x);
+  const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
   const int tid = threadIdx.x, ch = tid >> 2, sl = tid & 3, lane = tid & 31, warp = tid >> 5;
   const bool cok = ch < k.nvalid;
@@ -994,19 +940,6 @@ void LaunchTiledForwardMain(const Params& p, cudaStream_t stream) {
 }
 
 template <typename T>
-void LaunchTiledFused(const Params& p, cudaStream_t stream) {
-  const size_t yp = kFT * kCh * 4 * sizeof(float);
-  const int64_t blocks = p.chan_blocks * (2 * p.num_seg - 1);
-  if constexpr (kVecForward<T>) {
-    if (TiledVectorizable(p, false)) {
-      FusedForwardKernel<T, 4, true><<<blocks, kTh, yp, stream>>>(p);
-      return;
-    }
-  }
-  FusedForwardKernel<T, 4, false><<<blocks, kTh, yp, stream>>>(p);
-}
-
-template <typename T>
 void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream) {
   // The lanes-2/8 variants are tuning knobs measured slower (bench/RESULTS.md, v6): scalar only.
   if (lanes == 2) {
@@ -1051,7 +984,6 @@ cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream) {
 #define MAMBA_TILED_INSTANTIATE(T)                                                  \
   template void LaunchTiledPre<T>(const Params&, bool, int64_t, int, cudaStream_t); \
   template void LaunchTiledForward<T>(const Params&, int, cudaStream_t);            \
-  template void LaunchTiledFused<T>(const Params&, cudaStream_t);                   \
   template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);
 MAMBA_TILED_INSTANTIATE(float)
 MAMBA_TILED_INSTANTIATE(__nv_bfloat16)
