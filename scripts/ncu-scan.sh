@@ -4,7 +4,7 @@
 # per kernel and the SASS of the scan kernels to $OUT, packed into $OUT/ncu-scan.tar.gz.
 #   ROWS=1 (scan_bench row, 0-based: 0 = (8,1536,2048) fp32, 1 = the same in bf16, ...)
 #   KERNELS='TiledScanKernel|TiledBackwardKernel' (regex)   NCU_ARGS=extra ncu flags
-#   BENCH_ARGS=extra scan_bench flags (e.g. "--fwd-warp 1")
+#   BENCH_ARGS=extra scan_bench flags (e.g. "--fwd-lanes 8")
 set -uo pipefail
 OUT=${OUT:-/tmp/ncu-scan}
 mkdir -p "$OUT"
