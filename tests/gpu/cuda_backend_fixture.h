@@ -19,8 +19,9 @@
 namespace mamba {
 namespace testing {
 
-constexpr double kF32Tol = 1e-5;   // float32 outputs
-constexpr double kBf16Tol = 1e-2;  // bf16 outputs: rounding to 8 significant bits costs 2^-9
+constexpr double kF32Tol = 1e-5;       // float32 outputs
+constexpr double kBf16Tol = 1e-2;      // bf16 outputs: rounding to 8 significant bits costs 2^-9
+constexpr double kScanGradTol = 1e-4;  // the scan's float32 gradients (long sums over steps)
 
 // A host tensor of float values as float32, bf16 (rounded to nearest even) or float64.
 inline Tensor HostTensor(const Shape& shape, const std::vector<float>& v, DType dtype) {

@@ -4,8 +4,12 @@
 // purpose (not multiples of warps, blocks or chunks). Outputs are poisoned with NaN first, so an
 // entry a kernel forgets to write fails the comparison; accumulating outputs start from random
 // values, so += is checked too. Every op also runs twice and must give identical bits. The ops
-// whose activations take either dtype (conv1d, SiLU) run here on float32 and on bf16 activations
-// (CudaBackendActTest); test_cuda_backend_bf16 covers the other ops' bf16 forms.
+// whose activations take either dtype (embedding, norm, conv1d, SiLU, cross-entropy, column
+// copies, the scan) run on float32 and on bf16 activations (CudaBackendActTest): inputs rounded
+// to bf16 first, so both backends see the same numbers; bf16 outputs within kBf16Tol (rounding to
+// 8 significant bits costs 2^-9 of each entry), float32 outputs (residual stream, statistics,
+// parameter gradients, scan state) within the float32 tolerances, since bf16 inputs widen exactly
+// and the kernels compute in float. test_cuda_backend_bf16 has the checks that only bf16 has.
 // Without a CUDA device every test skips with a message.
 #include <gtest/gtest.h>
 
@@ -28,12 +32,14 @@ namespace {
 
 using testing::HostInts;
 using testing::HostTensor;
+using testing::kBf16Tol;
 using testing::kF32Tol;
+using testing::kScanGradTol;
+using testing::Values;
 
 class CudaBackendTest : public testing::CudaBackendFixture {
  protected:
   CudaBackendTest() : CudaBackendFixture(DType::kF32, 1234) {}
-  void CheckEmbedding(int64_t T, int64_t V, int64_t C);
 };
 
 TEST_F(CudaBackendTest, MemoryRoundTripsAndZero) {
@@ -49,95 +55,6 @@ TEST_F(CudaBackendTest, MemoryRoundTripsAndZero) {
   Tensor e = gpu_->Empty({0, 5}, DType::kF32);  // empty tensors are still defined
   EXPECT_TRUE(e.defined());
   EXPECT_EQ(gpu_->ToHost(e).numel(), 0);
-}
-
-TEST_F(CudaBackendTest, Embedding) {
-  for (const auto [T, V, C] : {std::array<int64_t, 3>{1003, 37, 67}, {4099, 50280, 33}}) {
-    SCOPED_TRACE(::testing::Message() << "tokens " << T << " vocab " << V << " dim " << C);
-    CheckEmbedding(T, V, C);
-  }
-}
-
-void CudaBackendTest::CheckEmbedding(int64_t T, int64_t V, int64_t C) {
-  std::vector<int32_t> ids(T);
-  std::mt19937 rng(7);
-  for (auto& id : ids) id = static_cast<int32_t>(rng() % V);
-  ids[5] = ids[6] = ids[900] = 11;  // repeats in and out of order
-  const std::vector<float> w = Rand(V * C), dout = Rand(T * C), dw0 = Rand(V * C);
-
-  Tensor gid = GpuInts({T}, ids), gw = Gpu({V, C}, w), gdout = Gpu({T, C}, dout);
-  Tensor rid = HostInts({T}, ids), rw = Ref({V, C}, w), rdout = Ref({T, C}, dout);
-  Tensor out = Poisoned({T, C}), rout = cpu_->Empty({T, C}, DType::kF64);
-  gpu_->EmbeddingForward(gid, gw, out);
-  cpu_->EmbeddingForward(rid, rw, rout);
-  ExpectClose(out, rout, "embedding forward", 0.0);  // a copy: exact
-
-  Tensor dw = Gpu({V, C}, dw0), dw2 = Gpu({V, C}, dw0), rdw = Ref({V, C}, dw0);
-  gpu_->EmbeddingBackward(gid, gdout, dw);
-  gpu_->EmbeddingBackward(gid, gdout, dw2);
-  cpu_->EmbeddingBackward(rid, rdout, rdw);
-  ExpectClose(dw, rdw, "embedding dweight");
-  ExpectSameBits(dw, dw2, "embedding dweight");
-  // Same order of additions as the float32 CPU reference: the bits match it too.
-  Tensor cdw = HostTensor({V, C}, dw0, DType::kF32);
-  cpu_->EmbeddingBackward(rid, HostTensor({T, C}, dout, DType::kF32), cdw);
-  Tensor hdw = gpu_->ToHost(dw);
-  EXPECT_EQ(std::memcmp(hdw.raw(), cdw.raw(), cdw.nbytes()), 0);
-}
-
-TEST_F(CudaBackendTest, AddRmsNorm) {
-  for (const int64_t dim : {3, 1000, 1537}) {
-    for (const bool with_residual : {false, true}) {
-      SCOPED_TRACE(::testing::Message() << "dim " << dim << " residual " << with_residual);
-      // 1031 rows: several rows per dweight chunk.
-      const int64_t rows = dim == 3 ? 1031 : 77;
-      const Shape s{rows, dim};
-      const std::vector<float> res = Rand(rows * dim), x = Rand(rows * dim, -2, 2),
-                               w = Rand(dim, 0.5, 1.5), dy = Rand(rows * dim),
-                               dres = Rand(rows * dim), dw0 = Rand(dim);
-      Tensor g_res = with_residual ? Gpu(s, res) : Tensor();
-      Tensor r_res = with_residual ? Ref(s, res) : Tensor();
-      Tensor gro = Poisoned(s), gy = Poisoned(s), grstd = Poisoned({rows});
-      Tensor rro = cpu_->Empty(s, DType::kF64), ry = cpu_->Empty(s, DType::kF64),
-             rrstd = cpu_->Empty({rows}, DType::kF64);
-      gpu_->AddRmsNormForward(g_res, Gpu(s, x), Gpu({dim}, w), 1e-5, gro, gy, grstd);
-      cpu_->AddRmsNormForward(r_res, Ref(s, x), Ref({dim}, w), 1e-5, rro, ry, rrstd);
-      ExpectClose(gro, rro, "rmsnorm residual_out");
-      ExpectClose(gy, ry, "rmsnorm y");
-      ExpectClose(grstd, rrstd, "rmsnorm rstd");
-
-      // The backward from the CPU's forward state (the same numbers on both sides).
-      const std::vector<float> ro = Fetch(gro), rstd = Fetch(grstd);
-      Tensor g_dres = with_residual ? Gpu(s, dres) : Tensor();
-      Tensor r_dres = with_residual ? Ref(s, dres) : Tensor();
-      Tensor gdx = Poisoned(s), gdx2 = Poisoned(s), gdw = Gpu({dim}, dw0), gdw2 = Gpu({dim}, dw0);
-      Tensor rdx = cpu_->Empty(s, DType::kF64), rdw = Ref({dim}, dw0);
-      for (int run = 0; run < 2; ++run) {
-        gpu_->AddRmsNormBackward(Gpu(s, dy), g_dres, Gpu(s, ro), Gpu({dim}, w), Gpu({rows}, rstd),
-                                 run ? gdx2 : gdx, run ? gdw2 : gdw);
-      }
-      cpu_->AddRmsNormBackward(Ref(s, dy), r_dres, Ref(s, ro), Ref({dim}, w), Ref({rows}, rstd),
-                               rdx, rdw);
-      ExpectClose(gdx, rdx, "rmsnorm dx");
-      ExpectClose(gdw, rdw, "rmsnorm dweight");
-      ExpectSameBits(gdx, gdx2, "rmsnorm dx");
-      ExpectSameBits(gdw, gdw2, "rmsnorm dweight");
-    }
-  }
-}
-
-TEST_F(CudaBackendTest, AddRmsNormInPlace) {
-  // The model calls it with y aliasing x and residual_out aliasing residual_in.
-  const int64_t rows = 5, dim = 259;
-  const std::vector<float> res = Rand(rows * dim), x = Rand(rows * dim), w = Rand(dim);
-  Tensor gres = Gpu({rows, dim}, res), gx = Gpu({rows, dim}, x), grstd = Poisoned({rows});
-  Tensor rro = cpu_->Empty({rows, dim}, DType::kF64), ry = cpu_->Empty({rows, dim}, DType::kF64),
-         rrstd = cpu_->Empty({rows}, DType::kF64);
-  gpu_->AddRmsNormForward(gres, gx, Gpu({dim}, w), 1e-5, gres, gx, grstd);
-  cpu_->AddRmsNormForward(Ref({rows, dim}, res), Ref({rows, dim}, x), Ref({dim}, w), 1e-5, rro, ry,
-                          rrstd);
-  ExpectClose(gres, rro, "in-place residual_out");
-  ExpectClose(gx, ry, "in-place y");
 }
 
 TEST_F(CudaBackendTest, Linear) {
@@ -337,7 +254,113 @@ TEST_P(CudaBackendActTest, Silu) {
   ExpectCloseAct(gdx, rdx, "silu dx");
 }
 
-TEST_F(CudaBackendTest, CrossEntropy) {
+TEST_P(CudaBackendActTest, Embedding) {
+  const DType act = GetParam();
+  for (const auto [T, V, C] : {std::array<int64_t, 3>{1003, 37, 67}, {4099, 50280, 33}}) {
+    SCOPED_TRACE(::testing::Message() << "tokens " << T << " vocab " << V << " dim " << C);
+    std::vector<int32_t> ids(T);
+    std::mt19937 rng(7);
+    for (auto& id : ids) id = static_cast<int32_t>(rng() % V);
+    ids[5] = ids[6] = ids[900] = 11;  // repeats in and out of order
+    // Forward: rows of the float32 weights, rounded to the activations' dtype.
+    const std::vector<float> w = RandF32(V * C);
+    Tensor gid = GpuInts({T}, ids), out = Poisoned({T, C}, act);
+    gpu_->EmbeddingForward(gid, Gpu({V, C}, w), out);
+    std::vector<float> want(T * C);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < C; ++j) want[t * C + j] = w[ids[t] * C + j];
+    }
+    ExpectBits(out, want, "embedding forward");
+
+    // Backward from dout (an activation) into float32 dweight, twice: the float32 CPU
+    // reference's order of additions on the same (widened) values, so the bits match it.
+    const std::vector<float> dout = Rand(T * C), dw0 = RandF32(V * C);
+    Tensor gdout = Gpu({T, C}, dout, act), dw[2];
+    for (int run = 0; run < 2; ++run) {
+      dw[run] = Gpu({V, C}, dw0);
+      gpu_->EmbeddingBackward(gid, gdout, dw[run]);
+    }
+    Tensor cdw = HostTensor({V, C}, dw0, DType::kF32), rdw = Ref({V, C}, dw0);
+    cpu_->EmbeddingBackward(HostInts({T}, ids), HostTensor({T, C}, dout, DType::kF32), cdw);
+    cpu_->EmbeddingBackward(HostInts({T}, ids), Ref({T, C}, dout), rdw);
+    ExpectBits(dw[0], Values(cdw), "embedding dweight");
+    ExpectClose(dw[0], rdw, "embedding dweight");
+    ExpectSameBits(dw[0], dw[1], "embedding dweight");
+  }
+}
+
+TEST_P(CudaBackendActTest, AddRmsNorm) {
+  const DType act = GetParam();
+  // (x, y) dtypes. bf16: the model's bf16 layers, the residual stream itself as x (a recomputed
+  // layer) or an fp32 embedding output, and an fp32 norm output.
+  const std::vector<std::array<DType, 2>> dtypes =
+      act == DType::kF32 ? std::vector<std::array<DType, 2>>{{DType::kF32, DType::kF32}}
+                         : std::vector<std::array<DType, 2>>{{DType::kBF16, DType::kBF16},
+                                                             {DType::kF32, DType::kBF16},
+                                                             {DType::kBF16, DType::kF32}};
+  for (const auto [x_dtype, y_dtype] : dtypes) {
+    for (const int64_t dim : {3, 1000, 1537}) {
+      for (const bool with_residual : {false, true}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "x " << DTypeName(x_dtype) << " y " << DTypeName(y_dtype) << " dim " << dim
+                     << " residual " << with_residual);
+        const int64_t rows = dim == 3 ? 1031 : 77;  // 1031: several rows per dweight chunk
+        const Shape s{rows, dim};
+        const std::vector<float> res = RandF32(rows * dim), x = Rand(rows * dim, -2, 2),
+                                 w = RandF32(dim, 0.5, 1.5), dy = Rand(rows * dim),
+                                 dres = RandF32(rows * dim), dw0 = RandF32(dim);
+        Tensor g_res = with_residual ? Gpu(s, res) : Tensor();
+        Tensor r_res = with_residual ? Ref(s, res) : Tensor();
+        Tensor gro = Poisoned(s), gy = Poisoned(s, y_dtype), grstd = Poisoned({rows});
+        Tensor rro = cpu_->Empty(s, DType::kF64), ry = cpu_->Empty(s, DType::kF64),
+               rrstd = cpu_->Empty({rows}, DType::kF64);
+        gpu_->AddRmsNormForward(g_res, Gpu(s, x, x_dtype), Gpu({dim}, w), 1e-5, gro, gy, grstd);
+        cpu_->AddRmsNormForward(r_res, Ref(s, x), Ref({dim}, w), 1e-5, rro, ry, rrstd);
+        ExpectClose(gro, rro, "rmsnorm residual_out");
+        ExpectClose(grstd, rrstd, "rmsnorm rstd");
+        ExpectCloseAct(gy, ry, "rmsnorm y");
+
+        // The backward from the GPU's forward state (the same numbers on both sides); dy is an
+        // activation (x's dtype here), the rest float32.
+        const std::vector<float> ro = Fetch(gro), rstd = Fetch(grstd);
+        Tensor g_dres = with_residual ? Gpu(s, dres) : Tensor();
+        Tensor r_dres = with_residual ? Ref(s, dres) : Tensor();
+        Tensor gdx[2], gdw[2];
+        for (int run = 0; run < 2; ++run) {
+          gdx[run] = Poisoned(s);
+          gdw[run] = Gpu({dim}, dw0);
+          gpu_->AddRmsNormBackward(Gpu(s, dy, x_dtype), g_dres, Gpu(s, ro), Gpu({dim}, w),
+                                   Gpu({rows}, rstd), gdx[run], gdw[run]);
+        }
+        Tensor rdx = cpu_->Empty(s, DType::kF64), rdw = Ref({dim}, dw0);
+        cpu_->AddRmsNormBackward(Ref(s, dy), r_dres, Ref(s, ro), Ref({dim}, w), Ref({rows}, rstd),
+                                 rdx, rdw);
+        ExpectClose(gdx[0], rdx, "rmsnorm dx");
+        ExpectClose(gdw[0], rdw, "rmsnorm dweight");
+        ExpectSameBits(gdx[0], gdx[1], "rmsnorm dx");
+        ExpectSameBits(gdw[0], gdw[1], "rmsnorm dweight");
+      }
+    }
+  }
+}
+
+TEST_P(CudaBackendActTest, AddRmsNormInPlace) {
+  // As the model calls it: y aliasing x (activations) and residual_out aliasing residual_in.
+  const DType act = GetParam();
+  const int64_t rows = 5, dim = 259;
+  const std::vector<float> res = RandF32(rows * dim), x = Rand(rows * dim), w = RandF32(dim);
+  Tensor gres = Gpu({rows, dim}, res), gx = Gpu({rows, dim}, x, act), grstd = Poisoned({rows});
+  Tensor rro = cpu_->Empty({rows, dim}, DType::kF64), ry = cpu_->Empty({rows, dim}, DType::kF64),
+         rrstd = cpu_->Empty({rows}, DType::kF64);
+  gpu_->AddRmsNormForward(gres, gx, Gpu({dim}, w), 1e-5, gres, gx, grstd);
+  cpu_->AddRmsNormForward(Ref({rows, dim}, res), Ref({rows, dim}, x), Ref({dim}, w), 1e-5, rro, ry,
+                          rrstd);
+  ExpectClose(gres, rro, "in-place residual_out");
+  ExpectCloseAct(gx, ry, "in-place y");
+}
+
+TEST_P(CudaBackendActTest, CrossEntropy) {
+  const DType act = GetParam();
   for (const int64_t V : {1001, 5, 50280}) {
     SCOPED_TRACE(::testing::Message() << "vocab " << V);
     const int64_t rows = 129;
@@ -345,25 +368,28 @@ TEST_F(CudaBackendTest, CrossEntropy) {
     std::vector<int32_t> tgt(rows);
     std::mt19937 rng(11);
     for (auto& t : tgt) t = rng() % 5 == 0 ? ignore : static_cast<int32_t>(rng() % V);
+    // A tie (bf16 logits tie often: 8 significant bits): the first maximum is the argmax.
     std::vector<float> z = Rand(rows * V, -4, 4);
-    z[3 * V + 1] = z[3 * V + 2] = 9.f;  // a tie: the first maximum is the argmax
+    z[3 * V + 1] = z[3 * V + 2] = 9.f;
     tgt[3] = 1;
     const double scale = 1.0 / 97;
-    Tensor gz = Gpu({rows, V}, z), gt = GpuInts({rows}, tgt);
-    Tensor gdz = Poisoned({rows, V}), rdz = cpu_->Empty({rows, V}, DType::kF64);
+    Tensor gz = Gpu({rows, V}, z, act), gt = GpuInts({rows}, tgt);
+    Tensor gdz = Poisoned({rows, V}, act), rdz = cpu_->Empty({rows, V}, DType::kF64);
     const kernels::CrossEntropyStats g = gpu_->CrossEntropy(gz, gt, ignore, scale, gdz);
     const kernels::CrossEntropyStats r =
         cpu_->CrossEntropy(Ref({rows, V}, z), HostInts({rows}, tgt), ignore, scale, rdz);
     EXPECT_EQ(g.count, r.count);
     EXPECT_EQ(g.correct, r.correct);
-    EXPECT_GE(g.correct, 1);  // row 3 at least
-    EXPECT_NEAR(g.loss_sum, r.loss_sum, kF32Tol * std::abs(r.loss_sum));
-    ExpectClose(gdz, rdz, "cross-entropy dlogits");
+    EXPECT_GE(g.correct, 1);                                              // row 3 at least
+    EXPECT_NEAR(g.loss_sum, r.loss_sum, kF32Tol * std::abs(r.loss_sum));  // float math either way
+    ExpectCloseAct(gdz, rdz, "cross-entropy dlogits");
 
-    // Repeated, in place (dlogits aliasing logits), and without a gradient.
-    Tensor inplace = Gpu({rows, V}, z);
+    // Repeated, in place (dlogits aliasing logits, as the model calls it), and without a
+    // gradient: the same bits.
+    Tensor inplace = Gpu({rows, V}, z, act);
     const kernels::CrossEntropyStats g2 = gpu_->CrossEntropy(inplace, gt, ignore, scale, inplace);
-    EXPECT_EQ(g2.loss_sum, g.loss_sum);  // bit-identical
+    EXPECT_EQ(g2.loss_sum, g.loss_sum);
+    EXPECT_EQ(g2.correct, g.correct);
     ExpectSameBits(inplace, gdz, "cross-entropy dlogits in place");
     Tensor none;
     const kernels::CrossEntropyStats g3 = gpu_->CrossEntropy(gz, gt, ignore, scale, none);
@@ -372,17 +398,104 @@ TEST_F(CudaBackendTest, CrossEntropy) {
   }
 }
 
-TEST_F(CudaBackendTest, CopyAndWriteColumns) {
+TEST_P(CudaBackendActTest, CopyAndWriteColumns) {
+  // Copies: exact.
+  const DType act = GetParam();
   const int64_t rows = 41, ld = 77, col0 = 13, n = 29;
   const std::vector<float> src = Rand(rows * ld), blk = Rand(rows * n);
-  Tensor gsrc = Gpu({rows, ld}, src), gdst = Poisoned({rows, n});
-  Tensor rsrc = Ref({rows, ld}, src), rdst = cpu_->Empty({rows, n}, DType::kF64);
+  Tensor gsrc = Gpu({rows, ld}, src, act), gdst = Poisoned({rows, n}, act);
   gpu_->CopyColumns(gsrc, col0, gdst);
-  cpu_->CopyColumns(rsrc, col0, rdst);
-  ExpectClose(gdst, rdst, "copy columns", 0.0);
-  gpu_->WriteColumns(Gpu({rows, n}, blk), gsrc, col0);
-  cpu_->WriteColumns(Ref({rows, n}, blk), rsrc, col0);
-  ExpectClose(gsrc, rsrc, "write columns", 0.0);
+  std::vector<float> want(rows * n);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) want[r * n + j] = src[r * ld + col0 + j];
+  }
+  ExpectBits(gdst, want, "copy columns");
+  gpu_->WriteColumns(Gpu({rows, n}, blk, act), gsrc, col0);
+  std::vector<float> written = src;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < n; ++j) written[r * ld + col0 + j] = blk[r * n + j];
+  }
+  ExpectBits(gsrc, written, "write columns");
+}
+
+// The scan through the backend, as the kernels' own tests check it (they cover the shapes and
+// layouts): float64 reference on the same inputs; the (B, L, D) / (B, L, G, N) views, every
+// output and gradient, h0 and h_last. Shapes: the tiled N == 16 kernels (one tile; several
+// tiles and segments) and the general kernels (N == 8, several backward segments).
+TEST_P(CudaBackendActTest, SelectiveScan) {
+  const DType act = GetParam();
+  // Activation gradients: bf16 rounding, or the fp32 scan's gradient tolerance.
+  const double act_grad_tol = act == DType::kBF16 ? kBf16Tol : kScanGradTol;
+  struct ScanShape {
+    int64_t B, L, D, N, G;
+  };
+  for (const ScanShape sh :
+       {ScanShape{2, 37, 40, 16, 2}, ScanShape{1, 300, 64, 16, 1}, ScanShape{2, 130, 40, 8, 1}}) {
+    const int64_t B = sh.B, L = sh.L, D = sh.D, N = sh.N, G = sh.G;
+    SCOPED_TRACE(::testing::Message()
+                 << "B " << B << " L " << L << " D " << D << " N " << N << " G " << G);
+    const Shape as{B, L, D}, bc{B, L, G, N}, st{B, D, N};
+    const std::vector<float> u = Rand(B * L * D), delta = Rand(B * L * D, -3.0, 0.5),
+                             Bm = Rand(B * L * G * N), Cm = Rand(B * L * G * N),
+                             z = Rand(B * L * D, -2.0, 2.0), dout = Rand(B * L * D);
+    const std::vector<float> A = RandF32(D * N, -2.0, -0.1), Dskip = RandF32(D),
+                             bias = RandF32(D, -1.0, 0.0), h0 = RandF32(B * D * N),
+                             dh_last = RandF32(B * D * N);
+    // The activations (u, delta, Bm, Cm, z) in act_t's dtype, the rest in f32_t's.
+    auto inputs = [&](auto act_t, auto f32_t) {
+      ScanInputs in;
+      in.u = act_t(as, u);
+      in.delta = act_t(as, delta);
+      in.A = f32_t(Shape{D, N}, A);
+      in.Bm = act_t(bc, Bm);
+      in.Cm = act_t(bc, Cm);
+      in.D_skip = f32_t(Shape{D}, Dskip);
+      in.z = act_t(as, z);
+      in.dt_bias = f32_t(Shape{D}, bias);
+      in.h0 = f32_t(st, h0);
+      return in;
+    };
+    const auto gact = [&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v, act); };
+    const auto gf32 = [&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v); };
+    const auto f64 = [&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); };
+    const ScanInputs gin = inputs(gact, gf32);
+    const ScanInputs cin = inputs(f64, f64);
+    Tensor gout = Poisoned(as, act), gh = Poisoned(st);
+    Tensor cout = Tensor::Empty(as, DType::kF64), ch = Tensor::Empty(st, DType::kF64);
+    gpu_->SelectiveScanForward(gin, gout, gh);
+    cpu_->SelectiveScanForward(cin, cout, ch);
+    ExpectCloseAct(gout, cout, "scan out");
+    ExpectClose(gh, ch, "scan h_last");
+
+    auto grads = [&](auto act_t, auto f32_t) {
+      ScanGrads g;
+      g.du = act_t(as);
+      g.ddelta = act_t(as);
+      g.dA = f32_t(Shape{D, N});
+      g.dBm = act_t(bc);
+      g.dCm = act_t(bc);
+      g.dD_skip = f32_t(Shape{D});
+      g.dz = act_t(as);
+      g.ddt_bias = f32_t(Shape{D});
+      g.dh0 = f32_t(st);
+      return g;
+    };
+    ScanGrads gg = grads([&](const Shape& s) { return Poisoned(s, act); },
+                         [&](const Shape& s) { return Poisoned(s); });
+    const auto empty64 = [](const Shape& s) { return Tensor::Empty(s, DType::kF64); };
+    ScanGrads cg = grads(empty64, empty64);
+    gpu_->SelectiveScanBackward(gin, Gpu(as, dout, act), Gpu(st, dh_last), gg);
+    cpu_->SelectiveScanBackward(cin, Ref(as, dout), Ref(st, dh_last), cg);
+    ExpectClose(gg.du, cg.du, "scan du", act_grad_tol);
+    ExpectClose(gg.ddelta, cg.ddelta, "scan ddelta", act_grad_tol);
+    ExpectClose(gg.dBm, cg.dBm, "scan dBm", act_grad_tol);
+    ExpectClose(gg.dCm, cg.dCm, "scan dCm", act_grad_tol);
+    ExpectClose(gg.dz, cg.dz, "scan dz", act_grad_tol);
+    ExpectClose(gg.dA, cg.dA, "scan dA", kScanGradTol);
+    ExpectClose(gg.dD_skip, cg.dD_skip, "scan dD", kScanGradTol);
+    ExpectClose(gg.ddt_bias, cg.ddt_bias, "scan ddt_bias", kScanGradTol);
+    ExpectClose(gg.dh0, cg.dh0, "scan dh0", kScanGradTol);
+  }
 }
 
 TEST_F(CudaBackendTest, ElementwiseHelpers) {
@@ -439,69 +552,6 @@ TEST_F(CudaBackendTest, AdamW) {
   ExpectClose(gp, rp, "adamw param");
   ExpectClose(gm, rm, "adamw m");
   ExpectClose(gv, rv, "adamw v");
-}
-
-// The scan through the backend (the kernels' own tests cover shapes and dtypes): the strided
-// views of the backend's (B, L, D) / (B, L, G, N) tensors, every output and gradient, h0/h_last.
-TEST_F(CudaBackendTest, SelectiveScanMatchesCpu) {
-  const int64_t B = 2, L = 37, D = 40, N = 16, G = 2;
-  const std::vector<float> u = Rand(B * L * D), delta = Rand(B * L * D, -3.0, 0.5),
-                           A = Rand(D * N, -2.0, -0.1), Bm = Rand(B * L * G * N),
-                           Cm = Rand(B * L * G * N), Dskip = Rand(D), z = Rand(B * L * D),
-                           bias = Rand(D, -1.0, 0.0), h0 = Rand(B * D * N), dout = Rand(B * L * D),
-                           dh_last = Rand(B * D * N);
-  const Shape act{B, L, D}, bc{B, L, G, N}, st{B, D, N};
-  auto inputs = [&](auto make) {
-    ScanInputs in;
-    in.u = make(act, u);
-    in.delta = make(act, delta);
-    in.A = make(Shape{D, N}, A);
-    in.Bm = make(bc, Bm);
-    in.Cm = make(bc, Cm);
-    in.D_skip = make(Shape{D}, Dskip);
-    in.z = make(act, z);
-    in.dt_bias = make(Shape{D}, bias);
-    in.h0 = make(st, h0);
-    return in;
-  };
-  const ScanInputs gin =
-      inputs([&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v); });
-  const ScanInputs cin =
-      inputs([&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); });
-  Tensor gout = Poisoned(act), gh = Poisoned(st);
-  Tensor cout = Tensor::Empty(act, DType::kF64), ch = Tensor::Empty(st, DType::kF64);
-  gpu_->SelectiveScanForward(gin, gout, gh);
-  cpu_->SelectiveScanForward(cin, cout, ch);
-  ExpectClose(gout, cout, "scan out");
-  ExpectClose(gh, ch, "scan h_last");
-
-  auto grads = [&](auto make) {
-    ScanGrads g;
-    g.du = make(act);
-    g.ddelta = make(act);
-    g.dA = make(Shape{D, N});
-    g.dBm = make(bc);
-    g.dCm = make(bc);
-    g.dD_skip = make(Shape{D});
-    g.dz = make(act);
-    g.ddt_bias = make(Shape{D});
-    g.dh0 = make(st);
-    return g;
-  };
-  ScanGrads gg = grads([&](const Shape& s) { return Poisoned(s); });
-  ScanGrads cg = grads([&](const Shape& s) { return Tensor::Empty(s, DType::kF64); });
-  gpu_->SelectiveScanBackward(gin, Gpu(act, dout), Gpu(st, dh_last), gg);
-  cpu_->SelectiveScanBackward(cin, Ref(act, dout), Ref(st, dh_last), cg);
-  const double tol = 1e-4;
-  ExpectClose(gg.du, cg.du, "scan du", tol);
-  ExpectClose(gg.ddelta, cg.ddelta, "scan ddelta", tol);
-  ExpectClose(gg.dA, cg.dA, "scan dA", tol);
-  ExpectClose(gg.dBm, cg.dBm, "scan dBm", tol);
-  ExpectClose(gg.dCm, cg.dCm, "scan dCm", tol);
-  ExpectClose(gg.dD_skip, cg.dD_skip, "scan dD", tol);
-  ExpectClose(gg.dz, cg.dz, "scan dz", tol);
-  ExpectClose(gg.ddt_bias, cg.ddt_bias, "scan ddt_bias", tol);
-  ExpectClose(gg.dh0, cg.dh0, "scan dh0", tol);
 }
 
 TEST_F(CudaBackendTest, BadEmbeddingIdAbortsNamingIt) {

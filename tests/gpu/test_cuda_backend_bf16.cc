@@ -1,12 +1,8 @@
-// The CUDA backend's ops on bfloat16 activations against the CPU backend in float64. Inputs are
-// random, nonzero and rounded to bf16 first, so both backends see the same numbers; the oracle runs
-// on those rounded values. Errors are global relative errors (largest |diff| over largest |ref|):
-//   - bf16 outputs: <= kBf16Tol. Rounding to 8 significant bits costs up to 2^-9 (~2e-3) of each
-//     entry; the float math before it adds little.
-//   - float32 outputs (residual stream, statistics, parameter gradients, scan state): the fp32
-//     tests' tolerances, since bf16 inputs widen exactly and the kernels then compute in float as
-//     they do on fp32 inputs; no bf16 rounding lies on the path to these outputs.
-// Ops whose float result is exact (copies, a single addition) are checked bit for bit against a
+// What only bf16 activations have, against the CPU backend in float64 or a host emulation: mixed
+// dtypes (additions, the norm's bf16 copy of dx), the deferred cross-entropy statistics, the scan
+// reading Bm/Cm in place, and the dtype checks. The ops' bf16 forms beside their float32 ones are
+// in test_cuda_backend (CudaBackendActTest). Inputs are random, nonzero and rounded to bf16 first;
+// ops whose float result is exact (copies, a single addition) are checked bit for bit against a
 // host emulation (float math, then round to nearest even). Outputs are poisoned with NaN first, so
 // an entry a kernel forgets to write fails. Without a CUDA device the GPU tests skip.
 #include <gtest/gtest.h>
@@ -27,15 +23,9 @@ namespace mamba {
 namespace {
 
 using testing::FloatBits;
-using testing::HostInts;
 using testing::HostTensor;
-using testing::kBf16Tol;
-using testing::kF32Tol;
 using testing::RandomVector;
 using testing::RoundBf16;
-using testing::Values;
-
-constexpr double kScanGradTol = 1e-4;  // the fp32 scan gradients' tolerance in test_cuda_backend
 
 constexpr DType kBF16 = DType::kBF16;
 constexpr DType kF32 = DType::kF32;
@@ -44,85 +34,6 @@ class CudaBackendBf16Test : public testing::CudaBackendFixture {
  protected:
   CudaBackendBf16Test() : CudaBackendFixture(kBF16, 4321) {}
 };
-
-TEST_F(CudaBackendBf16Test, Embedding) {
-  const int64_t T = 1003, V = 37, C = 67;
-  std::vector<int32_t> ids(T);
-  std::mt19937 rng(7);
-  for (auto& id : ids) id = static_cast<int32_t>(rng() % V);
-  // Forward: bf16 rows of float32 weights, rounded to nearest even.
-  const std::vector<float> w = RandF32(V * C);
-  Tensor out = Poisoned({T, C}, kBF16);
-  gpu_->EmbeddingForward(GpuInts({T}, ids), Gpu({V, C}, w, kF32), out);
-  std::vector<float> want(T * C);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < C; ++j) want[t * C + j] = w[ids[t] * C + j];
-  }
-  ExpectBits(out, want, "embedding forward");
-
-  // Backward from bf16 dout into float32 dweight: the float32 CPU reference's order of
-  // additions on the same (widened) values, so the bits match it.
-  const std::vector<float> dout = Rand(T * C), dw0 = RandF32(V * C);
-  Tensor dw = Gpu({V, C}, dw0, kF32);
-  gpu_->EmbeddingBackward(GpuInts({T}, ids), Gpu({T, C}, dout, kBF16), dw);
-  Tensor cdw = HostTensor({V, C}, dw0, kF32), rdw = Ref({V, C}, dw0);
-  cpu_->EmbeddingBackward(HostInts({T}, ids), HostTensor({T, C}, dout, kF32), cdw);
-  cpu_->EmbeddingBackward(HostInts({T}, ids), Ref({T, C}, dout), rdw);
-  ExpectBits(dw, Values(cdw), "embedding dweight");
-  ExpectClose(dw, rdw, "embedding dweight", kF32Tol);
-}
-
-TEST_F(CudaBackendBf16Test, AddRmsNorm) {
-  // (x, y) dtypes: the model's bf16 layers, the residual stream itself as x (a recomputed layer)
-  // or an fp32 embedding output, and an fp32 norm output.
-  for (const auto [x_dtype, y_dtype] :
-       {std::array<DType, 2>{kBF16, kBF16}, {kF32, kBF16}, {kBF16, kF32}}) {
-    for (const int64_t dim : {3, 1537}) {
-      for (const bool with_residual : {false, true}) {
-        SCOPED_TRACE(::testing::Message()
-                     << "x " << DTypeName(x_dtype) << " y " << DTypeName(y_dtype) << " dim " << dim
-                     << " residual " << with_residual);
-        const int64_t rows = dim == 3 ? 1031 : 77;
-        const Shape s{rows, dim};
-        const std::vector<float> res = RandF32(rows * dim), x = Rand(rows * dim, -2, 2),
-                                 w = RandF32(dim, 0.5, 1.5), dy = Rand(rows * dim),
-                                 dres = RandF32(rows * dim), dw0 = RandF32(dim);
-        Tensor g_res = with_residual ? Gpu(s, res, kF32) : Tensor();
-        Tensor r_res = with_residual ? Ref(s, res) : Tensor();
-        Tensor gro = Poisoned(s, kF32), gy = Poisoned(s, y_dtype), grstd = Poisoned({rows}, kF32);
-        Tensor rro = cpu_->Empty(s, DType::kF64), ry = cpu_->Empty(s, DType::kF64),
-               rrstd = cpu_->Empty({rows}, DType::kF64);
-        gpu_->AddRmsNormForward(g_res, Gpu(s, x, x_dtype), Gpu({dim}, w, kF32), 1e-5, gro, gy,
-                                grstd);
-        cpu_->AddRmsNormForward(r_res, Ref(s, x), Ref({dim}, w), 1e-5, rro, ry, rrstd);
-        ExpectClose(gro, rro, "rmsnorm residual_out", kF32Tol);
-        ExpectClose(grstd, rrstd, "rmsnorm rstd", kF32Tol);
-        ExpectCloseAct(gy, ry, "rmsnorm y");
-
-        // The backward from the GPU's forward state (the same numbers on both sides); dy is an
-        // activation (x's dtype here), the rest float32.
-        const std::vector<float> ro = Fetch(gro), rstd = Fetch(grstd);
-        Tensor g_dres = with_residual ? Gpu(s, dres, kF32) : Tensor();
-        Tensor r_dres = with_residual ? Ref(s, dres) : Tensor();
-        Tensor gdx[2], gdw[2];
-        for (int run = 0; run < 2; ++run) {
-          gdx[run] = Poisoned(s, kF32);
-          gdw[run] = Gpu({dim}, dw0, kF32);
-          gpu_->AddRmsNormBackward(Gpu(s, dy, x_dtype), g_dres, Gpu(s, ro, kF32),
-                                   Gpu({dim}, w, kF32), Gpu({rows}, rstd, kF32), gdx[run],
-                                   gdw[run]);
-        }
-        Tensor rdx = cpu_->Empty(s, DType::kF64), rdw = Ref({dim}, dw0);
-        cpu_->AddRmsNormBackward(Ref(s, dy), r_dres, Ref(s, ro), Ref({dim}, w), Ref({rows}, rstd),
-                                 rdx, rdw);
-        ExpectClose(gdx[0], rdx, "rmsnorm dx", kF32Tol);
-        ExpectClose(gdw[0], rdw, "rmsnorm dweight", kF32Tol);
-        ExpectSameBits(gdx[0], gdx[1], "rmsnorm dx");
-        ExpectSameBits(gdw[0], gdw[1], "rmsnorm dweight");
-      }
-    }
-  }
-}
 
 // dx_copy: the same pass also writes dx rounded to bf16 (out_proj's backward operand), bit for
 // bit the rounding of the fp32 dx; an fp32 copy is dx itself.
@@ -145,58 +56,6 @@ TEST_F(CudaBackendBf16Test, AddRmsNormBackwardWritesDxCopy) {
       norm += double(full[i]) * full[i];
     }
     EXPECT_GT(norm, 1.0);  // a copy of zeros proves nothing
-  }
-}
-
-TEST_F(CudaBackendBf16Test, AddRmsNormInPlace) {
-  // y aliasing x (both bf16) and residual_out aliasing residual_in.
-  const int64_t rows = 5, dim = 259;
-  const std::vector<float> res = RandF32(rows * dim), x = Rand(rows * dim), w = RandF32(dim);
-  Tensor gres = Gpu({rows, dim}, res, kF32), gx = Gpu({rows, dim}, x, kBF16);
-  Tensor grstd = Poisoned({rows}, kF32);
-  Tensor rro = cpu_->Empty({rows, dim}, DType::kF64), ry = cpu_->Empty({rows, dim}, DType::kF64),
-         rrstd = cpu_->Empty({rows}, DType::kF64);
-  gpu_->AddRmsNormForward(gres, gx, Gpu({dim}, w, kF32), 1e-5, gres, gx, grstd);
-  cpu_->AddRmsNormForward(Ref({rows, dim}, res), Ref({rows, dim}, x), Ref({dim}, w), 1e-5, rro, ry,
-                          rrstd);
-  ExpectClose(gres, rro, "in-place residual_out", kF32Tol);
-  ExpectClose(gx, ry, "in-place y", kBf16Tol);
-}
-
-TEST_F(CudaBackendBf16Test, CrossEntropy) {
-  for (const int64_t V : {1001, 5, 50280}) {
-    SCOPED_TRACE(::testing::Message() << "vocab " << V);
-    const int64_t rows = 129;
-    const int32_t ignore = -100;
-    std::vector<int32_t> tgt(rows);
-    std::mt19937 rng(11);
-    for (auto& t : tgt) t = rng() % 5 == 0 ? ignore : static_cast<int32_t>(rng() % V);
-    // bf16 logits tie often (8 significant bits): the first maximum is the argmax on both sides.
-    std::vector<float> z = Rand(rows * V, -4, 4);
-    z[3 * V + 1] = z[3 * V + 2] = 9.f;
-    tgt[3] = 1;
-    const double scale = 1.0 / 97;
-    Tensor gz = Gpu({rows, V}, z, kBF16), gt = GpuInts({rows}, tgt);
-    Tensor gdz = Poisoned({rows, V}, kBF16), rdz = cpu_->Empty({rows, V}, DType::kF64);
-    const kernels::CrossEntropyStats g = gpu_->CrossEntropy(gz, gt, ignore, scale, gdz);
-    const kernels::CrossEntropyStats r =
-        cpu_->CrossEntropy(Ref({rows, V}, z), HostInts({rows}, tgt), ignore, scale, rdz);
-    EXPECT_EQ(g.count, r.count);
-    EXPECT_EQ(g.correct, r.correct);
-    EXPECT_GE(g.correct, 1);                                              // row 3 at least
-    EXPECT_NEAR(g.loss_sum, r.loss_sum, kF32Tol * std::abs(r.loss_sum));  // float math, as fp32
-    ExpectClose(gdz, rdz, "cross-entropy dlogits", kBf16Tol);
-
-    // dlogits aliasing logits (how the model calls it), and without a gradient.
-    Tensor inplace = Gpu({rows, V}, z, kBF16);
-    const kernels::CrossEntropyStats g2 = gpu_->CrossEntropy(inplace, gt, ignore, scale, inplace);
-    EXPECT_EQ(g2.loss_sum, g.loss_sum);
-    EXPECT_EQ(g2.correct, g.correct);
-    ExpectSameBits(inplace, gdz, "cross-entropy dlogits in place");
-    Tensor none;
-    const kernels::CrossEntropyStats g3 = gpu_->CrossEntropy(gz, gt, ignore, scale, none);
-    EXPECT_EQ(g3.loss_sum, g.loss_sum);
-    EXPECT_EQ(g3.correct, g.correct);
   }
 }
 
@@ -292,24 +151,6 @@ TEST_F(CudaBackendBf16Test, AddMixedDtypes) {
   }
 }
 
-TEST_F(CudaBackendBf16Test, CopyAndWriteColumns) {
-  const int64_t rows = 41, ld = 77, col0 = 13, n = 29;
-  const std::vector<float> src = Rand(rows * ld), blk = Rand(rows * n);
-  Tensor gsrc = Gpu({rows, ld}, src, kBF16), gdst = Poisoned({rows, n}, kBF16);
-  gpu_->CopyColumns(gsrc, col0, gdst);
-  std::vector<float> want(rows * n);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < n; ++j) want[r * n + j] = src[r * ld + col0 + j];
-  }
-  ExpectBits(gdst, want, "copy columns");
-  gpu_->WriteColumns(Gpu({rows, n}, blk, kBF16), gsrc, col0);
-  std::vector<float> written = src;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < n; ++j) written[r * ld + col0 + j] = blk[r * n + j];
-  }
-  ExpectBits(gsrc, written, "write columns");
-}
-
 // The scan in bf16 through the backend, as the kernels' own bf16 tests check it: the reference
 // in float64 on the rounded inputs. Shapes: the tiled N == 16 kernels (one tile; several tiles and
 // segments) and the general kernels (N == 8, several backward segments).
@@ -385,79 +226,6 @@ TEST_F(CudaBackendBf16Test, SelectiveScanReadsBmCmInPlace) {
         ASSERT_EQ(FloatBits(dbc[r * K + k]), FloatBits(want)) << "dbc row " << r << " column " << k;
       }
     }
-  }
-}
-
-TEST_F(CudaBackendBf16Test, SelectiveScan) {
-  struct ScanShape {
-    int64_t B, L, D, N, G;
-  };
-  for (const ScanShape sh :
-       {ScanShape{2, 37, 40, 16, 2}, ScanShape{1, 300, 64, 16, 1}, ScanShape{2, 130, 40, 8, 1}}) {
-    const int64_t B = sh.B, L = sh.L, D = sh.D, N = sh.N, G = sh.G;
-    SCOPED_TRACE(::testing::Message()
-                 << "B " << B << " L " << L << " D " << D << " N " << N << " G " << G);
-    const Shape act{B, L, D}, bc{B, L, G, N}, st{B, D, N};
-    const std::vector<float> u = Rand(B * L * D), delta = Rand(B * L * D, -3.0, 0.5),
-                             Bm = Rand(B * L * G * N), Cm = Rand(B * L * G * N),
-                             z = Rand(B * L * D, -2.0, 2.0), dout = Rand(B * L * D);
-    const std::vector<float> A = RandF32(D * N, -2.0, -0.1), Dskip = RandF32(D),
-                             bias = RandF32(D, -1.0, 0.0), h0 = RandF32(B * D * N),
-                             dh_last = RandF32(B * D * N);
-    // The activations in bf16 (or float64), the rest float32 (or float64).
-    auto inputs = [&](auto act_t, auto f32_t) {
-      ScanInputs in;
-      in.u = act_t(act, u);
-      in.delta = act_t(act, delta);
-      in.A = f32_t(Shape{D, N}, A);
-      in.Bm = act_t(bc, Bm);
-      in.Cm = act_t(bc, Cm);
-      in.D_skip = f32_t(Shape{D}, Dskip);
-      in.z = act_t(act, z);
-      in.dt_bias = f32_t(Shape{D}, bias);
-      in.h0 = f32_t(st, h0);
-      return in;
-    };
-    const auto bf16 = [&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v, kBF16); };
-    const auto f32 = [&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v, kF32); };
-    const auto f64 = [&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); };
-    const ScanInputs gin = inputs(bf16, f32);
-    const ScanInputs cin = inputs(f64, f64);
-    Tensor gout = Poisoned(act, kBF16), gh = Poisoned(st, kF32);
-    Tensor cout = Tensor::Empty(act, DType::kF64), ch = Tensor::Empty(st, DType::kF64);
-    gpu_->SelectiveScanForward(gin, gout, gh);
-    cpu_->SelectiveScanForward(cin, cout, ch);
-    ExpectClose(gout, cout, "scan out", kBf16Tol);
-    ExpectClose(gh, ch, "scan h_last", kF32Tol);
-
-    auto grads = [&](auto act_t, auto f32_t) {
-      ScanGrads g;
-      g.du = act_t(act);
-      g.ddelta = act_t(act);
-      g.dA = f32_t(Shape{D, N});
-      g.dBm = act_t(bc);
-      g.dCm = act_t(bc);
-      g.dD_skip = f32_t(Shape{D});
-      g.dz = act_t(act);
-      g.ddt_bias = f32_t(Shape{D});
-      g.dh0 = f32_t(st);
-      return g;
-    };
-    ScanGrads gg = grads([&](const Shape& s) { return Poisoned(s, kBF16); },
-                         [&](const Shape& s) { return Poisoned(s, kF32); });
-    const auto empty64 = [](const Shape& s) { return Tensor::Empty(s, DType::kF64); };
-    ScanGrads cg = grads(empty64, empty64);
-    gpu_->SelectiveScanBackward(gin, Gpu(act, dout, kBF16), Gpu(st, dh_last, kF32), gg);
-    cpu_->SelectiveScanBackward(cin, Ref(act, dout), Ref(st, dh_last), cg);
-    ExpectClose(gg.du, cg.du, "scan du", kBf16Tol);
-    ExpectClose(gg.ddelta, cg.ddelta, "scan ddelta", kBf16Tol);
-    ExpectClose(gg.dBm, cg.dBm, "scan dBm", kBf16Tol);
-    ExpectClose(gg.dCm, cg.dCm, "scan dCm", kBf16Tol);
-    ExpectClose(gg.dz, cg.dz, "scan dz", kBf16Tol);
-    ExpectClose(gg.dA, cg.dA, "scan dA", kScanGradTol);
-    ExpectClose(gg.dD_skip, cg.dD_skip, "scan dD", kScanGradTol);
-    ExpectClose(gg.ddt_bias, cg.ddt_bias, "scan ddt_bias", kScanGradTol);
-    ExpectClose(gg.dh0, cg.dh0, "scan dh0", kScanGradTol);
   }
 }
 
