@@ -48,6 +48,35 @@ struct Problem {
   }
 };
 
+// Every gradient of one backward call.
+struct Grads {
+  std::vector<double> du, ddelta, dA, dB, dC, dD, dz, dbias, dh0;
+};
+
+// The backward of p's scan for output gradient dout and (optional) final-state gradient dh_last.
+Grads Backward(const Problem& p, const std::vector<double>& dout, const double* dh_last) {
+  Grads g{std::vector<double>(p.u.size()),  std::vector<double>(p.u.size()),
+          std::vector<double>(p.A.size()),  std::vector<double>(p.Bm.size()),
+          std::vector<double>(p.Cm.size()), std::vector<double>(p.Dskip.size()),
+          std::vector<double>(p.z.size()),  std::vector<double>(p.dt_bias.size()),
+          std::vector<double>(p.h0.size())};
+  ScanBackwardArgs<double> b;
+  b.fwd = p.Args();
+  b.dout = dout.data();
+  b.dh_last = dh_last;
+  b.du = g.du.data();
+  b.ddelta = g.ddelta.data();
+  b.dA = g.dA.data();
+  b.dBm = g.dB.data();
+  b.dCm = g.dC.data();
+  b.dD_skip = g.dD.data();
+  b.dz = g.dz.data();
+  b.ddt_bias = g.dbias.data();
+  b.dh0 = g.dh0.data();
+  SelectiveScanBackwardCpu<double>(p.s, b);
+  return g;
+}
+
 // The contract written as directly as possible, one (b, d, n) at a time.
 void NaiveForward(const Problem& p, std::vector<double>& out, std::vector<double>& h_last) {
   const auto& s = p.s;
@@ -123,33 +152,17 @@ TEST(SelectiveScanCpu, BackwardMatchesFiniteDifferences) {
       SelectiveScanForwardCpu<double>(p.s, a);
       return Dot(out, w_out) + Dot(h, w_h);
     };
-    std::vector<double> du(p.u.size()), ddelta(p.u.size()), dA(p.A.size()), dB(p.Bm.size()),
-        dC(p.Cm.size()), dD(p.Dskip.size()), dz(p.z.size()), dbias(p.dt_bias.size()),
-        dh0(p.h0.size());
-    ScanBackwardArgs<double> b;
-    b.fwd = p.Args();
-    b.dout = w_out.data();
-    b.dh_last = w_h.data();
-    b.du = du.data();
-    b.ddelta = ddelta.data();
-    b.dA = dA.data();
-    b.dBm = dB.data();
-    b.dCm = dC.data();
-    b.dD_skip = dD.data();
-    b.dz = dz.data();
-    b.ddt_bias = dbias.data();
-    b.dh0 = dh0.data();
-    SelectiveScanBackwardCpu<double>(p.s, b);
+    const Grads g = Backward(p, w_out, w_h.data());
     const double tol = 1e-7;
-    EXPECT_LT(RelativeError(du, FiniteDifference(p.u, loss)), tol) << "du L=" << L;
-    EXPECT_LT(RelativeError(ddelta, FiniteDifference(p.delta, loss)), tol) << "ddelta L=" << L;
-    EXPECT_LT(RelativeError(dA, FiniteDifference(p.A, loss)), tol) << "dA L=" << L;
-    EXPECT_LT(RelativeError(dB, FiniteDifference(p.Bm, loss)), tol) << "dB L=" << L;
-    EXPECT_LT(RelativeError(dC, FiniteDifference(p.Cm, loss)), tol) << "dC L=" << L;
-    EXPECT_LT(RelativeError(dD, FiniteDifference(p.Dskip, loss)), tol) << "dD L=" << L;
-    EXPECT_LT(RelativeError(dz, FiniteDifference(p.z, loss)), tol) << "dz L=" << L;
-    EXPECT_LT(RelativeError(dbias, FiniteDifference(p.dt_bias, loss)), tol) << "ddt_bias L=" << L;
-    EXPECT_LT(RelativeError(dh0, FiniteDifference(p.h0, loss)), tol) << "dh0 L=" << L;
+    EXPECT_LT(RelativeError(g.du, FiniteDifference(p.u, loss)), tol) << "du L=" << L;
+    EXPECT_LT(RelativeError(g.ddelta, FiniteDifference(p.delta, loss)), tol) << "ddelta L=" << L;
+    EXPECT_LT(RelativeError(g.dA, FiniteDifference(p.A, loss)), tol) << "dA L=" << L;
+    EXPECT_LT(RelativeError(g.dB, FiniteDifference(p.Bm, loss)), tol) << "dB L=" << L;
+    EXPECT_LT(RelativeError(g.dC, FiniteDifference(p.Cm, loss)), tol) << "dC L=" << L;
+    EXPECT_LT(RelativeError(g.dD, FiniteDifference(p.Dskip, loss)), tol) << "dD L=" << L;
+    EXPECT_LT(RelativeError(g.dz, FiniteDifference(p.z, loss)), tol) << "dz L=" << L;
+    EXPECT_LT(RelativeError(g.dbias, FiniteDifference(p.dt_bias, loss)), tol) << "ddt_bias L=" << L;
+    EXPECT_LT(RelativeError(g.dh0, FiniteDifference(p.h0, loss)), tol) << "dh0 L=" << L;
   }
 }
 
@@ -168,45 +181,23 @@ TEST(SelectiveScanCpu, TwoPiecesEqualOneScan) {
   const auto dout = RandomVector(p.u.size(), 21);
   const auto dh_last = RandomVector(p.h0.size(), 22);
 
-  struct Grads {
-    std::vector<double> out, h_last, du, ddelta, dA, dB, dC, dD, dz, dbias, dh0;
+  struct Run {
+    std::vector<double> out, h_last;
+    Grads g;
   };
   auto run = [&](const Problem& q, const std::vector<double>& dout_q,
                  const std::vector<double>& dh_q) {
-    Grads g;
-    const auto& s = q.s;
-    g.out.resize(q.u.size());
-    g.h_last.resize(q.h0.size());
+    Run r;
+    r.out.resize(q.u.size());
+    r.h_last.resize(q.h0.size());
     auto a = q.Args();
-    a.out = g.out.data();
-    a.h_last = g.h_last.data();
-    SelectiveScanForwardCpu<double>(s, a);
-    g.du.resize(q.u.size());
-    g.ddelta.resize(q.u.size());
-    g.dA.resize(q.A.size());
-    g.dB.resize(q.Bm.size());
-    g.dC.resize(q.Cm.size());
-    g.dD.resize(q.Dskip.size());
-    g.dz.resize(q.z.size());
-    g.dbias.resize(q.dt_bias.size());
-    g.dh0.resize(q.h0.size());
-    ScanBackwardArgs<double> b;
-    b.fwd = q.Args();
-    b.dout = dout_q.data();
-    b.dh_last = dh_q.data();
-    b.du = g.du.data();
-    b.ddelta = g.ddelta.data();
-    b.dA = g.dA.data();
-    b.dBm = g.dB.data();
-    b.dCm = g.dC.data();
-    b.dD_skip = g.dD.data();
-    b.dz = g.dz.data();
-    b.ddt_bias = g.dbias.data();
-    b.dh0 = g.dh0.data();
-    SelectiveScanBackwardCpu<double>(s, b);
-    return g;
+    a.out = r.out.data();
+    a.h_last = r.h_last.data();
+    SelectiveScanForwardCpu<double>(q.s, a);
+    r.g = Backward(q, dout_q, dh_q.data());
+    return r;
   };
-  const Grads whole = run(p, dout, dh_last);
+  const Run whole = run(p, dout, dh_last);
 
   auto piece = [&](int64_t t0, int64_t t1) {
     Problem q = p;
@@ -220,10 +211,11 @@ TEST(SelectiveScanCpu, TwoPiecesEqualOneScan) {
   };
   Problem p1 = piece(0, L1), p2 = piece(L1, L);
   // Forward of piece 1 gives h0 of piece 2; backward of piece 2 gives dh_last of piece 1.
-  Grads g1f = run(p1, SliceL(dout, B, L, D, 0, L1), dh_last);
-  p2.h0 = g1f.h_last;
-  Grads g2 = run(p2, SliceL(dout, B, L, D, L1, L), dh_last);
-  Grads g1 = run(p1, SliceL(dout, B, L, D, 0, L1), g2.dh0);
+  const Run r1f = run(p1, SliceL(dout, B, L, D, 0, L1), dh_last);
+  p2.h0 = r1f.h_last;
+  const Run r2 = run(p2, SliceL(dout, B, L, D, L1, L), dh_last);
+  const Run r1 = run(p1, SliceL(dout, B, L, D, 0, L1), r2.g.dh0);
+  const Grads &g1 = r1.g, &g2 = r2.g, &gw = whole.g;
 
   auto join = [&](const std::vector<double>& a, const std::vector<double>& b, int64_t inner) {
     std::vector<double> r;
@@ -238,41 +230,26 @@ TEST(SelectiveScanCpu, TwoPiecesEqualOneScan) {
     return a;
   };
   const double tol = 1e-12;
-  EXPECT_LT(RelativeError(join(g1.out, g2.out, D), whole.out), tol);
-  EXPECT_LT(RelativeError(g2.h_last, whole.h_last), tol);
-  EXPECT_LT(RelativeError(join(g1.du, g2.du, D), whole.du), tol);
-  EXPECT_LT(RelativeError(join(g1.ddelta, g2.ddelta, D), whole.ddelta), tol);
-  EXPECT_LT(RelativeError(join(g1.dz, g2.dz, D), whole.dz), tol);
-  EXPECT_LT(RelativeError(join(g1.dB, g2.dB, N), whole.dB), tol);
-  EXPECT_LT(RelativeError(join(g1.dC, g2.dC, N), whole.dC), tol);
-  EXPECT_LT(RelativeError(add(g1.dA, g2.dA), whole.dA), tol);
-  EXPECT_LT(RelativeError(add(g1.dD, g2.dD), whole.dD), tol);
-  EXPECT_LT(RelativeError(add(g1.dbias, g2.dbias), whole.dbias), tol);
-  EXPECT_LT(RelativeError(g1.dh0, whole.dh0), tol);
+  EXPECT_LT(RelativeError(join(r1.out, r2.out, D), whole.out), tol);
+  EXPECT_LT(RelativeError(r2.h_last, whole.h_last), tol);
+  EXPECT_LT(RelativeError(join(g1.du, g2.du, D), gw.du), tol);
+  EXPECT_LT(RelativeError(join(g1.ddelta, g2.ddelta, D), gw.ddelta), tol);
+  EXPECT_LT(RelativeError(join(g1.dz, g2.dz, D), gw.dz), tol);
+  EXPECT_LT(RelativeError(join(g1.dB, g2.dB, N), gw.dB), tol);
+  EXPECT_LT(RelativeError(join(g1.dC, g2.dC, N), gw.dC), tol);
+  EXPECT_LT(RelativeError(add(g1.dA, g2.dA), gw.dA), tol);
+  EXPECT_LT(RelativeError(add(g1.dD, g2.dD), gw.dD), tol);
+  EXPECT_LT(RelativeError(add(g1.dbias, g2.dbias), gw.dbias), tol);
+  EXPECT_LT(RelativeError(g1.dh0, gw.dh0), tol);
 }
 
 TEST(SelectiveScanCpu, BackwardIsDeterministic) {
   Problem p(3, 50, 20, 8, 2, 77);
   const auto dout = RandomVector(p.u.size(), 5);
   auto run = [&]() {
-    std::vector<double> du(p.u.size()), ddelta(p.u.size()), dA(p.A.size()), dB(p.Bm.size()),
-        dC(p.Cm.size()), dD(p.Dskip.size()), dz(p.z.size()), dbias(p.dt_bias.size()),
-        dh0(p.h0.size());
-    ScanBackwardArgs<double> b;
-    b.fwd = p.Args();
-    b.dout = dout.data();
-    b.du = du.data();
-    b.ddelta = ddelta.data();
-    b.dA = dA.data();
-    b.dBm = dB.data();
-    b.dCm = dC.data();
-    b.dD_skip = dD.data();
-    b.dz = dz.data();
-    b.ddt_bias = dbias.data();
-    b.dh0 = dh0.data();
-    SelectiveScanBackwardCpu<double>(p.s, b);
-    std::vector<double> all = du;
-    for (auto* v : {&ddelta, &dA, &dB, &dC, &dD, &dz, &dbias, &dh0})
+    const Grads g = Backward(p, dout, nullptr);
+    std::vector<double> all = g.du;
+    for (const auto* v : {&g.ddelta, &g.dA, &g.dB, &g.dC, &g.dD, &g.dz, &g.dbias, &g.dh0})
       all.insert(all.end(), v->begin(), v->end());
     return all;
   };
