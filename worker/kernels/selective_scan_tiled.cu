@@ -417,8 +417,8 @@ __device__ __forceinline__ int YpSlot(int tt, int c) {
 // lanes per channel, each owning 16 / kL states. The forward uses 8 lanes: twice the warps of
 // 4 lanes for the same channels, which row (8,1536,2048) needs (< 3 blocks per SM at 4 lanes).
 // The backward pre-pass at 5 blocks an SM (<= 102 registers, no spills) made the bf16 backward
-// of (16,2048,4096), (1,1536,65536) and (2,5120,8192) 0.9 % faster than at 4 (H100, session 4;
-// (8,1536,2048) and fp32 unchanged); at 6 it spills.
+// of (16,2048,4096), (1,1536,65536) and (2,5120,8192) 0.5-0.8 % faster than at 4 (H100,
+// interleaved A/B; (8,1536,2048) and fp32 unchanged); at 6 it spills.
 template <int kMode, bool kF32, int kL>
 constexpr int ScanMinBlocks() {
   if (kMode == kBwdPre) return 5;
