@@ -179,15 +179,35 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
 }
 
 // One warp per output: lanes take parts k = lane, lane + 32, ... in order, then a fixed butterfly.
-__global__ void SumPartsKernel(const float* part, int64_t parts, int64_t count, float* out) {
-  const int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (i >= count) return;  // whole warps
+// dA, dD_skip and ddt_bias, each the sum of its [part][count] partials over parts in order, in
+// one launch: outputs [0, na) are dA, then dD_skip's, then ddt_bias's. A thread an output, so
+// that a warp's loads are contiguous; loads in batches of 8 in flight.
+__global__ void SumGradPartsKernel(const Params p, int64_t parts, int64_t na) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x, D = p.dim;
+  const float* part;
+  float* out;
+  int64_t count, j;
+  if (i < na) {
+    part = p.ws_dA, out = p.dA, count = na, j = i;
+  } else if (i < na + D) {
+    part = p.ws_dD, out = p.dD_skip, count = D, j = i - na;
+  } else if (i < na + 2 * D) {
+    part = p.ws_dbias, out = p.ddt_bias, count = D, j = i - na - D;
+  } else {
+    return;
+  }
+  if (!out) return;
   float s = 0.f;
-  for (int64_t k = lane; k < parts; k += 32) s += part[k * count + i];
+  int64_t k = 0;
+  for (; k + 8 <= parts; k += 8) {
+    float x[8];
 #pragma unroll
-  for (int w = 16; w >= 1; w >>= 1) s += __shfl_xor_sync(0xffffffffu, s, w);
-  if (lane == 0) out[i] = s;
+    for (int m = 0; m < 8; ++m) x[m] = part[(k + m) * count + j];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) s += x[m];
+  }
+  for (; k < parts; ++k) s += part[k * count + j];
+  out[j] = s;
 }
 
 template <typename T>
@@ -215,9 +235,9 @@ cudaError_t LaunchBackwardMain(const Params& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-void LaunchSumParts(const float* part, int64_t parts, int64_t count, float* out,
-                    cudaStream_t stream) {
-  SumPartsKernel<<<CeilDiv(count * 32, 256), 256, 0, stream>>>(part, parts, count, out);
+void LaunchSumGradParts(const Params& p, int64_t parts, cudaStream_t stream) {
+  const int64_t na = p.dim * p.dstate, total = na + 2 * p.dim;
+  SumGradPartsKernel<<<CeilDiv(total, 256), 256, 0, stream>>>(p, parts, na);
 }
 
 template <typename T>

@@ -171,10 +171,7 @@ cudaError_t BackwardTyped(Params& p, cudaStream_t stream) {
     if (cudaError_t err = LaunchBackwardMain<T, kVec>(pb, stream); err != cudaSuccess) return err;
   }
   ScopedRange range("scan_bwd_reduce");
-  const int64_t parts = p.batch * p.num_seg;
-  LaunchSumParts(p.ws_dA, parts, p.dim * p.dstate, p.dA, stream);
-  if (p.dD_skip) LaunchSumParts(p.ws_dD, parts, p.dim, p.dD_skip, stream);
-  if (p.ddt_bias) LaunchSumParts(p.ws_dbias, parts, p.dim, p.ddt_bias, stream);
+  LaunchSumGradParts(p, p.batch * p.num_seg, stream);
   LaunchReduceBC<T>(p, stream);
   return cudaGetLastError();
 }
@@ -275,10 +272,7 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
     if (cudaError_t err = LaunchTiledBackward<T>(p, stream); err != cudaSuccess) return err;
   }
   ScopedRange range("scan_bwd_reduce");
-  const int64_t parts = p.batch * p.num_seg;
-  LaunchSumParts(p.ws_dA, parts, p.dim * 16, p.dA, stream);
-  if (p.dD_skip) LaunchSumParts(p.ws_dD, parts, p.dim, p.dD_skip, stream);
-  if (p.ddt_bias) LaunchSumParts(p.ws_dbias, parts, p.dim, p.ddt_bias, stream);
+  LaunchSumGradParts(p, p.batch * p.num_seg, stream);
   return cudaGetLastError();
 }
 

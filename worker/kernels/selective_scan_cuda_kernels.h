@@ -21,9 +21,9 @@ void LaunchForwardMain(const Params& p, cudaStream_t stream);
 template <typename T, bool kVec>
 cudaError_t LaunchBackwardMain(const Params& p, cudaStream_t stream);
 
-// out[i] = sum over parts of part[k * count + i], k in order.
-void LaunchSumParts(const float* part, int64_t parts, int64_t count, float* out,
-                    cudaStream_t stream);
+// dA, dD_skip and ddt_bias (where asked for) from their [parts][...] partials in p.ws_dA,
+// p.ws_dD and p.ws_dbias, each summed over parts in order, in one launch.
+void LaunchSumGradParts(const Params& p, int64_t parts, cudaStream_t stream);
 
 // dBm, dCm from the per-warp partials, summed over channel warps in order.
 template <typename T>
