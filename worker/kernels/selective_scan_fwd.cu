@@ -77,16 +77,26 @@ __global__ void ScanComposeKernel(const Params p, bool bwd) {
   const int64_t n = idx % N, bd = idx / N, d = bd % p.dim;
   const float a2 = p.A[d * N + n] * kLog2e;
   const int64_t S = p.num_seg, base = bd * S;
+  // The workspace arrays do not overlap: with that known, the loads of later segments are issued
+  // ahead of this one's store and the fold waits only on its own arithmetic (a long chain at 44
+  // segments).
+  const float* __restrict__ sum = p.ws_sum + base;
+  const float* __restrict__ zs = p.ws_s + base * N + n;
+  float* __restrict__ hin = p.ws_hin + base * N + n;
   float h = p.h0 ? p.h0[bd * N + n] : 0.f;
+#pragma unroll 4
   for (int64_t s = 0; s < S; ++s) {
-    p.ws_hin[(base + s) * N + n] = h;
-    if (s + 1 < S) h = fmaf(Ex2(a2 * p.ws_sum[base + s]), h, p.ws_s[(base + s) * N + n]);
+    hin[s * N] = h;
+    if (s + 1 < S) h = fmaf(Ex2(a2 * __ldg(sum + s)), h, __ldg(zs + s * N));
   }
   if (!bwd) return;
+  const float* __restrict__ zr = p.ws_r + base * N + n;
+  float* __restrict__ gin = p.ws_gin + base * N + n;
   float g = p.dh_last ? p.dh_last[bd * N + n] : 0.f;
+#pragma unroll 4
   for (int64_t s = S - 1; s >= 0; --s) {
-    p.ws_gin[(base + s) * N + n] = g;
-    if (s > 0) g = fmaf(Ex2(a2 * p.ws_sum[base + s]), g, p.ws_r[(base + s) * N + n]);
+    gin[s * N] = g;
+    if (s > 0) g = fmaf(Ex2(a2 * __ldg(sum + s)), g, __ldg(zr + s * N));
   }
 }
 
