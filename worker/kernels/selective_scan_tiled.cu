@@ -704,11 +704,21 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
         g[j] = fmaf(cv[j], dy, g[j]);
         v[4 + j] = hn[j] * dy;
         v[j] = g[j] * dtu;
-        const float geh = g[j] * e * hp[j];
-        ga = fmaf(geh, A[j], ga);
-        dA[j] = fmaf(geh, dt, dA[j]);
-        gb = fmaf(g[j], bv[j], gb);
-        g[j] *= e;
+        // The same bits in either order; nvcc schedules them differently: measured (interleaved
+        // A/B) 0.3-0.6 % faster for bf16 with g's update first, 1.5 % slower for fp32.
+        if constexpr (std::is_same_v<T, float>) {
+          const float geh = g[j] * e * hp[j];
+          ga = fmaf(geh, A[j], ga);
+          dA[j] = fmaf(geh, dt, dA[j]);
+          gb = fmaf(g[j], bv[j], gb);
+          g[j] *= e;
+        } else {
+          gb = fmaf(g[j], bv[j], gb);
+          g[j] *= e;
+          const float geh = g[j] * hp[j];
+          ga = fmaf(geh, A[j], ga);
+          dA[j] = fmaf(geh, dt, dA[j]);
+        }
       }
       // Sum over the 4 lanes of the channel: lane sl keeps quantity sl of (y, ga, gb, 0).
       {
@@ -861,8 +871,17 @@ __global__ void TiledReduceBCKernel(const Params p, int64_t cpg) {
   const int64_t count = p.batch * p.len * p.groups * 32;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= count) return;
+  // Loads in batches of 8 in flight, added in channel-block order.
   float s = 0.f;
-  for (int64_t c = 0; c < cpg; ++c) s += p.ws_dbc[c * count + i];
+  int64_t c = 0;
+  for (; c + 8 <= cpg; c += 8) {
+    float x[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) x[m] = p.ws_dbc[(c + m) * count + i];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) s += x[m];
+  }
+  for (; c < cpg; ++c) s += p.ws_dbc[c * count + i];
   const int64_t n = i & 15, kind = (i >> 4) & 1, g = (i >> 5) % p.groups;
   const int64_t t = (i / (32 * p.groups)) % p.len, b = i / (32 * p.groups * p.len);
   const Strided4& o = kind == 0 ? p.dBm : p.dCm;
