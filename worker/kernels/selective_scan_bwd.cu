@@ -179,35 +179,8 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
 }
 
 // One warp per output: lanes take parts k = lane, lane + 32, ... in order, then a fixed butterfly.
-// dA, dD_skip and ddt_bias, each the sum of its [part][count] partials over parts in order, in
-// one launch: outputs [0, na) are dA, then dD_skip's, then ddt_bias's. A thread an output, so
-// that a warp's loads are contiguous; loads in batches of 8 in flight.
 __global__ void SumGradPartsKernel(const Params p, int64_t parts, int64_t na) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x, D = p.dim;
-  const float* part;
-  float* out;
-  int64_t count, j;
-  if (i < na) {
-    part = p.ws_dA, out = p.dA, count = na, j = i;
-  } else if (i < na + D) {
-    part = p.ws_dD, out = p.dD_skip, count = D, j = i - na;
-  } else if (i < na + 2 * D) {
-    part = p.ws_dbias, out = p.ddt_bias, count = D, j = i - na - D;
-  } else {
-    return;
-  }
-  if (!out) return;
-  float s = 0.f;
-  int64_t k = 0;
-  for (; k + 8 <= parts; k += 8) {
-    float x[8];
-#pragma unroll
-    for (int m = 0; m < 8; ++m) x[m] = part[(k + m) * count + j];
-#pragma unroll
-    for (int m = 0; m < 8; ++m) s += x[m];
-  }
-  for (; k < parts; ++k) s += part[k * count + j];
-  out[j] = s;
+  SumGradPart(p, parts, na, blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x);
 }
 
 template <typename T>

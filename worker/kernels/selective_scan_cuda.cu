@@ -272,7 +272,7 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
     if (cudaError_t err = LaunchTiledBackward<T>(p, stream); err != cudaSuccess) return err;
   }
   ScopedRange range("scan_bwd_reduce");
-  LaunchSumGradParts(p, p.batch * p.num_seg, stream);
+  LaunchTiledBackwardReduce<T>(p, stream);
   return cudaGetLastError();
 }
 

@@ -197,4 +197,35 @@ __device__ __forceinline__ void LoadStep(const Params& p, const Offsets& o, int 
   if constexpr (kDout) s.dout = Ld<T>(p.dout.p, o.dout + t * p.dout.sl);
 }
 
+// dA, dD_skip and ddt_bias, each the sum of its [part][count] partials over parts in order, in
+// one launch: outputs [0, na) are dA, then dD_skip's, then ddt_bias's; this is output i. A thread
+// an output, so that a warp's loads are contiguous; loads in batches of 8 in flight.
+__device__ __forceinline__ void SumGradPart(const Params& p, int64_t parts, int64_t na, int64_t i) {
+  const int64_t D = p.dim;
+  const float* part;
+  float* out;
+  int64_t count, j;
+  if (i < na) {
+    part = p.ws_dA, out = p.dA, count = na, j = i;
+  } else if (i < na + D) {
+    part = p.ws_dD, out = p.dD_skip, count = D, j = i - na;
+  } else if (i < na + 2 * D) {
+    part = p.ws_dbias, out = p.ddt_bias, count = D, j = i - na - D;
+  } else {
+    return;
+  }
+  if (!out) return;
+  float s = 0.f;
+  int64_t k = 0;
+  for (; k + 8 <= parts; k += 8) {
+    float x[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) x[m] = part[(k + m) * count + j];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) s += x[m];
+  }
+  for (; k < parts; ++k) s += part[k * count + j];
+  out[j] = s;
+}
+
 }  // namespace mamba::kernels::cuda

@@ -40,6 +40,10 @@ template <typename T>
 void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream);
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream);
+// After it, in one launch: dBm/dCm from the channel blocks' partials (when there are several),
+// dA, dD_skip and ddt_bias from the segments' partials.
+template <typename T>
+void LaunchTiledBackwardReduce(const Params& p, cudaStream_t stream);
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -866,8 +866,15 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
 }
 
 // dBm, dCm: sum of the channel blocks' partials in order. Layout [cbg][b][t][g][2][16].
+// Blocks past bc_blocks sum the dA, dD and ddt_bias partials instead (SumGradPart): one launch
+// for every reduction after the backward.
 template <typename T>
-__global__ void TiledReduceBCKernel(const Params p, int64_t cpg) {
+__global__ void TiledReduceBCKernel(const Params p, int64_t cpg, int64_t bc_blocks) {
+  if (blockIdx.x >= bc_blocks) {
+    const int64_t i = (blockIdx.x - bc_blocks) * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    SumGradPart(p, p.batch * p.num_seg, p.dim * 16, i);
+    return;
+  }
   const int64_t count = p.batch * p.len * p.groups * 32;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= count) return;
@@ -997,17 +1004,22 @@ cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream) {
   } else {
     TiledBackwardKernel<T, false><<<blocks, kTh, smem, stream>>>(p, cpg);
   }
-  if (cpg > 1) {
-    const int64_t count = p.batch * p.len * p.groups * 32;
-    TiledReduceBCKernel<T><<<CeilDiv(count, 256), 256, 0, stream>>>(p, cpg);
-  }
   return cudaSuccess;
+}
+
+template <typename T>
+void LaunchTiledBackwardReduce(const Params& p, cudaStream_t stream) {
+  const int64_t cpg = p.chan_warps;
+  const int64_t bc_blocks = cpg > 1 ? CeilDiv(p.batch * p.len * p.groups * 32, 256) : 0;
+  const int64_t grad_blocks = CeilDiv(p.dim * 16 + 2 * p.dim, 256);
+  TiledReduceBCKernel<T><<<bc_blocks + grad_blocks, 256, 0, stream>>>(p, cpg, bc_blocks);
 }
 
 #define MAMBA_TILED_INSTANTIATE(T)                                                  \
   template void LaunchTiledPre<T>(const Params&, bool, int64_t, int, cudaStream_t); \
   template void LaunchTiledForward<T>(const Params&, int, cudaStream_t);            \
-  template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);
+  template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);         \
+  template void LaunchTiledBackwardReduce<T>(const Params&, cudaStream_t);
 MAMBA_TILED_INSTANTIATE(float)
 MAMBA_TILED_INSTANTIATE(__nv_bfloat16)
 #undef MAMBA_TILED_INSTANTIATE
