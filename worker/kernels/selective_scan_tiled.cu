@@ -252,12 +252,15 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
 // kDy: gated dout (backward passes). kEpi: what the kernel's epilogue reads, u and z
 // (forward) or u, softplus' and dz / (y + D*u) (backward). bias: dt_bias of the block's
 // channels (the vector layout's threads prepare several channels).
-// Rows are padded to kCh + 1 floats: the vector layout's threads write (and the forward
-// epilogue reads) 8 rows at once, which would otherwise fall into the same banks.
+// Rows are padded to kCh + 1 entries: the vector layout's threads write (and the forward
+// epilogue reads) 8 rows at once, which would otherwise fall into the same banks. The step size
+// and dt*u sit side by side, so that a scan step reads them with one 8-byte load: the scans'
+// shared-memory instructions share the MIO queue with the exponentials, and one fewer a step
+// made every row 1-3.5 % faster (H100, session 4).
 template <int kTT, bool kDy, bool kEpi>
 struct StepSmem {
   static constexpr int kF = kEpi && !kDy ? kTT : 1, kB = kEpi && kDy ? kTT : 1, kP = kCh + 1;
-  float dt[kTT][kP], dtu[kTT][kP];
+  float2 dt[kTT][kP];  // (step size, step size * u): one 8-byte load in the scans
   float dy[kDy ? kTT : 1][kP];
   float u[kEpi ? kTT : 1][kP], z[kF][kP], dsp[kB][kP], dzf[kB][kP];
   float4 bm[kTT][4], cm[kTT][4];
@@ -304,8 +307,7 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
     dt = ok ? dt : 0.f;
     dsp = ok ? dsp : 0.f;
     const float u = Elem<T, kVec>(r.u, i);
-    s.dt[tt][c] = dt;
-    s.dtu[tt][c] = dt * u;
+    s.dt[tt][c] = make_float2(dt, dt * u);
     if constexpr (kEpi) s.u[tt][c] = u;
     if constexpr (kEpi && !kDy) s.z[tt][c] = Elem<T, kVec>(r.z, i);
     if constexpr (kDy) {
@@ -485,7 +487,8 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
 #pragma unroll 8
       for (int t2 = 0; t2 < kBT; ++t2) {
         const int tt = hf * kBT + t2;
-        const float dt = s.dt[tt][ch], dtu = s.dtu[tt][ch];
+        const float2 dd = s.dt[tt][ch];
+        const float dt = dd.x, dtu = dd.y;
         float bv[kS], cv[kS];
         StateSlice<kS>(s.bm[tt], sl, bv);
         if constexpr (kMain || kBwd) StateSlice<kS>(s.cm[tt], sl, cv);
@@ -669,7 +672,8 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
     load_ck(r - 1);
 #pragma unroll 4
     for (int tt = 0; tt < kBT; ++tt) {
-      const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch];
+      const float2 dd = sm.s.dt[tt][ch];
+      const float dt = dd.x, dtu = dd.y;
       const float4 b4 = sm.s.bm[tt][sl];
       const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
       sm.hist[tt][tid] = make_float4(hh[0], hh[1], hh[2], hh[3]);
@@ -683,7 +687,8 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
     const int dbc_m = (kv >> 2) * 16 + 4 * sl + (kv & 3);
 #pragma unroll 2
     for (int tt = kBT - 1; tt >= 0; --tt) {
-      const float dt = sm.s.dt[tt][ch], dtu = sm.s.dtu[tt][ch], dy = sm.s.dy[tt][ch];
+      const float2 dd = sm.s.dt[tt][ch];
+      const float dt = dd.x, dtu = dd.y, dy = sm.s.dy[tt][ch];
       const float4 b4 = sm.s.bm[tt][sl], c4 = sm.s.cm[tt][sl], h4 = sm.hist[tt][tid];
       if (tt + 1 < kBT) {
         __syncwarp();  // the warp's reads of hist[tt + 1], which its sums overwrite, are done
@@ -765,7 +770,7 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
           const int c = c0 + j;
           const float4 rd = RedAt(sm, tt, c);
           const float y = rd.x, ga = rd.y, gb = rd.z;
-          const float dt = sm.s.dt[tt][c], dy = sm.s.dy[tt][c], u = sm.s.u[tt][c];
+          const float dt = sm.s.dt[tt][c].x, dy = sm.s.dy[tt][c], u = sm.s.u[tt][c];
           const float dsk_c = sm.s.dsk[c];
           du[j] = fmaf(dsk_c, dy, gb * dt);
           ddelta[j] = fmaf(gb, u, ga) * sm.s.dsp[tt][c];
@@ -789,7 +794,7 @@ __global__ void __launch_bounds__(kTh, 4) TiledBackwardKernel(const Params p, in
         if (!ceok || tb + tt >= t1) continue;
         const float4 rd = RedAt(sm, tt, ce);
         const float y = rd.x, ga = rd.y, gb = rd.z;
-        const float dt = sm.s.dt[tt][ce], dy = sm.s.dy[tt][ce];
+        const float dt = sm.s.dt[tt][ce].x, dy = sm.s.dy[tt][ce];
         const float u = sm.s.u[tt][ce];
         const float dsp = sm.s.dsp[tt][ce];
         const float du = fmaf(dsk, dy, gb * dt);
