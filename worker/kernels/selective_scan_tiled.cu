@@ -424,7 +424,7 @@ __device__ __forceinline__ int YpSlot(int tt, int c) {
 template <int kMode, bool kF32, int kL>
 constexpr int ScanMinBlocks() {
   if (kMode == kBwdPre) return 5;
-  return kL == 2 ? 8 : kL == 8 ? 3 : !kF32 ? 4 : 6;
+  return kL == 2 ? 8 : kL == 8 ? 3 : !kF32 && kMode == kFwdMain ? 4 : 6;
 }
 
 // kVec: the vector tile layout (see Raw), when the host found the tensors contiguous and aligned.
