@@ -178,7 +178,6 @@ __global__ void __launch_bounds__(kBwdThreads) ScanBackwardKernel(const Params p
   }
 }
 
-// One warp per output: lanes take parts k = lane, lane + 32, ... in order, then a fixed butterfly.
 __global__ void SumGradPartsKernel(const Params p, int64_t parts, int64_t na) {
   SumGradPart(p, parts, na, blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x);
 }
@@ -189,8 +188,7 @@ __global__ void ReduceBCKernel(const Params p) {
   const int64_t count = p.batch * L * G * 2 * N;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= count) return;
-  float s = 0.f;
-  for (int64_t k = 0; k < p.chan_warps; ++k) s += p.ws_dbc[k * count + i];
+  const float s = SumInOrder(p.ws_dbc + i, p.chan_warps, count);
   const int64_t n = i % N, kind = (i / N) % 2, g = (i / (2 * N)) % G, t = (i / (2 * N * G)) % L;
   const int64_t b = i / (2 * N * G * L);
   const Strided4& o = kind == 0 ? p.dBm : p.dCm;

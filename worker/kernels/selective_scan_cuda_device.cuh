@@ -197,9 +197,25 @@ __device__ __forceinline__ void LoadStep(const Params& p, const Offsets& o, int 
   if constexpr (kDout) s.dout = Ld<T>(p.dout.p, o.dout + t * p.dout.sl);
 }
 
+// Sum of p[k * stride] for k in [0, n), added in order (the bits of a plain loop), with the loads
+// in batches of 8 in flight: the reductions of per-segment and per-block partials.
+__device__ __forceinline__ float SumInOrder(const float* p, int64_t n, int64_t stride) {
+  float s = 0.f;
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    float x[8];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) x[m] = p[(k + m) * stride];
+#pragma unroll
+    for (int m = 0; m < 8; ++m) s += x[m];
+  }
+  for (; k < n; ++k) s += p[k * stride];
+  return s;
+}
+
 // dA, dD_skip and ddt_bias, each the sum of its [part][count] partials over parts in order, in
 // one launch: outputs [0, na) are dA, then dD_skip's, then ddt_bias's; this is output i. A thread
-// an output, so that a warp's loads are contiguous; loads in batches of 8 in flight.
+// an output, so that a warp's loads are contiguous.
 __device__ __forceinline__ void SumGradPart(const Params& p, int64_t parts, int64_t na, int64_t i) {
   const int64_t D = p.dim;
   const float* part;
@@ -214,18 +230,7 @@ __device__ __forceinline__ void SumGradPart(const Params& p, int64_t parts, int6
   } else {
     return;
   }
-  if (!out) return;
-  float s = 0.f;
-  int64_t k = 0;
-  for (; k + 8 <= parts; k += 8) {
-    float x[8];
-#pragma unroll
-    for (int m = 0; m < 8; ++m) x[m] = part[(k + m) * count + j];
-#pragma unroll
-    for (int m = 0; m < 8; ++m) s += x[m];
-  }
-  for (; k < parts; ++k) s += part[k * count + j];
-  out[j] = s;
+  if (out) out[j] = SumInOrder(part + j, parts, count);
 }
 
 }  // namespace mamba::kernels::cuda

@@ -885,17 +885,7 @@ __global__ void TiledReduceBCKernel(const Params p, int64_t cpg, int64_t bc_bloc
   const int64_t count = p.batch * p.len * p.groups * 32;
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= count) return;
-  // Loads in batches of 8 in flight, added in channel-block order.
-  float s = 0.f;
-  int64_t c = 0;
-  for (; c + 8 <= cpg; c += 8) {
-    float x[8];
-#pragma unroll
-    for (int m = 0; m < 8; ++m) x[m] = p.ws_dbc[(c + m) * count + i];
-#pragma unroll
-    for (int m = 0; m < 8; ++m) s += x[m];
-  }
-  for (; c < cpg; ++c) s += p.ws_dbc[c * count + i];
+  const float s = SumInOrder(p.ws_dbc + i, cpg, count);
   const int64_t n = i & 15, kind = (i >> 4) & 1, g = (i >> 5) % p.groups;
   const int64_t t = (i / (32 * p.groups)) % p.len, b = i / (32 * p.groups * p.len);
   const Strided4& o = kind == 0 ? p.dBm : p.dCm;
