@@ -5,7 +5,7 @@
 // ratio to the official kernel; writes JSON with --json PATH.
 //
 //   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--fwd-min-threads N] [--bwd-tiles K]
-//   [--fwd-lanes 2|4|8] [--v2]
+//   [--fwd-lanes 2|4|8] [--fwd-chans 1|2] [--v2]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -149,12 +149,14 @@ int main(int argc, char** argv) {
       tuning.bwd_tiles = std::atoll(argv[++i]);
     } else if (a == "--fwd-lanes" && i + 1 < argc) {
       tuning.fwd_lanes = std::atoi(argv[++i]);
+    } else if (a == "--fwd-chans" && i + 1 < argc) {
+      tuning.fwd_chans = std::atoi(argv[++i]);
     } else if (a == "--v2") {
       tuning.force_v2 = true;
     } else {
       std::fprintf(stderr,
                    "usage: %s [--json PATH] [--runs N] [--rows i,j] [--fwd-min-threads N] "
-                   "[--bwd-tiles K] [--fwd-lanes 2|4|8] [--v2]\n",
+                   "[--bwd-tiles K] [--fwd-lanes 2|4|8] [--fwd-chans 1|2] [--v2]\n",
                    argv[0]);
       return 2;
     }

@@ -242,7 +242,11 @@ INSTANTIATE_TEST_SUITE_P(
                       ScanCase{1, 2049, 96, 64, 2, MAMBA_DTYPE_F32},
                       ScanCase{1, 2049, 96, 64, 1, MAMBA_DTYPE_BF16, Layout::kSeqLast},
                       ScanCase{1, 65536, 96, 16, 1, MAMBA_DTYPE_F32},
-                      ScanCase{1, 65536, 2, 16, 1, MAMBA_DTYPE_BF16}),
+                      ScanCase{1, 65536, 2, 16, 1, MAMBA_DTYPE_BF16},
+                      // 56 channels a group: the second block of a group holds 24, so with two
+                      // channels a thread (ch, ch + 16) some threads have one valid channel.
+                      ScanCase{2, 4100, 112, 16, 2, MAMBA_DTYPE_BF16},
+                      ScanCase{2, 4100, 112, 16, 2, MAMBA_DTYPE_F32}),
     [](const ::testing::TestParamInfo<ScanCase>& info) {
       return "case" + std::to_string(info.index);
     });

@@ -182,15 +182,19 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   const int64_t tile = TiledForwardTile();
   p.chan_warps = CeilDiv(p.dims_per_group, 32);
   p.chan_blocks = p.batch * p.groups * p.chan_warps;
-  // Lanes per channel (2, 4 or 8); MAMBA_SCAN_FWD_LANES sets the default, so that the tests
-  // can cover each variant.
-  static const int env_lanes = [] {
-    const char* e = std::getenv("MAMBA_SCAN_FWD_LANES");
-    return e ? std::atoi(e) : 0;
+  // Lanes per channel (2, 4 or 8) and channels per thread of the main pass (1 or 2, at 4 lanes);
+  // MAMBA_SCAN_FWD_LANES and MAMBA_SCAN_FWD_CHANS set the defaults, so that the tests can cover
+  // each variant.
+  static const FwdShape env = [] {
+    FwdShape f{0, 0};
+    if (const char* e = std::getenv("MAMBA_SCAN_FWD_LANES")) f.lanes = std::atoi(e);
+    if (const char* e = std::getenv("MAMBA_SCAN_FWD_CHANS")) f.chans = std::atoi(e);
+    return f;
   }();
-  int lanes = tuning.fwd_lanes > 0 ? tuning.fwd_lanes : env_lanes > 0 ? env_lanes : 4;
-  if (lanes != 2 && lanes != 8) lanes = 4;
-  const int64_t threads = p.chan_blocks * 32 * lanes;
+  FwdShape shape;
+  shape.lanes = tuning.fwd_lanes > 0 ? tuning.fwd_lanes : env.lanes > 0 ? env.lanes : 4;
+  if (shape.lanes != 2 && shape.lanes != 8) shape.lanes = 4;
+  const int64_t threads = p.chan_blocks * 32 * shape.lanes;
   // Measured on H100: a split costs a second exponential pass, which only pays off when fewer
   // than ~128 threads per SM run (B = 1 rows); then split to ~2048 per SM.
   const int64_t want = tuning.fwd_min_threads > 0 ? tuning.fwd_min_threads : SmCount() * 2048LL;
@@ -199,6 +203,12 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, tile));
   p.seg_len = CeilDiv(CeilDiv(p.len, segs), tile) * tile;
   p.num_seg = CeilDiv(p.len, p.seg_len);
+  // Two channels a thread halve the main pass's blocks (64 threads, 8 an SM): on H100 they made
+  // the bf16 forward of (16,2048,4096) and (1,1536,65536) 8-11 % faster and, with fewer than
+  // ~3 blocks an SM, (8,1536,2048) and (2,5120,8192) 25 % slower (bench/RESULTS.md, session 5).
+  const int tuned_chans = tuning.fwd_chans > 0 ? tuning.fwd_chans : env.chans;
+  const bool fills = p.chan_blocks * p.num_seg >= 6LL * SmCount();
+  shape.chans = shape.lanes == 4 && (tuned_chans > 0 ? tuned_chans == 2 : fills) ? 2 : 1;
   Workspace ws(stream, p.scratch);
   const int64_t rows = p.batch * p.dim * p.num_seg;
   if (p.num_seg > 1) {
@@ -210,14 +220,14 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   if (p.num_seg > 1) {
     {
       ScopedRange range("scan_fwd_segments");
-      LaunchTiledPre<T>(p, false, p.num_seg - 1, lanes, stream);
+      LaunchTiledPre<T>(p, false, p.num_seg - 1, shape, stream);
     }
     ScopedRange range("scan_fwd_compose");
     LaunchCompose(p, false, stream);
   }
   {
     ScopedRange range("scan_fwd");
-    LaunchTiledForward<T>(p, lanes, stream);
+    LaunchTiledForward<T>(p, shape, stream);
   }
   return cudaGetLastError();
 }
@@ -261,7 +271,7 @@ cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning&
   if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
   if (pre) {
     ScopedRange range("scan_bwd_segments");
-    LaunchTiledPre<T>(p, true, p.num_seg, 4, stream);
+    LaunchTiledPre<T>(p, true, p.num_seg, FwdShape{}, stream);
   }
   if (p.num_seg > 1) {
     ScopedRange range("scan_bwd_compose");

@@ -59,6 +59,8 @@ struct ScanTuning {
   int64_t fwd_min_threads = 0;  // forward splits L until this many threads run
   int64_t bwd_tiles = 0;        // N == 16 backward: tiles per segment
   int fwd_lanes = 0;            // N == 16 forward: lanes per channel, 2, 4 (default) or 8
+  int fwd_chans = 0;            // N == 16 forward main pass at 4 lanes: channels per thread,
+                                // 1 or 2 (default: 2 where that still fills the GPU)
   bool force_v2 = false;        // N == 16: use the general kernels (for comparison)
 };
 

@@ -34,10 +34,16 @@ void LaunchReduceBC(const Params& p, cudaStream_t stream);
 // p.chan_blocks blocks per segment.
 int TiledForwardTile();
 int TiledBackwardTile();
+// The forward's thread shape: lanes per channel (2, 4 or 8) and, at 4 lanes, channels per thread
+// of the main pass (1 or 2; the segment pre-pass takes 1).
+struct FwdShape {
+  int lanes = 4, chans = 1;
+};
 template <typename T>
-void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, int lanes, cudaStream_t stream);
+void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f,
+                    cudaStream_t stream);
 template <typename T>
-void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream);
+void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream);
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream);
 // After it, in one launch: dBm/dCm from the channel blocks' partials (when there are several),

@@ -416,26 +416,32 @@ __device__ __forceinline__ int YpSlot(int tt, int c) {
 }
 
 // Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode), with kL
-// lanes per channel, each owning 16 / kL states. The forward uses 8 lanes: twice the warps of
-// 4 lanes for the same channels, which row (8,1536,2048) needs (< 3 blocks per SM at 4 lanes).
+// lanes per channel, each owning 16 / kL states, and kCP channels per thread (ch, ch + 32 / kCP).
+// The forward uses 8 lanes: twice the warps of 4 lanes for the same channels, which row
+// (8,1536,2048) needs (< 3 blocks per SM at 4 lanes).
 // The backward pre-pass at 5 blocks an SM (<= 102 registers, no spills) made the bf16 backward
 // of (16,2048,4096), (1,1536,65536) and (2,5120,8192) 0.5-0.8 % faster than at 4 (H100,
 // interleaved A/B; (8,1536,2048) and fp32 unchanged); at 6 it spills. The bf16 forward
 // pre-pass at 6 (78 registers, was 4): the (1,1536,65536) bf16 forward 1.315-1.317 vs
 // 1.346-1.354 ms (interleaved A/B).
-template <int kMode, bool kF32, int kL>
+template <int kMode, bool kF32, int kL, int kCP>
 constexpr int ScanMinBlocks() {
+  if (kCP == 2) return 8;
   if (kMode == kBwdPre) return 5;
   return kL == 2 ? 8 : kL == 8 ? 3 : !kF32 && kMode == kFwdMain ? 4 : 6;
 }
 
 // kVec: the vector tile layout (see Raw), when the host found the tensors contiguous and aligned.
-template <typename T, int kMode, int kL, bool kVec>
-__global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T, float>, kL>())
+// kCP = 2: a thread scans two channels with the same Bm/Cm values, so the step's shared loads of
+// Bm and Cm (16 bytes each a thread, 4 wavefronts a warp whatever the broadcast) serve twice the
+// states; tiles are kFT / 2 steps so that a block's shared memory halves with its threads.
+template <typename T, int kMode, int kL, bool kVec, int kCP>
+__global__ void __launch_bounds__(kCh* kL / kCP,
+                                  ScanMinBlocks<kMode, std::is_same_v<T, float>, kL, kCP>())
     TiledScanKernel(const Params p) {
-  constexpr int kTT = kFT, kS = 16 / kL, kNT = kCh * kL;
+  constexpr int kTT = kFT / kCP, kS = 16 / kL, kNT = kCh * kL / kCP, kChT = kCh / kCP;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
-  static_assert(!kBwd || kL == 4, "the backward checkpoints are written as float4 per lane");
+  static_assert(!kBwd || (kL == 4 && kCP == 1), "the backward checkpoints are float4 per lane");
   static_assert(!kVec || kL == 4, "the vector layout's partials are one float4 per channel");
   __shared__ StepSmem<kTT, kBwd, kMain> s;
   // Per-lane partial outputs [kTT][kCh][kL] (main pass), dynamic: 32 KB at 8 lanes.
@@ -444,11 +450,16 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
   const int tid = threadIdx.x, ch = tid / kL, sl = tid % kL;
-  const bool cok = ch < k.nvalid;
   const int64_t D = p.dim, S = p.num_seg;
-  const int64_t d = k.d0 + (cok ? ch : 0);
   const int64_t t0 = k.seg * p.seg_len, t1 = min(p.len, t0 + p.seg_len);
-  const int64_t row = (k.b * D + d) * S + k.seg;  // workspace row of (b, d, seg)
+  bool cok[kCP];
+  int64_t d[kCP], row[kCP];  // row: workspace row of (b, d, seg)
+#pragma unroll
+  for (int q = 0; q < kCP; ++q) {
+    cok[q] = ch + q * kChT < k.nvalid;
+    d[q] = k.d0 + (cok[q] ? ch + q * kChT : 0);
+    row[q] = (k.b * D + d[q]) * S + k.seg;
+  }
   // Epilogue channel (tid & 31) values.
   const int ce = tid & 31;
   const bool ceok = ce < k.nvalid;
@@ -457,19 +468,24 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
   StageChannelParams(p, k, s);
   __syncthreads();
 
-  float a2[kS], h[kS], P[kS], r[kS];
+  float a2[kCP][kS], h[kCP][kS], P[kS], r[kS];
 #pragma unroll
-  for (int j = 0; j < kS; ++j) {
-    const int n = kS * sl + j;
-    a2[j] = cok ? p.A[d * 16 + n] * kLog2e : 0.f;
-    h[j] = 0.f, P[j] = 1.f, r[j] = 0.f;
-    if constexpr (kMain) {
-      if (cok) {
-        h[j] = k.seg > 0 ? p.ws_hin[row * 16 + n] : p.h0 ? p.h0[(k.b * D + d) * 16 + n] : 0.f;
+  for (int q = 0; q < kCP; ++q) {
+#pragma unroll
+    for (int j = 0; j < kS; ++j) {
+      const int n = kS * sl + j;
+      a2[q][j] = cok[q] ? p.A[d[q] * 16 + n] * kLog2e : 0.f;
+      h[q][j] = 0.f, P[j] = 1.f, r[j] = 0.f;
+      if constexpr (kMain) {
+        if (cok[q]) {
+          h[q][j] = k.seg > 0 ? p.ws_hin[row[q] * 16 + n]
+                    : p.h0    ? p.h0[(k.b * D + d[q]) * 16 + n]
+                              : 0.f;
+        }
       }
     }
   }
-  float sum = 0.f;
+  float sum[kCP] = {};
   Raw<T, kTT, kNT, kVec> nx;
   LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT, kVec>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
@@ -484,51 +500,74 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
     // The main pass stores each step's partial output one step late, after the next step's
     // shared loads: nvcc does not move those loads above a shared store it cannot prove
     // disjoint from them, which made every step wait for the previous one's whole chain.
-    float y_prev = 0.f;
+    float y_prev[kCP] = {};
     for (int hf = 0; hf < kTT / kBT; ++hf) {
 #pragma unroll 8
       for (int t2 = 0; t2 < kBT; ++t2) {
         const int tt = hf * kBT + t2;
-        const float2 dd = s.dt[tt][ch];
-        const float dt = dd.x, dtu = dd.y;
+        float2 dd[kCP];
+#pragma unroll
+        for (int q = 0; q < kCP; ++q) dd[q] = s.dt[tt][ch + q * kChT];
         float bv[kS], cv[kS];
         StateSlice<kS>(s.bm[tt], sl, bv);
         if constexpr (kMain || kBwd) StateSlice<kS>(s.cm[tt], sl, cv);
         if constexpr (kMain) {
-          if (tt > 0) yp[tt - 1][kVec ? YpSlot(tt - 1, ch) : ch][sl] = y_prev;
-        }
-        float e[kS];
+          if (tt > 0) {
 #pragma unroll
-        for (int j = 0; j < kS; ++j) {
-          e[j] = Ex2(dt * a2[j]);
-          h[j] = fmaf(e[j], h[j], dtu * bv[j]);
+            for (int q = 0; q < kCP; ++q) {
+              const int c = ch + q * kChT;
+              yp[tt - 1][kVec ? YpSlot(tt - 1, c) : c][sl] = y_prev[q];
+            }
+          }
+        }
+        float e[kCP][kS];
+#pragma unroll
+        for (int q = 0; q < kCP; ++q) {
+#pragma unroll
+          for (int j = 0; j < kS; ++j) {
+            e[q][j] = Ex2(dd[q].x * a2[q][j]);
+            h[q][j] = fmaf(e[q][j], h[q][j], dd[q].y * bv[j]);
+          }
         }
         if constexpr (kMain) {
-          float y = cv[0] * h[0];
 #pragma unroll
-          for (int j = 1; j < kS; ++j) y = fmaf(cv[j], h[j], y);
-          y_prev = y;
+          for (int q = 0; q < kCP; ++q) {
+            float y = cv[0] * h[q][0];
+#pragma unroll
+            for (int j = 1; j < kS; ++j) y = fmaf(cv[j], h[q][j], y);
+            y_prev[q] = y;
+          }
         } else if constexpr (kBwd) {
           const float dy = s.dy[tt][ch];
 #pragma unroll
           for (int j = 0; j < kS; ++j) {
-            P[j] *= e[j];
+            P[j] *= e[0][j];
             r[j] = fmaf(P[j], cv[j] * dy, r[j]);
           }
         }
-        if constexpr (!kMain) sum += dt;
+        if constexpr (!kMain) {
+#pragma unroll
+          for (int q = 0; q < kCP; ++q) sum[q] += dd[q].x;
+        }
       }
       if constexpr (kBwd) {
         // Zero-start state and step sum at the start of the segment's next backward tile.
         const int64_t next = tb + (hf + 1) * kBT;
-        if (cok && next < t1) {
-          const int64_t ci = row * (p.seg_len / kBT - 1) + (next - t0) / kBT - 1;
-          reinterpret_cast<float4*>(p.ws_ck)[ci * 4 + sl] = make_float4(h[0], h[1], h[2], h[3]);
-          if (sl == 0) p.ws_cks[ci] = sum;
+        if (cok[0] && next < t1) {
+          const int64_t ci = row[0] * (p.seg_len / kBT - 1) + (next - t0) / kBT - 1;
+          reinterpret_cast<float4*>(p.ws_ck)[ci * 4 + sl] =
+              make_float4(h[0][0], h[0][1], h[0][2], h[0][3]);
+          if (sl == 0) p.ws_cks[ci] = sum[0];
         }
       }
     }
-    if constexpr (kMain) yp[kTT - 1][kVec ? YpSlot(kTT - 1, ch) : ch][sl] = y_prev;
+    if constexpr (kMain) {
+#pragma unroll
+      for (int q = 0; q < kCP; ++q) {
+        const int c = ch + q * kChT;
+        yp[kTT - 1][kVec ? YpSlot(kTT - 1, c) : c][sl] = y_prev[q];
+      }
+    }
     __syncthreads();
     if constexpr (kMain && kVec) {
       // The thread that staged u and z of these (step, channel) pairs finishes them, so no
@@ -567,19 +606,22 @@ __global__ void __launch_bounds__(kCh* kL, ScanMinBlocks<kMode, std::is_same_v<T
       }
     }
   }
-  if (!cok) return;
-  if constexpr (kMain) {
-    if (k.seg + 1 == S && p.h_last) {
 #pragma unroll
-      for (int j = 0; j < kS; ++j) p.h_last[(k.b * D + d) * 16 + kS * sl + j] = h[j];
-    }
-  } else {
+  for (int q = 0; q < kCP; ++q) {
+    if (!cok[q]) continue;
+    if constexpr (kMain) {
+      if (k.seg + 1 == S && p.h_last) {
 #pragma unroll
-    for (int j = 0; j < kS; ++j) {
-      p.ws_s[row * 16 + kS * sl + j] = h[j];
-      if constexpr (kBwd) p.ws_r[row * 16 + kS * sl + j] = r[j];
+        for (int j = 0; j < kS; ++j) p.h_last[(k.b * D + d[q]) * 16 + kS * sl + j] = h[q][j];
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kS; ++j) {
+        p.ws_s[row[q] * 16 + kS * sl + j] = h[q][j];
+        if constexpr (kBwd) p.ws_r[row[q] * 16 + kS * sl + j] = r[j];
+      }
+      if (sl == 0) p.ws_sum[row[q]] = sum[q];
     }
-    if (sl == 0) p.ws_sum[row] = sum;
   }
 }
 
@@ -930,58 +972,54 @@ bool TiledVectorizable(const Params& p, bool bwd) {
 template <typename T>
 constexpr bool kVecForward = !std::is_same_v<T, float>;
 
+// One launch of TiledScanKernel over `blocks` blocks (the main pass's partials in dynamic shared
+// memory: with the static StepSmem they pass 48 KB at 8 lanes).
+template <typename T, int kMode, int kL, bool kVec, int kCP = 1>
+void LaunchTiledScan(const Params& p, int64_t blocks, cudaStream_t stream) {
+  size_t yp = 0;
+  if constexpr (kMode == kFwdMain) {
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(TiledScanKernel<T, kMode, kL, kVec, kCP>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    (void)attr;  // a failure shows as the launch's error
+    yp = kFT / kCP * kCh * kL * sizeof(float);
+  }
+  TiledScanKernel<T, kMode, kL, kVec, kCP><<<blocks, kCh * kL / kCP, yp, stream>>>(p);
+}
+
+// The forward passes at 4 lanes, vector or scalar layout, 1 or 2 channels a thread.
+template <typename T, int kMode>
+void LaunchTiledForward4(const Params& p, int64_t blocks, int chans, cudaStream_t stream) {
+  if constexpr (kVecForward<T>) {
+    if (TiledVectorizable(p, false)) {
+      if (chans == 2) return LaunchTiledScan<T, kMode, 4, true, 2>(p, blocks, stream);
+      return LaunchTiledScan<T, kMode, 4, true>(p, blocks, stream);
+    }
+  }
+  if (chans == 2) return LaunchTiledScan<T, kMode, 4, false, 2>(p, blocks, stream);
+  LaunchTiledScan<T, kMode, 4, false>(p, blocks, stream);
+}
+
 template <typename T>
-void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, int lanes, cudaStream_t stream) {
+void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f,
+                    cudaStream_t stream) {
   const int64_t blocks = p.chan_blocks * segs;
-  const bool vec = TiledVectorizable(p, bwd);
   if (bwd) {
-    if (vec) {
-      TiledScanKernel<T, kBwdPre, 4, true><<<blocks, kTh, 0, stream>>>(p);
-    } else {
-      TiledScanKernel<T, kBwdPre, 4, false><<<blocks, kTh, 0, stream>>>(p);
-    }
-  } else if (lanes == 2) {
-    TiledScanKernel<T, kFwdPre, 2, false><<<blocks, kTh / 2, 0, stream>>>(p);
-  } else if (lanes == 4) {
-    if constexpr (kVecForward<T>) {
-      if (vec) {
-        TiledScanKernel<T, kFwdPre, 4, true><<<blocks, kTh, 0, stream>>>(p);
-        return;
-      }
-    }
-    TiledScanKernel<T, kFwdPre, 4, false><<<blocks, kTh, 0, stream>>>(p);
-  } else {
-    TiledScanKernel<T, kFwdPre, 8, false><<<blocks, 2 * kTh, 0, stream>>>(p);
+    if (TiledVectorizable(p, true)) return LaunchTiledScan<T, kBwdPre, 4, true>(p, blocks, stream);
+    return LaunchTiledScan<T, kBwdPre, 4, false>(p, blocks, stream);
   }
-}
-
-template <typename T, int kL, bool kVec>
-void LaunchTiledForwardMain(const Params& p, cudaStream_t stream) {
-  // Static StepSmem plus the partials pass 48 KB at 8 lanes.
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(TiledScanKernel<T, kFwdMain, kL, kVec>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
-  (void)attr;  // a failure shows as the launch's error
-  const size_t yp = kFT * kCh * kL * sizeof(float);
-  TiledScanKernel<T, kFwdMain, kL, kVec><<<p.chan_blocks * p.num_seg, kCh * kL, yp, stream>>>(p);
+  // The lanes-2/8 variants are tuning knobs measured slower (bench/RESULTS.md, v6): scalar only.
+  if (f.lanes == 2) return LaunchTiledScan<T, kFwdPre, 2, false>(p, blocks, stream);
+  if (f.lanes == 8) return LaunchTiledScan<T, kFwdPre, 8, false>(p, blocks, stream);
+  LaunchTiledForward4<T, kFwdPre>(p, blocks, 1, stream);
 }
 
 template <typename T>
-void LaunchTiledForward(const Params& p, int lanes, cudaStream_t stream) {
-  // The lanes-2/8 variants are tuning knobs measured slower (bench/RESULTS.md, v6): scalar only.
-  if (lanes == 2) {
-    LaunchTiledForwardMain<T, 2, false>(p, stream);
-  } else if (lanes == 4) {
-    if constexpr (kVecForward<T>) {
-      if (TiledVectorizable(p, false)) {
-        LaunchTiledForwardMain<T, 4, true>(p, stream);
-        return;
-      }
-    }
-    LaunchTiledForwardMain<T, 4, false>(p, stream);
-  } else {
-    LaunchTiledForwardMain<T, 8, false>(p, stream);
-  }
+void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream) {
+  const int64_t blocks = p.chan_blocks * p.num_seg;
+  if (f.lanes == 2) return LaunchTiledScan<T, kFwdMain, 2, false>(p, blocks, stream);
+  if (f.lanes == 8) return LaunchTiledScan<T, kFwdMain, 8, false>(p, blocks, stream);
+  LaunchTiledForward4<T, kFwdMain>(p, blocks, f.chans, stream);
 }
 
 template <typename T>
@@ -1013,8 +1051,9 @@ void LaunchTiledBackwardReduce(const Params& p, cudaStream_t stream) {
 }
 
 #define MAMBA_TILED_INSTANTIATE(T)                                                  \
-  template void LaunchTiledPre<T>(const Params&, bool, int64_t, int, cudaStream_t); \
-  template void LaunchTiledForward<T>(const Params&, int, cudaStream_t);            \
+  template void LaunchTiledPre<T>(const Params&, bool, int64_t, const FwdShape&,    \
+                                  cudaStream_t);                                    \
+  template void LaunchTiledForward<T>(const Params&, const FwdShape&, cudaStream_t); \
   template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);         \
   template void LaunchTiledBackwardReduce<T>(const Params&, cudaStream_t);
 MAMBA_TILED_INSTANTIATE(float)
