@@ -299,9 +299,11 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
   // cannot prove disjoint, which made each element's softplus chain (load, ex2, lg2, store)
   // wait for the previous one's; loaded first, the chains overlap: every forward row 2-4 %
   // faster (H100). The backward's prep got 1-2 % slower that way and keeps its order.
-  float bias[M::kA];
+  float bias[M::kA] = {};
+  if constexpr (!kDy) {
 #pragma unroll
-  for (int i = 0; i < M::kA; ++i) bias[i] = kDy ? 0.f : s.bias[M::Chan(tid, i)];
+    for (int i = 0; i < M::kA; ++i) bias[i] = s.bias[M::Chan(tid, i)];
+  }
 #pragma unroll
   for (int i = 0; i < M::kA; ++i) {
     const int tt = M::Step(tid, i), c = M::Chan(tid, i);
@@ -446,7 +448,7 @@ template <typename T, int kMode, int kL, bool kVec, int kCP>
 __global__ void __launch_bounds__(kCh* kL / kCP,
                                   ScanMinBlocks<kMode, std::is_same_v<T, float>, kL, kCP>())
     TiledScanKernel(const Params p) {
-    constexpr int kTT = kFT / kCP, kS = 16 / kL, kNT = kCh * kL / kCP, kChT = kCh / kCP;
+  constexpr int kTT = kFT / kCP, kS = 16 / kL, kNT = kCh * kL / kCP, kChT = kCh / kCP;
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
   static_assert(!kBwd || (kL == 4 && kCP == 1), "the backward checkpoints are float4 per lane");
   static_assert(!kVec || kL == 4, "the vector layout's partials are one float4 per channel");
@@ -994,17 +996,14 @@ void LaunchTiledScan(const Params& p, int64_t blocks, cudaStream_t stream) {
   TiledScanKernel<T, kMode, kL, kVec, kCP><<<blocks, kCh * kL / kCP, yp, stream>>>(p);
 }
 
-// The forward passes at 4 lanes, vector or scalar layout, 1 or 2 channels a thread.
-template <typename T, int kMode>
-void LaunchTiledForward4(const Params& p, int64_t blocks, int chans, cudaStream_t stream) {
+// The forward passes at 4 lanes, vector or scalar layout, kCP channels a thread.
+template <typename T, int kMode, int kCP>
+void LaunchTiledForward4(const Params& p, int64_t blocks, cudaStream_t stream) {
   if constexpr (kVecForward<T>) {
-    if (TiledVectorizable(p, false)) {
-      if (chans == 2) return LaunchTiledScan<T, kMode, 4, true, 2>(p, blocks, stream);
-      return LaunchTiledScan<T, kMode, 4, true>(p, blocks, stream);
-    }
+    if (TiledVectorizable(p, false))
+      return LaunchTiledScan<T, kMode, 4, true, kCP>(p, blocks, stream);
   }
-  if (chans == 2) return LaunchTiledScan<T, kMode, 4, false, 2>(p, blocks, stream);
-  LaunchTiledScan<T, kMode, 4, false>(p, blocks, stream);
+  LaunchTiledScan<T, kMode, 4, false, kCP>(p, blocks, stream);
 }
 
 template <typename T>
@@ -1018,7 +1017,7 @@ void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f,
   // The lanes-2/8 variants are tuning knobs measured slower (bench/RESULTS.md, v6): scalar only.
   if (f.lanes == 2) return LaunchTiledScan<T, kFwdPre, 2, false>(p, blocks, stream);
   if (f.lanes == 8) return LaunchTiledScan<T, kFwdPre, 8, false>(p, blocks, stream);
-    LaunchTiledForward4<T, kFwdPre>(p, blocks, 1, stream);
+  LaunchTiledForward4<T, kFwdPre, 1>(p, blocks, stream);
 }
 
 template <typename T>
@@ -1026,7 +1025,8 @@ void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream)
   const int64_t blocks = p.chan_blocks * p.num_seg;
   if (f.lanes == 2) return LaunchTiledScan<T, kFwdMain, 2, false>(p, blocks, stream);
   if (f.lanes == 8) return LaunchTiledScan<T, kFwdMain, 8, false>(p, blocks, stream);
-  LaunchTiledForward4<T, kFwdMain>(p, blocks, f.chans, stream);
+  if (f.chans == 2) return LaunchTiledForward4<T, kFwdMain, 2>(p, blocks, stream);
+  LaunchTiledForward4<T, kFwdMain, 1>(p, blocks, stream);
 }
 
 template <typename T>
@@ -1057,11 +1057,10 @@ void LaunchTiledBackwardReduce(const Params& p, cudaStream_t stream) {
   TiledReduceBCKernel<T><<<bc_blocks + grad_blocks, 256, 0, stream>>>(p, cpg, bc_blocks);
 }
 
-#define MAMBA_TILED_INSTANTIATE(T)                                                  \
-  template void LaunchTiledPre<T>(const Params&, bool, int64_t, const FwdShape&,    \
-                                  cudaStream_t);                                    \
-  template void LaunchTiledForward<T>(const Params&, const FwdShape&, cudaStream_t); \
-  template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);         \
+#define MAMBA_TILED_INSTANTIATE(T)                                                              \
+  template void LaunchTiledPre<T>(const Params&, bool, int64_t, const FwdShape&, cudaStream_t); \
+  template void LaunchTiledForward<T>(const Params&, const FwdShape&, cudaStream_t);            \
+  template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);                     \
   template void LaunchTiledBackwardReduce<T>(const Params&, cudaStream_t);
 MAMBA_TILED_INSTANTIATE(float)
 MAMBA_TILED_INSTANTIATE(__nv_bfloat16)
