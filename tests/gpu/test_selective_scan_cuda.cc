@@ -246,7 +246,10 @@ INSTANTIATE_TEST_SUITE_P(
                       // 56 channels a group: the second block of a group holds 24, so with two
                       // channels a thread (ch, ch + 16) some threads have one valid channel.
                       ScanCase{2, 4100, 112, 16, 2, MAMBA_DTYPE_BF16},
-                      ScanCase{2, 4100, 112, 16, 2, MAMBA_DTYPE_F32}),
+                      ScanCase{2, 4100, 112, 16, 2, MAMBA_DTYPE_F32},
+                      // N == 16 in the vector layout without z, D, dt_bias, h0 or softplus.
+                      ScanCase{2, 301, 32, 16, 1, MAMBA_DTYPE_BF16, Layout::kChannelLast, false,
+                               false}),
     [](const ::testing::TestParamInfo<ScanCase>& info) {
       return "case" + std::to_string(info.index);
     });
