@@ -6,7 +6,7 @@
 //
 //   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--shape B,D,L] [--fwd-min-threads N]
 //   [--bwd-tiles K]
-//   [--fwd-lanes 2|4|8] [--fwd-chans 1|2] [--fwd-long 1|2] [--v2]
+//   [--fwd-lanes 2|4|8] [--fwd-chans 1|2] [--v2]
 // --shape adds a row of another shape (fp32 and bf16, no official times); repeatable.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -164,15 +164,13 @@ int main(int argc, char** argv) {
       tuning.fwd_lanes = std::atoi(argv[++i]);
     } else if (a == "--fwd-chans" && i + 1 < argc) {
       tuning.fwd_chans = std::atoi(argv[++i]);
-    } else if (a == "--fwd-long" && i + 1 < argc) {
-      tuning.fwd_long = std::atoi(argv[++i]);
     } else if (a == "--v2") {
       tuning.force_v2 = true;
     } else {
       std::fprintf(
           stderr,
           "usage: %s [--json PATH] [--runs N] [--rows i,j] [--shape B,D,L] [--fwd-min-threads N] "
-          "[--bwd-tiles K] [--fwd-lanes 2|4|8] [--fwd-chans 1|2] [--fwd-long 1|2] [--v2]\n",
+          "[--bwd-tiles K] [--fwd-lanes 2|4|8] [--fwd-chans 1|2] [--v2]\n",
           argv[0]);
       return 2;
     }

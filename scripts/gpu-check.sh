@@ -60,10 +60,6 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   # two, the variant the large rows take.
   MAMBA_SCAN_FWD_CHANS=2 "$BUILD/test_selective_scan_cuda" --gtest_brief=1 2>&1 |
     tee "$OUT/gtest-chans2.log" || status=1
-  # And with the one-pass long-row forward wherever the layout allows it (by default only rows
-  # like (1,1536,65536) take it).
-  MAMBA_SCAN_FWD_LONG=2 "$BUILD/test_selective_scan_cuda" --gtest_brief=1 2>&1 |
-    tee "$OUT/gtest-long.log" || status=1
   "$BUILD/test_selective_scan_cpu" --gtest_brief=1 2>&1 | tail -3 || status=1
   MAMBA_KERNELS_LIB="$BUILD/libmamba_kernels.so" PYTHONUNBUFFERED=1 \
     python3 tests/gpu/test_mamba_kernels.py 2>&1 | tee "$OUT/pytest.log" || status=1

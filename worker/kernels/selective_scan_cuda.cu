@@ -185,19 +185,14 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   // Lanes per channel (2, 4 or 8) and channels per thread of the main pass (1 or 2, at 4 lanes);
   // MAMBA_SCAN_FWD_LANES and MAMBA_SCAN_FWD_CHANS set the defaults, so that the tests can cover
   // each variant.
-  struct Env {
-    FwdShape shape{0, 0};
-    int long_rows = 0;
-  };
-  static const Env env = [] {
-    Env f;
-    if (const char* e = std::getenv("MAMBA_SCAN_FWD_LANES")) f.shape.lanes = std::atoi(e);
-    if (const char* e = std::getenv("MAMBA_SCAN_FWD_CHANS")) f.shape.chans = std::atoi(e);
-    if (const char* e = std::getenv("MAMBA_SCAN_FWD_LONG")) f.long_rows = std::atoi(e);
+  static const FwdShape env = [] {
+    FwdShape f{0, 0};
+    if (const char* e = std::getenv("MAMBA_SCAN_FWD_LANES")) f.lanes = std::atoi(e);
+    if (const char* e = std::getenv("MAMBA_SCAN_FWD_CHANS")) f.chans = std::atoi(e);
     return f;
   }();
   FwdShape shape;
-  shape.lanes = tuning.fwd_lanes > 0 ? tuning.fwd_lanes : env.shape.lanes > 0 ? env.shape.lanes : 4;
+  shape.lanes = tuning.fwd_lanes > 0 ? tuning.fwd_lanes : env.lanes > 0 ? env.lanes : 4;
   if (shape.lanes != 2 && shape.lanes != 8) shape.lanes = 4;
   const int64_t threads = p.chan_blocks * 32 * shape.lanes;
   // Measured on H100: a split costs a second exponential pass, which only pays off when fewer
@@ -208,18 +203,10 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, tile));
   p.seg_len = CeilDiv(CeilDiv(p.len, segs), tile) * tile;
   p.num_seg = CeilDiv(p.len, p.seg_len);
-  // Experiment, measured slower on every shape tried (bench/RESULTS.md, session 6): only on
-  // request.
-  const int long_rows = tuning.fwd_long > 0 ? tuning.fwd_long : env.long_rows;
-  if (long_rows == 2 && TiledVectorizable(p, false)) {
-    ScopedRange range("scan_fwd_long");
-    LaunchLongRowForward<T>(p, stream);
-    return cudaGetLastError();
-  }
   // Two channels a thread halve the main pass's blocks (64 threads, 8 an SM): on H100 they made
   // the bf16 forward of (16,2048,4096) and (1,1536,65536) 8-11 % faster and, with fewer than
   // ~3 blocks an SM, (8,1536,2048) and (2,5120,8192) 25 % slower (bench/RESULTS.md, session 5).
-  const int tuned_chans = tuning.fwd_chans > 0 ? tuning.fwd_chans : env.shape.chans;
+  const int tuned_chans = tuning.fwd_chans > 0 ? tuning.fwd_chans : env.chans;
   const bool fills = p.chan_blocks * p.num_seg >= 6LL * SmCount();
   shape.chans = shape.lanes == 4 && (tuned_chans > 0 ? tuned_chans == 2 : fills) ? 2 : 1;
   Workspace ws(stream, p.scratch);

@@ -61,9 +61,6 @@ struct ScanTuning {
   int fwd_lanes = 0;            // N == 16 forward: lanes per channel, 2, 4 (default) or 8
   int fwd_chans = 0;            // N == 16 forward main pass at 4 lanes: channels per thread,
                                 // 1 or 2 (default: 2 where that still fills the GPU)
-  int fwd_long = 0;             // N == 16 forward, vector layout: the one-pass long-row kernel
-                                // 1 off, 2 on (default: where the tiled forward would split L
-                                // and its blocks fill at least half the SMs)
   bool force_v2 = false;        // N == 16: use the general kernels (for comparison)
 };
 

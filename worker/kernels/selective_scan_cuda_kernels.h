@@ -51,15 +51,6 @@ cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream);
 template <typename T>
 void LaunchTiledBackwardReduce(const Params& p, cudaStream_t stream);
 
-// Whether the tiled kernels can take the vector layout (see selective_scan_tiled.cu).
-bool TiledVectorizable(const Params& p, bool bwd);
-
-// One-pass forward for N == 16 and the vector layout (selective_scan_long.cu): 16 channels a
-// block for the whole sequence; LongRowBlocks is its block count.
-int64_t LongRowBlocks(const Params& p);
-template <typename T>
-void LaunchLongRowForward(const Params& p, cudaStream_t stream);
-
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace mamba::kernels::cuda
