@@ -176,6 +176,43 @@ cudaError_t BackwardTyped(Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The forward's segment length, given the count the thread target asked for (s0). The pre-pass
+// runs chan_blocks blocks for each segment but the last, the main pass for every segment, all of
+// one length but the last. A length whose full-length blocks fill whole waves of both kernels
+// (the last segment short) leaves no SM idle at their ends: H100, (1,1536,65536) at 67 segments
+// (66 x 48 blocks: 4 waves of the pre-pass at 6 an SM, 3 of the main pass at 8) instead of 44
+// (2.6 and 2 waves): bf16 -1 %, fp32 -1.7 %. But more, shorter segments cost too ((2,512,32768)
+// at 94 instead of 64 segments +2.5 %, (1,512,16384) at 256 instead of 128 +20 %), so a length is
+// taken only where it leaves almost no slot idle and the s0 length leaves many, with segments of
+// at least 16 tiles and at most 1.6 s0 of them (bench/RESULTS.md, session 6).
+template <typename T>
+int64_t WholeWaveSegLen(const Params& p, const FwdShape& shape, int64_t tile, int64_t s0) {
+  const int64_t seg0 = CeilDiv(CeilDiv(p.len, s0), tile) * tile;
+  int pre = 0, main = 0;
+  LaunchTiledPre<T>(p, false, 0, shape, nullptr, &pre);
+  LaunchTiledForward<T>(p, shape, nullptr, &main);
+  if (pre <= 0 || main <= 0) return seg0;
+  // Share of the two kernels' block slots left idle over their waves.
+  const auto waste = [&](int64_t len) {
+    const auto idle = [](int64_t blocks, int64_t per_wave) {
+      const int64_t slots = CeilDiv(blocks, per_wave) * per_wave;
+      return blocks > 0 ? static_cast<double>(slots - blocks) / slots : 0.0;
+    };
+    const int64_t segs = CeilDiv(p.len, len), last = p.len - (segs - 1) * len;
+    const int64_t full = (segs - 1) * p.chan_blocks;
+    return idle(full, pre * int64_t{SmCount()}) +
+           idle(full + (2 * last > len ? p.chan_blocks : 0), main * int64_t{SmCount()});
+  };
+  int64_t best = seg0;
+  double best_waste = waste(seg0);
+  const double waste0 = best_waste;
+  const int64_t lo = std::max(CeilDiv(CeilDiv(p.len * 5, s0 * 8), tile) * tile, 16 * tile);
+  for (int64_t len = seg0 - tile; len >= lo; len -= tile) {  // the longest of equals
+    if (const double w = waste(len); w < best_waste - 1e-9) best = len, best_waste = w;
+  }
+  return best_waste <= 0.05 && waste0 - best_waste >= 0.1 ? best : seg0;
+}
+
 // Tiled path (N == 16). Forward: split L only until enough threads run.
 template <typename T>
 cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& tuning) {
@@ -209,6 +246,10 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   const int tuned_chans = tuning.fwd_chans > 0 ? tuning.fwd_chans : env.chans;
   const bool fills = p.chan_blocks * p.num_seg >= 6LL * SmCount();
   shape.chans = shape.lanes == 4 && (tuned_chans > 0 ? tuned_chans == 2 : fills) ? 2 : 1;
+  if (p.num_seg > 1 && tuning.fwd_min_threads == 0) {
+    p.seg_len = WholeWaveSegLen<T>(p, shape, tile, segs);
+    p.num_seg = CeilDiv(p.len, p.seg_len);
+  }
   Workspace ws(stream, p.scratch);
   const int64_t rows = p.batch * p.dim * p.num_seg;
   if (p.num_seg > 1) {

@@ -39,11 +39,14 @@ int TiledBackwardTile();
 struct FwdShape {
   int lanes = 4, chans = 1;
 };
+// With per_sm set, these two launch nothing and report how many blocks of the kernel they would
+// launch fit on an SM (0 if unknown).
 template <typename T>
-void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f,
-                    cudaStream_t stream);
+void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f, cudaStream_t stream,
+                    int* per_sm = nullptr);
 template <typename T>
-void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream);
+void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream,
+                        int* per_sm = nullptr);
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream);
 // After it, in one launch: dBm/dCm from the channel blocks' partials (when there are several),

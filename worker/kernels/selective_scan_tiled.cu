@@ -994,54 +994,61 @@ constexpr bool kVecForward = !std::is_same_v<T, float>;
 
 // One launch of TiledScanKernel over `blocks` blocks (the main pass's partials in dynamic shared
 // memory: with the static StepSmem they pass 48 KB at 8 lanes).
+// With per_sm set, launches nothing and reports how many blocks of that kernel fit on an SM.
 template <typename T, int kMode, int kL, bool kVec, int kCP = 1>
-void LaunchTiledScan(const Params& p, int64_t blocks, cudaStream_t stream) {
+void LaunchTiledScan(const Params& p, int64_t blocks, cudaStream_t stream, int* per_sm) {
+  const auto kernel = TiledScanKernel<T, kMode, kL, kVec, kCP>;
+  constexpr int kThreads = kCh * kL / kCP;
   size_t yp = 0;
   if constexpr (kMode == kFwdMain) {
     static const cudaError_t attr =
-        cudaFuncSetAttribute(TiledScanKernel<T, kMode, kL, kVec, kCP>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
     (void)attr;  // a failure shows as the launch's error
     yp = kFT / kCP * kCh * kL * sizeof(float);
   }
-  TiledScanKernel<T, kMode, kL, kVec, kCP><<<blocks, kCh * kL / kCP, yp, stream>>>(p);
+  if (per_sm) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kThreads, yp) != cudaSuccess)
+      *per_sm = 0;
+    return;
+  }
+  kernel<<<blocks, kThreads, yp, stream>>>(p);
 }
 
 // The forward passes at 4 lanes, vector or scalar layout, kCP channels a thread.
 template <typename T, int kMode, int kCP>
-void LaunchTiledForward4(const Params& p, int64_t blocks, cudaStream_t stream) {
+void LaunchTiledForward4(const Params& p, int64_t blocks, cudaStream_t stream, int* per_sm) {
   if constexpr (kVecForward<T>) {
     if (TiledVectorizable(p, false))
-      return LaunchTiledScan<T, kMode, 4, true, kCP>(p, blocks, stream);
+      return LaunchTiledScan<T, kMode, 4, true, kCP>(p, blocks, stream, per_sm);
   }
-  LaunchTiledScan<T, kMode, 4, false, kCP>(p, blocks, stream);
+  LaunchTiledScan<T, kMode, 4, false, kCP>(p, blocks, stream, per_sm);
 }
 
 template <typename T>
-void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f,
-                    cudaStream_t stream) {
+void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f, cudaStream_t stream,
+                    int* per_sm) {
   const int64_t blocks = p.chan_blocks * segs;
   if (bwd) {
     // bf16: two channels a thread, 0.8-1.2 % faster backward on every row (H100, session 5); in
     // fp32 -0.6..+1.2 %, so one.
     constexpr int kCP = std::is_same_v<T, float> ? 1 : 2;
     if (TiledVectorizable(p, true))
-      return LaunchTiledScan<T, kBwdPre, 4, true, kCP>(p, blocks, stream);
-    return LaunchTiledScan<T, kBwdPre, 4, false, kCP>(p, blocks, stream);
+      return LaunchTiledScan<T, kBwdPre, 4, true, kCP>(p, blocks, stream, per_sm);
+    return LaunchTiledScan<T, kBwdPre, 4, false, kCP>(p, blocks, stream, per_sm);
   }
   // The lanes-2/8 variants are tuning knobs measured slower (bench/RESULTS.md, v6): scalar only.
-  if (f.lanes == 2) return LaunchTiledScan<T, kFwdPre, 2, false>(p, blocks, stream);
-  if (f.lanes == 8) return LaunchTiledScan<T, kFwdPre, 8, false>(p, blocks, stream);
-  LaunchTiledForward4<T, kFwdPre, 1>(p, blocks, stream);
+  if (f.lanes == 2) return LaunchTiledScan<T, kFwdPre, 2, false>(p, blocks, stream, per_sm);
+  if (f.lanes == 8) return LaunchTiledScan<T, kFwdPre, 8, false>(p, blocks, stream, per_sm);
+  LaunchTiledForward4<T, kFwdPre, 1>(p, blocks, stream, per_sm);
 }
 
 template <typename T>
-void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream) {
+void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream, int* per_sm) {
   const int64_t blocks = p.chan_blocks * p.num_seg;
-  if (f.lanes == 2) return LaunchTiledScan<T, kFwdMain, 2, false>(p, blocks, stream);
-  if (f.lanes == 8) return LaunchTiledScan<T, kFwdMain, 8, false>(p, blocks, stream);
-  if (f.chans == 2) return LaunchTiledForward4<T, kFwdMain, 2>(p, blocks, stream);
-  LaunchTiledForward4<T, kFwdMain, 1>(p, blocks, stream);
+  if (f.lanes == 2) return LaunchTiledScan<T, kFwdMain, 2, false>(p, blocks, stream, per_sm);
+  if (f.lanes == 8) return LaunchTiledScan<T, kFwdMain, 8, false>(p, blocks, stream, per_sm);
+  if (f.chans == 2) return LaunchTiledForward4<T, kFwdMain, 2>(p, blocks, stream, per_sm);
+  LaunchTiledForward4<T, kFwdMain, 1>(p, blocks, stream, per_sm);
 }
 
 template <typename T>
@@ -1072,10 +1079,11 @@ void LaunchTiledBackwardReduce(const Params& p, cudaStream_t stream) {
   TiledReduceBCKernel<T><<<bc_blocks + grad_blocks, 256, 0, stream>>>(p, cpg, bc_blocks);
 }
 
-#define MAMBA_TILED_INSTANTIATE(T)                                                              \
-  template void LaunchTiledPre<T>(const Params&, bool, int64_t, const FwdShape&, cudaStream_t); \
-  template void LaunchTiledForward<T>(const Params&, const FwdShape&, cudaStream_t);            \
-  template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);                     \
+#define MAMBA_TILED_INSTANTIATE(T)                                                             \
+  template void LaunchTiledPre<T>(const Params&, bool, int64_t, const FwdShape&, cudaStream_t, \
+                                  int*);                                                       \
+  template void LaunchTiledForward<T>(const Params&, const FwdShape&, cudaStream_t, int*);     \
+  template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);                    \
   template void LaunchTiledBackwardReduce<T>(const Params&, cudaStream_t);
 MAMBA_TILED_INSTANTIATE(float)
 MAMBA_TILED_INSTANTIATE(__nv_bfloat16)
