@@ -101,7 +101,7 @@ __global__ void ScanComposeKernel(const Params p, bool bwd) {
 }
 
 // With many segments the fold above is a long chain of dependent loads (67 segments: 21 us of
-// a 1.16 ms forward, H100; this: 14 us). For N == 16 a block then takes each (b, d): thread
+// a 1.16 ms forward, H100; this: 9.5 us). For N == 16 a block then takes each (b, d): thread
 // (run j, state n)
 // composes the maps of a run of consecutive segments (x -> P x + Z), a warp per state scans the
 // runs' maps with shuffles, and each thread walks its run from the value entering it. Same
@@ -109,13 +109,16 @@ __global__ void ScanComposeKernel(const Params p, bool bwd) {
 // Up to this many segments the serial fold is kept: at 16 segments and 10240 channels (backward
 // of (2,5120,8192)) the runs kernel made the backward 2 % slower.
 constexpr int64_t kComposeSerialMax = 32;
-constexpr int kComposeRuns = 32;
+// Runs a (b, d): at 8 (128-thread blocks, all in one wave) the forward compose of
+// (1,1536,65536) took 9.5 us, at 16 10.3, at 32 15 (backward 20 / 23 / 30; the forward itself
+// 1.147 / 1.150 / 1.154 ms).
+constexpr int kComposeRuns = 8;
 
 // One fold (forward: states entering each segment; reverse: state gradients entering each
 // segment at its end) of the block's (b, d).
 __device__ __forceinline__ void FoldRuns(const Params& p, bool reverse,
                                          float2 (&run_map)[16][kComposeRuns + 1]) {
-  const int n = threadIdx.x & 15, j = threadIdx.x >> 4, lane = threadIdx.x & 31;
+  const int n = threadIdx.x & 15, j = threadIdx.x >> 4;
   const int64_t bd = blockIdx.x, d = bd % p.dim, N = 16;
   const float a2 = p.A[d * N + n] * kLog2e;
   const int64_t S = p.num_seg, base = bd * S;
@@ -137,17 +140,18 @@ __device__ __forceinline__ void FoldRuns(const Params& p, bool reverse,
   }
   run_map[n][j] = make_float2(P, Z);
   __syncthreads();
-  {  // warp w (of 16) scans the runs of state w: exclusive, in place
-    const int w = threadIdx.x >> 5;
-    float2 m = run_map[w][lane];
+  {  // kComposeRuns lanes scan the runs of one state: exclusive, in place
+    const int w = threadIdx.x / kComposeRuns, k = threadIdx.x % kComposeRuns;
+    float2 m = run_map[w][k];
 #pragma unroll
-    for (int off = 1; off < 32; off *= 2) {
-      const float Pl = __shfl_up_sync(0xffffffffu, m.x, off);
-      const float Zl = __shfl_up_sync(0xffffffffu, m.y, off);
-      if (lane >= off) m = make_float2(m.x * Pl, fmaf(m.x, Zl, m.y));
+    for (int off = 1; off < kComposeRuns; off *= 2) {
+      const float Pl = __shfl_up_sync(0xffffffffu, m.x, off, kComposeRuns);
+      const float Zl = __shfl_up_sync(0xffffffffu, m.y, off, kComposeRuns);
+      if (k >= off) m = make_float2(m.x * Pl, fmaf(m.x, Zl, m.y));
     }
-    const float Pe = __shfl_up_sync(0xffffffffu, m.x, 1), Ze = __shfl_up_sync(0xffffffffu, m.y, 1);
-    run_map[w][lane] = lane == 0 ? make_float2(1.f, 0.f) : make_float2(Pe, Ze);
+    const float Pe = __shfl_up_sync(0xffffffffu, m.x, 1, kComposeRuns);
+    const float Ze = __shfl_up_sync(0xffffffffu, m.y, 1, kComposeRuns);
+    run_map[w][k] = k == 0 ? make_float2(1.f, 0.f) : make_float2(Pe, Ze);
   }
   __syncthreads();
   const float* first = reverse ? p.dh_last : p.h0;
