@@ -416,13 +416,15 @@ __device__ __forceinline__ void StVec(const Strided3& o, int64_t off, const floa
   }
 }
 
-// Where the forward's per-lane partials of (step tt, channel c) live in the vector layout: a
-// permutation of the channels within groups of 8, so that the epilogue's 16-byte reads (a
-// quarter warp: steps tt, tt + 1 x channels c, c + 8, c + 16, c + 24) hit 8 different bank
-// groups, and the scan's writes (8 consecutive channels of one step) stay contiguous.
-__device__ __forceinline__ int YpSlot(int tt, int c) {
-  return (c & ~7) | ((c + (c >> 3) + 4 * (tt & 1)) & 7);
-}
+// Where the forward's per-lane partials of (step tt, channel c) live in the vector layout: rows
+// of kYpRow = 36 slots, a free one after each 8 channels, so that the epilogue's 16-byte reads
+// (a quarter warp: steps tt, tt + 1 x channels c, c + 8, c + 16, c + 24) hit 8 different bank
+// groups while a thread's 8 channels sit at fixed offsets from one address, and the scan's
+// writes (8 consecutive channels of one step) stay contiguous. (It was a rotation of each 8
+// channels by step and group: the same banks, but 5 instructions an element to place.)
+template <bool kVec>
+constexpr int kYpRow = kVec ? kCh + kCh / 8 : kCh;
+__device__ __forceinline__ int YpSlot(int c) { return c + (c >> 3); }
 
 // Forward main pass, forward segment pre-pass and backward segment pre-pass (see Mode), with kL
 // lanes per channel, each owning 16 / kL states, and kCP channels per thread (ch, ch + 32 / kCP).
@@ -454,9 +456,9 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
   static_assert(!kBwd || kL == 4, "the backward checkpoints are written as float4 per lane");
   static_assert(!kVec || kL == 4, "the vector layout's partials are one float4 per channel");
   __shared__ StepSmem<kTT, kBwd, kMain> s;
-  // Per-lane partial outputs [kTT][kCh][kL] (main pass), dynamic: 32 KB at 8 lanes.
+  // Per-lane partial outputs [kTT][kYpRow][kL] (main pass), dynamic: 32 KB at 8 lanes.
   extern __shared__ float4 dyn[];
-  auto yp = reinterpret_cast<float(*)[kCh][kL]>(dyn);
+  auto yp = reinterpret_cast<float(*)[kYpRow<kVec>][kL]>(dyn);
   const TileBlock k = LocateBlock(p);
   if (k.b >= p.batch) return;
   const int tid = threadIdx.x, ch = tid / kL, sl = tid % kL;
@@ -530,7 +532,7 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
 #pragma unroll
             for (int q = 0; q < kCP; ++q) {
               const int c = ch + q * kChT;
-              yp[tt - 1][kVec ? YpSlot(tt - 1, c) : c][sl] = y_prev[q];
+              yp[tt - 1][kVec ? YpSlot(c) : c][sl] = y_prev[q];
             }
           }
         }
@@ -585,7 +587,7 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
 #pragma unroll
       for (int q = 0; q < kCP; ++q) {
         const int c = ch + q * kChT;
-        yp[kTT - 1][kVec ? YpSlot(kTT - 1, c) : c][sl] = y_prev[q];
+        yp[kTT - 1][kVec ? YpSlot(c) : c][sl] = y_prev[q];
       }
     }
     __syncthreads();
@@ -605,7 +607,7 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
           const int c = c0 + j;
           const float z = s.z[tt][c];
           const float g = z * Sigmoid(z);  // selected, not branched on: no divergence to join
-          y[j] = LanesSum<kL>(yp[tt][YpSlot(tt, c)]);
+          y[j] = LanesSum<kL>(yp[tt][YpSlot(c)]);
           y[j] = fmaf(s.dsk[c], s.u[tt][c], y[j]) * (gate ? g : 1.f);
         }
         StVec<T, M::kVE>(p.out, k.b * p.u.sb + (tb + tt) * p.u.sl + k.d0 + c0, y);
@@ -1004,7 +1006,7 @@ void LaunchTiledScan(const Params& p, int64_t blocks, cudaStream_t stream, int* 
     static const cudaError_t attr =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
     (void)attr;  // a failure shows as the launch's error
-    yp = kFT / kCP * kCh * kL * sizeof(float);
+    yp = kFT / kCP * kYpRow<kVec> * kL * sizeof(float);
   }
   if (per_sm) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kThreads, yp) != cudaSuccess)
