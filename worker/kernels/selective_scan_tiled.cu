@@ -317,8 +317,9 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
     dsp = ok ? dsp : 0.f;
     const float u = Elem<T, kVec>(r.u, i);
     s.dt[tt][c] = make_float2(dt, dt * u);
-    if constexpr (kEpi) s.u[tt][c] = u;
-    if constexpr (kEpi && !kDy) s.z[tt][c] = Elem<T, kVec>(r.z, i);
+    // (The forward main pass's vector layout keeps u and z in registers for its epilogue.)
+    if constexpr (kEpi && (kDy || !kVec)) s.u[tt][c] = u;
+    if constexpr (kEpi && !kDy && !kVec) s.z[tt][c] = Elem<T, kVec>(r.z, i);
     if constexpr (kDy) {
       const float z = Elem<T, kVec>(r.z, i), dout = Elem<T, kVec>(r.dout, i);
       const float sg = p.z.p ? Sigmoid(z) : 0.f;
@@ -503,6 +504,15 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
   for (int64_t tb = t0; tb < t1; tb += kTT) {
     PrepTile<T, kTT, kBwd, kMain || kBwd, kMain, StepSmem<kTT, kBwd, kMain>, kNT, kVec>(p, k, tb,
                                                                                         t1, nx, s);
+    // The vector layout's epilogue thread is the one that staged the element: u and z stay in
+    // registers (as loaded) instead of a round trip through shared memory.
+    [[maybe_unused]] uint32_t u_raw[kMain && kVec ? TileMap<T, kTT, kNT, kVec>::kWA : 1],
+        z_raw[kMain && kVec ? TileMap<T, kTT, kNT, kVec>::kWA : 1];
+    if constexpr (kMain && kVec) {
+#pragma unroll
+      for (int w = 0; w < TileMap<T, kTT, kNT, kVec>::kWA; ++w)
+        u_raw[w] = nx.u[w], z_raw[w] = nx.z[w];
+    }
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
@@ -605,10 +615,10 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
 #pragma unroll
         for (int j = 0; j < M::kVE; ++j) {
           const int c = c0 + j;
-          const float z = s.z[tt][c];
+          const float z = Elem<T, kVec>(z_raw, v * M::kVE + j);
           const float g = z * Sigmoid(z);  // selected, not branched on: no divergence to join
           y[j] = LanesSum<kL>(yp[tt][YpSlot(c)]);
-          y[j] = fmaf(s.dsk[c], s.u[tt][c], y[j]) * (gate ? g : 1.f);
+          y[j] = fmaf(s.dsk[c], Elem<T, kVec>(u_raw, v * M::kVE + j), y[j]) * (gate ? g : 1.f);
         }
         StVec<T, M::kVE>(p.out, k.b * p.u.sb + (tb + tt) * p.u.sl + k.d0 + c0, y);
       }
