@@ -5,9 +5,9 @@
 // ratio to the official kernel; writes JSON with --json PATH.
 //
 //   scan_bench [--json PATH] [--runs N] [--rows i,j,...] [--shape B,D,L] [--fwd-min-threads N]
-//   [--bwd-tiles K]
-//   [--fwd-lanes 2|4|8] [--fwd-chans 1|2] [--v2]
-// --shape adds a row of another shape (fp32 and bf16, no official times); repeatable.
+//              [--bwd-tiles K] [--fwd-lanes 2|4|8] [--fwd-chans 1|2] [--v2]
+// --shape adds rows of another shape (fp32 and bf16, no official times: speedup 0.00x);
+// repeatable, and with --shape only the --rows given run.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

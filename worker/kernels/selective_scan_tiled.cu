@@ -250,10 +250,11 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
 // Per-(t, channel) tile values in shared memory. Steps past the end and channels past the group
 // get dt = dtu = dy = 0: the state is then left unchanged and contributes nothing.
 // kDy: gated dout (backward passes). kEpi: what the kernel's epilogue reads, u and z
-// (forward) or u, softplus' and dz / (y + D*u) (backward). bias: dt_bias of the block's
-// channels (the vector layout's threads prepare several channels).
-// Rows are padded to kCh + 1 entries: the vector layout's threads write (and the forward
-// epilogue reads) 8 rows at once, which would otherwise fall into the same banks. The step size
+// (forward, scalar layout; the vector layout keeps them in registers) or u, softplus' and
+// dz / (y + D*u) (backward). bias: dt_bias of the block's channels (the vector layout's threads
+// prepare several channels).
+// Rows are padded to kCh + 1 entries: the vector layout's threads write 8 rows at once, which
+// would otherwise fall into the same banks. The step size
 // and dt*u sit side by side, so that a scan step reads them with one 8-byte load: the scans'
 // shared-memory instructions share the MIO queue with the exponentials, and one fewer a step
 // made every row 1-3.5 % faster (H100, session 4).
@@ -602,8 +603,8 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
     }
     __syncthreads();
     if constexpr (kMain && kVec) {
-      // The thread that staged u and z of these (step, channel) pairs finishes them, so no
-      // barrier is needed before the next tile's PrepTile overwrites them.
+      // The thread that staged these (step, channel) pairs finishes them, with their u and z
+      // still in its registers (u_raw, z_raw).
       using M = TileMap<T, kTT, kNT, kVec>;
       const int steps = static_cast<int>(t1 - tb < kTT ? t1 - tb : kTT);
       const bool gate = p.z.p != nullptr;
