@@ -102,10 +102,9 @@ __global__ void ScanComposeKernel(const Params p, bool bwd) {
 
 // With many segments the fold above is a long chain of dependent loads (67 segments: 21 us of
 // a 1.16 ms forward, H100; this: 9.5 us). For N == 16 a block then takes each (b, d): thread
-// (run j, state n)
-// composes the maps of a run of consecutive segments (x -> P x + Z), a warp per state scans the
-// runs' maps with shuffles, and each thread walks its run from the value entering it. Same
-// maps, added in another (fixed) order.
+// (run j, state n) composes the maps of a run of consecutive segments (x -> P x + Z), the runs
+// of each state are scanned with shuffles, and each thread walks its run from the value entering
+// it. Same maps, added in another (fixed) order.
 // Up to this many segments the serial fold is kept: at 16 segments and 10240 channels (backward
 // of (2,5120,8192)) the runs kernel made the backward 2 % slower.
 constexpr int64_t kComposeSerialMax = 32;
