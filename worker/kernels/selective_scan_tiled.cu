@@ -250,20 +250,21 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
 // Per-(t, channel) tile values in shared memory. Steps past the end and channels past the group
 // get dt = dtu = dy = 0: the state is then left unchanged and contributes nothing.
 // kDy: gated dout (backward passes). kEpi: what the kernel's epilogue reads, u and z
-// (forward, scalar layout; the vector layout keeps them in registers) or u, softplus' and
-// dz / (y + D*u) (backward). bias: dt_bias of the block's channels (the vector layout's threads
-// prepare several channels).
+// (forward, scalar layout; with kRegUZ, the forward main pass's vector layout, they stay in
+// registers) or u, softplus' and dz / (y + D*u) (backward). bias: dt_bias of the block's
+// channels (the vector layout's threads prepare several channels).
 // Rows are padded to kCh + 1 entries: the vector layout's threads write 8 rows at once, which
-// would otherwise fall into the same banks. The step size
-// and dt*u sit side by side, so that a scan step reads them with one 8-byte load: the scans'
-// shared-memory instructions share the MIO queue with the exponentials, and one fewer a step
-// made every row 1-3.5 % faster (H100, session 4).
-template <int kTT, bool kDy, bool kEpi>
+// would otherwise fall into the same banks. The step size and dt*u sit side by side, so that a
+// scan step reads them with one 8-byte load: the scans' shared-memory instructions share the
+// MIO queue with the exponentials, and one fewer a step made every row 1-3.5 % faster (H100,
+// session 4).
+template <int kTT, bool kDy, bool kEpi, bool kRegUZ = false>
 struct StepSmem {
-  static constexpr int kF = kEpi && !kDy ? kTT : 1, kB = kEpi && kDy ? kTT : 1, kP = kCh + 1;
+  static constexpr int kU = kEpi && !kRegUZ ? kTT : 1, kF = kEpi && !kDy && !kRegUZ ? kTT : 1;
+  static constexpr int kB = kEpi && kDy ? kTT : 1, kP = kCh + 1;
   float2 dt[kTT][kP];  // (step size, step size * u): one 8-byte load in the scans
   float dy[kDy ? kTT : 1][kP];
-  float u[kEpi ? kTT : 1][kP], z[kF][kP], dsp[kB][kP], dzf[kB][kP];
+  float u[kU][kP], z[kF][kP], dsp[kB][kP], dzf[kB][kP];
   float4 bm[kTT][4], cm[kTT][4];
   float bias[kCh], dsk[kCh];  // dt_bias and D_skip of the block's channels
 };
@@ -318,9 +319,8 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
     dsp = ok ? dsp : 0.f;
     const float u = Elem<T, kVec>(r.u, i);
     s.dt[tt][c] = make_float2(dt, dt * u);
-    // (The forward main pass's vector layout keeps u and z in registers for its epilogue.)
-    if constexpr (kEpi && (kDy || !kVec)) s.u[tt][c] = u;
-    if constexpr (kEpi && !kDy && !kVec) s.z[tt][c] = Elem<T, kVec>(r.z, i);
+    if constexpr (S::kU > 1) s.u[tt][c] = u;
+    if constexpr (S::kF > 1) s.z[tt][c] = Elem<T, kVec>(r.z, i);
     if constexpr (kDy) {
       const float z = Elem<T, kVec>(r.z, i), dout = Elem<T, kVec>(r.dout, i);
       const float sg = p.z.p ? Sigmoid(z) : 0.f;
@@ -457,7 +457,8 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
   constexpr bool kMain = kMode == kFwdMain, kBwd = kMode == kBwdPre;
   static_assert(!kBwd || kL == 4, "the backward checkpoints are written as float4 per lane");
   static_assert(!kVec || kL == 4, "the vector layout's partials are one float4 per channel");
-  __shared__ StepSmem<kTT, kBwd, kMain> s;
+  using Smem = StepSmem<kTT, kBwd, kMain, kMain && kVec>;
+  __shared__ Smem s;
   // Per-lane partial outputs [kTT][kYpRow][kL] (main pass), dynamic: 32 KB at 8 lanes.
   extern __shared__ float4 dyn[];
   auto yp = reinterpret_cast<float(*)[kYpRow<kVec>][kL]>(dyn);
@@ -503,8 +504,7 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
   Raw<T, kTT, kNT, kVec> nx;
   LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT, kVec>(p, k, t0, t1, nx);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain, StepSmem<kTT, kBwd, kMain>, kNT, kVec>(p, k, tb,
-                                                                                        t1, nx, s);
+    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain, Smem, kNT, kVec>(p, k, tb, t1, nx, s);
     // The vector layout's epilogue thread is the one that staged the element: u and z stay in
     // registers (as loaded) instead of a round trip through shared memory.
     [[maybe_unused]] uint32_t u_raw[kMain && kVec ? TileMap<T, kTT, kNT, kVec>::kWA : 1],
