@@ -2,7 +2,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <type_traits>
 
 #include "profiling/nvtx.h"
 #include "worker/kernels/selective_scan_cuda.h"
@@ -247,19 +246,7 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   const int tuned_chans = tuning.fwd_chans > 0 ? tuning.fwd_chans : env.chans;
   const bool fills = p.chan_blocks * p.num_seg >= 6LL * SmCount();
   shape.chans = shape.lanes == 4 && (tuned_chans > 0 ? tuned_chans == 2 : fills) ? 2 : 1;
-  static const bool one_lane = std::getenv("MAMBA_SCAN_ONELANE") != nullptr;
-  static const int one_segs =
-      std::getenv("ONELANE_SEGS") ? std::atoi(std::getenv("ONELANE_SEGS")) : 0;
-  if (one_lane && p.num_seg > 1 && !std::is_same_v<T, float> && TiledVectorizable(p, false) &&
-      p.Bm.sl == p.Cm.sl && tuning.fwd_lanes == 0 && tuning.fwd_min_threads == 0) {
-    shape.lanes = 1;
-    shape.chans = 1;
-    segs = one_segs > 0 ? one_segs : CeilDiv(want, p.chan_blocks * 32);
-    segs = std::clamp<int64_t>(segs, 1, CeilDiv(p.len, tile));
-    p.seg_len = CeilDiv(CeilDiv(p.len, segs), tile) * tile;
-    p.num_seg = CeilDiv(p.len, p.seg_len);
-  }
-  if (p.num_seg > 1 && tuning.fwd_min_threads == 0 && !(one_lane && one_segs > 0)) {
+  if (p.num_seg > 1 && tuning.fwd_min_threads == 0) {
     p.seg_len = WholeWaveSegLen<T>(p, shape, tile, segs);
     p.num_seg = CeilDiv(p.len, p.seg_len);
   }

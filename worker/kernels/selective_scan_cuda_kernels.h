@@ -33,7 +33,6 @@ void LaunchReduceBC(const Params& p, cudaStream_t stream);
 // (forward: `lanes` 4 or 8 slices). p.chan_warps holds channel blocks per group and
 // p.chan_blocks blocks per segment.
 int TiledForwardTile();
-bool TiledVectorizable(const Params& p, bool bwd);
 int TiledBackwardTile();
 // The forward's thread shape: lanes per channel (2, 4 or 8) and, at 4 lanes, channels per thread
 // of the main pass (1 or 2; the segment pre-pass takes 1).

@@ -6,8 +6,6 @@
 // staged in shared memory with coalesced loads; per (t, channel) quantities (step size,
 // dt*u, gated dout) are computed once there, not once per state. The lanes of a channel add
 // their partial sums through shared memory (forward) or shuffles (backward), in a fixed order.
-#include <cstdlib>
-
 #include "worker/kernels/selective_scan_cuda_kernels.h"
 
 namespace mamba::kernels::cuda {
@@ -969,164 +967,6 @@ __global__ void TiledReduceBCKernel(const Params p, int64_t cpg, int64_t bc_bloc
   St<T>(o.p, b * o.sb + t * o.sl + g * o.sg + n * o.sn, s);
 }
 
-// Forward main pass with one lane a channel (bf16, vector layout; the forward with L split):
-// a block is one warp of 32 channels, each lane scanning all 16 states of its channel, so the
-// output of a (step, channel) is complete in one thread: no per-lane partial outputs (a shared
-// store a lane-step, then a 16-byte load and three adds an output), and Bm/Cm read once a step
-// for 16 states instead of 4. It needs 4x the segments for the same warps.
-constexpr int kOT = 8;  // tile steps
-struct OneLaneSmem {
-  float4 q[kOT][kCh + kCh / 8];  // (dt, dt * u, u, z) of (step, QSlot(channel))
-  float4 bm[kOT][4], cm[kOT][4];
-  float y[kOT][kCh + kCh / 2];  // outputs at YSlot(channel)
-  float bias[kCh], dsk[kCh];
-};
-// A free slot after each 8 channels: the prep's quarter warp (two steps x channels 0, 8, 16,
-// 24 plus j) writes 8 different 16-byte bank groups.
-__device__ __forceinline__ int QSlot(int c) { return c + (c >> 3); }
-__device__ __forceinline__ int YSlot(int c) { return c + (c >> 3) * 4; }
-
-// The raw tile: lane -> step lane >> 2, channels 8 (lane & 3) .. + 7 of u, delta and z (16
-// bytes each); Bm/Cm: step lane >> 2, states 4 (lane & 3) .. + 3 (8 bytes each).
-struct OneLaneRaw {
-  uint32_t u[4], dl[4], z[4], bm[2], cm[2];
-};
-
-// Pointers to this lane's pieces of the tile at step `t` (one 64-bit multiply-add chain a
-// block); each tile advances them by kOT steps.
-struct OneLanePtr {
-  const uint16_t *dl, *u, *z, *bm, *cm;
-  int64_t act_step, bc_step;  // elements between steps
-};
-
-__device__ __forceinline__ OneLanePtr OneLanePointers(const Params& p, const TileBlock& k,
-                                                      int64_t t) {
-  const int lane = threadIdx.x, c0 = (lane & 3) * 8, n = (lane & 3) * 4;
-  t += lane >> 2;
-  const int64_t off = k.b * p.u.sb + t * p.u.sl + k.d0 + c0;
-  OneLanePtr q;
-  q.dl = static_cast<const uint16_t*>(p.delta.p) + off;
-  q.u = static_cast<const uint16_t*>(p.u.p) + off;
-  q.z = p.z.p ? static_cast<const uint16_t*>(p.z.p) + off : nullptr;
-  q.bm = static_cast<const uint16_t*>(p.Bm.p) + (k.b * p.Bm.sb + t * p.Bm.sl + k.g * p.Bm.sg + n);
-  q.cm = static_cast<const uint16_t*>(p.Cm.p) + (k.b * p.Cm.sb + t * p.Cm.sl + k.g * p.Cm.sg + n);
-  q.act_step = p.u.sl;
-  q.bc_step = p.Bm.sl;  // Bm and Cm share their step stride here (checked on the host)
-  return q;
-}
-
-// ok: this lane's step is inside the segment; cok: and its channels inside the group.
-__device__ __forceinline__ void LoadOneLane(const OneLanePtr& q, bool ok, bool cok, OneLaneRaw& r) {
-  LdVec<16>(q.dl, ok && cok, r.dl);
-  LdVec<16>(q.u, ok && cok, r.u);
-  LdVec<16>(q.z, ok && cok && q.z, r.z);
-  LdVec<8>(q.bm, ok, r.bm);
-  LdVec<8>(q.cm, ok, r.cm);
-}
-
-__device__ __forceinline__ void Advance(OneLanePtr& q, int steps) {
-  q.dl += steps * q.act_step, q.u += steps * q.act_step, q.bm += steps * q.bc_step;
-  q.cm += steps * q.bc_step;
-  if (q.z) q.z += steps * q.act_step;
-}
-
-__device__ __forceinline__ float Bf16Lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float Bf16Hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-
-template <typename T, int kMinBlocks>
-__global__ void __launch_bounds__(32, kMinBlocks) TiledForwardOneLaneKernel(const Params p) {
-  static_assert(!std::is_same_v<T, float>, "bf16 only (16-byte vectors of 8 channels)");
-  __shared__ OneLaneSmem s;
-  const TileBlock k = LocateBlock(p);
-  if (k.b >= p.batch) return;
-  const int lane = threadIdx.x;
-  const int64_t D = p.dim, S = p.num_seg;
-  const int64_t t0 = k.seg * p.seg_len, t1 = min(p.len, t0 + p.seg_len);
-  const bool cok = lane < k.nvalid;
-  const int64_t d = k.d0 + (cok ? lane : 0), row = (k.b * D + d) * S + k.seg;
-  StageChannelParams(p, k, s);
-  float a2[16], h[16];
-#pragma unroll
-  for (int n = 0; n < 16; ++n) {
-    a2[n] = cok ? p.A[d * 16 + n] * kLog2e : 0.f;
-    h[n] = !cok        ? 0.f
-           : k.seg > 0 ? p.ws_hin[row * 16 + n]
-           : p.h0      ? p.h0[(k.b * D + d) * 16 + n]
-                       : 0.f;
-  }
-  __syncwarp();
-  const float dsk = s.dsk[lane];
-  const bool gate = p.z.p != nullptr;
-  const int c0 = (lane & 3) * 8, ts = lane >> 2;  // this lane's prep / epilogue vector
-  float bias[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) bias[j] = s.bias[c0 + j];
-  const bool vok = c0 < k.nvalid;  // this lane's prep / epilogue channels (whole vectors)
-  OneLaneRaw nx;
-  OneLanePtr ptr = OneLanePointers(p, k, t0);
-  LoadOneLane(ptr, ts < t1 - t0, vok, nx);
-  for (int64_t tb = t0; tb < t1; tb += kOT) {
-    const int steps = static_cast<int>(t1 - tb < kOT ? t1 - tb : kOT);
-    // Steps past the end get dt = 0 (the state stays); channels past the group only feed lanes
-    // whose outputs are not stored.
-    const bool sok = ts < steps;
-    {  // prep: step size (softplus), dt * u, u, z of 8 (step, channel) pairs; Bm, Cm rows
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const bool ok = sok;
-        const uint32_t wd = nx.dl[j / 2], wu = nx.u[j / 2], wz = nx.z[j / 2];
-        float dsp;
-        float dt = FastStepSize<T>((j & 1 ? Bf16Hi(wd) : Bf16Lo(wd)) + bias[j], p.softplus, &dsp);
-        dt = ok ? dt : 0.f;
-        const float u = j & 1 ? Bf16Hi(wu) : Bf16Lo(wu), z = j & 1 ? Bf16Hi(wz) : Bf16Lo(wz);
-        s.q[ts][QSlot(c0 + j)] = make_float4(dt, dt * u, u, z);
-      }
-      s.bm[ts][lane & 3] =
-          make_float4(Bf16Lo(nx.bm[0]), Bf16Hi(nx.bm[0]), Bf16Lo(nx.bm[1]), Bf16Hi(nx.bm[1]));
-      s.cm[ts][lane & 3] =
-          make_float4(Bf16Lo(nx.cm[0]), Bf16Hi(nx.cm[0]), Bf16Lo(nx.cm[1]), Bf16Hi(nx.cm[1]));
-    }
-    __syncwarp();
-    if (tb + kOT < t1) {
-      Advance(ptr, kOT);
-      LoadOneLane(ptr, ts < t1 - tb - kOT, vok, nx);
-    }
-#pragma unroll(kMinBlocks > 12 ? 2 : 4)
-    for (int tt = 0; tt < kOT; ++tt) {
-      const float4 q = s.q[tt][QSlot(lane)];
-      float y0 = 0.f, y1 = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float4 b = s.bm[tt][i], c = s.cm[tt][i];
-        const float bv[4] = {b.x, b.y, b.z, b.w}, cv[4] = {c.x, c.y, c.z, c.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int n = 4 * i + j;
-          h[n] = fmaf(Ex2(q.x * a2[n]), h[n], q.y * bv[j]);
-          if (j & 1) {
-            y1 = fmaf(cv[j], h[n], y1);
-          } else {
-            y0 = fmaf(cv[j], h[n], y0);
-          }
-        }
-      }
-      const float g = q.w * Sigmoid(q.w);  // selected, not branched on
-      s.y[tt][YSlot(lane)] = fmaf(dsk, q.z, y0 + y1) * (gate ? g : 1.f);
-    }
-    __syncwarp();
-    if (vok && sok) {  // epilogue: 8 channels of one step, one 16-byte store
-      const float4 a = *reinterpret_cast<const float4*>(&s.y[ts][YSlot(c0)]);
-      const float4 b = *reinterpret_cast<const float4*>(&s.y[ts][YSlot(c0) + 4]);
-      const float y[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      StVec<T, 8>(p.out, k.b * p.u.sb + (tb + ts) * p.u.sl + k.d0 + c0, y);
-    }
-  }
-  if (k.seg + 1 == S && p.h_last && cok) {
-#pragma unroll
-    for (int n = 0; n < 16; ++n) p.h_last[(k.b * D + d) * 16 + n] = h[n];
-  }
-}
-
 }  // namespace
 
 int TiledForwardTile() { return kFT; }
@@ -1218,21 +1058,6 @@ void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f, 
 template <typename T>
 void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream, int* per_sm) {
   const int64_t blocks = p.chan_blocks * p.num_seg;
-  if constexpr (kVecForward<T>) {
-    if (f.lanes == 1) {
-      static const int mb = std::getenv("ONELANE_MB") ? std::atoi(std::getenv("ONELANE_MB")) : 16;
-      const auto kernel = mb == 12  ? TiledForwardOneLaneKernel<T, 12>
-                          : mb == 8 ? TiledForwardOneLaneKernel<T, 8>
-                                    : TiledForwardOneLaneKernel<T, 16>;
-      if (per_sm) {
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, 32, 0) != cudaSuccess)
-          *per_sm = 0;
-        return;
-      }
-      kernel<<<blocks, 32, 0, stream>>>(p);
-      return;
-    }
-  }
   if (f.lanes == 2) return LaunchTiledScan<T, kFwdMain, 2, false>(p, blocks, stream, per_sm);
   if (f.lanes == 8) return LaunchTiledScan<T, kFwdMain, 8, false>(p, blocks, stream, per_sm);
   if (f.chans == 2) return LaunchTiledForward4<T, kFwdMain, 2>(p, blocks, stream, per_sm);
