@@ -49,6 +49,14 @@ struct Params : ScanProblem {
   float* ws_dbc = nullptr;    // [chan_warp][b][t][g][2][n]: dBm then dCm summed over a warp
 };
 
+// Programmatic dependent launch (the forward's pre-pass -> compose -> main pass): a kernel
+// launched with it may start while the one before still runs; it waits (WaitPrimary) before
+// reading what that one wrote. Both are no-ops in a kernel launched without it.
+__device__ __forceinline__ void LaunchDependents() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__device__ __forceinline__ void WaitPrimary() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 __device__ __forceinline__ float Ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

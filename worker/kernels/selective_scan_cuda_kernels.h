@@ -56,4 +56,23 @@ void LaunchTiledBackwardReduce(const Params& p, cudaStream_t stream);
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Launches `kernel` as a programmatic dependent launch: it may start while the kernel before it
+// in the stream still runs (once that one's blocks have all called LaunchDependents or ended) and
+// calls WaitPrimary before it reads what that kernel wrote. A failure shows as the launch's error.
+template <typename... Args>
+void LaunchAfterPrimary(void (*kernel)(Args...), int64_t blocks, int threads, size_t smem,
+                        cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 }  // namespace mamba::kernels::cuda

@@ -71,6 +71,8 @@ __global__ void __launch_bounds__(kFwdThreads, 3) ScanSegmentKernel(const Params
 // One thread per (b, d, n): folds the segments' affine maps in order (forward) and in reverse
 // order (backward), giving each segment its entering state and state gradient.
 __global__ void ScanComposeKernel(const Params p, bool bwd) {
+  LaunchDependents();
+  WaitPrimary();
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t N = p.dstate;
   if (idx >= p.batch * p.dim * N) return;
@@ -168,6 +170,8 @@ __device__ __forceinline__ void FoldRuns(const Params& p, bool reverse,
 __global__ void __launch_bounds__(16 * kComposeRuns)
     ScanComposeRunsKernel(const Params p, bool bwd) {
   __shared__ float2 run_map[16][kComposeRuns + 1];  // [state][run], padded
+  LaunchDependents();
+  WaitPrimary();
   FoldRuns(p, false, run_map);
   if (!bwd) return;
   __syncthreads();
@@ -245,11 +249,13 @@ void LaunchSegments(const Params& p, bool bwd, int64_t segs, cudaStream_t stream
 }
 
 void LaunchCompose(const Params& p, bool bwd, cudaStream_t stream) {
-  const int64_t chains = p.batch * p.dim * p.dstate;
+  // After the segment pre-pass, which it waits for (WaitPrimary) once its blocks are resident.
   if (p.dstate == 16 && p.num_seg > kComposeSerialMax) {
-    ScanComposeRunsKernel<<<p.batch * p.dim, 16 * kComposeRuns, 0, stream>>>(p, bwd);
+    LaunchAfterPrimary(ScanComposeRunsKernel, p.batch * p.dim, 16 * kComposeRuns, 0, stream, p,
+                       bwd);
   } else {
-    ScanComposeKernel<<<CeilDiv(chains, 256), 256, 0, stream>>>(p, bwd);
+    LaunchAfterPrimary(ScanComposeKernel, CeilDiv(p.batch * p.dim * p.dstate, 256), 256, 0, stream,
+                       p, bwd);
   }
 }
 

@@ -6,6 +6,8 @@
 // staged in shared memory with coalesced loads; per (t, channel) quantities (step size,
 // dt*u, gated dout) are computed once there, not once per state. The lanes of a channel add
 // their partial sums through shared memory (forward) or shuffles (backward), in a fixed order.
+#include <atomic>
+
 #include "worker/kernels/selective_scan_cuda_kernels.h"
 
 namespace mamba::kernels::cuda {
@@ -480,7 +482,11 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
   const bool ceok = ce < k.nvalid;
   const int64_t de = k.d0 + (ceok ? ce : 0);
   const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
+  if constexpr (kMode == kFwdPre) LaunchDependents();  // the compose may get ready
   StageChannelParams(p, k, s);
+  // The main pass waits for the compose only where it reads the entering states (segment 0
+  // starts from h0).
+  if (kMain && k.seg > 0) WaitPrimary();
   __syncthreads();
 
   float a2[kCP][kS], h[kCP][kS], P[kCP][kS], r[kCP][kS];
@@ -1005,6 +1011,8 @@ bool TiledVectorizable(const Params& p, bool bwd) {
 template <typename T>
 constexpr bool kVecForward = !std::is_same_v<T, float>;
 
+constexpr int kMaxDevices = 16;
+
 // One launch of TiledScanKernel over `blocks` blocks (the main pass's partials in dynamic shared
 // memory: with the static StepSmem they pass 48 KB at 8 lanes).
 // With per_sm set, launches nothing and reports how many blocks of that kernel fit on an SM.
@@ -1019,9 +1027,21 @@ void LaunchTiledScan(const Params& p, int64_t blocks, cudaStream_t stream, int* 
     (void)attr;  // a failure shows as the launch's error
     yp = kFT / kCP * kYpRow<kVec> * kL * sizeof(float);
   }
-  if (per_sm) {
+  if (per_sm) {  // asked on every split forward: remembered per device
+    static std::atomic<int> known[kMaxDevices];  // blocks an SM + 1; 0: not asked yet
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev < kMaxDevices && known[dev].load(std::memory_order_relaxed) > 0) {
+      *per_sm = known[dev].load(std::memory_order_relaxed) - 1;
+      return;
+    }
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, kThreads, yp) != cudaSuccess)
       *per_sm = 0;
+    if (dev < kMaxDevices) known[dev].store(*per_sm + 1, std::memory_order_relaxed);
+    return;
+  }
+  if (kMode == kFwdMain && p.num_seg > 1) {  // after the compose: see WaitPrimary
+    LaunchAfterPrimary(kernel, blocks, kThreads, yp, stream, p);
     return;
   }
   kernel<<<blocks, kThreads, yp, stream>>>(p);
