@@ -49,9 +49,10 @@ struct Params : ScanProblem {
   float* ws_dbc = nullptr;    // [chan_warp][b][t][g][2][n]: dBm then dCm summed over a warp
 };
 
-// Programmatic dependent launch (the forward's pre-pass -> compose -> main pass): a kernel
-// launched with it may start while the one before still runs; it waits (WaitPrimary) before
-// reading what that one wrote. Both are no-ops in a kernel launched without it.
+// Programmatic dependent launch (segment pre-pass -> compose -> forward main pass; see
+// LaunchAfterPrimary): a kernel launched so may start while the one before still runs and waits
+// (WaitPrimary) before reading what that one wrote. Both are no-ops in a kernel launched without
+// it.
 __device__ __forceinline__ void LaunchDependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
