@@ -176,6 +176,15 @@ cudaError_t BackwardTyped(Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The tiled kernels' blocks: 32 channels of one (batch, group) each, chan_blocks a segment.
+void SetTiledBlocks(Params& p) {
+  p.chan_warps = CeilDiv(p.dims_per_group, 32);  // channel blocks per group
+  p.chan_blocks = p.batch * p.groups * p.chan_warps;
+  p.div_chan_blocks = FastDiv(static_cast<uint32_t>(p.chan_blocks));
+  p.div_group_blocks = FastDiv(static_cast<uint32_t>(p.groups * p.chan_warps));
+  p.div_chan_warps = FastDiv(static_cast<uint32_t>(p.chan_warps));
+}
+
 // The forward's segment length, given the count the thread target asked for (s0). The pre-pass
 // runs chan_blocks blocks for each segment but the last, the main pass for every segment, all of
 // one length but the last. A length whose full-length blocks fill whole waves of both kernels
@@ -217,8 +226,7 @@ int64_t WholeWaveSegLen(const Params& p, const FwdShape& shape, int64_t tile, in
 template <typename T>
 cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& tuning) {
   const int64_t tile = TiledForwardTile();
-  p.chan_warps = CeilDiv(p.dims_per_group, 32);
-  p.chan_blocks = p.batch * p.groups * p.chan_warps;
+  SetTiledBlocks(p);
   // Lanes per channel (2, 4 or 8) and channels per thread of the main pass (1 or 2, at 4 lanes);
   // MAMBA_SCAN_FWD_LANES and MAMBA_SCAN_FWD_CHANS set the defaults, so that the tests can cover
   // each variant.
@@ -278,8 +286,7 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
 template <typename T>
 cudaError_t TiledBackwardTyped(Params& p, cudaStream_t stream, const ScanTuning& tuning) {
   const int64_t tile = TiledBackwardTile();
-  p.chan_warps = CeilDiv(p.dims_per_group, 32);
-  p.chan_blocks = p.batch * p.groups * p.chan_warps;
+  SetTiledBlocks(p);
   // Segments of k tiles; checkpoints come from the pre-pass, so k costs no shared memory. H100,
   // v5 (ms at (8,1536,2048) / (1,1536,65536) fp32): k 4/8/16/32 -> 1.21/1.13/1.13/1.13 and
   // 5.42/4.68/4.41/4.29. Scratch: 4 arrays of B*D*16*segments floats plus the checkpoints,
