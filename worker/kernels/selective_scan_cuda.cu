@@ -260,12 +260,17 @@ cudaError_t TiledForwardTyped(Params& p, cudaStream_t stream, const ScanTuning& 
   }
   Workspace ws(stream, p.scratch);
   const int64_t rows = p.batch * p.dim * p.num_seg;
+  float* dt16 = nullptr;
   if (p.num_seg > 1) {
     ws.Reserve(&p.ws_s, rows * 16);
     ws.Reserve(&p.ws_hin, rows * 16);
     ws.Reserve(&p.ws_sum, rows);
+    if (TiledForwardHandsStepSizes<T>(p, shape)) {
+      ws.Reserve(&dt16, CeilDiv(p.batch * p.len * p.dim, 2));
+    }
   }
   if (cudaError_t err = ws.Allocate(); err != cudaSuccess) return err;
+  p.ws_dt16 = reinterpret_cast<unsigned short*>(dt16);
   if (p.num_seg > 1) {
     {
       ScopedRange range("scan_fwd_segments");

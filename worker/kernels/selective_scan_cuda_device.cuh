@@ -59,6 +59,9 @@ struct Params : ScanProblem {
   float* ws_sum = nullptr;  // sum of the step sizes of each segment
   float* ws_hin = nullptr;  // state entering each segment
   float* ws_gin = nullptr;  // state gradient entering each segment at its end
+  // bf16 tiled forward with segments: the pre-pass's step sizes in fp16, [b][t][d] (all but the
+  // last segment's steps are written).
+  unsigned short* ws_dt16 = nullptr;
   // Tiled backward: zero-start state and step-size sum at the start of each tile after a
   // segment's first: [b][d][seg][tile - 1][n] and [b][d][seg][tile - 1].
   float* ws_ck = nullptr;

@@ -47,6 +47,10 @@ void LaunchTiledPre(const Params& p, bool bwd, int64_t segs, const FwdShape& f, 
 template <typename T>
 void LaunchTiledForward(const Params& p, const FwdShape& f, cudaStream_t stream,
                         int* per_sm = nullptr);
+// Whether these two pass the step sizes from the pre-pass to the main pass (then p.ws_dt16 must
+// hold B * L * D fp16 values).
+template <typename T>
+bool TiledForwardHandsStepSizes(const Params& p, const FwdShape& f);
 template <typename T>
 cudaError_t LaunchTiledBackward(const Params& p, cudaStream_t stream);
 // After it, in one launch: dBm/dCm from the channel blocks' partials (when there are several),

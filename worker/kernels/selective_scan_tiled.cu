@@ -6,6 +6,8 @@
 // staged in shared memory with coalesced loads; per (t, channel) quantities (step size,
 // dt*u, gated dout) are computed once there, not once per state. The lanes of a channel add
 // their partial sums through shared memory (forward) or shuffles (backward), in a fixed order.
+#include <cuda_fp16.h>
+
 #include <atomic>
 
 #include "worker/kernels/selective_scan_cuda_kernels.h"
@@ -193,10 +195,27 @@ __device__ __forceinline__ const Bits<T>* ActAt(const Strided3& a, int64_t b, in
   return static_cast<const Bits<T>*>(a.p) + (b * a.sb + t * a.sl + d * a.sd);
 }
 
+// The bf16 forward with L split computes each step size once: the pre-pass rounds it to fp16,
+// scans with the rounded value and stores it (p.ws_dt16, [b][t][d]); the main pass loads those
+// instead of the raw delta (the same bytes) and skips dt_bias and the softplus, two of its 20
+// exponential-unit operations a (step, channel). fp16 keeps 11 significant bits, 8x finer than
+// the bf16 delta they come from. A step size too large for fp16 (>= 65520) is stored as
+// infinity, and both passes then use the fp32 value (the main pass recomputes it). Conversions
+// are packed pairs (F2FP, HADD2): a scalar float -> half conversion runs on the exponential unit,
+// behind the scan's exponentials (it made the pre-pass 6 % slower, session 7). Vector layout
+// only: one 16-byte store of 8 step sizes where the pre-pass staged them.
+template <typename T, bool kVec>
+constexpr bool kHandsStepSizes = kVec && !std::is_same_v<T, float>;
+
+__device__ __forceinline__ int64_t Dt16At(const Params& p, int64_t b, int64_t t, int64_t d) {
+  return (b * p.len + t) * p.dim + d;
+}
+
 // kNT threads stage the tile of steps [tb, min(tb + kTT, t1)).
+// from_pre (forward main pass): the step sizes come from p.ws_dt16 (see kHandsStepSizes).
 template <typename T, int kTT, bool kU, bool kZ, bool kDout, bool kC, int kNT, bool kVec>
 __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int64_t tb, int64_t t1,
-                                        Raw<T, kTT, kNT, kVec>& r) {
+                                        Raw<T, kTT, kNT, kVec>& r, bool from_pre = false) {
   using M = TileMap<T, kTT, kNT, kVec>;
   const int tid = threadIdx.x;
   if constexpr (kVec) {
@@ -211,7 +230,11 @@ __device__ __forceinline__ void LoadRaw(const Params& p, const TileBlock& k, int
       // The vector layout's activations share one (batch, step) layout: one offset for all.
       const int64_t off = k.b * p.u.sb + t * p.u.sl + d;
       const auto at = [off](const Strided3& a) { return static_cast<const Bits<T>*>(a.p) + off; };
-      LdVec<kVB>(at(p.delta), ok, r.dl + v * kWV);
+      const void* dl = at(p.delta);
+      if constexpr (kHandsStepSizes<T, kVec>) {
+        if (from_pre) dl = p.ws_dt16 + Dt16At(p, k.b, t, d);
+      }
+      LdVec<kVB>(dl, ok, r.dl + v * kWV);
       if constexpr (kU) LdVec<kVB>(at(p.u), ok, r.u + v * kWV);
       if constexpr (kZ) LdVec<kVB>(at(p.z), ok && p.z.p, r.z + v * kWV);
       if constexpr (kDout) LdVec<kVB>(at(p.dout), ok, r.dout + v * kWV);
@@ -308,9 +331,13 @@ __device__ __forceinline__ void StShared(float* p, const float (&v)[kN]) {
 }
 
 // S: a StepSmem<kTT, ...> with room for what kDy and kEpi ask to write.
-template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S, int kNT, bool kVec>
+// kHand (bf16 forward, vector layout; see kHandsStepSizes): 1 = the pre-pass, which rounds the
+// step sizes and stores them; 2 = the main pass, which takes them from r.dl when from_pre.
+template <typename T, int kTT, bool kDy, bool kC, bool kEpi, typename S, int kNT, bool kVec,
+          int kHand = 0>
 __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, int64_t tb,
-                                         int64_t t1, const Raw<T, kTT, kNT, kVec>& r, S& s) {
+                                         int64_t t1, const Raw<T, kTT, kNT, kVec>& r, S& s,
+                                         bool from_pre = false) {
   using M = TileMap<T, kTT, kNT, kVec>;
   const int tid = threadIdx.x;
   const int steps = static_cast<int>(t1 - tb < kTT ? t1 - tb : kTT), nvalid = int(k.nvalid);
@@ -323,28 +350,91 @@ __device__ __forceinline__ void PrepTile(const Params& p, const TileBlock& k, in
 #pragma unroll
     for (int i = 0; i < M::kA; ++i) bias[i] = s.bias[M::Chan(tid, i)];
   }
+  if constexpr (kHand > 0) {
+    static_assert(kHandsStepSizes<T, kVec> && !kDy && M::kVE == 8, "bf16 forward, vector layout");
+    float dt[M::kA];
+    uint32_t half2s[M::kA / 2];
+    if (kHand == 1 || !from_pre) {
 #pragma unroll
-  for (int i = 0; i < M::kA; ++i) {
-    const int tt = M::Step(tid, i), c = M::Chan(tid, i);
-    const bool ok = c < nvalid && tt < steps;
-    // Computed for every element and then selected: a conditional call became a branch around
-    // each element's exponentials.
-    float dsp;
-    const float raw = Elem<T, kVec>(r.dl, i) + (kDy ? s.bias[c] : bias[i]);
-    float dt = FastStepSize<T>(raw, p.softplus, &dsp);
-    dt = ok ? dt : 0.f;
-    dsp = ok ? dsp : 0.f;
-    const float u = Elem<T, kVec>(r.u, i);
-    s.dt[tt][c] = make_float2(dt, dt * u);
-    if constexpr (S::kU > 1) s.u[tt][c] = u;
-    if constexpr (S::kF > 1) s.z[tt][c] = Elem<T, kVec>(r.z, i);
-    if constexpr (kDy) {
-      const float z = Elem<T, kVec>(r.z, i), dout = Elem<T, kVec>(r.dout, i);
-      const float sg = p.z.p ? Sigmoid(z) : 0.f;
-      s.dy[tt][c] = p.z.p ? dout * z * sg : dout;
-      if constexpr (kEpi) {
-        s.dsp[tt][c] = dsp;
-        s.dzf[tt][c] = p.z.p ? dout * sg * (1.f + z * (1.f - sg)) : 0.f;
+      for (int i = 0; i < M::kA; ++i) {
+        float dsp;
+        dt[i] = FastStepSize<T>(Elem<T, kVec>(r.dl, i) + bias[i], p.softplus, &dsp);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < M::kA; i += 2) {
+      if constexpr (kHand == 1) {
+        const __half2 h = __floats2half2_rn(dt[i], dt[i + 1]);
+        half2s[i / 2] = *reinterpret_cast<const uint32_t*>(&h);
+        const float2 f = __half22float2(h);
+        dt[i] = isinf(f.x) ? dt[i] : f.x;
+        dt[i + 1] = isinf(f.y) ? dt[i + 1] : f.y;
+      } else if (from_pre) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&r.dl[i / 2]));
+        dt[i] = f.x, dt[i + 1] = f.y;
+      }
+    }
+    if constexpr (kHand == 2) {
+      if (from_pre) {
+        bool big = false;
+#pragma unroll
+        for (int i = 0; i < M::kA; ++i) big |= isinf(dt[i]);
+        if (big) {  // rare: recomputed in fp32 from the raw delta, as the pre-pass used it
+#pragma unroll
+          for (int i = 0; i < M::kA; ++i) {
+            const int tt = M::Step(tid, i), c = M::Chan(tid, i);
+            if (isinf(dt[i]) && c < nvalid && tt < steps) {
+              float dsp;
+              const float raw = Ld<T>(p.delta.p, k.b * p.u.sb + (tb + tt) * p.u.sl + k.d0 + c);
+              dt[i] = FastStepSize<T>(raw + bias[i], p.softplus, &dsp);
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < M::kA; ++i) {
+      const int tt = M::Step(tid, i), c = M::Chan(tid, i);
+      const float d = c < nvalid && tt < steps ? dt[i] : 0.f;
+      s.dt[tt][c] = make_float2(d, d * Elem<T, kVec>(r.u, i));
+    }
+    if constexpr (kHand == 1) {
+#pragma unroll
+      for (int v = 0; v < M::kA / M::kVE; ++v) {
+        const int tt = M::Step(tid, v * M::kVE), c0 = M::Chan(tid, v * M::kVE);
+        if (c0 < nvalid && tt < steps) {
+          const uint32_t* w = half2s + v * M::kVE / 2;
+          void* q = p.ws_dt16 + Dt16At(p, k.b, tb + tt, k.d0 + c0);
+          asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(q), "r"(w[0]), "r"(w[1]),
+                       "r"(w[2]), "r"(w[3])
+                       : "memory");
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < M::kA; ++i) {
+      const int tt = M::Step(tid, i), c = M::Chan(tid, i);
+      const bool ok = c < nvalid && tt < steps;
+      // Computed for every element and then selected: a conditional call became a branch around
+      // each element's exponentials.
+      float dsp;
+      const float raw = Elem<T, kVec>(r.dl, i) + (kDy ? s.bias[c] : bias[i]);
+      float dt = FastStepSize<T>(raw, p.softplus, &dsp);
+      dt = ok ? dt : 0.f;
+      dsp = ok ? dsp : 0.f;
+      const float u = Elem<T, kVec>(r.u, i);
+      s.dt[tt][c] = make_float2(dt, dt * u);
+      if constexpr (S::kU > 1) s.u[tt][c] = u;
+      if constexpr (S::kF > 1) s.z[tt][c] = Elem<T, kVec>(r.z, i);
+      if constexpr (kDy) {
+        const float z = Elem<T, kVec>(r.z, i), dout = Elem<T, kVec>(r.dout, i);
+        const float sg = p.z.p ? Sigmoid(z) : 0.f;
+        s.dy[tt][c] = p.z.p ? dout * z * sg : dout;
+        if constexpr (kEpi) {
+          s.dsp[tt][c] = dsp;
+          s.dzf[tt][c] = p.z.p ? dout * sg * (1.f + z * (1.f - sg)) : 0.f;
+        }
       }
     }
   }
@@ -466,7 +556,8 @@ constexpr int ScanMinBlocks() {
 // scans two channels with the same Bm/Cm values, so the step's shared loads of Bm and Cm (16
 // bytes each a thread, 4 wavefronts a warp whatever the broadcast) serve twice the states; tiles
 // are kFT / 2 steps so that a block's shared memory halves with its threads.
-template <typename T, int kMode, int kL, bool kVec, int kCP>
+// kHandIn: the forward main pass after a pre-pass that hands it the step sizes (kHandsStepSizes).
+template <typename T, int kMode, int kL, bool kVec, int kCP, bool kHandIn>
 __global__ void __launch_bounds__(kCh* kL / kCP,
                                   ScanMinBlocks<kMode, std::is_same_v<T, float>, kL, kCP>())
     TiledScanKernel(const Params p) {
@@ -522,10 +613,16 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
     }
   }
   float sum[kCP] = {};
+  // Step sizes handed from the pre-pass to the main pass (see kHandsStepSizes): the pre-pass
+  // covers every segment but the last.
+  static_assert(!kHandIn || (kMain && kHandsStepSizes<T, kVec>));
+  constexpr int kHand = kMode == kFwdPre && kHandsStepSizes<T, kVec> ? 1 : kHandIn ? 2 : 0;
+  const bool from_pre = kHandIn && k.seg + 1 < S;
   Raw<T, kTT, kNT, kVec> nx;
-  LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT, kVec>(p, k, t0, t1, nx);
+  LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT, kVec>(p, k, t0, t1, nx, from_pre);
   for (int64_t tb = t0; tb < t1; tb += kTT) {
-    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain, Smem, kNT, kVec>(p, k, tb, t1, nx, s);
+    PrepTile<T, kTT, kBwd, kMain || kBwd, kMain, Smem, kNT, kVec, kHand>(p, k, tb, t1, nx, s,
+                                                                         from_pre);
     // The vector layout's epilogue thread is the one that staged the element: u and z stay in
     // registers (as loaded) instead of a round trip through shared memory.
     [[maybe_unused]] uint32_t u_raw[kMain && kVec ? TileMap<T, kTT, kNT, kVec>::kWA : 1],
@@ -538,7 +635,8 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
     __syncthreads();
     // The next tile's loads fly while this one is scanned.
     if (tb + kTT < t1) {
-      LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT, kVec>(p, k, tb + kTT, t1, nx);
+      LoadRaw<T, kTT, true, kMain || kBwd, kBwd, kMain || kBwd, kNT, kVec>(p, k, tb + kTT, t1, nx,
+                                                                           from_pre);
     }
     // Halves of kBT steps: the backward pre-pass leaves a checkpoint at each backward tile start.
     // The main pass stores each step's partial output one step late, after the next step's
@@ -1031,9 +1129,9 @@ constexpr int kMaxDevices = 16;
 // One launch of TiledScanKernel over `blocks` blocks (the main pass's partials in dynamic shared
 // memory: with the static StepSmem they pass 48 KB at 8 lanes).
 // With per_sm set, launches nothing and reports how many blocks of that kernel fit on an SM.
-template <typename T, int kMode, int kL, bool kVec, int kCP = 1>
+template <typename T, int kMode, int kL, bool kVec, int kCP = 1, bool kHandIn = false>
 void LaunchTiledScan(const Params& p, int64_t blocks, cudaStream_t stream, int* per_sm) {
-  const auto kernel = TiledScanKernel<T, kMode, kL, kVec, kCP>;
+  const auto kernel = TiledScanKernel<T, kMode, kL, kVec, kCP, kHandIn>;
   constexpr int kThreads = kCh * kL / kCP;
   size_t yp = 0;
   if constexpr (kMode == kFwdMain) {
@@ -1062,14 +1160,26 @@ void LaunchTiledScan(const Params& p, int64_t blocks, cudaStream_t stream, int* 
   kernel<<<blocks, kThreads, yp, stream>>>(p);
 }
 
-// The forward passes at 4 lanes, vector or scalar layout, kCP channels a thread.
+// The forward passes at 4 lanes, vector or scalar layout, kCP channels a thread; the main pass
+// in its own variant where it takes the pre-pass's step sizes (the one without that code keeps
+// its registers: with it the bf16 rows that do not split ran ~1 % slower).
 template <typename T, int kMode, int kCP>
 void LaunchTiledForward4(const Params& p, int64_t blocks, cudaStream_t stream, int* per_sm) {
   if constexpr (kVecForward<T>) {
-    if (TiledVectorizable(p, false))
+    if (TiledVectorizable(p, false)) {
+      if constexpr (kMode == kFwdMain && kHandsStepSizes<T, true>) {
+        if (p.ws_dt16)
+          return LaunchTiledScan<T, kMode, 4, true, kCP, true>(p, blocks, stream, per_sm);
+      }
       return LaunchTiledScan<T, kMode, 4, true, kCP>(p, blocks, stream, per_sm);
+    }
   }
   LaunchTiledScan<T, kMode, 4, false, kCP>(p, blocks, stream, per_sm);
+}
+
+template <typename T>
+bool TiledForwardHandsStepSizes(const Params& p, const FwdShape& f) {
+  return kHandsStepSizes<T, kVecForward<T>> && f.lanes == 4 && TiledVectorizable(p, false);
 }
 
 template <typename T>
@@ -1131,6 +1241,7 @@ void LaunchTiledBackwardReduce(const Params& p, cudaStream_t stream) {
   template void LaunchTiledPre<T>(const Params&, bool, int64_t, const FwdShape&, cudaStream_t, \
                                   int*);                                                       \
   template void LaunchTiledForward<T>(const Params&, const FwdShape&, cudaStream_t, int*);     \
+  template bool TiledForwardHandsStepSizes<T>(const Params&, const FwdShape&);                 \
   template cudaError_t LaunchTiledBackward<T>(const Params&, cudaStream_t);                    \
   template void LaunchTiledBackwardReduce<T>(const Params&, cudaStream_t);
 MAMBA_TILED_INSTANTIATE(float)
