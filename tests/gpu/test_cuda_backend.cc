@@ -465,7 +465,10 @@ TEST_P(CudaBackendActTest, SelectiveScan) {
     gpu_->SelectiveScanForward(gin, gout, gh);
     cpu_->SelectiveScanForward(cin, cout, ch);
     ExpectCloseAct(gout, cout, "scan out");
-    ExpectClose(gh, ch, "scan h_last");
+    // The fp32 final state: with bf16 inputs and L split, the kernels hand the step sizes from
+    // the pre-pass to the main pass in fp16 (11 significant bits; selective_scan_tiled.cu), which
+    // moves it by ~1e-4 (1.1e-4 seen at (1, 300, 64)); bf16 outputs round at 2^-9 anyway.
+    ExpectClose(gh, ch, "scan h_last", act == DType::kBF16 ? 1e-3 : kF32Tol);
 
     auto grads = [&](auto act_t, auto f32_t) {
       ScanGrads g;

@@ -201,9 +201,11 @@ __device__ __forceinline__ const Bits<T>* ActAt(const Strided3& a, int64_t b, in
 // exponential-unit operations a (step, channel). fp16 keeps 11 significant bits, 8x finer than
 // the bf16 delta they come from. A step size too large for fp16 (>= 65520) is stored as
 // infinity, and both passes then use the fp32 value (the main pass recomputes it). Conversions
-// are packed pairs (F2FP, HADD2): a scalar float -> half conversion runs on the exponential unit,
-// behind the scan's exponentials (it made the pre-pass 6 % slower, session 7). Vector layout
-// only: one 16-byte store of 8 step sizes where the pre-pass staged them.
+// are packed pairs (F2FP, HADD2): with scalar conversions (F2F, as far as we can tell on the
+// exponential unit's pipe, behind the scan's exponentials) the pre-pass was 28 us slower on
+// (1,1536,65536), packed 14 (session 7). The price: the fp32 final state of a split bf16
+// forward moves by ~1e-4 relative (bf16 outputs round at 2^-9). Vector layout only: one
+// 16-byte store of 8 step sizes where the pre-pass staged them.
 template <typename T, bool kVec>
 constexpr bool kHandsStepSizes = kVec && !std::is_same_v<T, float>;
 
