@@ -592,9 +592,9 @@ __global__ void __launch_bounds__(kCh* kL / kCP,
   const float dsk = p.D_skip ? p.D_skip[de] : 0.f;
   if constexpr (kMode == kFwdPre) LaunchDependents();  // the compose may get ready
   StageChannelParams(p, k, s);
-  // The main pass waits for the compose only where it reads the entering states (segment 0
-  // starts from h0).
-  if (kMain && k.seg > 0) WaitPrimary();
+  // The main pass waits for the compose where it reads what the pre-pass and the compose wrote:
+  // the entering states (segment 0 starts from h0) and, handed over, the step sizes.
+  if (kMain && (k.seg > 0 || kHandIn)) WaitPrimary();
   __syncthreads();
 
   float a2[kCP][kS], h[kCP][kS], P[kCP][kS], r[kCP][kS];
