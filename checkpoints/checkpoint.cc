@@ -19,6 +19,7 @@
 #include "checkpoints/model_io.h"
 #include "checkpoints/safetensors.h"
 #include "worker/check.h"
+#include "worker/status_macros.h"
 
 namespace mamba::ckpt {
 namespace {
@@ -29,12 +30,6 @@ using nlohmann::json;
 constexpr char kStepPrefix[] = "step_";
 constexpr char kTempPrefix[] = ".tmp-step_";
 constexpr int kFormatVersion = 1;
-
-#define RETURN_IF_ERROR(expr) \
-  do {                        \
-    absl::Status _s = (expr); \
-    if (!_s.ok()) return _s;  \
-  } while (0)
 
 // The step of a directory named step_<digits>, or -1.
 int64_t ParseStepDir(const std::string& name) {

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoints/durable_io.h"
+#include "worker/status_macros.h"
 
 namespace mamba::ckpt {
 namespace {
@@ -42,34 +43,21 @@ absl::Status RequireBool(const json& j, const std::string& field, bool fallback,
   return absl::OkStatus();
 }
 
-#define ASSIGN_OR_RETURN_INT(lhs, expr) \
-  do {                                  \
-    auto _v = (expr);                   \
-    if (!_v.ok()) return _v.status();   \
-    lhs = *_v;                          \
-  } while (0)
-
-#define RETURN_IF_ERROR(expr) \
-  do {                        \
-    absl::Status _s = (expr); \
-    if (!_s.ok()) return _s;  \
-  } while (0)
-
 absl::StatusOr<ModelConfig> ParseTransformers(const json& j, const std::string& label) {
   ModelConfig c;
-  ASSIGN_OR_RETURN_INT(c.d_model, Int(j, "hidden_size", -1, label));
-  ASSIGN_OR_RETURN_INT(c.n_layer, Int(j, "num_hidden_layers", -1, label));
-  ASSIGN_OR_RETURN_INT(c.vocab_size, Int(j, "vocab_size", -1, label));
-  ASSIGN_OR_RETURN_INT(c.d_state, Int(j, "state_size", 16, label));
-  ASSIGN_OR_RETURN_INT(c.d_conv, Int(j, "conv_kernel", 4, label));
-  ASSIGN_OR_RETURN_INT(c.expand, Int(j, "expand", 2, label));
+  ASSIGN_OR_RETURN(c.d_model, Int(j, "hidden_size", -1, label));
+  ASSIGN_OR_RETURN(c.n_layer, Int(j, "num_hidden_layers", -1, label));
+  ASSIGN_OR_RETURN(c.vocab_size, Int(j, "vocab_size", -1, label));
+  ASSIGN_OR_RETURN(c.d_state, Int(j, "state_size", 16, label));
+  ASSIGN_OR_RETURN(c.d_conv, Int(j, "conv_kernel", 4, label));
+  ASSIGN_OR_RETURN(c.expand, Int(j, "expand", 2, label));
   c.dt_rank = ModelConfig::DefaultDtRank(c.d_model);
   if (j.contains("time_step_rank") && !(j["time_step_rank"] == "auto")) {
-    ASSIGN_OR_RETURN_INT(c.dt_rank, Int(j, "time_step_rank", -1, label));
+    ASSIGN_OR_RETURN(c.dt_rank, Int(j, "time_step_rank", -1, label));
   }
   if (j.contains("intermediate_size")) {
     int64_t inner;
-    ASSIGN_OR_RETURN_INT(inner, Int(j, "intermediate_size", -1, label));
+    ASSIGN_OR_RETURN(inner, Int(j, "intermediate_size", -1, label));
     if (inner != c.d_inner()) {
       return Bad(label, "intermediate_size",
                  absl::StrCat("must be expand * hidden_size = ", c.d_inner(), ", got ", inner));
@@ -98,11 +86,11 @@ absl::StatusOr<ModelConfig> ParseTransformers(const json& j, const std::string& 
 
 absl::StatusOr<ModelConfig> ParseMambaSsm(const json& j, const std::string& label) {
   ModelConfig c;
-  ASSIGN_OR_RETURN_INT(c.d_model, Int(j, "d_model", -1, label));
-  ASSIGN_OR_RETURN_INT(c.n_layer, Int(j, "n_layer", -1, label));
+  ASSIGN_OR_RETURN(c.d_model, Int(j, "d_model", -1, label));
+  ASSIGN_OR_RETURN(c.n_layer, Int(j, "n_layer", -1, label));
   int64_t vocab, multiple;
-  ASSIGN_OR_RETURN_INT(vocab, Int(j, "vocab_size", -1, label));
-  ASSIGN_OR_RETURN_INT(multiple, Int(j, "pad_vocab_size_multiple", 8, label));
+  ASSIGN_OR_RETURN(vocab, Int(j, "vocab_size", -1, label));
+  ASSIGN_OR_RETURN(multiple, Int(j, "pad_vocab_size_multiple", 8, label));
   c.vocab_size = (vocab + multiple - 1) / multiple * multiple;  // as MambaLMHeadModel pads it
   const json ssm =
       j.contains("ssm_cfg") && j["ssm_cfg"].is_object() ? j["ssm_cfg"] : json::object();
@@ -111,12 +99,12 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const json& j, const std::string& labe
     return Bad(ssm_label, "layer",
                absl::StrCat("only Mamba1 is supported, got ", ssm["layer"].dump()));
   }
-  ASSIGN_OR_RETURN_INT(c.d_state, Int(ssm, "d_state", 16, ssm_label));
-  ASSIGN_OR_RETURN_INT(c.d_conv, Int(ssm, "d_conv", 4, ssm_label));
-  ASSIGN_OR_RETURN_INT(c.expand, Int(ssm, "expand", 2, ssm_label));
+  ASSIGN_OR_RETURN(c.d_state, Int(ssm, "d_state", 16, ssm_label));
+  ASSIGN_OR_RETURN(c.d_conv, Int(ssm, "d_conv", 4, ssm_label));
+  ASSIGN_OR_RETURN(c.expand, Int(ssm, "expand", 2, ssm_label));
   c.dt_rank = ModelConfig::DefaultDtRank(c.d_model);
   if (ssm.contains("dt_rank") && !(ssm["dt_rank"] == "auto")) {
-    ASSIGN_OR_RETURN_INT(c.dt_rank, Int(ssm, "dt_rank", -1, ssm_label));
+    ASSIGN_OR_RETURN(c.dt_rank, Int(ssm, "dt_rank", -1, ssm_label));
   }
   RETURN_IF_ERROR(
       RequireBool(ssm, "bias", false, false, "in_proj/out_proj have no bias", ssm_label));

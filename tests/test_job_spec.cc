@@ -62,6 +62,39 @@ TEST(JobSpec, BadSpecsNameTheFieldAndRule) {
   ExpectError(R"(not json)", "job spec is not a valid JobSpec JSON");
 }
 
+// The rank grid's rules, for a world of `ranks` processes.
+void ExpectLayoutError(const std::string& json, int ranks, const std::string& field_and_rule) {
+  auto spec = ParseJobSpecJson(json);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto layout = ResolveLayout(*spec, ranks, spec->data().induction_heads().seq_len());
+  ASSERT_FALSE(layout.ok()) << json;
+  EXPECT_EQ(layout.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(layout.status().message()).find(field_and_rule), std::string::npos)
+      << "message: " << layout.status().message();
+}
+
+TEST(JobSpec, RankLayoutsAreResolvedOrRefusedWithTheRule) {
+  const std::string ih = R"({"data": {"inductionHeads": {"seqLen": 64}}, "batchSize": 8, )";
+  auto spec = ParseJobSpecJson(ih + R"("parallel": {"sp": 2}})");
+  ASSERT_TRUE(spec.ok());
+  auto layout = ResolveLayout(*spec, 8, 64);  // dp defaults to ranks / sp
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  EXPECT_EQ(layout->dp, 4);
+  EXPECT_EQ(layout->sp, 2);
+  ExpectLayoutError(ih + R"("parallel": {"dp": 2, "sp": 2}})", 3,
+                    "parallel: dp x sp (2 x 2 = 4) must equal the number of ranks (3)");
+  ExpectLayoutError(ih + R"("parallel": {"sp": 2}})", 3,
+                    "parallel.sp: must divide the number of ranks (3)");
+  ExpectLayoutError(R"({"data": {"inductionHeads": {"seqLen": 66}}, "parallel": {"sp": 4}})", 4,
+                    "parallel.sp: the length 66 must be divisible by parallel.sp (4)");
+  ExpectLayoutError(R"({"data": {"inductionHeads": {"seqLen": 16}}, "parallel": {"sp": 8}})", 8,
+                    "each rank's slice (16 / 8 = 2 positions) must hold at least model.d_conv - 1");
+  ExpectLayoutError(R"({"data": {"inductionHeads": {"seqLen": 64}}, "batchSize": 6})", 4,
+                    "batch_size: must be a multiple of parallel.dp (4), got 6");
+  ExpectLayoutError(ih + R"("eval": {"seqLens": [64, 100]}, "parallel": {"sp": 8}})", 8,
+                    "eval.seq_lens[1]: the length 100 must be divisible by parallel.sp (8)");
+}
+
 }  // namespace
 }  // namespace mamba
 

@@ -2,6 +2,7 @@
 // two pieces (h_last -> h0, dh0 -> dh_last) against one scan.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 
 #include "tests/test_util.h"
@@ -254,6 +255,41 @@ TEST(SelectiveScanCpu, BackwardIsDeterministic) {
     return all;
   };
   EXPECT_EQ(run(), run());
+}
+
+// The slice maps of sequence parallelism, against the scan itself: with h0 = H, the forward's
+// final state is decay * H + state; with dh_last = G, the backward's dh0 is decay * G + dstate.
+TEST(SelectiveScanStateMapCpu, ComposesLikeTheScan) {
+  for (const auto& [B, L, D, N, G] :
+       std::vector<std::array<int64_t, 5>>{{2, 7, 6, 4, 2}, {1, 1, 3, 16, 1}, {3, 33, 4, 5, 1}}) {
+    SCOPED_TRACE(::testing::Message() << "B " << B << " L " << L << " D " << D << " N " << N);
+    const Problem p(B, L, D, N, G, 41 + L);
+    std::vector<double> decay(B * D * N), state(B * D * N);
+    SelectiveScanStateMapCpu<double>(p.s, p.Args(), decay.data(), state.data());
+    std::vector<double> out(p.u.size()), h_last(B * D * N);
+    ScanForwardArgs<double> f = p.Args();
+    f.out = out.data();
+    f.h_last = h_last.data();
+    SelectiveScanForwardCpu<double>(p.s, f);
+    std::vector<double> composed(B * D * N);
+    for (size_t i = 0; i < composed.size(); ++i) composed[i] = decay[i] * p.h0[i] + state[i];
+    EXPECT_LT(RelativeError(composed, h_last), 1e-13);
+    for (double a : decay) {  // a decay of positive steps and negative A: in (0, 1)
+      EXPECT_GT(a, 0);
+      EXPECT_LT(a, 1);
+    }
+
+    const std::vector<double> dout = RandomVector(p.u.size(), 7 + L);
+    const std::vector<double> dh_last = RandomVector(B * D * N, 8 + L);
+    std::vector<double> dstate(B * D * N);
+    SelectiveScanStateGradCpu<double>(p.s, p.Args(), dout.data(), dstate.data());
+    const Grads g = Backward(p, dout, dh_last.data());
+    std::vector<double> composed_grad(B * D * N);
+    for (size_t i = 0; i < composed_grad.size(); ++i) {
+      composed_grad[i] = decay[i] * dh_last[i] + dstate[i];
+    }
+    EXPECT_LT(RelativeError(composed_grad, g.dh0), 1e-13);
+  }
 }
 
 }  // namespace

@@ -107,10 +107,14 @@ class Backend {
   // Copies a CPU tensor into an existing device tensor of the same shape and dtype (its buffer,
   // and so every view of it, stays the same). The host tensor may be freed once this returns.
   virtual void CopyFromHost(const Tensor& host, Tensor& dst) = 0;
-  // dst = src converted to dst's dtype (same shape; bf16 rounds to nearest even).
+  // dst = src converted to dst's dtype, or copied when the dtypes match (same shape; bf16 rounds
+  // to nearest even).
   virtual void Convert(const Tensor& src, Tensor& dst) = 0;
   // Waits until every op enqueued so far has finished (for timing).
   virtual void Synchronize() {}
+  // The stream the ops run on (a cudaStream_t), for communication ordered after them; null on
+  // backends that run ops synchronously.
+  virtual void* compute_stream() const { return nullptr; }
 
   // The dtype the GEMMs (LinearForward/LinearBackward) want weights of `weight_dtype` in: the
   // model keeps shadow copies of its GEMM weights in it when it differs.
@@ -162,6 +166,13 @@ class Backend {
   virtual void SelectiveScanForward(const ScanInputs& in, Tensor& out, Tensor& h_last) = 0;
   virtual void SelectiveScanBackward(const ScanInputs& in, const Tensor& dout,
                                      const Tensor& dh_last, ScanGrads& grads) = 0;
+
+  // A slice's affine state maps, for sequence parallelism (selective_scan_cpu.h):
+  //   h_last = decay * h0 + state,  dh0 = decay * dh_last + dstate
+  // decay, state, dstate: (B, D, N) in the scan state's dtype. in.h0 is ignored; dstate is the
+  // state gradient that dout alone sends back to the slice's start.
+  virtual void SelectiveScanStateMap(const ScanInputs& in, Tensor& decay, Tensor& state) = 0;
+  virtual void SelectiveScanStateGrad(const ScanInputs& in, const Tensor& dout, Tensor& dstate) = 0;
 
   // Cross-entropy over rows of logits (M, V) against int32 targets; dlogits (optional, may alias
   // logits) is overwritten with grad_scale * d(sum of row losses)/dlogits.

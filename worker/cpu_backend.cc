@@ -223,6 +223,25 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void SelectiveScanStateMap(const ScanInputs& given, Tensor& decay, Tensor& state) override {
+    const ScanInputs in = WithBlocks(given);
+    const kernels::ScanShape s = ScanShapeOf(in);
+    Dispatch(in.u, [&](auto z) {
+      using T = decltype(z);
+      kernels::SelectiveScanStateMapCpu<T>(s, ForwardArgs<T>(in), decay.data<T>(), state.data<T>());
+    });
+  }
+  void SelectiveScanStateGrad(const ScanInputs& given, const Tensor& dout,
+                              Tensor& dstate) override {
+    const ScanInputs in = WithBlocks(given);
+    const kernels::ScanShape s = ScanShapeOf(in);
+    Dispatch(in.u, [&](auto z) {
+      using T = decltype(z);
+      kernels::SelectiveScanStateGradCpu<T>(s, ForwardArgs<T>(in), dout.data<T>(),
+                                            dstate.data<T>());
+    });
+  }
+
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
                                           int32_t ignore_index, double grad_scale,
                                           Tensor& dlogits) override {

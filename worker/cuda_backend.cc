@@ -518,15 +518,19 @@ class CudaBackend final : public Backend {
     CheckSameShape(src, dst, op);
     MAMBA_CHECK(src.device() == Device::kCUDA && dst.device() == Device::kCUDA)
         << op << ": CUDA backend given " << src.DebugString() << " to " << dst.DebugString();
-    if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
+    if (src.dtype() == dst.dtype()) {
+      MAMBA_CUDA_CHECK(op, cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(),
+                                           cudaMemcpyDeviceToDevice, stream_));
+    } else if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
       kernels::FloatToBf16Cuda(src.numel(), src.data<float>(), dst.raw(), stream_);
     } else if (src.dtype() == DType::kBF16 && dst.dtype() == DType::kF32) {
       kernels::Bf16ToFloatCuda(src.numel(), src.raw(), dst.data<float>(), stream_);
     } else {
-      MAMBA_CHECK(false) << op << ": the CUDA backend converts float32 <-> bfloat16, got "
+      MAMBA_CHECK(false) << op << ": the CUDA backend copies or converts float32 <-> bfloat16, got "
                          << src.DebugString() << " to " << dst.DebugString();
     }
   }
+  void* compute_stream() const override { return stream_; }
   void Synchronize() override { SyncAndCheck("synchronize"); }
 
   DType GemmOperandDType(DType weight_dtype) const override {
@@ -743,6 +747,31 @@ class CudaBackend final : public Backend {
     p.ddt_bias = OptF32(g.ddt_bias, op, "ddt_bias");
     p.dh0 = OptF32(g.dh0, op, "dh0");
     MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanBackward(p, stream_, {}, ScanScratchFromCache()));
+  }
+
+  void SelectiveScanStateMap(const ScanInputs& in, Tensor& decay, Tensor& state) override {
+    constexpr const char* op = "scan_state_map";
+    OpScope range(this, op);
+    kernels::cuda::ScanProblem p = ScanProblemOf(in, op, {});
+    p.h0 = nullptr;
+    const Shape maps{p.batch, p.dim, p.dstate};
+    MAMBA_CHECK(decay.shape() == maps && state.shape() == maps)
+        << op << ": decay and state must be (B, D, N), got " << decay.DebugString() << ", "
+        << state.DebugString();
+    MAMBA_CUDA_CHECK(
+        op, kernels::cuda::LaunchScanStateMap(p, F32(decay, op, "decay"), F32(state, op, "state"),
+                                              stream_, ScanScratchFromCache()));
+  }
+  void SelectiveScanStateGrad(const ScanInputs& in, const Tensor& dout, Tensor& dstate) override {
+    constexpr const char* op = "scan_state_grad";
+    OpScope range(this, op);
+    kernels::cuda::ScanProblem p = ScanProblemOf(in, op, {{"dout", dout}});
+    CheckSameShape(in.u, dout, op);
+    p.dout = Strided(dout, in.u.dtype(), op, "dout");
+    MAMBA_CHECK(dstate.shape() == (Shape{p.batch, p.dim, p.dstate}))
+        << op << ": dstate must be (B, D, N), got " << dstate.DebugString();
+    MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanStateGrad(p, F32(dstate, op, "dstate"), stream_,
+                                                            ScanScratchFromCache()));
   }
 
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,

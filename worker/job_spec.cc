@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/json_util.h"
+#include "worker/status_macros.h"
 
 namespace mamba {
 namespace {
@@ -28,12 +29,6 @@ absl::Status CheckRange(const std::string& field, double value, double lo, doubl
   }
   return absl::OkStatus();
 }
-
-#define RETURN_IF_ERROR(expr)  \
-  do {                         \
-    absl::Status _st = (expr); \
-    if (!_st.ok()) return _st; \
-  } while (0)
 
 }  // namespace
 
@@ -127,12 +122,12 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
   }
 
   // Parallelism, backend, precision.
+  // dp stays unset when absent: it defaults to the number of ranks / sp (ResolveLayout).
   v1::ParallelSpec& p = *spec.mutable_parallel();
-  if (!p.has_dp()) p.set_dp(1);
   if (!p.has_sp()) p.set_sp(1);
-  RETURN_IF_ERROR(InRange("parallel.dp", p.dp(), 1, 65536));
+  if (p.has_dp()) RETURN_IF_ERROR(InRange("parallel.dp", p.dp(), 1, 65536));
   RETURN_IF_ERROR(InRange("parallel.sp", p.sp(), 1, 65536));
-  if (spec.batch_size() % p.dp() != 0) {
+  if (p.has_dp() && spec.batch_size() % p.dp() != 0) {
     return Invalid("batch_size", absl::StrCat("must be a multiple of parallel.dp (", p.dp(),
                                               "), got ", spec.batch_size()));
   }
@@ -169,6 +164,52 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
                    "cannot be combined with checkpoint.resume_from (a resumed run has weights)");
   }
   return spec;
+}
+
+absl::StatusOr<comm::Layout> ResolveLayout(const v1::JobSpec& spec, int world_size,
+                                           int64_t train_len) {
+  const v1::ParallelSpec& p = spec.parallel();
+  comm::Layout layout;
+  layout.sp = p.has_sp() ? p.sp() : 1;
+  if (p.has_dp()) {
+    layout.dp = p.dp();
+  } else if (world_size % layout.sp != 0) {
+    return Invalid("parallel.sp", absl::StrCat("must divide the number of ranks (", world_size,
+                                               ") when parallel.dp is unset, got ", layout.sp));
+  } else {
+    layout.dp = world_size / layout.sp;
+  }
+  if (layout.world() != world_size) {
+    return Invalid("parallel",
+                   absl::StrCat("dp x sp (", layout.dp, " x ", layout.sp, " = ", layout.world(),
+                                ") must equal the number of ranks (", world_size, ")"));
+  }
+  if (spec.batch_size() % layout.dp != 0) {
+    return Invalid("batch_size", absl::StrCat("must be a multiple of parallel.dp (", layout.dp,
+                                              "), got ", spec.batch_size()));
+  }
+  const int64_t halo = spec.model().d_conv() - 1;
+  const auto check_len = [&](const std::string& field, int64_t len) -> absl::Status {
+    if (len % layout.sp != 0) {
+      return Invalid(field, absl::StrCat("the length ", len, " must be divisible by parallel.sp (",
+                                         layout.sp, ")"));
+    }
+    if (layout.sp > 1 && len / layout.sp < halo) {
+      return Invalid(
+          field,
+          absl::StrCat("each rank's slice (", len, " / ", layout.sp, " = ", len / layout.sp,
+                       " positions) must hold at least model.d_conv - 1 (", halo, ") positions"));
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(check_len("parallel.sp", train_len));
+  const v1::EvalSpec& e = spec.eval();
+  if (e.batches() > 0) {
+    for (int i = 0; i < e.seq_lens_size(); ++i) {
+      RETURN_IF_ERROR(check_len(absl::StrCat("eval.seq_lens[", i, "]"), e.seq_lens(i)));
+    }
+  }
+  return layout;
 }
 
 ModelConfig ModelConfigFromSpec(const v1::JobSpec& spec, int64_t dataset_vocab) {

@@ -1,13 +1,20 @@
-// mamba-worker: trains one job in this process.
+// mamba-worker: trains one job, alone or as one rank of an MPI worker pool.
 //   mamba-worker --job job.json [--resume DIR] [--summary_json out.json]
-// The job spec is the JSON form of mamba.v1.JobSpec (proto/job.proto).
+//   mpirun -np P mamba-worker --job job.json          (srun --mpi=pmix on Slurm clusters)
+// The job spec is the JSON form of mamba.v1.JobSpec (proto/job.proto); its `parallel` field
+// arranges the P ranks as dp x sp. Rank 0 prints progress and writes the summary and
+// checkpoints; an error on any rank is printed with the rank named and ends every rank.
 #include <fstream>
 #include <iostream>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "nlohmann/json.hpp"
+#include "worker/comm/process_groups.h"
 #include "worker/job_spec.h"
 #include "worker/trainer.h"
 
@@ -16,12 +23,32 @@ ABSL_FLAG(std::string, resume, "",
           "Resume from a checkpoint: a step_ directory, or a checkpoint root meaning its latest "
           "(same as the job spec's checkpoint.resume_from).");
 ABSL_FLAG(std::string, summary_json, "", "If set, write the run's summary here as JSON.");
+ABSL_FLAG(std::string, transport, "auto",
+          "How ranks exchange CUDA tensors: \"nccl\", \"mpi\" (staged through host memory; "
+          "for ranks sharing a GPU), or \"auto\" (NCCL when every rank has its own GPU).");
+ABSL_FLAG(absl::Duration, comm_timeout, absl::Minutes(5),
+          "How long an exchange waits for the other ranks before the job fails (a rank died or "
+          "hangs).");
 
 namespace {
 
-int Fail(const absl::Status& status) {
-  std::cerr << "mamba-worker: error: " << status.message() << "\n";
-  return 2;
+// An error found by every rank alike (the spec) is printed once, by rank 0; one found by a rank
+// alone is printed with its rank named, and ends the other ranks too.
+int Fail(const absl::Status& status, bool every_rank_alike = false) {
+  const mamba::comm::MpiRuntime& mpi = mamba::comm::MpiRuntime::Get();
+  if (mpi.world_size() == 1) {
+    std::cerr << "mamba-worker: error: " << status.message() << "\n";
+    return 2;
+  }
+  if (every_rank_alike) {
+    if (mpi.world_rank() == 0) std::cerr << "mamba-worker: error: " << status.message() << "\n";
+    return 2;
+  }
+  // Messages of the communication layer already start with the rank.
+  const std::string rank = absl::StrCat("rank ", mpi.world_rank(), ": ");
+  std::cerr << "mamba-worker: " << (absl::StartsWith(status.message(), rank) ? "" : rank)
+            << "error: " << status.message() << std::endl;
+  mpi.Abort(2);
 }
 
 nlohmann::json SummaryJson(const mamba::v1::JobSpec& spec, const mamba::TrainSummary& s) {
@@ -46,23 +73,31 @@ nlohmann::json SummaryJson(const mamba::v1::JobSpec& spec, const mamba::TrainSum
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("Trains one Mamba job: mamba-worker --job job.json");
   absl::ParseCommandLine(argc, argv);
+  mamba::comm::MpiRuntime::Init(&argc, &argv);
   const std::string job_path = absl::GetFlag(FLAGS_job);
   if (job_path.empty()) {
-    return Fail(absl::InvalidArgumentError("--job: a job spec file is required"));
+    return Fail(absl::InvalidArgumentError("--job: a job spec file is required"), true);
   }
   auto spec = mamba::LoadJobSpecFile(job_path);
-  if (!spec.ok()) return Fail(spec.status());
+  if (!spec.ok()) return Fail(spec.status(), true);
   if (const std::string resume = absl::GetFlag(FLAGS_resume); !resume.empty()) {
     spec->mutable_checkpoint()->set_resume_from(resume);
     spec = mamba::ResolveJobSpec(*spec);  // re-validated: resume_from excludes init_from
-    if (!spec.ok()) return Fail(spec.status());
+    if (!spec.ok()) return Fail(spec.status(), true);
   }
-  auto trainer = mamba::Trainer::Create(*spec);
-  if (!trainer.ok()) return Fail(trainer.status());
+  mamba::RankOptions rank;
+  auto transport = mamba::comm::ParseTransport(absl::GetFlag(FLAGS_transport));
+  if (!transport.ok()) return Fail(transport.status(), true);
+  rank.transport = *transport;
+  rank.comm_timeout = absl::GetFlag(FLAGS_comm_timeout);
+  auto trainer = mamba::Trainer::Create(*spec, rank);
+  // Creation fails alike on every rank for a spec or layout the job cannot run.
+  if (!trainer.ok())
+    return Fail(trainer.status(), trainer.status().code() == absl::StatusCode::kInvalidArgument);
   auto summary = (*trainer)->Run(std::cout);
   if (!summary.ok()) return Fail(summary.status());
   const std::string out = absl::GetFlag(FLAGS_summary_json);
-  if (!out.empty()) {
+  if (!out.empty() && (*trainer)->groups().is_root()) {
     std::ofstream f(out);
     f << SummaryJson(*spec, *summary).dump(2) << "\n";
     if (!f) return Fail(absl::InternalError("--summary_json: cannot write " + out));

@@ -122,7 +122,7 @@ void MambaModel::Initialize(uint64_t seed) {
 
 void MambaModel::ReleaseActivations(Layer& l) {
   for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.delta,
-                    &l.A, &l.y, &l.out}) {
+                    &l.A, &l.y, &l.out, &l.prefix, &l.h0, &l.decay}) {
     *t = Tensor();
   }
 }
@@ -140,7 +140,88 @@ ScanInputs MambaModel::ScanInputsOf(const Layer& l) const {
   in.bc = l.dbc;
   in.bm_col = config_.dt_rank;
   in.cm_col = config_.dt_rank + config_.d_state;
+  in.h0 = l.h0;
   return in;
+}
+
+void MambaModel::ExchangeHalo(Layer& l, int64_t B, int64_t L) {
+  const int64_t E = config_.d_inner(), H = config_.d_conv - 1;
+  const int r = sp_->rank(), P = sp_->size();
+  l.prefix = Tensor();
+  if (H == 0) return;
+  profiling::ScopedRange range("sp_halo");
+  // The last H positions of each sequence: a column block of x seen as (B, L * E).
+  Tensor halo;
+  if (r + 1 < P) {
+    halo = Act16({B, H, E});
+    Tensor halo_rows = halo.Reshape({B, H * E});
+    backend_->CopyColumns(l.x.Reshape({B, L * E}), (L - H) * E, halo_rows);
+  }
+  if (r > 0) l.prefix = Act16({B, H, E});
+  comm::ThrowIfError(sp_->SendRecv(halo, r + 1 < P ? r + 1 : -1, l.prefix, r > 0 ? r - 1 : -1));
+}
+
+void MambaModel::HandOffState(Layer& l, int64_t B) {
+  profiling::ScopedRange range("sp_state");
+  const int64_t E = config_.d_inner(), N = config_.d_state, S = B * E * N;
+  const int r = sp_->rank(), P = sp_->size();
+  Backend& be = *backend_;
+  // This slice's map h -> decay * h + state, then everyone's, rank after rank.
+  Tensor maps = Act({2, B, E, N});
+  Tensor decay = maps.View(0, {B, E, N}), state = maps.View(S, {B, E, N});
+  ScanInputs in = ScanInputsOf(l);
+  in.h0 = Tensor();
+  be.SelectiveScanStateMap(in, decay, state);
+  Tensor all = Act({P, 2, B, E, N});
+  comm::ThrowIfError(sp_->AllGather(maps, all));
+  // h0 of slice r: the earlier slices' maps composed in order, from a zero state.
+  Tensor h;
+  for (int q = 0; q < r; ++q) {
+    Tensor next = Act({B, E, N});
+    be.Convert(all.View((2 * q + 1) * S, {B, E, N}), next);
+    if (h.defined()) be.AddProduct(all.View(2 * q * S, {B, E, N}), h, next);
+    h = next;
+  }
+  l.h0 = h;
+  l.decay = decay;
+}
+
+Tensor MambaModel::HandBackStateGrad(const Layer& l, const Tensor& dy, int64_t B) {
+  profiling::ScopedRange range("sp_state_grad");
+  const int64_t E = config_.d_inner(), N = config_.d_state, S = B * E * N;
+  const int r = sp_->rank(), P = sp_->size();
+  Backend& be = *backend_;
+  // This slice's map dh_last -> decay * dh_last + dstate, then everyone's.
+  Tensor maps = Act({2, B, E, N});
+  Tensor decay = maps.View(0, {B, E, N}), dstate = maps.View(S, {B, E, N});
+  be.Convert(l.decay, decay);
+  be.SelectiveScanStateGrad(ScanInputsOf(l), dy, dstate);
+  Tensor all = Act({P, 2, B, E, N});
+  comm::ThrowIfError(sp_->AllGather(maps, all));
+  // dh_last of slice r: the later slices' maps composed from the last one back, from zero.
+  Tensor g;
+  for (int q = P - 1; q > r; --q) {
+    Tensor next = Act({B, E, N});
+    be.Convert(all.View((2 * q + 1) * S, {B, E, N}), next);
+    if (g.defined()) be.AddProduct(all.View(2 * q * S, {B, E, N}), g, next);
+    g = next;
+  }
+  return g;
+}
+
+void MambaModel::ExchangeHaloGrad(const Tensor& dprefix, Tensor& dx, int64_t B, int64_t L) {
+  const int64_t E = config_.d_inner(), H = config_.d_conv - 1;
+  if (H == 0) return;
+  profiling::ScopedRange range("sp_halo_grad");
+  const int r = sp_->rank(), P = sp_->size();
+  Tensor from_next = r + 1 < P ? Act16({B, H, E}) : Tensor();
+  comm::ThrowIfError(sp_->SendRecv(dprefix, r > 0 ? r - 1 : -1, from_next, r + 1 < P ? r + 1 : -1));
+  if (!from_next.defined()) return;
+  // The next slice's conv read this slice's last H positions: their gradient adds to dx there.
+  Tensor dx_rows = dx.Reshape({B, L * E}), tail = Act16({B, H * E});
+  backend_->CopyColumns(dx_rows, (L - H) * E, tail);
+  backend_->Add(from_next.Reshape({B, H * E}), tail);
+  backend_->WriteColumns(tail, dx_rows, (L - H) * E);
 }
 
 void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in,
@@ -161,8 +242,10 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   const Tensor& in_w = GemmWeight(*l.in_proj);
   be.LinearForward(l.h, in_w.Slice(0, E), Tensor(), l.x);
   be.LinearForward(l.h, in_w.Slice(E, 2 * E), Tensor(), l.z);
+  // A recompute reuses the exchanges' results kept from the forward.
+  if (sequence_parallel() && !recompute) ExchangeHalo(l, B, L);
   l.xa = Act16({B, L, E});
-  be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), /*silu=*/true, l.xa);
+  be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, l.prefix, /*silu=*/true, l.xa);
   l.dbc = Act16({B, L, R + 2 * N});
   be.LinearForward(l.xa, GemmWeight(*l.x_proj), Tensor(), l.dbc);
   l.dt_raw = Act16({M, R});  // dt_proj's GEMM input; the scan reads Bm and Cm from dbc
@@ -171,6 +254,7 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   be.LinearForward(l.dt_raw, GemmWeight(*l.dt_w), Tensor(), l.delta);
   l.A = Act({E, N});
   be.NegExp(l.A_log->value, l.A);
+  if (sequence_parallel() && !recompute) HandOffState(l, B);
   l.y = Act16({B, L, E});
   Tensor no_state;
   be.SelectiveScanForward(ScanInputsOf(l), l.y, no_state);
@@ -181,10 +265,13 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   be.LinearForward(l.y, GemmWeight(*l.out_proj), Tensor(), l.out);
   // Keep only what the backward cannot cheaply recompute (see Recompute).
   if (options_.recompute == Recompute::kLayer) {
-    const Tensor residual = l.residual, out = l.out;
+    const Tensor residual = l.residual, out = l.out, prefix = l.prefix, h0 = l.h0, decay = l.decay;
     ReleaseActivations(l);
     l.residual = residual;  // the layer's input (residual stream after the add)
     l.out = out;            // for the next layer's add (Forward releases it)
+    l.prefix = prefix;      // what the exchanges brought, for the recompute
+    l.h0 = h0;
+    l.decay = decay;
   } else if (options_.recompute == Recompute::kConvAndDelta) {
     l.xa = Tensor();
     l.delta = Tensor();
@@ -206,7 +293,7 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, Tensor& d_residual1
     // Recompute::kConvAndDelta (mamba_ssm's checkpoint_lvl 1): two cheap ops instead of two
     // (tokens x d_inner) activations kept from the forward.
     l.xa = Act16({B, L, E});
-    be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, Tensor(), true, l.xa);
+    be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, l.prefix, true, l.xa);
     l.delta = Act16({B, L, E});
     be.LinearForward(l.dt_raw, GemmWeight(*l.dt_w), Tensor(), l.delta);
   }
@@ -226,7 +313,8 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, Tensor& d_residual1
   // x_proj's output gradient (ddt_raw | dBm | dCm): the scan writes its dBm and dCm columns.
   Tensor ddbc = Act16({B, L, R + 2 * N});
   g.dbc = ddbc;
-  be.SelectiveScanBackward(ScanInputsOf(l), dy, none, g);
+  const Tensor dh_last = sequence_parallel() ? HandBackStateGrad(l, dy, B) : Tensor();
+  be.SelectiveScanBackward(ScanInputsOf(l), dy, dh_last, g);
   be.AddProduct(g.dA, l.A, l.A_log->grad);  // A = -exp(A_log): dA_log = dA * A
   be.Add(g.dD_skip, l.D->grad);
   be.Add(g.ddt_bias, l.dt_b->grad);
@@ -241,8 +329,10 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, Tensor& d_residual1
                     /*accumulate_dx=*/true);
   // conv1d + SiLU
   Tensor dx = Act16({B, L, E});
-  be.CausalConv1dBackward(l.x, l.conv_w->value, l.conv_b->value, none, true, dxa, dx,
-                          l.conv_w->grad, l.conv_b->grad, none);
+  Tensor dprefix = l.prefix.defined() ? Act16(l.prefix.shape()) : Tensor();
+  be.CausalConv1dBackward(l.x, l.conv_w->value, l.conv_b->value, l.prefix, true, dxa, dx,
+                          l.conv_w->grad, l.conv_b->grad, dprefix);
+  if (sequence_parallel()) ExchangeHaloGrad(dprefix, dx, B, L);
   // in_proj backward, half by half: weight-gradient views accumulate in place; dh sums both.
   // bf16 in mixed precision, as mamba_ssm's: the GEMMs write and accumulate half the bytes and
   // the norm's backward reads them; the residual stream's gradient stays fp32.

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "worker/backend.h"
+#include "worker/comm/communicator.h"
 #include "worker/model_config.h"
 #include "worker/parameters.h"
 
@@ -61,6 +62,17 @@ class MambaModel {
   // gradients are then partial (ZeroGrad before another pass).
   LossStats ForwardBackward(const Tensor& inputs, const Tensor& targets, int32_t ignore_index,
                             double grad_scale, bool backward);
+  // Sequence parallelism: this model holds one slice of every sequence, the sp_group.rank()-th
+  // of sp_group.size() consecutive ones, and exchanges with its neighbours per layer (DESIGN.md,
+  // "Sequence parallelism"): forward, the conv halo (the last d_conv - 1 positions of the conv
+  // input) to the next rank, and the slices' state maps (decay, state), all-gathered and folded
+  // into this slice's initial state; backward, the state-gradient maps folded in reverse into
+  // this slice's final-state gradient, and the halo's gradient to the previous rank. Inputs and
+  // targets are then this slice's; the loss and the parameter gradients are this slice's
+  // contributions, to be summed over the group. Null (the default) or a group of one: no split.
+  // A failed exchange throws comm::CommunicationError.
+  void SetSequenceParallel(comm::Communicator* sp_group) { sp_ = sp_group; }
+
   // Logits (batch * seq_len, vocab), rows ordered (batch, position), on the backend's device,
   // for int32 host inputs (batch, seq_len). For evaluation and parity checks.
   Tensor Logits(const Tensor& inputs);
@@ -77,7 +89,19 @@ class MambaModel {
     Parameter *in_proj, *conv_w, *conv_b, *x_proj, *dt_w, *dt_b, *A_log, *D, *out_proj;
     // dbc: x_proj's output (B, L, R + 2N); the scan reads Bm and Cm as its column blocks.
     Tensor residual, h, rstd, x, z, xa, dbc, dt_raw, delta, A, y, out;
+    // Sequence parallelism (undefined without it, and on the first slice): the conv halo from the
+    // previous slice (B, d_conv - 1, E), this slice's initial state (B, E, N) and its decay.
+    Tensor prefix, h0, decay;
   };
+  bool sequence_parallel() const { return sp_ != nullptr && sp_->size() > 1; }
+  // Forward exchanges of one layer (sequence parallelism): the conv halo into l.prefix; the
+  // state maps into l.h0 and l.decay.
+  void ExchangeHalo(Layer& l, int64_t B, int64_t L);
+  void HandOffState(Layer& l, int64_t B);
+  // Backward: this slice's final-state gradient from the later slices' maps; and the halo's
+  // gradient dprefix sent back, the next slice's added into dx's last positions.
+  Tensor HandBackStateGrad(const Layer& l, const Tensor& dy, int64_t B);
+  void ExchangeHaloGrad(const Tensor& dprefix, Tensor& dx, int64_t B, int64_t L);
 
   // recompute: rerun for the backward (Recompute::kLayer): keep every activation, skip out_proj.
   void ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in, int64_t B,
@@ -113,6 +137,7 @@ class MambaModel {
   std::vector<Layer> layers_;
   Parameter* embedding_ = nullptr;
   Parameter* norm_f_ = nullptr;
+  comm::Communicator* sp_ = nullptr;
 };
 
 }  // namespace mamba

@@ -13,6 +13,7 @@
 #include "nlohmann/json.hpp"
 #include "profiling/nvtx.h"
 #include "worker/job_spec.h"
+#include "worker/status_macros.h"
 
 namespace mamba {
 namespace {
@@ -33,13 +34,13 @@ std::pair<Tensor, Tensor> BatchTensors(const data::Batch& b) {
 }
 
 // The first field that must match for a resumed run to continue the saved one exactly, or "".
+// The rank layout may change: any layout trains the same steps on the same data.
 std::string FirstDifference(const v1::JobSpec& saved, const v1::JobSpec& now) {
   using google::protobuf::util::MessageDifferencer;
   if (!MessageDifferencer::Equals(saved.model(), now.model())) return "model";
   if (!MessageDifferencer::Equals(saved.data(), now.data())) return "data";
   if (!MessageDifferencer::Equals(saved.optimizer(), now.optimizer())) return "optimizer";
   if (!MessageDifferencer::Equals(saved.schedule(), now.schedule())) return "schedule";
-  if (!MessageDifferencer::Equals(saved.parallel(), now.parallel())) return "parallel";
   if (saved.seed() != now.seed()) return "seed";
   if (saved.batch_size() != now.batch_size()) return "batch_size";
   if (saved.precision() != now.precision()) return "precision";
@@ -52,8 +53,15 @@ int64_t CountTargets(const data::Batch& b) {
   return n;
 }
 
-// The backend the spec names, or why it cannot be had here.
-absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const v1::JobSpec& spec) {
+// Discards what is written to it: the log of ranks other than 0.
+class NullBuffer : public std::streambuf {
+ protected:
+  int overflow(int c) override { return c; }
+};
+
+// The backend the spec names, or why it cannot be had here. CUDA ranks take the GPU of their
+// rank on the node.
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const v1::JobSpec& spec, int local_rank) {
   if (spec.backend() == "cpu") return MakeCpuBackend();
   if (spec.backend() != "cuda") {
     return absl::InvalidArgumentError(
@@ -68,6 +76,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const v1::JobSpec& spec) {
   // job_spec.cc admits "fp32" and "bf16" only. bf16 is mamba_ssm's AMP for the linears: bf16
   // GEMM operands, fp32 accumulation, fp32 master weights, scan state and residual stream.
   CudaBackendOptions options;
+  options.device = local_rank % CudaDeviceCount();
   if (spec.precision() == "bf16") {
     options.gemm_precision = GemmPrecision::kBf16;
   } else if (spec.precision() != "fp32") {
@@ -76,6 +85,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const v1::JobSpec& spec) {
   }
   return MakeCudaBackend(options);
 #else
+  (void)local_rank;
   return absl::FailedPreconditionError(
       "backend: \"cuda\" is not available in this build (CUDA was not found when it was "
       "configured); use \"cpu\"");
@@ -91,27 +101,30 @@ std::string FormatDuration(double seconds) {
   return absl::StrFormat("%ds", s);
 }
 
-absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec) {
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec,
+                                                         const RankOptions& rank) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->spec_ = spec;
-  auto backend = MakeBackend(spec);
-  if (!backend.ok()) return backend.status();
-  if (spec.parallel().dp() * spec.parallel().sp() != 1) {
-    return absl::FailedPreconditionError(
-        "parallel: dp x sp > 1 needs an mpirun worker pool, which this build does not have yet");
-  }
+  const comm::MpiRuntime& mpi = rank.solo ? comm::MpiRuntime::Solo() : comm::MpiRuntime::Get();
   auto dataset = data::MakeDataset(spec.data(), spec.seed());
   if (!dataset.ok()) return dataset.status();
   t->dataset_ = std::move(*dataset);
+  ASSIGN_OR_RETURN(const comm::Layout layout,
+                   ResolveLayout(spec, mpi.world_size(), t->dataset_->seq_len()));
+  auto backend = MakeBackend(spec, mpi.local_rank());
+  if (!backend.ok()) return backend.status();
   if (spec.model().has_vocab_size() && spec.model().vocab_size() < t->dataset_->vocab_size()) {
     return absl::InvalidArgumentError(
         absl::StrCat("model.vocab_size: must be at least the dataset's vocabulary (",
                      t->dataset_->vocab_size(), "), got ", spec.model().vocab_size()));
   }
   t->backend_ = std::move(*backend);
+  ASSIGN_OR_RETURN(t->groups_, comm::MakeProcessGroups(mpi, layout, rank.transport,
+                                                       t->backend_.get(), rank.comm_timeout));
   t->model_ =
       std::make_unique<MambaModel>(ModelConfigFromSpec(spec, t->dataset_->vocab_size()),
                                    t->backend_.get(), DType::kF32, ModelOptionsFromSpec(spec));
+  t->model_->SetSequenceParallel(t->groups_.sp.get());
   t->model_->Initialize(spec.seed());
   t->optimizer_ = std::make_unique<AdamWOptimizer>(OptimizerConfigFromSpec(spec), t->backend_.get(),
                                                    &t->model_->parameter_store());
@@ -170,12 +183,46 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint(int64_t step,
                               options);
 }
 
+absl::StatusOr<data::Batch> Trainer::LocalBatch(data::Split split, int64_t index,
+                                                int64_t seq_len) const {
+  const comm::Layout& layout = groups_.layout;
+  const int64_t count = spec_.batch_size() / layout.dp;
+  ASSIGN_OR_RETURN(data::Batch batch,
+                   dataset_->GetBatch(split, index, groups_.dp_rank * count, count, seq_len));
+  if (layout.sp == 1) return batch;
+  const int64_t len = seq_len / layout.sp, first = groups_.sp_rank * len;
+  data::Batch slice;
+  slice.count = count;
+  slice.seq_len = len;
+  for (int64_t b = 0; b < count; ++b) {
+    const auto from = [&](const std::vector<int32_t>& v) {
+      return v.begin() + b * seq_len + first;
+    };
+    slice.inputs.insert(slice.inputs.end(), from(batch.inputs), from(batch.inputs) + len);
+    slice.targets.insert(slice.targets.end(), from(batch.targets), from(batch.targets) + len);
+  }
+  return slice;
+}
+
+absl::StatusOr<LossStats> Trainer::SumOverRanks(const LossStats& local) {
+  Tensor t = Tensor::Empty({3}, DType::kF64);
+  double* v = t.data<double>();
+  v[0] = local.loss_sum;
+  v[1] = double(local.count);
+  v[2] = double(local.correct);
+  RETURN_IF_ERROR(groups_.world->AllReduceSum(t));
+  LossStats total;
+  total.loss_sum = v[0];
+  total.count = static_cast<int64_t>(v[1]);
+  total.correct = static_cast<int64_t>(v[2]);
+  return total;
+}
+
 absl::StatusOr<LossStats> Trainer::EvaluateBatch(int64_t seq_len, int32_t index) {
   activity_ = absl::StrCat("evaluation at length ", seq_len);
-  auto batch = dataset_->GetBatch(data::Split::kValidation, index, 0, spec_.batch_size(), seq_len);
-  if (!batch.ok()) return batch.status();
-  auto [inputs, targets] = BatchTensors(*batch);
-  return model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 0, false);
+  ASSIGN_OR_RETURN(data::Batch batch, LocalBatch(data::Split::kValidation, index, seq_len));
+  auto [inputs, targets] = BatchTensors(batch);
+  return SumOverRanks(model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 0, false));
 }
 
 absl::StatusOr<EvalResult> Trainer::Evaluate(int64_t seq_len) {
@@ -196,8 +243,12 @@ absl::StatusOr<EvalResult> Trainer::Evaluate(int64_t seq_len) {
 }
 
 absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
+  NullBuffer null_buffer;
+  std::ostream null_log(&null_buffer);
   try {
-    return RunSteps(log);
+    return RunSteps(groups_.is_root() ? log : null_log);
+  } catch (const comm::CommunicationError& e) {
+    return e.status();
   } catch (const DeviceOutOfMemory& e) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "batch_size: %s of batch %d x %d tokens does not fit in device memory (%s); use a smaller "
@@ -207,10 +258,9 @@ absl::StatusOr<TrainSummary> Trainer::Run(std::ostream& log) {
 }
 
 absl::Status Trainer::ReserveWorkspace(const std::vector<int64_t>& eval_lens, std::ostream& log) {
-  const int64_t B = spec_.batch_size(), L = dataset_->seq_len();
-  auto batch = dataset_->GetBatch(data::Split::kTrain, start_step_, 0, B, L);
-  if (!batch.ok()) return batch.status();
-  auto [inputs, targets] = BatchTensors(*batch);
+  ASSIGN_OR_RETURN(data::Batch batch,
+                   LocalBatch(data::Split::kTrain, start_step_, dataset_->seq_len()));
+  auto [inputs, targets] = BatchTensors(batch);
   {
     profiling::ScopedRange range("workspace_probe");
     activity_ = "the probe step";
@@ -245,6 +295,12 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
       spec_.name().empty() ? "(unnamed)" : spec_.name(), dataset_->name(), model_->config().d_model,
       model_->config().n_layer, model_->config().d_state, model_->config().vocab_size,
       model_->num_parameters(), B, L, steps, backend_->name());
+  const comm::Layout& layout = groups_.layout;
+  if (layout.world() > 1) {
+    log << absl::StrFormat(
+        "ranks: %d (dp %d x sp %d over %s): each trains %d sequences x %d positions a step\n",
+        layout.world(), layout.dp, layout.sp, groups_.transport, B / layout.dp, L / layout.sp);
+  }
   std::vector<int64_t> eval_lens(spec_.eval().seq_lens().begin(), spec_.eval().seq_lens().end());
   if (eval_lens.empty()) eval_lens.push_back(L);
   if (!resumed_from_.empty()) {
@@ -263,17 +319,29 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   LossStats window;
   int64_t window_steps = 0;
   for (int64_t step = start_step_; step < steps; ++step) {
-    auto batch = dataset_->GetBatch(data::Split::kTrain, step, 0, B, L);
-    if (!batch.ok()) return batch.status();
-    const int64_t counted = CountTargets(*batch);
+    ASSIGN_OR_RETURN(data::Batch batch, LocalBatch(data::Split::kTrain, step, L));
+    // The loss is the mean over every target of the global batch: the count is summed first.
+    LossStats local_count;
+    local_count.count = CountTargets(batch);
+    ASSIGN_OR_RETURN(const LossStats global_count, SumOverRanks(local_count));
+    const int64_t counted = global_count.count;
     if (counted == 0) {
       return absl::FailedPreconditionError(absl::StrCat("step ", step, ": batch has no targets"));
     }
-    auto [inputs, targets] = BatchTensors(*batch);
+    auto [inputs, targets] = BatchTensors(batch);
     activity_ = absl::StrCat("step ", step + 1);
     profiling::ScopedRange step_range("step");
     model_->ZeroGrad();
-    LossStats s = model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
+    const LossStats local =
+        model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
+    {
+      profiling::ScopedRange range("grad_all_reduce");
+      for (const ParameterGroup& g : model_->parameter_store().groups()) {
+        Tensor grads = g.grads;
+        RETURN_IF_ERROR(groups_.world->AllReduceSum(grads));
+      }
+    }
+    ASSIGN_OR_RETURN(const LossStats s, SumOverRanks(local));
     if (!std::isfinite(s.loss_sum)) {
       return absl::InternalError(
           absl::StrCat("step ", step, ": loss is not finite (", s.loss_sum, "); stopping"));
@@ -324,8 +392,17 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     }
     const v1::CheckpointSpec& c = spec_.checkpoint();
     if (!c.dir().empty() && (last || (c.every_steps() > 0 && (step + 1) % c.every_steps() == 0))) {
-      auto dir = SaveCheckpoint(step + 1, summary.losses);
+      // Rank 0 writes (the parameters are the same everywhere); the others learn whether it could.
+      absl::StatusOr<std::string> dir = std::string();
+      if (groups_.is_root()) dir = SaveCheckpoint(step + 1, summary.losses);
+      Tensor failed = Tensor::Zeros({1}, DType::kF64);
+      failed.data<double>()[0] = dir.ok() ? 0 : 1;
+      RETURN_IF_ERROR(groups_.world->AllReduceSum(failed));
       if (!dir.ok()) return dir.status();
+      if (failed.data<double>()[0] != 0) {
+        return absl::AbortedError(
+            absl::StrCat("step ", step + 1, ": rank 0 could not save the checkpoint"));
+      }
       log << "  checkpoint: " << *dir << "\n";
     }
   }

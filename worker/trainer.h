@@ -1,5 +1,9 @@
-// The single-process training loop: data -> forward/backward -> clip -> AdamW, with progress
-// lines (step, loss, accuracy, tokens/s, ETA), periodic held-out evaluation and a summary.
+// The training loop of one rank: data -> forward/backward -> gradient sum over the ranks -> clip
+// -> AdamW, with progress lines (step, loss, accuracy, tokens/s, ETA), periodic held-out
+// evaluation and a summary. Alone, or as one rank of an mpirun worker pool (comm/): each dp group
+// trains its share of the global batch, each sp rank one slice of its sequences; losses, token
+// counts and gradients are summed over the world, so every rank applies the same update. Rank 0
+// alone prints and writes checkpoints.
 #pragma once
 
 #include <cstdint>
@@ -9,8 +13,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "proto/job.pb.h"
 #include "worker/backend.h"
+#include "worker/comm/process_groups.h"
 #include "worker/data/dataset.h"
 #include "worker/model.h"
 #include "worker/optimizer.h"
@@ -40,11 +46,23 @@ struct TrainSummary {
   int64_t step_device_allocations = 0;
 };
 
+// How this process takes part in a job.
+struct RankOptions {
+  comm::Transport transport = comm::Transport::kAuto;
+  // How long an exchange waits for the other ranks before the job fails.
+  absl::Duration comm_timeout = absl::Minutes(5);
+  // Train alone in this process even where MPI is up (a one-rank reference beside a pool).
+  bool solo = false;
+};
+
 class Trainer {
  public:
   // The spec must be resolved (ResolveJobSpec). Fails with a named field for anything the
-  // dataset or model cannot do.
-  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const v1::JobSpec& spec);
+  // dataset or model cannot do, or a grid that does not fit the world (comm::MpiRuntime::Get(): a
+  // world of one unless MPI was initialized). On CUDA, a rank takes the GPU of its rank on the
+  // node (modulo the GPUs it sees).
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const v1::JobSpec& spec,
+                                                         const RankOptions& rank = {});
 
   // Trains spec.steps steps, printing progress to `log`. On a GPU, first sizes and reserves the
   // workspace with probe passes over the first batch (nothing is updated); a batch that does not
@@ -53,6 +71,9 @@ class Trainer {
   // Held-out loss and accuracy at one length (eval.batches batches of batch_size).
   absl::StatusOr<EvalResult> Evaluate(int64_t seq_len);
 
+  // This rank's place in the job.
+  const comm::ProcessGroups& groups() const { return groups_; }
+  Backend& backend() { return *backend_; }
   MambaModel& model() { return *model_; }
   AdamWOptimizer& optimizer() { return *optimizer_; }
   const data::Dataset& dataset() const { return *dataset_; }
@@ -64,8 +85,13 @@ class Trainer {
   // Loads checkpoint.resume_from (a step_ directory or a root) after checking that the saved job
   // spec trains the same model on the same data.
   absl::Status Resume(const std::string& path);
-  // The loss statistics of held-out batch `index` at one length.
+  // This rank's part of batch `index` of a split: its dp share of the samples, its sp slice of
+  // the positions.
+  absl::StatusOr<data::Batch> LocalBatch(data::Split split, int64_t index, int64_t seq_len) const;
+  // The loss statistics of held-out batch `index` at one length, summed over the ranks.
   absl::StatusOr<LossStats> EvaluateBatch(int64_t seq_len, int32_t index);
+  // Sums loss statistics over the world.
+  absl::StatusOr<LossStats> SumOverRanks(const LossStats& local);
   // Writes checkpoint.dir/step_<step>/ atomically; returns its path.
   absl::StatusOr<std::string> SaveCheckpoint(int64_t step, const std::vector<double>& losses);
   absl::StatusOr<TrainSummary> RunSteps(std::ostream& log);
@@ -75,6 +101,7 @@ class Trainer {
 
   v1::JobSpec spec_;
   std::unique_ptr<Backend> backend_;
+  comm::ProcessGroups groups_;
   std::unique_ptr<data::Dataset> dataset_;
   std::unique_ptr<MambaModel> model_;
   std::unique_ptr<AdamWOptimizer> optimizer_;

@@ -501,6 +501,53 @@ TEST_P(CudaBackendActTest, SelectiveScan) {
   }
 }
 
+// Sequence parallelism's slice maps (decay, state; dstate) against the CPU reference: long
+// slices (the kernel's chunks fold), one step, several groups, N other than 16.
+TEST_P(CudaBackendActTest, SelectiveScanStateMaps) {
+  const DType act = GetParam();
+  struct ScanShape {
+    int64_t B, L, D, N, G;
+  };
+  for (const ScanShape sh : {ScanShape{2, 37, 40, 16, 2}, ScanShape{1, 3000, 64, 16, 1},
+                             ScanShape{2, 1, 40, 8, 1}, ScanShape{1, 130, 24, 5, 1}}) {
+    const int64_t B = sh.B, L = sh.L, D = sh.D, N = sh.N, G = sh.G;
+    SCOPED_TRACE(::testing::Message()
+                 << "B " << B << " L " << L << " D " << D << " N " << N << " G " << G);
+    const Shape as{B, L, D}, bc{B, L, G, N}, st{B, D, N};
+    const std::vector<float> u = Rand(B * L * D), delta = Rand(B * L * D, -6.0, 0.5),
+                             Bm = Rand(B * L * G * N), Cm = Rand(B * L * G * N),
+                             z = Rand(B * L * D, -2.0, 2.0), dout = Rand(B * L * D);
+    const std::vector<float> A = RandF32(D * N, -2.0, -0.1), bias = RandF32(D, -1.0, 0.0);
+    auto inputs = [&](auto act_t, auto f32_t) {
+      ScanInputs in;
+      in.u = act_t(as, u);
+      in.delta = act_t(as, delta);
+      in.A = f32_t(Shape{D, N}, A);
+      in.Bm = act_t(bc, Bm);
+      in.Cm = act_t(bc, Cm);
+      in.z = act_t(as, z);
+      in.dt_bias = f32_t(Shape{D}, bias);
+      return in;
+    };
+    const ScanInputs gin =
+        inputs([&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v, act); },
+               [&](const Shape& s, const std::vector<float>& v) { return Gpu(s, v); });
+    const ScanInputs cin =
+        inputs([&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); },
+               [&](const Shape& s, const std::vector<float>& v) { return Ref(s, v); });
+    Tensor gdecay = Poisoned(st), gstate = Poisoned(st), gdstate = Poisoned(st);
+    Tensor cdecay = Tensor::Empty(st, DType::kF64), cstate = Tensor::Empty(st, DType::kF64),
+           cdstate = Tensor::Empty(st, DType::kF64);
+    gpu_->SelectiveScanStateMap(gin, gdecay, gstate);
+    cpu_->SelectiveScanStateMap(cin, cdecay, cstate);
+    gpu_->SelectiveScanStateGrad(gin, Gpu(as, dout, act), gdstate);
+    cpu_->SelectiveScanStateGrad(cin, Ref(as, dout), cdstate);
+    ExpectClose(gdecay, cdecay, "state map decay", kScanGradTol);
+    ExpectClose(gstate, cstate, "state map state", kScanGradTol);
+    ExpectClose(gdstate, cdstate, "state grad", kScanGradTol);
+  }
+}
+
 TEST_F(CudaBackendTest, ElementwiseHelpers) {
   const int64_t n = 70001;
   const std::vector<float> a = Rand(n, -3, 3), b = Rand(n), c = Rand(n);

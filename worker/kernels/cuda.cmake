@@ -5,6 +5,7 @@ add_library(mamba_kernels_cuda_obj OBJECT
   ${CMAKE_CURRENT_LIST_DIR}/selective_scan_cuda.cu
   ${CMAKE_CURRENT_LIST_DIR}/selective_scan_fwd.cu
   ${CMAKE_CURRENT_LIST_DIR}/selective_scan_bwd.cu
+  ${CMAKE_CURRENT_LIST_DIR}/selective_scan_state.cu
   ${CMAKE_CURRENT_LIST_DIR}/selective_scan_tiled.cu
   ${CMAKE_CURRENT_LIST_DIR}/mamba_kernels_capi.cc
 )

@@ -169,9 +169,80 @@ void SelectiveScanBackwardCpu(const ScanShape& s, const ScanBackwardArgs<T>& a) 
   }
 }
 
+template <typename T>
+void SelectiveScanStateMapCpu(const ScanShape& s, const ScanForwardArgs<T>& a, T* decay, T* state) {
+  const int64_t B = s.batch, L = s.len, D = s.dim, N = s.dstate, G = s.groups;
+  const int64_t dims_per_group = D / G;
+#pragma omp parallel
+  {
+    std::vector<T> h(N);
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t g = d / dims_per_group;
+        const T* A = a.A + d * N;
+        std::fill(h.begin(), h.end(), T(0));
+        T dt_sum = 0;
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t idx = (b * L + t) * D + d;
+          const T* Bt = a.Bm + ((b * L + t) * G + g) * N;
+          T dt, unused;
+          StepSize(a, idx, d, &dt, &unused);
+          dt_sum += dt;
+          const T u = a.u[idx];
+          for (int64_t n = 0; n < N; ++n) h[n] = std::exp(dt * A[n]) * h[n] + dt * Bt[n] * u;
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          decay[(b * D + d) * N + n] = std::exp(dt_sum * A[n]);
+          state[(b * D + d) * N + n] = h[n];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void SelectiveScanStateGradCpu(const ScanShape& s, const ScanForwardArgs<T>& a, const T* dout,
+                               T* dstate) {
+  const int64_t B = s.batch, L = s.len, D = s.dim, N = s.dstate, G = s.groups;
+  const int64_t dims_per_group = D / G;
+#pragma omp parallel
+  {
+    std::vector<T> g_next(N);  // d loss / d h_t, from the positions after t
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t g = d / dims_per_group;
+        const T* A = a.A + d * N;
+        std::fill(g_next.begin(), g_next.end(), T(0));
+        for (int64_t t = L - 1; t >= 0; --t) {
+          const int64_t idx = (b * L + t) * D + d;
+          const T* Ct = a.Cm + ((b * L + t) * G + g) * N;
+          T dt, unused;
+          StepSize(a, idx, d, &dt, &unused);
+          T dy = dout[idx];
+          if (a.z) dy *= a.z[idx] * Sigmoid(a.z[idx]);
+          // d loss / d h_{t-1} = exp(dt_t A) (C_t dy_t + d loss / d h_t from later positions).
+          for (int64_t n = 0; n < N; ++n)
+            g_next[n] = std::exp(dt * A[n]) * (g_next[n] + Ct[n] * dy);
+        }
+        for (int64_t n = 0; n < N; ++n) dstate[(b * D + d) * N + n] = g_next[n];
+      }
+    }
+  }
+}
+
 template void SelectiveScanForwardCpu<float>(const ScanShape&, const ScanForwardArgs<float>&);
 template void SelectiveScanForwardCpu<double>(const ScanShape&, const ScanForwardArgs<double>&);
 template void SelectiveScanBackwardCpu<float>(const ScanShape&, const ScanBackwardArgs<float>&);
 template void SelectiveScanBackwardCpu<double>(const ScanShape&, const ScanBackwardArgs<double>&);
+template void SelectiveScanStateMapCpu<float>(const ScanShape&, const ScanForwardArgs<float>&,
+                                              float*, float*);
+template void SelectiveScanStateMapCpu<double>(const ScanShape&, const ScanForwardArgs<double>&,
+                                               double*, double*);
+template void SelectiveScanStateGradCpu<float>(const ScanShape&, const ScanForwardArgs<float>&,
+                                               const float*, float*);
+template void SelectiveScanStateGradCpu<double>(const ScanShape&, const ScanForwardArgs<double>&,
+                                                const double*, double*);
 
 }  // namespace mamba::kernels

@@ -63,4 +63,17 @@ void SelectiveScanForwardCpu(const ScanShape& s, const ScanForwardArgs<T>& a);
 template <typename T>
 void SelectiveScanBackwardCpu(const ScanShape& s, const ScanBackwardArgs<T>& a);
 
+// The affine maps of a slice of the sequence, for sequence parallelism (DESIGN.md, "Sequence
+// parallelism"): per (b, d, n),
+//   forward:  h_last = decay * h0 + state          decay = exp(A * sum_t delta_t) (after softplus),
+//                                                  state = h_last from h0 = 0 (a.h0 is ignored)
+//   backward: dh0 = decay * dh_last + dstate       dstate = dh0 from dh_last = 0 and dout
+// so that ranks holding consecutive slices find their true h0 and dh_last by composing their
+// neighbours' maps. Only the recurrence runs: no outputs, no D_skip (z enters dstate as the gate).
+template <typename T>
+void SelectiveScanStateMapCpu(const ScanShape& s, const ScanForwardArgs<T>& a, T* decay, T* state);
+template <typename T>
+void SelectiveScanStateGradCpu(const ScanShape& s, const ScanForwardArgs<T>& a, const T* dout,
+                               T* dstate);
+
 }  // namespace mamba::kernels
