@@ -3,10 +3,12 @@
 // memory and a per-phase breakdown (per-op CUDA events in --profile_steps extra steps), and
 // writes JSON. Defaults: Mamba-130M (d_model 768, 24 layers, vocab 50280 padded to 50280,
 // N 16) at batch 8, seqlen 2048. --batch 0 finds the largest batch (a multiple of 8) whose step
-// fits in device memory, by probe steps, and times that. After the first warm-up step the
-// step's buffers become one workspace (Backend::ReserveWorkspace), as in training jobs.
+// fits in device memory, by probe steps, and times that; --seq_len 0 likewise finds the longest
+// sequence (a multiple of 16384) whose step fits at the given batch: with --recompute layer, the
+// longest single sequence that trains on one GPU. After the first warm-up step the step's buffers
+// become one workspace (Backend::ReserveWorkspace), as in training jobs.
 //   train_bench [--d_model 768 --n_layer 24 --batch 8 --seq_len 2048 --steps 10]
-//               [--precision fp32|tf32|bf16] [--json out.json]
+//               [--precision fp32|tf32|bf16] [--recompute conv|layer|none] [--json out.json]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -27,7 +29,11 @@ ABSL_FLAG(int64_t, n_layer, 24, "layers");
 ABSL_FLAG(int64_t, vocab, 50280, "vocabulary (padded to a multiple of 8)");
 ABSL_FLAG(int64_t, d_state, 16, "SSM state size N");
 ABSL_FLAG(int64_t, batch, 8, "sequences per step; 0: the largest multiple of 8 that fits");
-ABSL_FLAG(int64_t, seq_len, 2048, "tokens per sequence");
+ABSL_FLAG(int64_t, seq_len, 2048,
+          "tokens per sequence; 0: the longest multiple of 16384 that fits (at --batch, not 0)");
+ABSL_FLAG(std::string, recompute, "conv",
+          "what the backward recomputes: conv (conv output and delta), layer (whole layers) or "
+          "none");
 ABSL_FLAG(int64_t, steps, 10, "timed steps");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps first");
 ABSL_FLAG(int64_t, profile_steps, 2,
@@ -60,9 +66,9 @@ std::string Phase(const std::string& op) {
 // second probe served by that workspace. Gives every buffer back afterwards.
 template <typename RandomBatch>
 bool Fits(mamba::MambaModel& model, mamba::AdamWOptimizer& opt, mamba::Backend& backend,
-          int64_t batch, RandomBatch& random_batch) {
+          int64_t batch, int64_t seq_len, RandomBatch& random_batch) {
   Tensor inputs, targets;
-  random_batch(batch, inputs, targets);
+  random_batch(batch, seq_len, inputs, targets);
   bool fits = true;
   try {
     for (int pass = 0; pass < 2; ++pass) {
@@ -84,7 +90,7 @@ template <typename RandomBatch>
 int64_t LargestBatch(mamba::MambaModel& model, mamba::AdamWOptimizer& opt, mamba::Backend& backend,
                      int64_t seq_len, RandomBatch& random_batch) {
   int64_t fits = 0, fails = 8;
-  while (Fits(model, opt, backend, fails, random_batch)) {
+  while (Fits(model, opt, backend, fails, seq_len, random_batch)) {
     std::printf("  batch %ld x %ld fits\n", long(fails), long(seq_len));
     fits = fails;
     fails *= 2;
@@ -92,12 +98,37 @@ int64_t LargestBatch(mamba::MambaModel& model, mamba::AdamWOptimizer& opt, mamba
   std::printf("  batch %ld x %ld does not fit\n", long(fails), long(seq_len));
   while (fails - fits > 8) {
     const int64_t mid = (fits + fails) / 16 * 8;
-    const bool ok = Fits(model, opt, backend, mid, random_batch);
+    const bool ok = Fits(model, opt, backend, mid, seq_len, random_batch);
     std::printf("  batch %ld x %ld %s\n", long(mid), long(seq_len), ok ? "fits" : "does not fit");
     (ok ? fits : fails) = mid;
   }
   if (fits == 0) {
     std::fprintf(stderr, "train_bench: not even batch 8 fits\n");
+    std::exit(3);
+  }
+  return fits;
+}
+
+// The longest multiple of 16384 tokens whose step at `batch` fits: doubling, then bisection.
+template <typename RandomBatch>
+int64_t LongestSequence(mamba::MambaModel& model, mamba::AdamWOptimizer& opt,
+                        mamba::Backend& backend, int64_t batch, RandomBatch& random_batch) {
+  constexpr int64_t kUnit = 16384;
+  int64_t fits = 0, fails = kUnit;
+  while (Fits(model, opt, backend, batch, fails, random_batch)) {
+    std::printf("  batch %ld x %ld fits\n", long(batch), long(fails));
+    fits = fails;
+    fails *= 2;
+  }
+  std::printf("  batch %ld x %ld does not fit\n", long(batch), long(fails));
+  while (fails - fits > kUnit) {
+    const int64_t mid = (fits + fails) / (2 * kUnit) * kUnit;
+    const bool ok = Fits(model, opt, backend, batch, mid, random_batch);
+    std::printf("  batch %ld x %ld %s\n", long(batch), long(mid), ok ? "fits" : "does not fit");
+    (ok ? fits : fails) = mid;
+  }
+  if (fits == 0) {
+    std::fprintf(stderr, "train_bench: not even %ld tokens fit\n", long(kUnit));
     std::exit(3);
   }
   return fits;
@@ -114,7 +145,7 @@ int main(int argc, char** argv) {
   c.d_state = absl::GetFlag(FLAGS_d_state);
   c.dt_rank = mamba::ModelConfig::DefaultDtRank(c.d_model);
   int64_t B = absl::GetFlag(FLAGS_batch);
-  const int64_t L = absl::GetFlag(FLAGS_seq_len);
+  int64_t L = absl::GetFlag(FLAGS_seq_len);
   const int64_t steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
   const int64_t profile_steps = std::max<int64_t>(1, absl::GetFlag(FLAGS_profile_steps));
   const std::string backend_name = absl::GetFlag(FLAGS_backend);
@@ -148,7 +179,17 @@ int main(int argc, char** argv) {
     backend = mamba::MakeCpuBackend();
   }
 
-  mamba::MambaModel model(c, backend.get());
+  mamba::ModelOptions model_options;
+  const std::string recompute = absl::GetFlag(FLAGS_recompute);
+  if (recompute == "layer") {
+    model_options.recompute = mamba::Recompute::kLayer;
+  } else if (recompute == "none") {
+    model_options.recompute = mamba::Recompute::kNone;
+  } else if (recompute != "conv") {
+    std::fprintf(stderr, "train_bench: --recompute must be conv, layer or none\n");
+    return 2;
+  }
+  mamba::MambaModel model(c, backend.get(), mamba::DType::kF32, model_options);
   model.Initialize(1);
   mamba::OptimizerConfig oc;
   mamba::AdamWOptimizer opt(oc, backend.get(), &model.parameter_store());
@@ -160,14 +201,21 @@ int main(int argc, char** argv) {
       long(c.vocab_size), long(c.d_state), model.num_parameters() / 1e6, long(B), long(L));
 
   std::mt19937 rng(7);
-  const auto random_batch = [&](int64_t batch, Tensor& inputs, Tensor& targets) {
-    inputs = Tensor::Empty({batch, L}, mamba::DType::kI32);
-    targets = Tensor::Empty({batch, L}, mamba::DType::kI32);
-    for (int64_t i = 0; i < batch * L; ++i) {
+  const auto random_batch = [&](int64_t batch, int64_t len, Tensor& inputs, Tensor& targets) {
+    inputs = Tensor::Empty({batch, len}, mamba::DType::kI32);
+    targets = Tensor::Empty({batch, len}, mamba::DType::kI32);
+    for (int64_t i = 0; i < batch * len; ++i) {
       inputs.data<int32_t>()[i] = int32_t(rng() % c.vocab_size);
       targets.data<int32_t>()[i] = int32_t(rng() % c.vocab_size);
     }
   };
+  if (L == 0) {
+    if (B == 0) {
+      std::fprintf(stderr, "train_bench: --seq_len 0 needs a --batch\n");
+      return 2;
+    }
+    L = LongestSequence(model, opt, *backend, B, random_batch);
+  }
   if (B == 0) B = LargestBatch(model, opt, *backend, L, random_batch);
   Tensor inputs, targets;
   std::vector<double> step_ms;
@@ -175,7 +223,7 @@ int main(int argc, char** argv) {
   double loss = 0;
   size_t workspace = 0;
   for (int64_t s = 0; s < warmup + steps + profile_steps; ++s) {
-    random_batch(B, inputs, targets);
+    random_batch(B, L, inputs, targets);
     const bool timed = s >= warmup && s < warmup + steps;
     const bool profiled = s >= warmup + steps;
     if (s == warmup) backend->ResetPeakMemory();
@@ -241,6 +289,7 @@ int main(int argc, char** argv) {
     j["parameters"] = model.num_parameters();
     j["batch"] = B;
     j["seq_len"] = L;
+    j["recompute"] = recompute;
     j["median_step_ms"] = median;
     j["tokens_per_second"] = tokens_per_s;
     j["peak_tensor_gib"] = peak_gib;

@@ -15,7 +15,7 @@ mkdir -p "$STAGE/build" "$STAGE/lib"
 # Executables (and the kernels' shared library) at their build-tree names.
 # Only what the GPU run uses (each binary carries every CUDA kernel, ~11 MB; the device tool
 # carries at most 64 MiB). BUNDLE_BINS: space-separated globs relative to the build folder.
-for pattern in ${BUNDLE_BINS:-test_cuda_* train_bench mamba-worker mamba_logits}; do
+for pattern in ${BUNDLE_BINS:-test_cuda_* test_distributed train_bench sp_bench mamba-worker mamba_logits}; do
   for f in "$BUILD"/$pattern; do [[ -f "$f" ]] && cp "$f" "$STAGE/build/"; done
 done
 # Shared libraries the GPU machine's Ubuntu image lacks.

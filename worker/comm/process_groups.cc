@@ -113,7 +113,9 @@ absl::StatusOr<ProcessGroups> MakeProcessGroups(const MpiRuntime& mpi, const Lay
   bool nccl = false;
 #ifdef MAMBA_HAS_NCCL
   const bool own_gpus = device && mpi.local_size() <= CudaDeviceCount();
-  nccl = transport == Transport::kNccl || (transport == Transport::kAuto && own_gpus);
+  // A process alone (no launcher) has nothing to exchange: auto picks no transport then.
+  nccl =
+      transport == Transport::kNccl || (transport == Transport::kAuto && own_gpus && mpi.active());
   if (nccl && !device) {
     return absl::InvalidArgumentError("--transport nccl: needs the cuda backend");
   }

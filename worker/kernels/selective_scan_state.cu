@@ -1,9 +1,11 @@
 // The slice state maps of sequence parallelism on the GPU (the math: SelectiveScanStateMapCpu and
 // SelectiveScanStateGradCpu in selective_scan_cpu.h). The slice is cut into chunks that run in
-// parallel, one thread per (batch, channel, state, chunk) running only the recurrence; a second
-// kernel folds each chain's chunk maps in order, (a2, s2) o (a1, s1) = (a2 a1, a2 s1 + s2), the
-// same algebra that composes the slices across ranks. Deterministic: fixed chunks, fixed order.
+// parallel, one thread per (batch, channel, chunk) running only the recurrence; a second kernel
+// folds each (batch, channel, state)'s chunk maps in order, (a2, s2) o (a1, s1) = (a2 a1, a2 s1 +
+// s2), the same algebra that composes the slices across ranks. Deterministic: fixed chunks, fixed
+// order.
 #include <algorithm>
+#include <cstdint>
 #include <memory>
 
 #include "worker/kernels/cuda_dtype.cuh"
@@ -12,53 +14,84 @@
 namespace mamba::kernels::cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ float At3(const Strided3& s, int64_t b, int64_t t, int64_t d) {
-  return ToFloat(static_cast<const T*>(s.p)[b * s.sb + t * s.sl + d * s.sd]);
-}
-template <typename T>
-__device__ __forceinline__ float At4(const Strided4& s, int64_t b, int64_t t, int64_t g,
-                                     int64_t n) {
-  return ToFloat(static_cast<const T*>(s.p)[b * s.sb + t * s.sl + g * s.sg + n * s.sn]);
+// Softplus of the raw step size plus its bias, with the hardware exponential and logarithm
+// (absolute error ~1e-7, as the scan kernels' own).
+__device__ __forceinline__ float StepSize(const ScanProblem& p, float raw) {
+  return p.softplus && raw <= 20.f ? __logf(1.f + __expf(raw)) : raw;
 }
 
-__device__ __forceinline__ float StepSize(const ScanProblem& p, float raw, int64_t d) {
-  raw += p.dt_bias ? p.dt_bias[d] : 0.f;
-  return p.softplus && raw <= 20.f ? log1pf(expf(raw)) : raw;
-}
+// One chunk of one (batch, channel): forward, the final states from zero; backward, the state
+// gradients at its start from zero at its end; and the chunk's summed step size. A thread holds
+// kSlice states in registers (more states: slice after slice), so the step size's softplus and
+// the loads of u, delta, z and dout are paid once per step and slice, not per state; lanes are
+// consecutive channels, so those loads coalesce and the Bm/Cm rows are warp-uniform (read in
+// 4-element pieces when kVec: n-contiguous and aligned).
+constexpr int kSlice = 16;
 
-// One chunk of one chain: forward, its final state from zero; backward, the state gradient at
-// its start from zero at its end. Both also leave the chunk's summed step size.
-template <typename T, bool kBackward>
-__global__ void ChunkMaps(ScanProblem p, int64_t chunk_len, float* chunk_s, float* chunk_dt) {
-  const int64_t chains = p.batch * p.dim * p.dstate;
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= chains) return;
-  const int64_t n = i % p.dstate, d = (i / p.dstate) % p.dim, b = i / (p.dstate * p.dim);
-  const int64_t g = d / (p.dim / p.groups);
+template <typename T, bool kBackward, bool kVec>
+__global__ void __launch_bounds__(128)
+    ChunkMaps(const ScanProblem p, int64_t chunk_len, float* chunk_s, float* chunk_dt) {
+  const int64_t rows = p.batch * p.dim;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (row >= rows) return;
+  const int64_t d = row % p.dim, b = row / p.dim, g = d / (p.dim / p.groups);
   const int64_t t0 = blockIdx.y * chunk_len, t1 = min(p.len, t0 + chunk_len);
-  const float A = p.A[d * p.dstate + n];
-  float h = 0.f, dt_sum = 0.f;
-  if constexpr (!kBackward) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float dt = StepSize(p, At3<T>(p.delta, b, t, d), d);
-      dt_sum += dt;
-      h = __expf(dt * A) * h + dt * At4<T>(p.Bm, b, t, g, n) * At3<T>(p.u, b, t, d);
+  const int64_t chains = rows * p.dstate;
+  float* s_out = chunk_s + blockIdx.y * chains + row * p.dstate;
+  const T* delta = static_cast<const T*>(p.delta.p) + b * p.delta.sb + d * p.delta.sd;
+  const T* act = static_cast<const T*>(kBackward ? p.dout.p : p.u.p) +
+                 b * (kBackward ? p.dout.sb : p.u.sb) + d * (kBackward ? p.dout.sd : p.u.sd);
+  const T* z = p.z.p ? static_cast<const T*>(p.z.p) + b * p.z.sb + d * p.z.sd : nullptr;
+  const Strided4& rs = kBackward ? p.Cm : p.Bm;  // the row the recurrence reads per step
+  const T* row_base = static_cast<const T*>(rs.p) + b * rs.sb + g * rs.sg;
+  const float bias = p.dt_bias ? p.dt_bias[d] : 0.f;
+  const int64_t sl_delta = p.delta.sl, sl_act = kBackward ? p.dout.sl : p.u.sl, sl_z = p.z.sl;
+  for (int64_t n0 = 0; n0 < p.dstate; n0 += kSlice) {
+    const int ns = static_cast<int>(min(int64_t{kSlice}, p.dstate - n0));
+    float A[kSlice], h[kSlice];
+#pragma unroll
+    for (int k = 0; k < kSlice; ++k) {
+      A[k] = k < ns ? p.A[d * p.dstate + n0 + k] : 0.f;
+      h[k] = 0.f;
     }
-  } else {
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      const float dt = StepSize(p, At3<T>(p.delta, b, t, d), d);
+    float dt_sum = 0.f;
+#pragma unroll 2
+    for (int64_t i = 0; i < t1 - t0; ++i) {
+      const int64_t t = kBackward ? t1 - 1 - i : t0 + i;
+      const float dt = StepSize(p, Load(delta + t * sl_delta) + bias);
       dt_sum += dt;
-      float dy = At3<T>(p.dout, b, t, d);
-      if (p.z.p) {
-        const float z = At3<T>(p.z, b, t, d);
-        dy *= z / (1.f + __expf(-z));
+      float v[kSlice];
+      const T* r = row_base + t * rs.sl + n0 * rs.sn;
+      if constexpr (kVec) {
+#pragma unroll
+        for (int k = 0; k < kSlice; k += 4) {
+          const Vec<4> q = LoadVec<4>(r + k);
+          v[k] = q.v[0], v[k + 1] = q.v[1], v[k + 2] = q.v[2], v[k + 3] = q.v[3];
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kSlice; ++k) v[k] = k < ns ? Load(r + k * rs.sn) : 0.f;
       }
-      h = __expf(dt * A) * (h + At4<T>(p.Cm, b, t, g, n) * dy);
+      if constexpr (!kBackward) {
+        const float du = dt * Load(act + t * sl_act);
+#pragma unroll
+        for (int k = 0; k < kSlice; ++k) h[k] = __expf(dt * A[k]) * h[k] + du * v[k];
+      } else {
+        float dy = Load(act + t * sl_act);
+        if (z) {
+          const float zv = Load(z + t * sl_z);
+          dy *= zv / (1.f + __expf(-zv));
+        }
+#pragma unroll
+        for (int k = 0; k < kSlice; ++k) h[k] = __expf(dt * A[k]) * (h[k] + v[k] * dy);
+      }
     }
+#pragma unroll
+    for (int k = 0; k < kSlice; ++k) {
+      if (k < ns) s_out[n0 + k] = h[k];
+    }
+    if (n0 == 0) chunk_dt[blockIdx.y * rows + row] = dt_sum;
   }
-  chunk_s[blockIdx.y * chains + i] = h;
-  chunk_dt[blockIdx.y * chains + i] = dt_sum;
 }
 
 // Folds each chain's chunk maps: forward in order, backward in reverse.
@@ -68,12 +101,13 @@ __global__ void FoldChunks(ScanProblem p, int64_t chunks, const float* chunk_s,
   const int64_t chains = p.batch * p.dim * p.dstate;
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= chains) return;
-  const float A = p.A[((i / p.dstate) % p.dim) * p.dstate + i % p.dstate];
+  const int64_t rows = p.batch * p.dim, row = i / p.dstate;
+  const float A = p.A[(row % p.dim) * p.dstate + i % p.dstate];
   float h = 0.f, dt_sum = 0.f;
   for (int64_t k = 0; k < chunks; ++k) {
     const int64_t c = kBackward ? chunks - 1 - k : k;
-    h = __expf(A * chunk_dt[c * chains + i]) * h + chunk_s[c * chains + i];
-    dt_sum += chunk_dt[c * chains + i];
+    h = __expf(A * chunk_dt[c * rows + row]) * h + chunk_s[c * chains + i];
+    dt_sum += chunk_dt[c * rows + row];
   }
   if (decay) decay[i] = __expf(A * dt_sum);
   state[i] = h;
@@ -87,11 +121,13 @@ cudaError_t Launch(const ScanProblem& p, float* decay, float* state, cudaStream_
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  // Enough chunks for ~2048 threads an SM, each at least 64 steps long.
-  const int64_t want = std::max<int64_t>(1, (int64_t(sms) * 2048 + chains - 1) / chains);
+  // Enough chunks for ~2048 threads an SM (a thread a (batch, channel) and chunk), each at least
+  // 64 steps long.
+  const int64_t rows = p.batch * p.dim;
+  const int64_t want = std::max<int64_t>(1, (int64_t(sms) * 2048 + rows - 1) / rows);
   const int64_t chunks = std::clamp<int64_t>(want, 1, std::min<int64_t>(65535, (p.len + 63) / 64));
   const int64_t chunk_len = (p.len + chunks - 1) / chunks;
-  const size_t bytes = 2 * size_t(chunks) * chains * sizeof(float);
+  const size_t bytes = size_t(chunks) * (chains + rows) * sizeof(float);
   std::shared_ptr<void> held;
   float* base = nullptr;
   if (scratch.allocate) {
@@ -105,16 +141,24 @@ cudaError_t Launch(const ScanProblem& p, float* decay, float* state, cudaStream_
   float* chunk_s = base;
   float* chunk_dt = base + chunks * chains;
   constexpr int kThreads = 128;
-  const dim3 grid(static_cast<unsigned>((chains + kThreads - 1) / kThreads),
+  const dim3 grid(static_cast<unsigned>((rows + kThreads - 1) / kThreads),
                   static_cast<unsigned>(chunks));
+  // Rows of N == multiple of 16, n-contiguous, aligned to 4 elements: 4-element loads.
+  const Strided4& rs = kBackward ? p.Cm : p.Bm;
+  const size_t elem = p.dtype == DType::kF32 ? 4 : 2;
+  const bool vec = rs.sn == 1 && p.dstate % kSlice == 0 && rs.sb % 4 == 0 && rs.sl % 4 == 0 &&
+                   rs.sg % 4 == 0 && reinterpret_cast<uintptr_t>(rs.p) % (4 * elem) == 0;
+#define MAMBA_CHUNK_MAPS(T, V) \
+  ChunkMaps<T, kBackward, V><<<grid, kThreads, 0, stream>>>(p, chunk_len, chunk_s, chunk_dt)
   if (p.dtype == DType::kF32) {
-    ChunkMaps<float, kBackward><<<grid, kThreads, 0, stream>>>(p, chunk_len, chunk_s, chunk_dt);
+    vec ? MAMBA_CHUNK_MAPS(float, true) : MAMBA_CHUNK_MAPS(float, false);
   } else {
-    ChunkMaps<__nv_bfloat16, kBackward>
-        <<<grid, kThreads, 0, stream>>>(p, chunk_len, chunk_s, chunk_dt);
+    vec ? MAMBA_CHUNK_MAPS(bf16, true) : MAMBA_CHUNK_MAPS(bf16, false);
   }
+#undef MAMBA_CHUNK_MAPS
   FoldChunks<kBackward>
-      <<<grid.x, kThreads, 0, stream>>>(p, chunks, chunk_s, chunk_dt, decay, state);
+      <<<static_cast<unsigned>((chains + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          p, chunks, chunk_s, chunk_dt, decay, state);
   if (!scratch.allocate) cudaFreeAsync(base, stream);
   return cudaGetLastError();
 }
