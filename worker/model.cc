@@ -122,7 +122,7 @@ void MambaModel::Initialize(uint64_t seed) {
 
 void MambaModel::ReleaseActivations(Layer& l) {
   for (Tensor* t : {&l.residual, &l.h, &l.rstd, &l.x, &l.z, &l.xa, &l.dbc, &l.dt_raw, &l.delta,
-                    &l.A, &l.y, &l.out, &l.prefix, &l.h0, &l.decay}) {
+                    &l.A, &l.y, &l.out, &l.prefix, &l.h0, &l.decay, &l.h_last}) {
     *t = Tensor();
   }
 }
@@ -244,6 +244,19 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   be.LinearForward(l.h, in_w.Slice(E, 2 * E), Tensor(), l.z);
   // A recompute reuses the exchanges' results kept from the forward.
   if (sequence_parallel() && !recompute) ExchangeHalo(l, B, L);
+  const size_t index = &l - layers_.data();
+  if (carry_ != nullptr) {
+    // A chunk of a chunked evaluation: the chunk before's conv tail, and this chunk's for the
+    // next (a chunk is at least d_conv - 1 long, but the last).
+    l.prefix = carry_->tails[index];
+    const int64_t H = config_.d_conv - 1;
+    if (H > 0 && L >= H) {
+      Tensor tail = Act16({B, H, E});
+      Tensor tail_rows = tail.Reshape({B, H * E});
+      be.CopyColumns(l.x.Reshape({B, L * E}), (L - H) * E, tail_rows);
+      carry_->tails[index] = tail;
+    }
+  }
   l.xa = Act16({B, L, E});
   be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, l.prefix, /*silu=*/true, l.xa);
   l.dbc = Act16({B, L, R + 2 * N});
@@ -255,9 +268,13 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
   l.A = Act({E, N});
   be.NegExp(l.A_log->value, l.A);
   if (sequence_parallel() && !recompute) HandOffState(l, B);
+  if (carry_ != nullptr) {
+    l.h0 = carry_->states[index];
+    l.h_last = Act({B, E, N});
+  }
   l.y = Act16({B, L, E});
-  Tensor no_state;
-  be.SelectiveScanForward(ScanInputsOf(l), l.y, no_state);
+  be.SelectiveScanForward(ScanInputsOf(l), l.y, l.h_last);
+  if (carry_ != nullptr) carry_->states[index] = l.h_last;
   // A recompute for the backward keeps everything and skips the output projection: the backward
   // needs y, not the output.
   if (recompute) return;
@@ -393,10 +410,47 @@ LossStats MambaModel::ForwardBackward(const Tensor& inputs, const Tensor& target
   }
 }
 
+LossStats MambaModel::ChunkedForwardLoss(const Tensor& inputs, const Tensor& targets,
+                                         int32_t ignore_index, int64_t chunk_len) {
+  const int64_t B = inputs.dim(0), L = inputs.dim(1);
+  Carry carry;
+  carry.tails.resize(layers_.size());
+  carry.states.resize(layers_.size());
+  LossStats total;
+  for (int64_t t0 = 0; t0 < L; t0 += chunk_len) {
+    const int64_t len = std::min(chunk_len, L - t0);
+    Tensor in = Tensor::Empty({B, len}, DType::kI32), tg = Tensor::Empty({B, len}, DType::kI32);
+    for (int64_t b = 0; b < B; ++b) {
+      std::copy_n(inputs.data<int32_t>() + b * L + t0, len, in.data<int32_t>() + b * len);
+      std::copy_n(targets.data<int32_t>() + b * L + t0, len, tg.data<int32_t>() + b * len);
+    }
+    carry_ = &carry;
+    LossStats s;
+    try {
+      s = RunForwardBackward(in, tg, ignore_index, 0, false);
+    } catch (...) {
+      carry_ = nullptr;
+      throw;
+    }
+    carry_ = nullptr;
+    total.loss_sum += s.loss_sum;
+    total.count += s.count;
+    total.correct += s.correct;
+  }
+  return total;
+}
+
 LossStats MambaModel::RunForwardBackward(const Tensor& inputs, const Tensor& targets,
                                          int32_t ignore_index, double grad_scale, bool backward) {
   MAMBA_CHECK(inputs.rank() == 2 && targets.shape() == inputs.shape());
   const int64_t B = inputs.dim(0), L = inputs.dim(1), M = B * L, dm = config_.d_model;
+  // A long forward-only pass (not already a chunk of one): chunk by chunk, in bounded memory.
+  // Under sequence parallelism the slices already spread it over the ranks.
+  if (!backward && carry_ == nullptr && !sequence_parallel()) {
+    const int64_t rows = options_.eval_chunk_rows > 0 ? options_.eval_chunk_rows : 65536;
+    const int64_t chunk_len = std::max<int64_t>(rows / B, std::max<int64_t>(1, config_.d_conv - 1));
+    if (L > chunk_len) return ChunkedForwardLoss(inputs, targets, ignore_index, chunk_len);
+  }
   Backend& be = *backend_;
   Tensor tgt = be.FromHost(targets);
   Head head = Forward(inputs);

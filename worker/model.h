@@ -33,6 +33,10 @@ struct ModelOptions {
   Recompute recompute = Recompute::kConvAndDelta;
   // Rows of the lm_head + loss per chunk; 0 picks about 512 MiB of logits per chunk.
   int64_t loss_chunk_rows = 0;
+  // Forward-only passes (evaluation) longer than this many rows (batch x positions) run in
+  // chunks of positions, each layer carrying its conv tail and scan state from chunk to chunk,
+  // so that their memory does not grow with the length; 0 picks 65,536 rows.
+  int64_t eval_chunk_rows = 0;
 };
 
 class MambaModel {
@@ -90,9 +94,19 @@ class MambaModel {
     // dbc: x_proj's output (B, L, R + 2N); the scan reads Bm and Cm as its column blocks.
     Tensor residual, h, rstd, x, z, xa, dbc, dt_raw, delta, A, y, out;
     // Sequence parallelism (undefined without it, and on the first slice): the conv halo from the
-    // previous slice (B, d_conv - 1, E), this slice's initial state (B, E, N) and its decay.
+    // previous slice (B, d_conv - 1, E), this slice's initial state (B, E, N) and its decay. A
+    // chunked evaluation sets prefix and h0 from the previous chunk instead.
     Tensor prefix, h0, decay;
+    // When defined (a chunked evaluation), the scan also writes its final state here.
+    Tensor h_last;
   };
+  // A chunked forward-only pass: per layer, the last d_conv - 1 positions of the conv input and
+  // the scan's final state of the chunk before, carried into the next.
+  struct Carry {
+    std::vector<Tensor> tails, states;
+  };
+  LossStats ChunkedForwardLoss(const Tensor& inputs, const Tensor& targets, int32_t ignore_index,
+                               int64_t chunk_len);
   bool sequence_parallel() const { return sp_ != nullptr && sp_->size() > 1; }
   // Forward exchanges of one layer (sequence parallelism): the conv halo into l.prefix; the
   // state maps into l.h0 and l.decay.
@@ -138,6 +152,7 @@ class MambaModel {
   Parameter* embedding_ = nullptr;
   Parameter* norm_f_ = nullptr;
   comm::Communicator* sp_ = nullptr;
+  Carry* carry_ = nullptr;  // set during a chunked forward-only pass
 };
 
 }  // namespace mamba
