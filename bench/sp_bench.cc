@@ -76,6 +76,8 @@ class LoopbackCommunicator final : public mamba::comm::Communicator {
     return absl::OkStatus();
   }
   absl::Status Broadcast(Tensor&, int) override { return absl::OkStatus(); }
+  absl::Status ReduceScatterSum(Tensor&) override { return absl::OkStatus(); }
+  absl::Status AllGatherChunks(Tensor&) override { return absl::OkStatus(); }
 
   std::map<std::string, double> bytes;  // per step, by exchange
   int64_t messages = 0;

@@ -88,6 +88,7 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
   if (!o.has_eps()) o.set_eps(1e-8);
   if (!o.has_weight_decay()) o.set_weight_decay(0.1);
   if (!o.has_grad_clip()) o.set_grad_clip(1.0);
+  if (!o.has_shard_state()) o.set_shard_state(false);
   RETURN_IF_ERROR(CheckRange("optimizer.lr", o.lr(), 0.0, 10.0));
   RETURN_IF_ERROR(CheckRange("optimizer.beta1", o.beta1(), 0.0, 0.999999));
   RETURN_IF_ERROR(CheckRange("optimizer.beta2", o.beta2(), 0.0, 0.999999));

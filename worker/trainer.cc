@@ -39,7 +39,11 @@ std::string FirstDifference(const v1::JobSpec& saved, const v1::JobSpec& now) {
   using google::protobuf::util::MessageDifferencer;
   if (!MessageDifferencer::Equals(saved.model(), now.model())) return "model";
   if (!MessageDifferencer::Equals(saved.data(), now.data())) return "data";
-  if (!MessageDifferencer::Equals(saved.optimizer(), now.optimizer())) return "optimizer";
+  // Sharding the optimizer's state changes where it is kept, not the update.
+  v1::OptimizerSpec saved_opt = saved.optimizer(), now_opt = now.optimizer();
+  saved_opt.clear_shard_state();
+  now_opt.clear_shard_state();
+  if (!MessageDifferencer::Equals(saved_opt, now_opt)) return "optimizer";
   if (!MessageDifferencer::Equals(saved.schedule(), now.schedule())) return "schedule";
   if (saved.seed() != now.seed()) return "seed";
   if (saved.batch_size() != now.batch_size()) return "batch_size";
@@ -126,8 +130,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
                                    t->backend_.get(), DType::kF32, ModelOptionsFromSpec(spec));
   t->model_->SetSequenceParallel(t->groups_.sp.get());
   t->model_->Initialize(spec.seed());
-  t->optimizer_ = std::make_unique<AdamWOptimizer>(OptimizerConfigFromSpec(spec), t->backend_.get(),
-                                                   &t->model_->parameter_store());
+  t->optimizer_ = std::make_unique<AdamWOptimizer>(
+      OptimizerConfigFromSpec(spec), t->backend_.get(), &t->model_->parameter_store(),
+      spec.optimizer().shard_state() ? t->groups_.world.get() : nullptr);
   const v1::CheckpointSpec& c = spec.checkpoint();
   if (!c.init_from().empty()) {
     absl::Status s = ckpt::ImportModel(c.init_from(), *t->model_);
@@ -143,7 +148,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
 absl::Status Trainer::Resume(const std::string& path) {
   auto dir = ckpt::ResolveCheckpointDir(path);
   if (!dir.ok()) return dir.status();
+  optimizer_->MaterializeMoments(/*gather=*/false);  // sharded: the whole moments to load into
   auto state = ckpt::LoadCheckpoint(*dir, *model_, *optimizer_, *backend_);
+  optimizer_->KeepShard();
   if (!state.ok()) return state.status();
   v1::JobSpec saved;
   google::protobuf::util::JsonParseOptions options;
@@ -202,6 +209,17 @@ absl::StatusOr<data::Batch> Trainer::LocalBatch(data::Split split, int64_t index
     slice.targets.insert(slice.targets.end(), from(batch.targets), from(batch.targets) + len);
   }
   return slice;
+}
+
+absl::Status Trainer::SyncGradients() {
+  profiling::ScopedRange range("grad_sync");
+  const bool sharded = optimizer_->shard_group() != nullptr;
+  for (const ParameterGroup& g : model_->parameter_store().groups()) {
+    Tensor grads = g.grads;
+    RETURN_IF_ERROR(sharded ? groups_.world->ReduceScatterSum(grads)
+                            : groups_.world->AllReduceSum(grads));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<LossStats> Trainer::SumOverRanks(const LossStats& local) {
@@ -306,6 +324,11 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   if (!resumed_from_.empty()) {
     log << absl::StrFormat("resumed from %s at step %d\n", resumed_from_, start_step_);
   }
+  if (optimizer_->shard_group() != nullptr) {
+    log << absl::StrFormat(
+        "optimizer state: %.1f MiB on each rank (AdamW moments sharded over %d ranks)\n",
+        double(optimizer_->state_bytes()) / (1 << 20), layout.world());
+  }
 
   const bool device = backend_->device() != Device::kCPU;
   if (device && start_step_ < steps) {
@@ -334,13 +357,7 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     model_->ZeroGrad();
     const LossStats local =
         model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
-    {
-      profiling::ScopedRange range("grad_all_reduce");
-      for (const ParameterGroup& g : model_->parameter_store().groups()) {
-        Tensor grads = g.grads;
-        RETURN_IF_ERROR(groups_.world->AllReduceSum(grads));
-      }
-    }
+    RETURN_IF_ERROR(SyncGradients());
     ASSIGN_OR_RETURN(const LossStats s, SumOverRanks(local));
     if (!std::isfinite(s.loss_sum)) {
       return absl::InternalError(
@@ -394,7 +411,9 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     if (!c.dir().empty() && (last || (c.every_steps() > 0 && (step + 1) % c.every_steps() == 0))) {
       // Rank 0 writes (the parameters are the same everywhere); the others learn whether it could.
       absl::StatusOr<std::string> dir = std::string();
+      optimizer_->MaterializeMoments(/*gather=*/true);  // sharded: every rank's chunk, whole
       if (groups_.is_root()) dir = SaveCheckpoint(step + 1, summary.losses);
+      optimizer_->KeepShard();
       Tensor failed = Tensor::Zeros({1}, DType::kF64);
       failed.data<double>()[0] = dir.ok() ? 0 : 1;
       RETURN_IF_ERROR(groups_.world->AllReduceSum(failed));

@@ -90,6 +90,9 @@ class Trainer {
   absl::StatusOr<data::Batch> LocalBatch(data::Split split, int64_t index, int64_t seq_len) const;
   // The loss statistics of held-out batch `index` at one length, summed over the ranks.
   absl::StatusOr<LossStats> EvaluateBatch(int64_t seq_len, int32_t index);
+  // Sums every rank's gradients: all-reduced, or reduce-scattered for a sharded optimizer (each
+  // rank's chunk summed). The one synchronization between the backward and the optimizer step.
+  absl::Status SyncGradients();
   // Sums loss statistics over the world.
   absl::StatusOr<LossStats> SumOverRanks(const LossStats& local);
   // Writes checkpoint.dir/step_<step>/ atomically; returns its path.

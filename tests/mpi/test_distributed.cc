@@ -176,12 +176,24 @@ TEST(Distributed, EveryLayoutGivesOneRanksLossAndGradientsInFloat64) {
   }
 }
 
+// Every layout, with the optimizer's state whole and sharded.
+std::vector<std::pair<comm::Layout, bool>> LayoutsAndSharding() {
+  std::vector<std::pair<comm::Layout, bool>> all;
+  for (const comm::Layout& layout : Layouts()) {
+    all.push_back({layout, false});
+    if (layout.world() > 1) all.push_back({layout, true});
+  }
+  return all;
+}
+
 // A float32 job spec of the Trainer: 10 steps of induction heads.
-v1::JobSpec Spec(const comm::Layout& layout, const std::string& checkpoint_dir = "") {
+v1::JobSpec Spec(const comm::Layout& layout, const std::string& checkpoint_dir = "",
+                 bool shard_state = false) {
   std::ostringstream json;
   json << R"({"data":{"inductionHeads":{"seqLen":24,"vocabSize":11}},)"
        << R"("model":{"dModel":8,"nLayer":2,"dState":4},"steps":10,"batchSize":4,)"
-       << R"("logEvery":5,"eval":{"batches":1,"seqLens":[24,48]},"optimizer":{"lr":0.01},)"
+       << R"("logEvery":5,"eval":{"batches":1,"seqLens":[24,48]},)"
+       << R"("optimizer":{"lr":0.01,"shardState":)" << (shard_state ? "true" : "false") << "},"
        << R"("parallel":{"dp":)" << layout.dp << R"(,"sp":)" << layout.sp << "}";
   if (!checkpoint_dir.empty()) {
     json << R"(,"checkpoint":{"dir":")" << checkpoint_dir << R"(","everySteps":5,"keepLast":0})";
@@ -216,11 +228,14 @@ TrainedRun Train(const v1::JobSpec& spec, bool solo,
   return run;
 }
 
+// With the optimizer's state sharded over the ranks too (ZeRO-1): the same update.
 TEST(Distributed, TrainingOnEveryLayoutMatchesOneRankAndRepeatsBitForBit) {
   const TrainedRun one = Train(Spec({1, 1}), /*solo=*/true);
-  for (const comm::Layout& layout : Layouts()) {
-    SCOPED_TRACE(::testing::Message() << "dp " << layout.dp << " x sp " << layout.sp);
-    const TrainedRun a = Train(Spec(layout), false), b = Train(Spec(layout), false);
+  for (const auto& [layout, shard] : LayoutsAndSharding()) {
+    SCOPED_TRACE(::testing::Message() << "dp " << layout.dp << " x sp " << layout.sp
+                                      << (shard ? ", sharded optimizer" : ""));
+    const TrainedRun a = Train(Spec(layout, "", shard), false),
+                     b = Train(Spec(layout, "", shard), false);
     ASSERT_EQ(a.params.size(), one.params.size());
     for (size_t i = 0; i < a.params.size(); ++i) {
       EXPECT_LT(::mamba::testing::NormRelativeError(a.params[i], one.params[i]), 1e-5) << i;
@@ -251,11 +266,13 @@ TEST(Distributed, CheckpointsResumeOnAnotherLayoutAndOnOneRank) {
       ::testing::TempDir() + "/mamba-distributed-" + std::to_string(id.data<int32_t>()[0]);
   const std::vector<comm::Layout> layouts = Layouts();
   const comm::Layout saved = layouts.back(), resumed = layouts.front();  // all sp, then all dp
-  const TrainedRun full = Train(Spec(saved, dir), false);
-  // The layout run saved step 5 and step 10; continue from step 5 on the other layout, and alone.
-  for (bool solo : {false, true}) {
-    SCOPED_TRACE(solo ? "one rank" : "other layout");
-    v1::JobSpec spec = Spec(solo ? comm::Layout{1, 1} : resumed);
+  // Saved with the optimizer's state sharded (gathered for the checkpoint).
+  const TrainedRun full = Train(Spec(saved, dir, /*shard_state=*/true), false);
+  // The layout run saved step 5 and step 10; continue from step 5 on the other layout (state
+  // whole and sharded), and alone.
+  for (const auto& [solo, shard] : {std::pair{false, false}, {false, true}, {true, false}}) {
+    SCOPED_TRACE(solo ? "one rank" : shard ? "other layout, sharded" : "other layout");
+    v1::JobSpec spec = Spec(solo ? comm::Layout{1, 1} : resumed, "", shard);
     spec.mutable_checkpoint()->set_resume_from(dir + "/step_00000005");
     const TrainedRun rest = Train(spec, solo);
     ASSERT_EQ(rest.summary.losses.size(), full.summary.losses.size());

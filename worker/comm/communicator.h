@@ -40,7 +40,23 @@ class Communicator {
   virtual absl::Status SendRecv(const Tensor& send, int dst, Tensor& recv, int src) = 0;
   // t = root's t on every rank.
   virtual absl::Status Broadcast(Tensor& t, int root) = 0;
+
+  // The sharded form of AllReduceSum, in two halves (ZeRO): t's elements are cut into size()
+  // chunks (ChunkOf), and ReduceScatterSum leaves in chunk rank() of t the sum of every rank's
+  // chunk (the other chunks are then unspecified); AllGatherChunks copies each rank's chunk of t
+  // to every rank. One after the other they sum exactly as AllReduceSum does.
+  virtual absl::Status ReduceScatterSum(Tensor& t) = 0;
+  virtual absl::Status AllGatherChunks(Tensor& t) = 0;
 };
+
+// Elements [begin, end) of chunk `index` when n elements are cut into `chunks` near-equal chunks.
+struct Chunk {
+  int64_t begin = 0, end = 0;
+  int64_t size() const { return end - begin; }
+};
+inline Chunk ChunkOf(int64_t n, int chunks, int index) {
+  return {n * index / chunks, n * (index + 1) / chunks};
+}
 
 // What a failed exchange inside the model throws (the model's ops return nothing); the trainer
 // turns it back into the Status it carries.

@@ -122,49 +122,76 @@ void MpiCommunicator::WriteBack(const Tensor& host, Tensor& t) const {
 }
 
 template <typename T>
-absl::Status MpiCommunicator::RingAllReduce(T* data, int64_t n) {
+absl::Status MpiCommunicator::RingReduceScatter(T* data, int64_t n) {
   const int P = size_, r = rank_;
-  const auto begin = [&](int c) { return n * c / P; };
-  const auto count = [&](int c) { return begin(c + 1) - begin(c); };
-  std::vector<T> incoming(static_cast<size_t>(count(P - 1) + 1));
+  const auto chunk = [&](int c) { return ChunkOf(n, P, ((c % P) + P) % P); };
+  std::vector<T> incoming(static_cast<size_t>(n / P + 1));
   const int right = (r + 1) % P, left = (r + P - 1) % P;
-  // Reduce-scatter: after P - 1 steps rank r holds the whole sum of chunk r + 1, each chunk summed
-  // in one fixed order (starting at the rank after its owner's).
+  // At step k rank r passes on chunk r - k - 1 (its partial sum so far) and adds in chunk
+  // r - k - 2 from the left: after P - 1 steps it holds the whole sum of chunk r, each chunk
+  // summed in one fixed order (starting at the rank after its owner).
   for (int k = 0; k < P - 1; ++k) {
-    const int out = ((r - k) % P + P) % P, in = ((r - k - 1) % P + P) % P;
-    RETURN_IF_ERROR(Exchange(data + begin(out), count(out) * sizeof(T), right, incoming.data(),
-                             count(in) * sizeof(T), left, "all_reduce"));
-    T* dst = data + begin(in);
-    for (int64_t i = 0; i < count(in); ++i) dst[i] += incoming[i];
-  }
-  // All-gather of the summed chunks.
-  for (int k = 0; k < P - 1; ++k) {
-    const int out = ((r + 1 - k) % P + P) % P, in = ((r - k) % P + P) % P;
-    RETURN_IF_ERROR(Exchange(data + begin(out), count(out) * sizeof(T), right, data + begin(in),
-                             count(in) * sizeof(T), left, "all_reduce"));
+    const Chunk out = chunk(r - k - 1), in = chunk(r - k - 2);
+    RETURN_IF_ERROR(Exchange(data + out.begin, out.size() * sizeof(T), right, incoming.data(),
+                             in.size() * sizeof(T), left, "reduce_scatter"));
+    T* dst = data + in.begin;
+    for (int64_t i = 0; i < in.size(); ++i) dst[i] += incoming[i];
   }
   return absl::OkStatus();
+}
+
+absl::Status MpiCommunicator::RingAllGather(char* data, int64_t n, size_t elem) {
+  const int P = size_, r = rank_;
+  const auto chunk = [&](int c) { return ChunkOf(n, P, ((c % P) + P) % P); };
+  const int right = (r + 1) % P, left = (r + P - 1) % P;
+  for (int k = 0; k < P - 1; ++k) {
+    const Chunk out = chunk(r - k), in = chunk(r - k - 1);
+    RETURN_IF_ERROR(Exchange(data + out.begin * elem, out.size() * elem, right,
+                             data + in.begin * elem, in.size() * elem, left, "all_gather_chunks"));
+  }
+  return absl::OkStatus();
+}
+
+template <typename F>
+absl::Status MpiCommunicator::Typed(const Tensor& t, const char* op, F f) {
+  switch (t.dtype()) {
+    case DType::kF32:
+      return f(t.data<float>());
+    case DType::kF64:
+      return f(t.data<double>());
+    case DType::kI32:
+      return f(t.data<int32_t>());
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(op, ": no sum of ", DTypeName(t.dtype()), " tensors"));
+  }
 }
 
 absl::Status MpiCommunicator::AllReduceSum(Tensor& t) {
   if (size_ == 1 || t.numel() == 0) return absl::OkStatus();
   Tensor host = HostOf(t);
-  absl::Status s;
-  switch (host.dtype()) {
-    case DType::kF32:
-      s = RingAllReduce(host.data<float>(), host.numel());
-      break;
-    case DType::kF64:
-      s = RingAllReduce(host.data<double>(), host.numel());
-      break;
-    case DType::kI32:
-      s = RingAllReduce(host.data<int32_t>(), host.numel());
-      break;
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("all_reduce: no sum of ", DTypeName(host.dtype()), " tensors"));
-  }
-  RETURN_IF_ERROR(s);
+  RETURN_IF_ERROR(
+      Typed(host, "all_reduce", [&](auto* data) { return RingReduceScatter(data, host.numel()); }));
+  RETURN_IF_ERROR(
+      RingAllGather(static_cast<char*>(host.raw()), host.numel(), DTypeSize(host.dtype())));
+  WriteBack(host, t);
+  return absl::OkStatus();
+}
+
+absl::Status MpiCommunicator::ReduceScatterSum(Tensor& t) {
+  if (size_ == 1 || t.numel() == 0) return absl::OkStatus();
+  Tensor host = HostOf(t);
+  RETURN_IF_ERROR(Typed(host, "reduce_scatter",
+                        [&](auto* data) { return RingReduceScatter(data, host.numel()); }));
+  WriteBack(host, t);
+  return absl::OkStatus();
+}
+
+absl::Status MpiCommunicator::AllGatherChunks(Tensor& t) {
+  if (size_ == 1 || t.numel() == 0) return absl::OkStatus();
+  Tensor host = HostOf(t);
+  RETURN_IF_ERROR(
+      RingAllGather(static_cast<char*>(host.raw()), host.numel(), DTypeSize(host.dtype())));
   WriteBack(host, t);
   return absl::OkStatus();
 }

@@ -35,6 +35,8 @@ class MpiCommunicator final : public Communicator {
   absl::Status AllGather(const Tensor& in, Tensor& out) override;
   absl::Status SendRecv(const Tensor& send, int dst, Tensor& recv, int src) override;
   absl::Status Broadcast(Tensor& t, int root) override;
+  absl::Status ReduceScatterSum(Tensor& t) override;
+  absl::Status AllGatherChunks(Tensor& t) override;
 
  private:
   // Posts a send of `bytes` to `dst` and a receive into `recv_bytes` from `src` (-1: none),
@@ -43,8 +45,14 @@ class MpiCommunicator final : public Communicator {
                         int src, const char* op);
   // Waits for every request, failing after the timeout with the op and the peers named.
   absl::Status Wait(std::vector<MPI_Request>& requests, const char* op, int peer);
+  // The ring's two halves over n elements of T: after the reduce-scatter rank r holds the sum of
+  // chunk r; the all-gather passes each rank's chunk around.
   template <typename T>
-  absl::Status RingAllReduce(T* data, int64_t n);
+  absl::Status RingReduceScatter(T* data, int64_t n);
+  absl::Status RingAllGather(char* data, int64_t n, size_t elem);
+  // Runs f(T*) with T the element type of host tensor t (float32, float64 or int32).
+  template <typename F>
+  absl::Status Typed(const Tensor& t, const char* op, F f);
   // The host memory holding t's elements: t itself on the CPU, else a staged copy.
   Tensor HostOf(const Tensor& t) const;
   // Writes a staged copy back into device tensor t (nothing for CPU tensors).

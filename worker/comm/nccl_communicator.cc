@@ -188,4 +188,36 @@ absl::Status NcclCommunicator::Broadcast(Tensor& t, int root) {
   return Finish("broadcast");
 }
 
+absl::Status NcclCommunicator::ReduceScatterSum(Tensor& t) {
+  if (t.device() == Device::kCPU) return mpi_->ReduceScatterSum(t);
+  if (t.dtype() == DType::kBF16) return absl::InvalidArgumentError("reduce_scatter: no bf16 sums");
+  ASSIGN_OR_RETURN(ncclDataType_t type, NcclType(t.dtype()));
+  RETURN_IF_ERROR(Begin("reduce_scatter"));
+  const size_t elem = DTypeSize(t.dtype());
+  char* base = static_cast<char*>(t.raw());
+  ncclGroupStart();
+  for (int c = 0; c < size(); ++c) {
+    const Chunk k = ChunkOf(t.numel(), size(), c);
+    ncclReduce(base + k.begin * elem, base + k.begin * elem, k.size(), type, ncclSum, c, comm_,
+               stream_);
+  }
+  RETURN_IF_ERROR(Settle(ncclGroupEnd(), "reduce_scatter"));
+  return Finish("reduce_scatter");
+}
+
+absl::Status NcclCommunicator::AllGatherChunks(Tensor& t) {
+  if (t.device() == Device::kCPU) return mpi_->AllGatherChunks(t);
+  ASSIGN_OR_RETURN(ncclDataType_t type, NcclType(t.dtype()));
+  RETURN_IF_ERROR(Begin("all_gather_chunks"));
+  const size_t elem = DTypeSize(t.dtype());
+  char* base = static_cast<char*>(t.raw());
+  ncclGroupStart();
+  for (int c = 0; c < size(); ++c) {
+    const Chunk k = ChunkOf(t.numel(), size(), c);
+    ncclBroadcast(base + k.begin * elem, base + k.begin * elem, k.size(), type, c, comm_, stream_);
+  }
+  RETURN_IF_ERROR(Settle(ncclGroupEnd(), "all_gather_chunks"));
+  return Finish("all_gather_chunks");
+}
+
 }  // namespace mamba::comm

@@ -32,6 +32,10 @@ class NcclCommunicator final : public Communicator {
   absl::Status AllGather(const Tensor& in, Tensor& out) override;
   absl::Status SendRecv(const Tensor& send, int dst, Tensor& recv, int src) override;
   absl::Status Broadcast(Tensor& t, int root) override;
+  // Chunks of unequal sizes (ChunkOf), which ncclReduceScatter cannot take: a group of one
+  // reduce (or broadcast) a chunk, rooted at its owner.
+  absl::Status ReduceScatterSum(Tensor& t) override;
+  absl::Status AllGatherChunks(Tensor& t) override;
 
  private:
   NcclCommunicator(std::unique_ptr<MpiCommunicator> mpi, Backend* backend, absl::Duration timeout)

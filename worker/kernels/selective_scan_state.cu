@@ -20,8 +20,31 @@ __device__ __forceinline__ float StepSize(const ScanProblem& p, float raw) {
   return p.softplus && raw <= 20.f ? __logf(1.f + __expf(raw)) : raw;
 }
 
+// The summed step size of each chunk of each (batch, channel).
+template <typename T>
+__global__ void __launch_bounds__(128)
+    ChunkStepSums(const ScanProblem p, int64_t chunk_len, float* chunk_dt) {
+  const int64_t rows = p.batch * p.dim;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (row >= rows) return;
+  const int64_t d = row % p.dim, b = row / p.dim;
+  const int64_t t0 = blockIdx.y * chunk_len, t1 = min(p.len, t0 + chunk_len);
+  const T* delta = static_cast<const T*>(p.delta.p) + b * p.delta.sb + d * p.delta.sd;
+  const float bias = p.dt_bias ? p.dt_bias[d] : 0.f;
+  float sum = 0.f;
+#pragma unroll 4
+  for (int64_t t = t0; t < t1; ++t) sum += StepSize(p, Load(delta + t * p.delta.sl) + bias);
+  chunk_dt[blockIdx.y * rows + row] = sum;
+}
+
+// A chunk's map enters the slice's scaled by the decay between the chunk and the slice's end
+// (forward) or start (backward), exp(A * the step sizes summed over the chunks between); where
+// that is below e^kNegligible for the slowest-decaying state (A nearest zero), the chunk cannot
+// move an fp32 result (2^-24 relative) and is skipped: for long slices most of it is.
+constexpr float kNegligible = -32.f;
+
 // One chunk of one (batch, channel): forward, the final states from zero; backward, the state
-// gradients at its start from zero at its end; and the chunk's summed step size. A thread holds
+// gradients at its start from zero at its end (zeros for a negligible chunk). A thread holds
 // kSlice states in registers (more states: slice after slice), so the step size's softplus and
 // the loads of u, delta, z and dout are paid once per step and slice, not per state; lanes are
 // consecutive channels, so those loads coalesce and the Bm/Cm rows are warp-uniform (read in
@@ -30,7 +53,8 @@ constexpr int kSlice = 16;
 
 template <typename T, bool kBackward, bool kVec>
 __global__ void __launch_bounds__(128)
-    ChunkMaps(const ScanProblem p, int64_t chunk_len, float* chunk_s, float* chunk_dt) {
+    ChunkMaps(const ScanProblem p, int64_t chunk_len, int64_t chunks, float* chunk_s,
+              const float* chunk_dt) {
   const int64_t rows = p.batch * p.dim;
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= rows) return;
@@ -38,6 +62,18 @@ __global__ void __launch_bounds__(128)
   const int64_t t0 = blockIdx.y * chunk_len, t1 = min(p.len, t0 + chunk_len);
   const int64_t chains = rows * p.dstate;
   float* s_out = chunk_s + blockIdx.y * chains + row * p.dstate;
+  {
+    float between = 0.f, a_max = -INFINITY;
+    const int64_t c = blockIdx.y;
+    for (int64_t k = kBackward ? 0 : c + 1; k < (kBackward ? c : chunks); ++k) {
+      between += chunk_dt[k * rows + row];
+    }
+    for (int64_t n = 0; n < p.dstate; ++n) a_max = fmaxf(a_max, p.A[d * p.dstate + n]);
+    if (a_max * between < kNegligible) {
+      for (int64_t n = 0; n < p.dstate; ++n) s_out[n] = 0.f;
+      return;
+    }
+  }
   const T* delta = static_cast<const T*>(p.delta.p) + b * p.delta.sb + d * p.delta.sd;
   const T* act = static_cast<const T*>(kBackward ? p.dout.p : p.u.p) +
                  b * (kBackward ? p.dout.sb : p.u.sb) + d * (kBackward ? p.dout.sd : p.u.sd);
@@ -54,12 +90,10 @@ __global__ void __launch_bounds__(128)
       A[k] = k < ns ? p.A[d * p.dstate + n0 + k] : 0.f;
       h[k] = 0.f;
     }
-    float dt_sum = 0.f;
 #pragma unroll 2
     for (int64_t i = 0; i < t1 - t0; ++i) {
       const int64_t t = kBackward ? t1 - 1 - i : t0 + i;
       const float dt = StepSize(p, Load(delta + t * sl_delta) + bias);
-      dt_sum += dt;
       float v[kSlice];
       const T* r = row_base + t * rs.sl + n0 * rs.sn;
       if constexpr (kVec) {
@@ -90,7 +124,6 @@ __global__ void __launch_bounds__(128)
     for (int k = 0; k < kSlice; ++k) {
       if (k < ns) s_out[n0 + k] = h[k];
     }
-    if (n0 == 0) chunk_dt[blockIdx.y * rows + row] = dt_sum;
   }
 }
 
@@ -149,7 +182,12 @@ cudaError_t Launch(const ScanProblem& p, float* decay, float* state, cudaStream_
   const bool vec = rs.sn == 1 && p.dstate % kSlice == 0 && rs.sb % 4 == 0 && rs.sl % 4 == 0 &&
                    rs.sg % 4 == 0 && reinterpret_cast<uintptr_t>(rs.p) % (4 * elem) == 0;
 #define MAMBA_CHUNK_MAPS(T, V) \
-  ChunkMaps<T, kBackward, V><<<grid, kThreads, 0, stream>>>(p, chunk_len, chunk_s, chunk_dt)
+  ChunkMaps<T, kBackward, V><<<grid, kThreads, 0, stream>>>(p, chunk_len, chunks, chunk_s, chunk_dt)
+  if (p.dtype == DType::kF32) {
+    ChunkStepSums<float><<<grid, kThreads, 0, stream>>>(p, chunk_len, chunk_dt);
+  } else {
+    ChunkStepSums<bf16><<<grid, kThreads, 0, stream>>>(p, chunk_len, chunk_dt);
+  }
   if (p.dtype == DType::kF32) {
     vec ? MAMBA_CHUNK_MAPS(float, true) : MAMBA_CHUNK_MAPS(float, false);
   } else {
