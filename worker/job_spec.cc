@@ -126,6 +126,8 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
   // dp stays unset when absent: it defaults to the number of ranks / sp (ResolveLayout).
   v1::ParallelSpec& p = *spec.mutable_parallel();
   if (!p.has_sp()) p.set_sp(1);
+  if (!p.has_grad_bucket_mb()) p.set_grad_bucket_mb(25);
+  RETURN_IF_ERROR(CheckRange("parallel.grad_bucket_mb", p.grad_bucket_mb(), 0.0, 65536.0));
   if (p.has_dp()) RETURN_IF_ERROR(InRange("parallel.dp", p.dp(), 1, 65536));
   RETURN_IF_ERROR(InRange("parallel.sp", p.sp(), 1, 65536));
   if (p.has_dp() && spec.batch_size() % p.dp() != 0) {

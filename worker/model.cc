@@ -25,7 +25,7 @@ MambaModel::MambaModel(const ModelConfig& config, Backend* backend, DType dtype,
       // Mixed precision (DESIGN.md): where the GEMMs take bf16, so do the activations around them.
       act_dtype_(backend->GemmOperandDType(dtype) == DType::kBF16 ? DType::kBF16 : dtype),
       options_(options),
-      params_(2 + 10 * config.n_layer) {  // Layer keeps pointers into params_
+      params_(2 + kParamsPerLayer * config.n_layer) {  // Layer keeps pointers into params_
   const int64_t dm = config.d_model, E = config.d_inner(), N = config.d_state, R = config.dt_rank,
                 K = config.d_conv;
   embedding_ = &params_.Add("backbone.embeddings.weight", {config.vocab_size, dm}, true);
@@ -366,6 +366,14 @@ void MambaModel::BackwardLayer(Layer& l, Tensor& d_residual, Tensor& d_residual1
   d_residual16 = d_res_in16;
 }
 
+std::vector<size_t> MambaModel::GradientsFinalAt(int64_t layer) const {
+  if (layer < 0) return {0};
+  std::vector<size_t> indices;
+  for (size_t k = 0; k < kParamsPerLayer; ++k) indices.push_back(1 + layer * kParamsPerLayer + k);
+  if (layer == config_.n_layer - 1) indices.push_back(1 + config_.n_layer * kParamsPerLayer);
+  return indices;
+}
+
 MambaModel::Head MambaModel::Forward(const Tensor& inputs) {
   profiling::ScopedRange range("forward");
   MAMBA_CHECK(inputs.rank() == 2);
@@ -502,8 +510,10 @@ LossStats MambaModel::RunForwardBackward(const Tensor& inputs, const Tensor& tar
   for (int64_t i = config_.n_layer - 1; i >= 0; --i) {
     BackwardLayer(layers_[i], d_residual, d_residual16, B, L);
     ReleaseActivations(layers_[i]);  // its memory serves the remaining layers' gradients
+    if (hook_) hook_(i);
   }
   be.EmbeddingBackward(ids, d_residual, embedding_->grad);
+  if (hook_) hook_(-1);
   return stats;
 }
 

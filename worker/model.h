@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -77,11 +78,22 @@ class MambaModel {
   // A failed exchange throws comm::CommunicationError.
   void SetSequenceParallel(comm::Communicator* sp_group) { sp_ = sp_group; }
 
+  // Called during a backward each time some parameters' gradients are final, so that their
+  // synchronization can start while the backward goes on: with the layer's index after its
+  // backward, then with -1 after the embedding's (GradientsFinalAt says which parameters).
+  void SetGradientsReadyHook(std::function<void(int64_t layer)> hook) { hook_ = std::move(hook); }
+  // Indices into parameters() whose gradients are final when the hook is called with `layer`:
+  // the layer's own (the last layer's with norm_f's, which the head's backward finished first),
+  // or for -1 the embedding's (the tied lm_head adds to it first, the embedding backward last).
+  std::vector<size_t> GradientsFinalAt(int64_t layer) const;
+
   // Logits (batch * seq_len, vocab), rows ordered (batch, position), on the backend's device,
   // for int32 host inputs (batch, seq_len). For evaluation and parity checks.
   Tensor Logits(const Tensor& inputs);
 
  private:
+  // parameters() order: the embedding, this many a layer, norm_f.
+  static constexpr size_t kParamsPerLayer = 10;
   // What the forward leaves for the backward of the final norm and the tied lm_head.
   struct Head {
     Tensor ids, res_f, hf, rstd_f;
@@ -153,6 +165,7 @@ class MambaModel {
   Parameter* norm_f_ = nullptr;
   comm::Communicator* sp_ = nullptr;
   Carry* carry_ = nullptr;  // set during a chunked forward-only pass
+  std::function<void(int64_t)> hook_;
 };
 
 }  // namespace mamba

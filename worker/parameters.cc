@@ -83,6 +83,11 @@ std::vector<Tensor> ParameterStore::Views(const std::vector<Tensor>& arenas) con
   return views;
 }
 
+ParameterStore::Placement ParameterStore::PlacementOf(size_t index) const {
+  const Slot& s = slots_.at(index);
+  return {s.group, s.offset, NumElements(s.shape)};
+}
+
 size_t ParameterStore::IndexOf(const Parameter& p) const {
   MAMBA_CHECK(!params_.empty() && &p >= params_.data() && &p < params_.data() + params_.size())
       << "parameter " << p.name << " does not belong to this store";

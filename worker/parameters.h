@@ -52,6 +52,13 @@ class ParameterStore {
 
   const std::vector<Parameter>& parameters() const { return params_; }
   const std::vector<ParameterGroup>& groups() const { return groups_; }
+  // Where parameter `index` (in parameters() order) lives: elements [offset, offset + numel) of
+  // its group's arenas.
+  struct Placement {
+    size_t group = 0;
+    int64_t offset = 0, numel = 0;
+  };
+  Placement PlacementOf(size_t index) const;
   // Per-parameter views (in parameter order) of tensors laid out like the groups' value arenas,
   // one per group: the optimizer's moments.
   std::vector<Tensor> Views(const std::vector<Tensor>& arenas) const;

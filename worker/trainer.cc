@@ -133,6 +133,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
   t->optimizer_ = std::make_unique<AdamWOptimizer>(
       OptimizerConfigFromSpec(spec), t->backend_.get(), &t->model_->parameter_store(),
       spec.optimizer().shard_state() ? t->groups_.world.get() : nullptr);
+  t->sync_ = std::make_unique<GradientSync>(
+      t->model_.get(), t->groups_.world.get(), spec.optimizer().shard_state(),
+      static_cast<size_t>(spec.parallel().grad_bucket_mb() * (1 << 20)));
   const v1::CheckpointSpec& c = spec.checkpoint();
   if (!c.init_from().empty()) {
     absl::Status s = ckpt::ImportModel(c.init_from(), *t->model_);
@@ -209,17 +212,6 @@ absl::StatusOr<data::Batch> Trainer::LocalBatch(data::Split split, int64_t index
     slice.targets.insert(slice.targets.end(), from(batch.targets), from(batch.targets) + len);
   }
   return slice;
-}
-
-absl::Status Trainer::SyncGradients() {
-  profiling::ScopedRange range("grad_sync");
-  const bool sharded = optimizer_->shard_group() != nullptr;
-  for (const ParameterGroup& g : model_->parameter_store().groups()) {
-    Tensor grads = g.grads;
-    RETURN_IF_ERROR(sharded ? groups_.world->ReduceScatterSum(grads)
-                            : groups_.world->AllReduceSum(grads));
-  }
-  return absl::OkStatus();
 }
 
 absl::StatusOr<LossStats> Trainer::SumOverRanks(const LossStats& local) {
@@ -355,9 +347,10 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     activity_ = absl::StrCat("step ", step + 1);
     profiling::ScopedRange step_range("step");
     model_->ZeroGrad();
+    sync_->Begin();
     const LossStats local =
         model_->ForwardBackward(inputs, targets, data::kIgnoreIndex, 1.0 / counted, true);
-    RETURN_IF_ERROR(SyncGradients());
+    RETURN_IF_ERROR(sync_->Finish());
     ASSIGN_OR_RETURN(const LossStats s, SumOverRanks(local));
     if (!std::isfinite(s.loss_sum)) {
       return absl::InternalError(

@@ -18,6 +18,7 @@
 #include "worker/backend.h"
 #include "worker/comm/process_groups.h"
 #include "worker/data/dataset.h"
+#include "worker/gradient_sync.h"
 #include "worker/model.h"
 #include "worker/optimizer.h"
 
@@ -90,9 +91,6 @@ class Trainer {
   absl::StatusOr<data::Batch> LocalBatch(data::Split split, int64_t index, int64_t seq_len) const;
   // The loss statistics of held-out batch `index` at one length, summed over the ranks.
   absl::StatusOr<LossStats> EvaluateBatch(int64_t seq_len, int32_t index);
-  // Sums every rank's gradients: all-reduced, or reduce-scattered for a sharded optimizer (each
-  // rank's chunk summed). The one synchronization between the backward and the optimizer step.
-  absl::Status SyncGradients();
   // Sums loss statistics over the world.
   absl::StatusOr<LossStats> SumOverRanks(const LossStats& local);
   // Writes checkpoint.dir/step_<step>/ atomically; returns its path.
@@ -108,6 +106,7 @@ class Trainer {
   std::unique_ptr<data::Dataset> dataset_;
   std::unique_ptr<MambaModel> model_;
   std::unique_ptr<AdamWOptimizer> optimizer_;
+  std::unique_ptr<GradientSync> sync_;
   int64_t start_step_ = 0;
   std::vector<double> loss_history_;  // of the run resumed from
   std::string resumed_from_;          // never deleted by keep_last

@@ -176,25 +176,36 @@ TEST(Distributed, EveryLayoutGivesOneRanksLossAndGradientsInFloat64) {
   }
 }
 
-// Every layout, with the optimizer's state whole and sharded.
-std::vector<std::pair<comm::Layout, bool>> LayoutsAndSharding() {
-  std::vector<std::pair<comm::Layout, bool>> all;
+// How a run sums its gradients: whole after the backward (bucket 0), in 1 KiB buckets during it,
+// or reduce-scattered for an optimizer whose state is sharded.
+struct Sync {
+  bool shard = false;
+  double bucket_mb = 0;
+};
+
+// Every layout with every way of summing the gradients.
+std::vector<std::pair<comm::Layout, Sync>> LayoutsAndSyncs() {
+  std::vector<std::pair<comm::Layout, Sync>> all;
   for (const comm::Layout& layout : Layouts()) {
-    all.push_back({layout, false});
-    if (layout.world() > 1) all.push_back({layout, true});
+    all.push_back({layout, {false, 0}});
+    if (layout.world() > 1) {
+      all.push_back({layout, {false, 1.0 / 1024}});
+      all.push_back({layout, {true, 0}});
+    }
   }
   return all;
 }
 
 // A float32 job spec of the Trainer: 10 steps of induction heads.
 v1::JobSpec Spec(const comm::Layout& layout, const std::string& checkpoint_dir = "",
-                 bool shard_state = false) {
+                 Sync sync = {}) {
   std::ostringstream json;
   json << R"({"data":{"inductionHeads":{"seqLen":24,"vocabSize":11}},)"
        << R"("model":{"dModel":8,"nLayer":2,"dState":4},"steps":10,"batchSize":4,)"
        << R"("logEvery":5,"eval":{"batches":1,"seqLens":[24,48]},)"
-       << R"("optimizer":{"lr":0.01,"shardState":)" << (shard_state ? "true" : "false") << "},"
-       << R"("parallel":{"dp":)" << layout.dp << R"(,"sp":)" << layout.sp << "}";
+       << R"("optimizer":{"lr":0.01,"shardState":)" << (sync.shard ? "true" : "false") << "},"
+       << R"("parallel":{"dp":)" << layout.dp << R"(,"sp":)" << layout.sp << R"(,"gradBucketMb":)"
+       << sync.bucket_mb << "}";
   if (!checkpoint_dir.empty()) {
     json << R"(,"checkpoint":{"dir":")" << checkpoint_dir << R"(","everySteps":5,"keepLast":0})";
   }
@@ -231,11 +242,12 @@ TrainedRun Train(const v1::JobSpec& spec, bool solo,
 // With the optimizer's state sharded over the ranks too (ZeRO-1): the same update.
 TEST(Distributed, TrainingOnEveryLayoutMatchesOneRankAndRepeatsBitForBit) {
   const TrainedRun one = Train(Spec({1, 1}), /*solo=*/true);
-  for (const auto& [layout, shard] : LayoutsAndSharding()) {
+  for (const auto& [layout, sync] : LayoutsAndSyncs()) {
     SCOPED_TRACE(::testing::Message() << "dp " << layout.dp << " x sp " << layout.sp
-                                      << (shard ? ", sharded optimizer" : ""));
-    const TrainedRun a = Train(Spec(layout, "", shard), false),
-                     b = Train(Spec(layout, "", shard), false);
+                                      << (sync.shard ? ", sharded optimizer" : "")
+                                      << ", buckets of " << sync.bucket_mb << " MiB");
+    const TrainedRun a = Train(Spec(layout, "", sync), false),
+                     b = Train(Spec(layout, "", sync), false);
     ASSERT_EQ(a.params.size(), one.params.size());
     for (size_t i = 0; i < a.params.size(); ++i) {
       EXPECT_LT(::mamba::testing::NormRelativeError(a.params[i], one.params[i]), 1e-5) << i;
@@ -267,12 +279,12 @@ TEST(Distributed, CheckpointsResumeOnAnotherLayoutAndOnOneRank) {
   const std::vector<comm::Layout> layouts = Layouts();
   const comm::Layout saved = layouts.back(), resumed = layouts.front();  // all sp, then all dp
   // Saved with the optimizer's state sharded (gathered for the checkpoint).
-  const TrainedRun full = Train(Spec(saved, dir, /*shard_state=*/true), false);
+  const TrainedRun full = Train(Spec(saved, dir, {.shard = true}), false);
   // The layout run saved step 5 and step 10; continue from step 5 on the other layout (state
   // whole and sharded), and alone.
   for (const auto& [solo, shard] : {std::pair{false, false}, {false, true}, {true, false}}) {
     SCOPED_TRACE(solo ? "one rank" : shard ? "other layout, sharded" : "other layout");
-    v1::JobSpec spec = Spec(solo ? comm::Layout{1, 1} : resumed, "", shard);
+    v1::JobSpec spec = Spec(solo ? comm::Layout{1, 1} : resumed, "", {.shard = shard});
     spec.mutable_checkpoint()->set_resume_from(dir + "/step_00000005");
     const TrainedRun rest = Train(spec, solo);
     ASSERT_EQ(rest.summary.losses.size(), full.summary.losses.size());
@@ -356,10 +368,17 @@ TEST(Distributed, CudaTrainingOnEveryLayoutMatchesOneRank) {
     return spec;
   };
   const TrainedRun one = Train(cuda(Spec({1, 1})), true);
-  for (const comm::Layout& layout : Layouts()) {
-    SCOPED_TRACE(::testing::Message() << "dp " << layout.dp << " x sp " << layout.sp);
-    const TrainedRun a = Train(cuda(Spec(layout)), false, TestTransport());
-    const TrainedRun b = Train(cuda(Spec(layout)), false, TestTransport());
+  // Every layout; and the gradients summed whole, in buckets during the backward (on NCCL,
+  // overlapped with it), and reduce-scattered for a sharded optimizer.
+  std::vector<std::pair<comm::Layout, Sync>> runs = LayoutsAndSyncs();
+  runs.push_back({{1, Mpi().world_size()}, {false, 1.0 / 1024}});
+  runs.push_back({{1, Mpi().world_size()}, {true, 0}});
+  for (const auto& [layout, sync] : runs) {
+    SCOPED_TRACE(::testing::Message() << "dp " << layout.dp << " x sp " << layout.sp
+                                      << (sync.shard ? ", sharded optimizer" : "")
+                                      << ", buckets of " << sync.bucket_mb << " MiB");
+    const TrainedRun a = Train(cuda(Spec(layout, "", sync)), false, TestTransport());
+    const TrainedRun b = Train(cuda(Spec(layout, "", sync)), false, TestTransport());
     for (size_t i = 0; i < a.params.size(); ++i) {
       EXPECT_LT(::mamba::testing::NormRelativeError(a.params[i], one.params[i]), 1e-5) << i;
       EXPECT_EQ(a.params[i], b.params[i]) << "a repeated run differs, parameter " << i;

@@ -47,6 +47,13 @@ class Communicator {
   // to every rank. One after the other they sum exactly as AllReduceSum does.
   virtual absl::Status ReduceScatterSum(Tensor& t) = 0;
   virtual absl::Status AllGatherChunks(Tensor& t) = 0;
+
+  // Starts t's AllReduceSum and returns, so that it overlaps the work enqueued after it (a
+  // device transport); t holds the sum once WaitAsync has returned, for the host and for work
+  // enqueued after. Transports that cannot overlap sum at once. Every rank starts the same
+  // all-reduces in the same order.
+  virtual absl::Status AllReduceSumAsync(Tensor& t) { return AllReduceSum(t); }
+  virtual absl::Status WaitAsync() { return absl::OkStatus(); }
 };
 
 // Elements [begin, end) of chunk `index` when n elements are cut into `chunks` near-equal chunks.

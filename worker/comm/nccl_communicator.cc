@@ -153,6 +153,23 @@ absl::Status NcclCommunicator::AllReduceSum(Tensor& t) {
   return Finish("all_reduce");
 }
 
+absl::Status NcclCommunicator::AllReduceSumAsync(Tensor& t) {
+  if (t.device() == Device::kCPU) return mpi_->AllReduceSum(t);
+  if (t.dtype() == DType::kBF16) return absl::InvalidArgumentError("all_reduce: no bf16 sums");
+  ASSIGN_OR_RETURN(ncclDataType_t type, NcclType(t.dtype()));
+  RETURN_IF_ERROR(Begin("all_reduce"));
+  RETURN_IF_ERROR(Settle(ncclAllReduce(t.raw(), t.raw(), t.numel(), type, ncclSum, comm_, stream_),
+                         "all_reduce"));
+  pending_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status NcclCommunicator::WaitAsync() {
+  if (!pending_) return absl::OkStatus();
+  pending_ = false;
+  return Finish("all_reduce");
+}
+
 absl::Status NcclCommunicator::AllGather(const Tensor& in, Tensor& out) {
   if (in.device() == Device::kCPU) return mpi_->AllGather(in, out);
   ASSIGN_OR_RETURN(ncclDataType_t type, NcclType(in.dtype()));

@@ -36,6 +36,10 @@ class NcclCommunicator final : public Communicator {
   // reduce (or broadcast) a chunk, rooted at its owner.
   absl::Status ReduceScatterSum(Tensor& t) override;
   absl::Status AllGatherChunks(Tensor& t) override;
+  // Enqueued on the communication stream after the compute stream's work so far; WaitAsync
+  // orders the compute stream after all of them and watches them with the timeout.
+  absl::Status AllReduceSumAsync(Tensor& t) override;
+  absl::Status WaitAsync() override;
 
  private:
   NcclCommunicator(std::unique_ptr<MpiCommunicator> mpi, Backend* backend, absl::Duration timeout)
@@ -55,6 +59,7 @@ class NcclCommunicator final : public Communicator {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t ready_ = nullptr, done_ = nullptr;
   bool aborted_ = false;
+  bool pending_ = false;  // asynchronous operations enqueued since the last WaitAsync
 };
 
 }  // namespace mamba::comm
