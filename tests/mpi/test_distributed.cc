@@ -277,20 +277,25 @@ TEST(Distributed, CheckpointsResumeOnAnotherLayoutAndOnOneRank) {
   const std::string dir =
       ::testing::TempDir() + "/mamba-distributed-" + std::to_string(id.data<int32_t>()[0]);
   const std::vector<comm::Layout> layouts = Layouts();
-  const comm::Layout saved = layouts.back(), resumed = layouts.front();  // all sp, then all dp
-  // Saved with the optimizer's state sharded (gathered for the checkpoint).
-  const TrainedRun full = Train(Spec(saved, dir, {.shard = true}), false);
-  // The layout run saved step 5 and step 10; continue from step 5 on the other layout (state
-  // whole and sharded), and alone.
-  for (const auto& [solo, shard] : {std::pair{false, false}, {false, true}, {true, false}}) {
-    SCOPED_TRACE(solo ? "one rank" : shard ? "other layout, sharded" : "other layout");
-    v1::JobSpec spec = Spec(solo ? comm::Layout{1, 1} : resumed, "", {.shard = shard});
-    spec.mutable_checkpoint()->set_resume_from(dir + "/step_00000005");
-    const TrainedRun rest = Train(spec, solo);
-    ASSERT_EQ(rest.summary.losses.size(), full.summary.losses.size());
-    EXPECT_LT(::mamba::testing::RelativeError(rest.summary.losses, full.summary.losses), 1e-5);
-    for (size_t i = 0; i < rest.params.size(); ++i) {
-      EXPECT_LT(::mamba::testing::NormRelativeError(rest.params[i], full.params[i]), 1e-5) << i;
+  // Saved by all dp then resumed by all sp, and the other way round.
+  for (const auto& [saved, resumed] :
+       {std::pair{layouts.front(), layouts.back()}, {layouts.back(), layouts.front()}}) {
+    SCOPED_TRACE(::testing::Message() << "saved at dp " << saved.dp << " x sp " << saved.sp);
+    const std::string root = dir + "/saved-dp" + std::to_string(saved.dp);
+    // Saved with the optimizer's state sharded (gathered for the checkpoint).
+    const TrainedRun full = Train(Spec(saved, root, {.shard = true}), false);
+    // The run saved step 5 and step 10; continue from step 5 on the other layout (state whole
+    // and sharded), and alone.
+    for (const auto& [solo, shard] : {std::pair{false, false}, {false, true}, {true, false}}) {
+      SCOPED_TRACE(solo ? "one rank" : shard ? "other layout, sharded" : "other layout");
+      v1::JobSpec spec = Spec(solo ? comm::Layout{1, 1} : resumed, "", {.shard = shard});
+      spec.mutable_checkpoint()->set_resume_from(root + "/step_00000005");
+      const TrainedRun rest = Train(spec, solo);
+      ASSERT_EQ(rest.summary.losses.size(), full.summary.losses.size());
+      EXPECT_LT(::mamba::testing::RelativeError(rest.summary.losses, full.summary.losses), 1e-5);
+      for (size_t i = 0; i < rest.params.size(); ++i) {
+        EXPECT_LT(::mamba::testing::NormRelativeError(rest.params[i], full.params[i]), 1e-5) << i;
+      }
     }
   }
   ASSERT_TRUE(AllRanks(true));  // everyone is done reading before rank 0 deletes
