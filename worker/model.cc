@@ -164,7 +164,7 @@ void MambaModel::ExchangeHalo(Layer& l, int64_t B, int64_t L) {
 void MambaModel::HandOffState(Layer& l, int64_t B) {
   profiling::ScopedRange range("sp_state");
   const int64_t E = config_.d_inner(), N = config_.d_state, S = B * E * N;
-  const int r = sp_->rank(), P = sp_->size();
+  const int r = sp_->rank();
   Backend& be = *backend_;
   // This slice's map h -> decay * h + state, then everyone's, rank after rank.
   Tensor maps = Act({2, B, E, N});
@@ -172,18 +172,25 @@ void MambaModel::HandOffState(Layer& l, int64_t B) {
   ScanInputs in = ScanInputsOf(l);
   in.h0 = Tensor();
   be.SelectiveScanStateMap(in, decay, state);
-  Tensor all = Act({P, 2, B, E, N});
-  comm::ThrowIfError(sp_->AllGather(maps, all));
   // h0 of slice r: the earlier slices' maps composed in order, from a zero state.
+  std::vector<int> earlier;
+  for (int q = 0; q < r; ++q) earlier.push_back(q);
+  l.h0 = ComposeMaps(maps, earlier, B);
+  l.decay = decay;
+}
+
+Tensor MambaModel::ComposeMaps(const Tensor& maps, const std::vector<int>& order, int64_t B) {
+  const int64_t E = config_.d_inner(), N = config_.d_state, S = B * E * N;
+  Tensor all = Act({sp_->size(), 2, B, E, N});
+  comm::ThrowIfError(sp_->AllGather(maps, all));
   Tensor h;
-  for (int q = 0; q < r; ++q) {
+  for (int q : order) {
     Tensor next = Act({B, E, N});
-    be.Convert(all.View((2 * q + 1) * S, {B, E, N}), next);
-    if (h.defined()) be.AddProduct(all.View(2 * q * S, {B, E, N}), h, next);
+    backend_->Convert(all.View((2 * q + 1) * S, {B, E, N}), next);
+    if (h.defined()) backend_->AddProduct(all.View(2 * q * S, {B, E, N}), h, next);
     h = next;
   }
-  l.h0 = h;
-  l.decay = decay;
+  return h;
 }
 
 Tensor MambaModel::HandBackStateGrad(const Layer& l, const Tensor& dy, int64_t B) {
@@ -196,17 +203,10 @@ Tensor MambaModel::HandBackStateGrad(const Layer& l, const Tensor& dy, int64_t B
   Tensor decay = maps.View(0, {B, E, N}), dstate = maps.View(S, {B, E, N});
   be.Convert(l.decay, decay);
   be.SelectiveScanStateGrad(ScanInputsOf(l), dy, dstate);
-  Tensor all = Act({P, 2, B, E, N});
-  comm::ThrowIfError(sp_->AllGather(maps, all));
   // dh_last of slice r: the later slices' maps composed from the last one back, from zero.
-  Tensor g;
-  for (int q = P - 1; q > r; --q) {
-    Tensor next = Act({B, E, N});
-    be.Convert(all.View((2 * q + 1) * S, {B, E, N}), next);
-    if (g.defined()) be.AddProduct(all.View(2 * q * S, {B, E, N}), g, next);
-    g = next;
-  }
-  return g;
+  std::vector<int> later;
+  for (int q = P - 1; q > r; --q) later.push_back(q);
+  return ComposeMaps(maps, later, B);
 }
 
 void MambaModel::ExchangeHaloGrad(const Tensor& dprefix, Tensor& dx, int64_t B, int64_t L) {

@@ -127,6 +127,10 @@ class MambaModel {
   // Backward: this slice's final-state gradient from the later slices' maps; and the halo's
   // gradient dprefix sent back, the next slice's added into dx's last positions.
   Tensor HandBackStateGrad(const Layer& l, const Tensor& dy, int64_t B);
+  // All-gathers the sp group's maps (each rank's `maps`: decay then offset, (2, B, E, N)) and
+  // composes those of the ranks in `order`, first to last, from a zero state: undefined when
+  // `order` is empty.
+  Tensor ComposeMaps(const Tensor& maps, const std::vector<int>& order, int64_t B);
   void ExchangeHaloGrad(const Tensor& dprefix, Tensor& dx, int64_t B, int64_t L);
 
   // recompute: rerun for the backward (Recompute::kLayer): keep every activation, skip out_proj.

@@ -145,12 +145,8 @@ absl::Status NcclCommunicator::Finish(const char* op) {
 
 absl::Status NcclCommunicator::AllReduceSum(Tensor& t) {
   if (t.device() == Device::kCPU) return mpi_->AllReduceSum(t);
-  if (t.dtype() == DType::kBF16) return absl::InvalidArgumentError("all_reduce: no bf16 sums");
-  ASSIGN_OR_RETURN(ncclDataType_t type, NcclType(t.dtype()));
-  RETURN_IF_ERROR(Begin("all_reduce"));
-  RETURN_IF_ERROR(Settle(ncclAllReduce(t.raw(), t.raw(), t.numel(), type, ncclSum, comm_, stream_),
-                         "all_reduce"));
-  return Finish("all_reduce");
+  RETURN_IF_ERROR(AllReduceSumAsync(t));
+  return WaitAsync();
 }
 
 absl::Status NcclCommunicator::AllReduceSumAsync(Tensor& t) {
