@@ -110,6 +110,10 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
   RETURN_IF_ERROR(InRange("batch_size", spec.batch_size(), 1, 1 << 20));
   if (!spec.has_seed()) spec.set_seed(1234);
   if (!spec.has_log_every()) spec.set_log_every(10);
+  if (!spec.has_priority()) spec.set_priority(0);
+  if (!spec.has_max_restarts()) spec.set_max_restarts(3);
+  RETURN_IF_ERROR(InRange("priority", spec.priority(), -1000000, 1000000));
+  RETURN_IF_ERROR(InRange("max_restarts", spec.max_restarts(), 0, 1000));
   RETURN_IF_ERROR(InRange<int64_t>("log_every", spec.log_every(), 1, int64_t{1} << 40));
 
   // Evaluation.

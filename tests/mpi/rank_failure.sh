@@ -24,7 +24,8 @@ grep -q "^step" "$work/out.log" || { echo "the job did not start"; cat "$work/ou
 # World rank 1's process, found by its launcher-given rank.
 victim=""
 for pid in $(pgrep -f -- "--job $work/job.json"); do
-  if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=1"; then
+  # (No pipe into grep -q: under pipefail its early exit could fail the pipeline.)
+  if grep -qx "OMPI_COMM_WORLD_RANK=1" < <(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null); then
     victim=$pid
   fi
 done

@@ -1,0 +1,84 @@
+#include "coordinator/job_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "worker/job_spec.h"
+
+namespace mamba::coordinator {
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+grpc::Status JobServiceImpl::Authenticate(const grpc::ServerContext& context) const {
+  if (token_.empty()) return grpc::Status::OK;
+  const auto& metadata = context.client_metadata();
+  const auto it = metadata.find("authorization");
+  if (it == metadata.end() ||
+      std::string(it->second.data(), it->second.size()) != absl::StrCat("Bearer ", token_)) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "this coordinator needs \"authorization: Bearer <token>\" (mambactl "
+                        "--token_file)");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
+                                       const v1::SubmitJobRequest* request,
+                                       v1::SubmitJobResponse* response) {
+  if (grpc::Status s = Authenticate(*context); !s.ok()) return s;
+  if (!request->has_spec()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "spec: required");
+  }
+  auto spec = ResolveJobSpec(request->spec());
+  if (!spec.ok()) return ToGrpc(spec.status());
+  auto submitted = store_->Submit(*spec, request->idempotency_key());
+  if (!submitted.ok()) return ToGrpc(submitted.status());
+  *response->mutable_job() = submitted->job;
+  response->set_created(submitted->created);
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* context, const v1::GetJobRequest* request,
+                                    v1::Job* response) {
+  if (grpc::Status s = Authenticate(*context); !s.ok()) return s;
+  auto job = store_->Get(request->id());
+  if (!job.ok()) return ToGrpc(job.status());
+  *response = *job;
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* context,
+                                      const v1::ListJobsRequest* request,
+                                      v1::ListJobsResponse* response) {
+  if (grpc::Status s = Authenticate(*context); !s.ok()) return s;
+  const int size = request->page_size() == 0 ? 50 : request->page_size();
+  if (size < 1 || size > 1000) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("page_size: must be in [1, 1000], got ", size));
+  }
+  auto page = store_->List(request->state(), request->name(), size, request->page_token());
+  if (!page.ok()) return ToGrpc(page.status());
+  for (v1::Job& job : page->jobs) *response->add_jobs() = std::move(job);
+  response->set_next_page_token(page->next_page_token);
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* context,
+                                       const v1::CancelJobRequest* request, v1::Job* response) {
+  if (grpc::Status s = Authenticate(*context); !s.ok()) return s;
+  auto job = store_->Get(request->id());
+  if (!job.ok()) return ToGrpc(job.status());
+  // A job no pool has started ends at once; a running one stops at its next step boundary.
+  absl::StatusOr<v1::Job> updated =
+      job->state() == v1::RUNNING
+          ? store_->Transition(request->id(), {v1::RUNNING}, v1::STOPPING,
+                               "cancel requested: stopping at the next step")
+          : store_->Transition(request->id(), {v1::QUEUED, v1::ASSIGNED, v1::RECOVERING},
+                               v1::CANCELLED, "cancelled before it ran");
+  if (!updated.ok()) return ToGrpc(updated.status());
+  *response = *updated;
+  return grpc::Status::OK;
+}
+
+}  // namespace mamba::coordinator

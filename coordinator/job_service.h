@@ -1,0 +1,39 @@
+// The client-facing gRPC service (proto/service.proto, JobService) over the job store: specs are
+// resolved and checked before anything is stored (INVALID_ARGUMENT naming the field and the
+// rule), and every RPC needs the bearer token when the coordinator has one.
+#pragma once
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "coordinator/job_store.h"
+#include "proto/service.grpc.pb.h"
+
+namespace mamba::coordinator {
+
+// The gRPC status of an absl::Status (same code, same message).
+grpc::Status ToGrpc(const absl::Status& status);
+
+class JobServiceImpl final : public v1::JobService::Service {
+ public:
+  // `token` empty: no authentication (the coordinator listens on loopback by default).
+  JobServiceImpl(JobStore* store, std::string token) : store_(store), token_(std::move(token)) {}
+
+  grpc::Status SubmitJob(grpc::ServerContext* context, const v1::SubmitJobRequest* request,
+                         v1::SubmitJobResponse* response) override;
+  grpc::Status GetJob(grpc::ServerContext* context, const v1::GetJobRequest* request,
+                      v1::Job* response) override;
+  grpc::Status ListJobs(grpc::ServerContext* context, const v1::ListJobsRequest* request,
+                        v1::ListJobsResponse* response) override;
+  grpc::Status CancelJob(grpc::ServerContext* context, const v1::CancelJobRequest* request,
+                         v1::Job* response) override;
+
+ private:
+  // UNAUTHENTICATED unless the call carries "authorization: Bearer <token>".
+  grpc::Status Authenticate(const grpc::ServerContext& context) const;
+
+  JobStore* store_;
+  std::string token_;
+};
+
+}  // namespace mamba::coordinator

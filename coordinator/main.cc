@@ -1,0 +1,70 @@
+// mamba-coordinator: the gRPC front door of the service (proto/service.proto). Jobs live in a
+// SQLite file and survive restarts.
+//   mamba-coordinator [--listen 127.0.0.1:50051] [--db coordinator.db] [--token_file F]
+// Prints "listening on HOST:PORT" once it serves (port 0 picks a free one); SIGINT or SIGTERM
+// stop it gracefully.
+#include <chrono>
+#include <csignal>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "coordinator/job_service.h"
+#include "grpcpp/grpcpp.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "Address to serve on (loopback unless told otherwise; port 0: any free port).");
+ABSL_FLAG(std::string, db, "coordinator.db", "The SQLite job store (created if absent).");
+ABSL_FLAG(std::string, token_file, "",
+          "A file holding the bearer token every RPC must carry (empty: no authentication).");
+
+namespace {
+
+volatile std::sig_atomic_t g_stop = 0;
+
+int Fail(const std::string& message) {
+  std::cerr << "mamba-coordinator: error: " << message << "\n";
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("The Mamba training service's coordinator (gRPC)");
+  absl::ParseCommandLine(argc, argv);
+  std::string token;
+  if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
+    std::ifstream in(path);
+    if (!in) return Fail(absl::StrCat("--token_file ", path, ": cannot read it"));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    token = std::string(absl::StripAsciiWhitespace(ss.str()));
+    if (token.empty()) return Fail(absl::StrCat("--token_file ", path, ": the file is empty"));
+  }
+  auto store = mamba::coordinator::JobStore::Open(absl::GetFlag(FLAGS_db));
+  if (!store.ok()) return Fail(std::string(store.status().message()));
+  mamba::coordinator::JobServiceImpl jobs(store->get(), token);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&jobs);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    return Fail(absl::StrCat("--listen ", absl::GetFlag(FLAGS_listen), ": cannot serve there"));
+  }
+  std::string host = absl::GetFlag(FLAGS_listen);
+  host = host.substr(0, host.rfind(':'));
+  std::cout << "listening on " << host << ":" << port << std::endl;
+  std::signal(SIGINT, [](int) { g_stop = 1; });
+  std::signal(SIGTERM, [](int) { g_stop = 1; });
+  while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  std::cout << "stopped" << std::endl;
+  return 0;
+}

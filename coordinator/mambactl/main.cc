@@ -1,0 +1,200 @@
+// mambactl: the command-line client of the coordinator (JobService).
+//   mambactl [--coordinator 127.0.0.1:50051] [--token_file F] [--json] COMMAND ...
+//     submit SPEC.json [--key K]   submit a job (the same key and spec return the same job)
+//     get ID                       one job
+//     list [--state S] [--name N] [--page_size N]   jobs, newest first (every page)
+//     cancel ID                    cancel a job
+// Tables by default, JSON (protobuf's mapping) with --json. Exit status: 0 on success, 1 when the
+// coordinator refuses (its status printed), 2 for a bad command line.
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
+#include "absl/time/time.h"
+#include "google/protobuf/util/json_util.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/service.grpc.pb.h"
+#include "worker/job_spec.h"
+
+ABSL_FLAG(std::string, coordinator, "127.0.0.1:50051", "The coordinator's address.");
+ABSL_FLAG(std::string, token_file, "", "A file holding the coordinator's bearer token.");
+ABSL_FLAG(bool, json, false, "Print JSON instead of tables.");
+ABSL_FLAG(std::string, key, "", "submit: the idempotency key.");
+ABSL_FLAG(std::string, state, "", "list: only jobs in this state (QUEUED, RUNNING, ...).");
+ABSL_FLAG(std::string, name, "", "list: only jobs of this name.");
+ABSL_FLAG(int32_t, page_size, 50, "list: jobs a page.");
+ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "How long one call may take.");
+
+namespace {
+
+using mamba::v1::Job;
+
+int Usage(const std::string& why) {
+  std::cerr << "mambactl: " << why << "\n"
+            << "usage: mambactl [--coordinator HOST:PORT] [--token_file F] [--json] "
+               "submit SPEC.json [--key K] | get ID | list [--state S] [--name N] | cancel ID\n";
+  return 2;
+}
+
+// gRPC's status code names, by number.
+const char* CodeName(grpc::StatusCode code) {
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
+}
+
+int Refused(const grpc::Status& s) {
+  std::cerr << "mambactl: " << CodeName(s.error_code()) << ": "
+            << (s.error_code() == grpc::StatusCode::UNAVAILABLE
+                    ? "coordinator unavailable at " + absl::GetFlag(FLAGS_coordinator) + ": "
+                    : "")
+            << s.error_message() << "\n";
+  return 1;
+}
+
+std::string Json(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, options);
+  return out;
+}
+
+void PrintJobs(const std::vector<Job>& jobs) {
+  std::cout << std::left << std::setw(12) << "ID" << std::setw(12) << "STATE" << std::setw(24)
+            << "NAME" << std::setw(9) << "PRIORITY"
+            << "REASON\n";
+  for (const Job& j : jobs) {
+    std::cout << std::left << std::setw(12) << j.id() << std::setw(12)
+              << mamba::v1::JobState_Name(j.state()) << std::setw(24)
+              << (j.name().empty() ? "-" : j.name()) << std::setw(9) << j.priority() << j.reason()
+              << "\n";
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("mambactl: submit and follow Mamba training jobs");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) return Usage("a command is required");
+  const std::string command = args[1];
+  std::string token;
+  if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
+    std::ifstream in(path);
+    if (!in) return Usage(absl::StrCat("--token_file ", path, ": cannot read it"));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    token = std::string(absl::StripAsciiWhitespace(ss.str()));
+  }
+  auto channel =
+      grpc::CreateChannel(absl::GetFlag(FLAGS_coordinator), grpc::InsecureChannelCredentials());
+  auto stub = mamba::v1::JobService::NewStub(channel);
+  const auto context = [&]() {
+    auto c = std::make_unique<grpc::ClientContext>();
+    c->set_deadline(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_timeout)));
+    if (!token.empty()) c->AddMetadata("authorization", "Bearer " + token);
+    return c;
+  };
+  const bool json = absl::GetFlag(FLAGS_json);
+
+  if (command == "submit") {
+    if (args.size() != 3) return Usage("submit takes one spec file");
+    std::ifstream in(args[2]);
+    if (!in) return Usage(absl::StrCat("submit: cannot read ", args[2]));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    mamba::v1::SubmitJobRequest request;
+    google::protobuf::util::JsonParseOptions options;
+    if (auto s =
+            google::protobuf::util::JsonStringToMessage(ss.str(), request.mutable_spec(), options);
+        !s.ok()) {
+      return Usage(absl::StrCat(args[2], ": not a JobSpec: ", std::string(s.message())));
+    }
+    request.set_idempotency_key(absl::GetFlag(FLAGS_key));
+    mamba::v1::SubmitJobResponse response;
+    if (grpc::Status s = stub->SubmitJob(context().get(), request, &response); !s.ok()) {
+      return Refused(s);
+    }
+    if (json) {
+      std::cout << Json(response) << "\n";
+    } else {
+      std::cout << (response.created() ? "submitted " : "already submitted ") << response.job().id()
+                << "\n";
+    }
+    return 0;
+  }
+  if (command == "get" || command == "cancel") {
+    if (args.size() != 3) return Usage(command + " takes one job id");
+    Job job;
+    grpc::Status s;
+    if (command == "get") {
+      mamba::v1::GetJobRequest request;
+      request.set_id(args[2]);
+      s = stub->GetJob(context().get(), request, &job);
+    } else {
+      mamba::v1::CancelJobRequest request;
+      request.set_id(args[2]);
+      s = stub->CancelJob(context().get(), request, &job);
+    }
+    if (!s.ok()) return Refused(s);
+    if (json) {
+      std::cout << Json(job) << "\n";
+    } else {
+      PrintJobs({job});
+    }
+    return 0;
+  }
+  if (command == "list") {
+    mamba::v1::ListJobsRequest request;
+    if (const std::string state = absl::GetFlag(FLAGS_state); !state.empty()) {
+      mamba::v1::JobState parsed;
+      if (!mamba::v1::JobState_Parse(state, &parsed)) {
+        return Usage(absl::StrCat("--state: no state \"", state, "\""));
+      }
+      request.set_state(parsed);
+    }
+    request.set_name(absl::GetFlag(FLAGS_name));
+    request.set_page_size(absl::GetFlag(FLAGS_page_size));
+    std::vector<Job> jobs;
+    do {
+      mamba::v1::ListJobsResponse response;
+      if (grpc::Status s = stub->ListJobs(context().get(), request, &response); !s.ok()) {
+        return Refused(s);
+      }
+      jobs.insert(jobs.end(), response.jobs().begin(), response.jobs().end());
+      request.set_page_token(response.next_page_token());
+    } while (!request.page_token().empty());
+    if (json) {
+      mamba::v1::ListJobsResponse all;
+      for (const Job& j : jobs) *all.add_jobs() = j;
+      std::cout << Json(all) << "\n";
+    } else {
+      PrintJobs(jobs);
+    }
+    return 0;
+  }
+  return Usage(absl::StrCat("no command \"", command, "\""));
+}
