@@ -30,8 +30,14 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
   if (!request->has_spec()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "spec: required");
   }
-  auto spec = ResolveJobSpec(request->spec());
+  // A job that names no checkpoint directory gets one when a pool runs it (<checkpoint root>/<job
+  // id>), so its checkpoint schedule is valid without one here.
+  v1::JobSpec given = request->spec();
+  const bool dir_later = given.checkpoint().dir().empty();
+  if (dir_later) given.mutable_checkpoint()->set_dir("(given when it runs)");
+  auto spec = ResolveJobSpec(given);
   if (!spec.ok()) return ToGrpc(spec.status());
+  if (dir_later) spec->mutable_checkpoint()->clear_dir();
   auto submitted = store_->Submit(*spec, request->idempotency_key());
   if (!submitted.ok()) return ToGrpc(submitted.status());
   *response->mutable_job() = submitted->job;

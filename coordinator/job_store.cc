@@ -66,7 +66,8 @@ class Statement {
 };
 
 constexpr char kJobColumns[] =
-    "id, name, spec, state, reason, priority, idempotency_key, created_ms, updated_ms, restarts";
+    "id, name, spec, state, reason, priority, idempotency_key, created_ms, updated_ms, restarts, "
+    "pool";
 
 v1::Job JobFromRow(Statement& s) {
   v1::Job job;
@@ -80,6 +81,7 @@ v1::Job JobFromRow(Statement& s) {
   job.set_created_unix_ms(s.Int(7));
   job.set_updated_unix_ms(s.Int(8));
   job.set_restarts(static_cast<int32_t>(s.Int(9)));
+  job.set_pool_id(s.Text(10));
   return job;
 }
 
@@ -130,10 +132,22 @@ absl::Status JobStore::Migrate() {
         "--db %s: schema version %d was written by a newer coordinator (this one knows up to %d)",
         path_, v, kSchemaVersion));
   }
-  if (v >= 1) return absl::OkStatus();
-  // Version 1: jobs and their events.
+  if (v >= kSchemaVersion) return absl::OkStatus();
   RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
-  absl::Status s = Exec(R"sql(
+  absl::Status s = v < 1 ? CreateVersion1() : absl::OkStatus();
+  // Version 2: the pool a job was given to.
+  if (s.ok() && v < 2) {
+    s = Exec("ALTER TABLE jobs ADD COLUMN pool TEXT NOT NULL DEFAULT ''; PRAGMA user_version = 2;");
+  }
+  if (!s.ok()) {
+    Exec("ROLLBACK").IgnoreError();
+    return s;
+  }
+  return Exec("COMMIT");
+}
+
+absl::Status JobStore::CreateVersion1() {
+  return Exec(R"sql(
     CREATE TABLE jobs (
       seq INTEGER PRIMARY KEY AUTOINCREMENT,
       id TEXT NOT NULL UNIQUE,
@@ -155,11 +169,6 @@ absl::Status JobStore::Migrate() {
       text TEXT NOT NULL,
       PRIMARY KEY (job_id, offset));
     PRAGMA user_version = 1;)sql");
-  if (!s.ok()) {
-    Exec("ROLLBACK").IgnoreError();
-    return s;
-  }
-  return Exec("COMMIT");
 }
 
 absl::Status JobStore::AddEvent(const std::string& id, const std::string& kind,
@@ -264,7 +273,7 @@ absl::StatusOr<JobStore::Page> JobStore::List(v1::JobState state, const std::str
       break;
     }
     page.jobs.push_back(JobFromRow(s));
-    last_seq = s.Int(10);
+    last_seq = s.Int(11);
   }
   return page;
 }
@@ -301,6 +310,82 @@ absl::StatusOr<v1::Job> JobStore::Transition(const std::string& id,
   if (!updated.ok()) return rollback(updated.status());
   RETURN_IF_ERROR(Exec("COMMIT"));
   return *updated;
+}
+
+absl::Status JobStore::AddEvents(const std::string& id,
+                                 const std::vector<std::pair<std::string, std::string>>& events) {
+  std::lock_guard<std::mutex> lock(mu_);
+  RETURN_IF_ERROR(GetLocked(id).status());
+  RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  const int64_t now = NowMs();
+  for (const auto& [kind, text] : events) {
+    if (absl::Status s = AddEvent(id, kind, text, now); !s.ok()) {
+      Exec("ROLLBACK").IgnoreError();
+      return s;
+    }
+  }
+  return Exec("COMMIT");
+}
+
+absl::StatusOr<std::optional<v1::Job>> JobStore::AssignNext(
+    const std::string& pool, const std::function<bool(const v1::JobSpec&)>& fits) {
+  std::lock_guard<std::mutex> lock(mu_);
+  RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  const auto rollback = [&](absl::Status s) {
+    Exec("ROLLBACK").IgnoreError();
+    return s;
+  };
+  std::optional<v1::Job> chosen;
+  {
+    Statement s(db_, absl::StrCat("SELECT ", kJobColumns,
+                                  " FROM jobs WHERE state IN (?1, ?2) ORDER BY priority DESC, seq")
+                         .c_str());
+    if (!s.ok()) return rollback(Error("preparing the queue"));
+    s.Bind(1, int64_t{v1::QUEUED}).Bind(2, int64_t{v1::RECOVERING});
+    for (int rc = s.Step(); rc == SQLITE_ROW; rc = s.Step()) {
+      v1::Job job = JobFromRow(s);
+      if (fits(job.spec())) {
+        chosen = std::move(job);
+        break;
+      }
+    }
+  }
+  if (!chosen) {
+    RETURN_IF_ERROR(Exec("COMMIT"));
+    return std::optional<v1::Job>();
+  }
+  const bool restart = chosen->state() == v1::RECOVERING;
+  const int64_t now = NowMs();
+  const std::string reason = restart
+                                 ? absl::StrCat("pool ", pool, ": restart ", chosen->restarts() + 1,
+                                                " of at most ", chosen->spec().max_restarts())
+                                 : absl::StrCat("pool ", pool);
+  Statement u(db_,
+              "UPDATE jobs SET state = ?1, reason = ?2, updated_ms = ?3, pool = ?4, restarts = "
+              "restarts + ?5 WHERE id = ?6");
+  if (!u.ok()) return rollback(Error("preparing an update"));
+  u.Bind(1, int64_t{v1::ASSIGNED}).Bind(2, reason).Bind(3, now).Bind(4, pool);
+  u.Bind(5, int64_t{restart ? 1 : 0}).Bind(6, chosen->id());
+  if (u.Step() != SQLITE_DONE) return rollback(Error("assigning a job"));
+  if (absl::Status e = AddEvent(chosen->id(), "state", "ASSIGNED: " + reason, now); !e.ok()) {
+    return rollback(e);
+  }
+  auto job = GetLocked(chosen->id());
+  if (!job.ok()) return rollback(job.status());
+  RETURN_IF_ERROR(Exec("COMMIT"));
+  return std::optional<v1::Job>(*job);
+}
+
+absl::StatusOr<std::vector<v1::Job>> JobStore::ActiveJobs() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Statement s(db_, absl::StrCat("SELECT ", kJobColumns,
+                                " FROM jobs WHERE state IN (?1, ?2, ?3) ORDER BY seq")
+                       .c_str());
+  if (!s.ok()) return Error("preparing a read");
+  s.Bind(1, int64_t{v1::ASSIGNED}).Bind(2, int64_t{v1::RUNNING}).Bind(3, int64_t{v1::STOPPING});
+  std::vector<v1::Job> jobs;
+  for (int rc = s.Step(); rc == SQLITE_ROW; rc = s.Step()) jobs.push_back(JobFromRow(s));
+  return jobs;
 }
 
 absl::StatusOr<std::vector<JobStore::Event>> JobStore::Events(const std::string& id,

@@ -11,8 +11,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -62,8 +64,19 @@ class JobStore {
   };
   // Job `id`'s events from `offset` on, in order.
   absl::StatusOr<std::vector<Event>> Events(const std::string& id, int64_t offset);
+  // Appends events (a worker's log lines, metrics) to job `id`.
+  absl::Status AddEvents(const std::string& id,
+                         const std::vector<std::pair<std::string, std::string>>& events);
 
-  static constexpr int kSchemaVersion = 1;
+  // Scheduling: the first job, by priority then age, among the QUEUED and RECOVERING ones that
+  // `fits` (its grid and backend match a pool), moved to ASSIGNED on `pool` with its event (a
+  // RECOVERING one counts a restart). nullopt when none fits.
+  absl::StatusOr<std::optional<v1::Job>> AssignNext(
+      const std::string& pool, const std::function<bool(const v1::JobSpec&)>& fits);
+  // The jobs that a pool holds (ASSIGNED, RUNNING or STOPPING on it).
+  absl::StatusOr<std::vector<v1::Job>> ActiveJobs();
+
+  static constexpr int kSchemaVersion = 2;
 
  private:
   explicit JobStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
@@ -73,6 +86,7 @@ class JobStore {
   absl::StatusOr<v1::Job> GetLocked(const std::string& id);
   absl::Status AddEvent(const std::string& id, const std::string& kind, const std::string& text,
                         int64_t now_ms);
+  absl::Status CreateVersion1();
 
   sqlite3* db_;
   std::string path_;

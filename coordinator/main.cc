@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "coordinator/job_service.h"
+#include "coordinator/worker_service.h"
 #include "grpcpp/grpcpp.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
@@ -23,6 +24,12 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
 ABSL_FLAG(std::string, db, "coordinator.db", "The SQLite job store (created if absent).");
 ABSL_FLAG(std::string, token_file, "",
           "A file holding the bearer token every RPC must carry (empty: no authentication).");
+ABSL_FLAG(absl::Duration, lease, absl::Seconds(30),
+          "How long a worker pool may stay silent before it is declared lost (its job recovers "
+          "on another pool).");
+ABSL_FLAG(absl::Duration, heartbeat, absl::Seconds(1), "How often pools heartbeat.");
+ABSL_FLAG(std::string, checkpoint_root, "runs",
+          "Where jobs that name no checkpoint directory keep theirs: <root>/<job id>.");
 
 namespace {
 
@@ -50,10 +57,17 @@ int main(int argc, char** argv) {
   auto store = mamba::coordinator::JobStore::Open(absl::GetFlag(FLAGS_db));
   if (!store.ok()) return Fail(std::string(store.status().message()));
   mamba::coordinator::JobServiceImpl jobs(store->get(), token);
+  mamba::coordinator::WorkerServiceOptions worker_options;
+  worker_options.token = token;
+  worker_options.lease = absl::GetFlag(FLAGS_lease);
+  worker_options.heartbeat = absl::GetFlag(FLAGS_heartbeat);
+  worker_options.checkpoint_root = absl::GetFlag(FLAGS_checkpoint_root);
+  mamba::coordinator::WorkerServiceImpl workers(store->get(), worker_options);
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&jobs);
+  builder.RegisterService(&workers);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
     return Fail(absl::StrCat("--listen ", absl::GetFlag(FLAGS_listen), ": cannot serve there"));

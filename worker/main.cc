@@ -1,6 +1,8 @@
-// mamba-worker: trains one job, alone or as one rank of an MPI worker pool.
+// mamba-worker: trains one job, alone or as one rank of an MPI worker pool; or, in service mode,
+// the coordinator's jobs one after another.
 //   mamba-worker --job job.json [--resume DIR] [--summary_json out.json]
 //   mpirun -np P mamba-worker --job job.json          (srun --mpi=pmix on Slurm clusters)
+//   mpirun -np P mamba-worker --coordinator HOST:PORT [--token_file F] [--backend cpu|cuda]
 // The job spec is the JSON form of mamba.v1.JobSpec (proto/job.proto); its `parallel` field
 // arranges the P ranks as dp x sp. Rank 0 prints progress and writes the summary and
 // checkpoints; an error on any rank is printed with the rank named and ends every rank.
@@ -16,6 +18,7 @@
 #include "nlohmann/json.hpp"
 #include "worker/comm/process_groups.h"
 #include "worker/job_spec.h"
+#include "worker/pool.h"
 #include "worker/trainer.h"
 
 ABSL_FLAG(std::string, job, "", "Path of the job spec (JSON form of mamba.v1.JobSpec).");
@@ -26,6 +29,12 @@ ABSL_FLAG(std::string, summary_json, "", "If set, write the run's summary here a
 ABSL_FLAG(std::string, transport, "auto",
           "How ranks exchange CUDA tensors: \"nccl\", \"mpi\" (staged through host memory; "
           "for ranks sharing a GPU), or \"auto\" (NCCL when every rank has its own GPU).");
+ABSL_FLAG(std::string, coordinator, "",
+          "Service mode: train the jobs of the coordinator at HOST:PORT (worker/pool.h).");
+ABSL_FLAG(std::string, token_file, "", "Service mode: a file holding the coordinator's token.");
+ABSL_FLAG(std::string, backend, "",
+          "Service mode: the backend the pool offers, cpu or cuda (default: cuda where a GPU is "
+          "visible).");
 ABSL_FLAG(absl::Duration, comm_timeout, absl::Minutes(5),
           "How long an exchange waits for the other ranks before the job fails (a rank died or "
           "hangs).");
@@ -74,6 +83,33 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("Trains one Mamba job: mamba-worker --job job.json");
   absl::ParseCommandLine(argc, argv);
   mamba::comm::MpiRuntime::Init(&argc, &argv);
+  mamba::RankOptions rank;
+  auto transport = mamba::comm::ParseTransport(absl::GetFlag(FLAGS_transport));
+  if (!transport.ok()) return Fail(transport.status(), true);
+  rank.transport = *transport;
+  rank.comm_timeout = absl::GetFlag(FLAGS_comm_timeout);
+  if (const std::string coordinator = absl::GetFlag(FLAGS_coordinator); !coordinator.empty()) {
+    mamba::PoolOptions pool;
+    pool.coordinator = coordinator;
+    pool.rank = rank;
+    if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
+      std::ifstream in(path);
+      if (!in) return Fail(absl::InvalidArgumentError("--token_file: cannot read " + path), true);
+      std::getline(in, pool.token);
+    }
+    pool.backend = absl::GetFlag(FLAGS_backend);
+    if (pool.backend.empty()) {
+#ifdef MAMBA_HAS_CUDA
+      pool.backend = mamba::CudaDeviceCount() > 0 ? "cuda" : "cpu";
+#else
+      pool.backend = "cpu";
+#endif
+    }
+    if (pool.backend != "cpu" && pool.backend != "cuda") {
+      return Fail(absl::InvalidArgumentError("--backend: must be cpu or cuda"), true);
+    }
+    return mamba::RunPool(pool, std::cout);
+  }
   const std::string job_path = absl::GetFlag(FLAGS_job);
   if (job_path.empty()) {
     return Fail(absl::InvalidArgumentError("--job: a job spec file is required"), true);
@@ -85,11 +121,6 @@ int main(int argc, char** argv) {
     spec = mamba::ResolveJobSpec(*spec);  // re-validated: resume_from excludes init_from
     if (!spec.ok()) return Fail(spec.status(), true);
   }
-  mamba::RankOptions rank;
-  auto transport = mamba::comm::ParseTransport(absl::GetFlag(FLAGS_transport));
-  if (!transport.ok()) return Fail(transport.status(), true);
-  rank.transport = *transport;
-  rank.comm_timeout = absl::GetFlag(FLAGS_comm_timeout);
   auto trainer = mamba::Trainer::Create(*spec, rank);
   // Creation fails alike on every rank for a spec or layout the job cannot run.
   if (!trainer.ok())

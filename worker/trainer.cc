@@ -129,6 +129,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const v1::JobSpec& spec
       std::make_unique<MambaModel>(ModelConfigFromSpec(spec, t->dataset_->vocab_size()),
                                    t->backend_.get(), DType::kF32, ModelOptionsFromSpec(spec));
   t->model_->SetSequenceParallel(t->groups_.sp.get());
+  t->observer_ = rank.observer;
   t->model_->Initialize(spec.seed());
   t->optimizer_ = std::make_unique<AdamWOptimizer>(
       OptimizerConfigFromSpec(spec), t->backend_.get(), &t->model_->parameter_store(),
@@ -334,6 +335,7 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   LossStats window;
   int64_t window_steps = 0;
   for (int64_t step = start_step_; step < steps; ++step) {
+    const auto step_start = Clock::now();
     ASSIGN_OR_RETURN(data::Batch batch, LocalBatch(data::Split::kTrain, step, L));
     // The loss is the mean over every target of the global batch: the count is summed first.
     LossStats local_count;
@@ -400,8 +402,18 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
         log << "\n";
       }
     }
+    // An observer may stop the run here; rank 0 decides for every rank.
+    bool stop = false;
+    if (observer_ != nullptr) {
+      observer_->OnStep(step + 1, s.mean_loss(), double(B * L) / SecondsSince(step_start));
+      Tensor flag = Tensor::Zeros({1}, DType::kF64);
+      flag.data<double>()[0] = observer_->ShouldStop() ? 1 : 0;
+      RETURN_IF_ERROR(groups_.world->Broadcast(flag, 0));
+      stop = flag.data<double>()[0] != 0 && !last;
+    }
     const v1::CheckpointSpec& c = spec_.checkpoint();
-    if (!c.dir().empty() && (last || (c.every_steps() > 0 && (step + 1) % c.every_steps() == 0))) {
+    if (!c.dir().empty() &&
+        (last || stop || (c.every_steps() > 0 && (step + 1) % c.every_steps() == 0))) {
       // Rank 0 writes (the parameters are the same everywhere); the others learn whether it could.
       absl::StatusOr<std::string> dir = std::string();
       optimizer_->MaterializeMoments(/*gather=*/true);  // sharded: every rank's chunk, whole
@@ -416,6 +428,13 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
             absl::StrCat("step ", step + 1, ": rank 0 could not save the checkpoint"));
       }
       log << "  checkpoint: " << *dir << "\n";
+      if (observer_ != nullptr) observer_->OnCheckpoint(*dir);
+    }
+    if (stop) {
+      log << absl::StrFormat("stopped after step %d, as asked\n", step + 1);
+      summary.stopped = true;
+      summary.steps = step + 1;
+      return summary;
     }
   }
   summary.steps = steps;

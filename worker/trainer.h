@@ -45,6 +45,19 @@ struct TrainSummary {
   size_t workspace_bytes = 0;
   size_t peak_memory_bytes = 0;
   int64_t step_device_allocations = 0;
+  bool stopped = false;  // ended early at the observer's request, after `steps` steps
+};
+
+// Follows a run from outside (the coordinator's pool in service mode), on every rank. Rank 0's
+// answer to ShouldStop decides for all: the run then checkpoints (when it has a directory) and
+// ends, its summary marked stopped.
+class TrainObserver {
+ public:
+  virtual ~TrainObserver() = default;
+  // After each step, with the global batch's mean loss.
+  virtual void OnStep(int64_t /*step*/, double /*loss*/, double /*tokens_per_second*/) {}
+  virtual void OnCheckpoint(const std::string& /*dir*/) {}
+  virtual bool ShouldStop() { return false; }
 };
 
 // How this process takes part in a job.
@@ -54,6 +67,7 @@ struct RankOptions {
   absl::Duration comm_timeout = absl::Minutes(5);
   // Train alone in this process even where MPI is up (a one-rank reference beside a pool).
   bool solo = false;
+  TrainObserver* observer = nullptr;
 };
 
 class Trainer {
@@ -111,6 +125,7 @@ class Trainer {
   std::vector<double> loss_history_;  // of the run resumed from
   std::string resumed_from_;          // never deleted by keep_last
   std::string activity_;              // what runs now, for an out-of-memory message
+  TrainObserver* observer_ = nullptr;
 };
 
 // "1h02m", "3m05s", "12s".

@@ -53,7 +53,10 @@ absl::Status MpiCommunicator::Error(const char* op, int mpi_error) const {
 }
 
 absl::Status MpiCommunicator::Wait(std::vector<MPI_Request>& requests, const char* op, int peer) {
-  const auto deadline = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(timeout_);
+  const bool forever = timeout_ == absl::InfiniteDuration();
+  const auto deadline =
+      std::chrono::steady_clock::now() +
+      (forever ? std::chrono::nanoseconds(0) : absl::ToChronoNanoseconds(timeout_));
   for (int polls = 0;; ++polls) {
     int done = 0;
     if (const int err = MPI_Testall(static_cast<int>(requests.size()), requests.data(), &done,
@@ -66,7 +69,7 @@ absl::Status MpiCommunicator::Wait(std::vector<MPI_Request>& requests, const cha
     // cores (mpirun --oversubscribe), and a spinning rank would slow the one it waits for.
     if (polls > 2000) {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
-      if (std::chrono::steady_clock::now() > deadline) {
+      if (!forever && std::chrono::steady_clock::now() > deadline) {
         return absl::DeadlineExceededError(absl::StrFormat(
             "rank %d: %s over the %s group made no progress for %s waiting for rank %d (it died, "
             "hangs, or is not in the same step)",

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The whole service on loopback: mamba-coordinator, and real `mpirun -np 2` worker pools in
+# service mode, driven by mambactl. A job runs to SUCCEEDED; a running job is cancelled (it stops
+# at a step, checkpoints, ends CANCELLED); a job whose data cannot be read FAILS at once with the
+# reason; a job no pool fits stays QUEUED; a pool killed with kill -9 mid-job loses its lease, the
+# job goes RECOVERING and resumes from its last checkpoint on a new pool, to SUCCEEDED. Every wait
+# is bounded. Usage: pool_e2e.sh COORDINATOR MAMBACTL WORKER MPIRUN_ARGS...
+set -uo pipefail
+coordinator=$1 ctl=$2 worker=$3
+shift 3
+mpirun_args=("$@")
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
+  pkill -9 -f -- "--coordinator 127.0.0.1:$port" 2>/dev/null
+  wait 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+fail() {
+  echo "FAIL: $*"
+  echo "--- coordinator"; cat "$work/coordinator.log"
+  for f in "$work"/pool*.log; do echo "--- $f"; tail -20 "$f"; done
+  exit 1
+}
+cd "$work"
+"$coordinator" --listen 127.0.0.1:0 --db jobs.db --lease 3s --heartbeat 200ms \
+  --checkpoint_root ckpt >coordinator.log 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do grep -q "listening on" coordinator.log && break; sleep 0.1; done
+port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' coordinator.log)
+[[ -n $port ]] || fail "the coordinator did not start"
+ctl() { timeout 30 "$ctl" --coordinator "127.0.0.1:$port" "$@"; }
+pool() {
+  "${mpirun_args[@]}" -np 2 "$worker" --coordinator "127.0.0.1:$port" --comm_timeout 20s \
+    >"pool$1.log" 2>&1 &
+  pids+=($!)
+  pool_pid=$!
+}
+# Waits (bounded) until job $1 is in state $2.
+wait_state() {
+  for _ in $(seq 600); do
+    out=$(ctl get "$1" 2>&1)
+    [[ $out =~ $1\ +$2 ]] && return 0
+    sleep 0.1
+  done
+  fail "job $1 never reached $2: $out"
+}
+spec() {  # name steps [extra JSON fields] [data source]
+  local data=${4:-'{"inductionHeads":{"seqLen":32}}'}
+  echo "{\"name\":\"$1\",\"data\":$data,\"model\":{\"dModel\":16,\"nLayer\":1},
+\"steps\":$2,\"batchSize\":4,\"logEvery\":50,\"eval\":{\"batches\":0}${3:-}}"
+}
+
+pool 1
+spec short 20 >short.json
+short=$(ctl submit short.json | awk '{print $NF}')
+wait_state "$short" SUCCEEDED
+[[ -d ckpt/$short/step_00000020 ]] || fail "no final checkpoint for $short"
+echo "ok: $short SUCCEEDED"
+
+spec long 1000000 >long.json
+long=$(ctl submit long.json | awk '{print $NF}')
+wait_state "$long" RUNNING
+ctl cancel "$long" >/dev/null || fail "cancel"
+wait_state "$long" CANCELLED
+ls -d ckpt/"$long"/step_* >/dev/null 2>&1 || fail "$long stopped without a checkpoint"
+echo "ok: $long CANCELLED at a step, with a checkpoint"
+
+spec missing 10 '' '{"textFile":{"path":"/nonexistent/corpus.txt"}}' >missing.json
+missing=$(ctl submit missing.json | awk '{print $NF}')
+wait_state "$missing" FAILED
+out=$(ctl get "$missing")
+[[ $out == *"/nonexistent/corpus.txt"* ]] || fail "the failure does not say why: $out"
+echo "ok: $missing FAILED at once: its data cannot be read"
+
+spec wide 10 ',"parallel":{"sp":3}' >wide.json
+wide=$(ctl submit wide.json | awk '{print $NF}')
+
+spec recover 4000 ',"checkpoint":{"everySteps":200}' >recover.json
+recover=$(ctl submit recover.json | awk '{print $NF}')
+wait_state "$recover" RUNNING
+for _ in $(seq 300); do
+  ls -d ckpt/"$recover"/step_* >/dev/null 2>&1 && break
+  sleep 0.1
+done
+ls -d ckpt/"$recover"/step_* >/dev/null 2>&1 || fail "no checkpoint to recover from"
+kill -9 "$pool_pid"
+pkill -9 -f -- "--coordinator 127.0.0.1:$port" 2>/dev/null
+wait_state "$recover" RECOVERING
+echo "ok: $recover RECOVERING after its pool was killed"
+pool 2
+wait_state "$recover" SUCCEEDED
+grep -q "resumed from ckpt/$recover/step_" pool2.log || fail "$recover did not resume"
+echo "ok: $recover resumed from its checkpoint on a new pool and SUCCEEDED"
+out=$(ctl get "$wide")
+[[ $out =~ $wide\ +QUEUED ]] || fail "a job no pool fits left the queue: $out"
+echo "ok: $wide (sp 3) waits in the queue for a pool that fits"
+echo "PASS"
