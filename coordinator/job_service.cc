@@ -1,5 +1,11 @@
 #include "coordinator/job_service.h"
 
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "worker/job_spec.h"
 
@@ -84,6 +90,58 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* context,
                                v1::CANCELLED, "cancelled before it ran");
   if (!updated.ok()) return ToGrpc(updated.status());
   *response = *updated;
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
+                                      const v1::WatchJobRequest* request,
+                                      grpc::ServerWriter<v1::JobUpdate>* writer) {
+  if (grpc::Status s = Authenticate(*context); !s.ok()) return s;
+  if (request->from_offset() < 0) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "from_offset: must be at least 0");
+  }
+  int64_t next = request->from_offset();
+  while (!context->IsCancelled()) {
+    // The state first, then the events: an ended job's last events are all stored by then.
+    auto job = store_->Get(request->id());
+    if (!job.ok()) return ToGrpc(job.status());
+    auto events = store_->Events(request->id(), next);
+    if (!events.ok()) return ToGrpc(events.status());
+    for (const JobStore::Event& e : *events) {
+      v1::JobUpdate u;
+      u.set_offset(e.offset);
+      u.set_unix_ms(e.unix_ms);
+      u.set_kind(e.kind);
+      u.set_text(e.text);
+      u.set_state(job->state());
+      if (!writer->Write(u)) return grpc::Status::OK;  // the client hung up
+      next = e.offset + 1;
+    }
+    const v1::JobState st = job->state();
+    if (st == v1::SUCCEEDED || st == v1::FAILED || st == v1::CANCELLED) return grpc::Status::OK;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::ListCheckpoints(grpc::ServerContext* context,
+                                             const v1::ListCheckpointsRequest* request,
+                                             v1::ListCheckpointsResponse* response) {
+  if (grpc::Status s = Authenticate(*context); !s.ok()) return s;
+  auto job = store_->Get(request->id());
+  if (!job.ok()) return ToGrpc(job.status());
+  const std::string dir = job->spec().checkpoint().dir().empty()
+                              ? checkpoint_root_ + "/" + job->id()
+                              : job->spec().checkpoint().dir();
+  response->set_dir(dir);
+  std::vector<std::string> steps;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (entry.is_directory() && absl::StartsWith(name, "step_")) steps.push_back(name);
+  }
+  std::sort(steps.begin(), steps.end());
+  for (const std::string& s : steps) response->add_checkpoints(dir + "/" + s);
   return grpc::Status::OK;
 }
 

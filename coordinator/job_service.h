@@ -17,7 +17,9 @@ grpc::Status ToGrpc(const absl::Status& status);
 class JobServiceImpl final : public v1::JobService::Service {
  public:
   // `token` empty: no authentication (the coordinator listens on loopback by default).
-  JobServiceImpl(JobStore* store, std::string token) : store_(store), token_(std::move(token)) {}
+  // Jobs that name no checkpoint directory keep theirs in <checkpoint_root>/<job id>.
+  JobServiceImpl(JobStore* store, std::string token, std::string checkpoint_root = "runs")
+      : store_(store), token_(std::move(token)), checkpoint_root_(std::move(checkpoint_root)) {}
 
   grpc::Status SubmitJob(grpc::ServerContext* context, const v1::SubmitJobRequest* request,
                          v1::SubmitJobResponse* response) override;
@@ -27,6 +29,11 @@ class JobServiceImpl final : public v1::JobService::Service {
                         v1::ListJobsResponse* response) override;
   grpc::Status CancelJob(grpc::ServerContext* context, const v1::CancelJobRequest* request,
                          v1::Job* response) override;
+  grpc::Status WatchJob(grpc::ServerContext* context, const v1::WatchJobRequest* request,
+                        grpc::ServerWriter<v1::JobUpdate>* writer) override;
+  grpc::Status ListCheckpoints(grpc::ServerContext* context,
+                               const v1::ListCheckpointsRequest* request,
+                               v1::ListCheckpointsResponse* response) override;
 
  private:
   // UNAUTHENTICATED unless the call carries "authorization: Bearer <token>".
@@ -34,6 +41,7 @@ class JobServiceImpl final : public v1::JobService::Service {
 
   JobStore* store_;
   std::string token_;
+  std::string checkpoint_root_;
 };
 
 }  // namespace mamba::coordinator

@@ -56,7 +56,8 @@ int main(int argc, char** argv) {
   }
   auto store = mamba::coordinator::JobStore::Open(absl::GetFlag(FLAGS_db));
   if (!store.ok()) return Fail(std::string(store.status().message()));
-  mamba::coordinator::JobServiceImpl jobs(store->get(), token);
+  mamba::coordinator::JobServiceImpl jobs(store->get(), token,
+                                          absl::GetFlag(FLAGS_checkpoint_root));
   mamba::coordinator::WorkerServiceOptions worker_options;
   worker_options.token = token;
   worker_options.lease = absl::GetFlag(FLAGS_lease);

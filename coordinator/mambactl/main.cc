@@ -4,12 +4,17 @@
 //     get ID                       one job
 //     list [--state S] [--name N] [--page_size N]   jobs, newest first (every page)
 //     cancel ID                    cancel a job
+//     watch ID [--from N]          its events (state changes, training log, checkpoints) as they
+//                                  happen, until it ends; reconnects where it left off
+//     checkpoints ID               the checkpoints it has written
 // Tables by default, JSON (protobuf's mapping) with --json. Exit status: 0 on success, 1 when the
-// coordinator refuses (its status printed), 2 for a bad command line.
+// coordinator refuses (its status printed), 2 for a bad command line; watch: 3 when the job
+// ended other than SUCCEEDED.
 #include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <sstream>
+#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -30,6 +35,7 @@ ABSL_FLAG(std::string, state, "", "list: only jobs in this state (QUEUED, RUNNIN
 ABSL_FLAG(std::string, name, "", "list: only jobs of this name.");
 ABSL_FLAG(int32_t, page_size, 50, "list: jobs a page.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "How long one call may take.");
+ABSL_FLAG(int64_t, from, 0, "watch: the first event to show.");
 
 namespace {
 
@@ -193,6 +199,49 @@ int main(int argc, char** argv) {
       std::cout << Json(all) << "\n";
     } else {
       PrintJobs(jobs);
+    }
+    return 0;
+  }
+  if (command == "watch") {
+    if (args.size() != 3) return Usage("watch takes one job id");
+    mamba::v1::WatchJobRequest request;
+    request.set_id(args[2]);
+    request.set_from_offset(absl::GetFlag(FLAGS_from));
+    mamba::v1::JobState last = mamba::v1::JOB_STATE_UNSPECIFIED;
+    // A broken stream (the coordinator restarting, say) is picked up where it stopped.
+    for (int reconnects = 0;; ++reconnects) {
+      grpc::ClientContext c;
+      if (!token.empty()) c.AddMetadata("authorization", "Bearer " + token);
+      auto reader = stub->WatchJob(&c, request);
+      mamba::v1::JobUpdate u;
+      while (reader->Read(&u)) {
+        if (json) {
+          std::cout << Json(u) << std::endl;
+        } else {
+          std::cout << "[" << u.offset() << "] " << u.text() << std::endl;
+        }
+        request.set_from_offset(u.offset() + 1);
+        last = u.state();
+      }
+      const grpc::Status s = reader->Finish();
+      if (s.ok()) break;
+      if (s.error_code() != grpc::StatusCode::UNAVAILABLE || reconnects >= 30) return Refused(s);
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    return last == mamba::v1::SUCCEEDED ? 0 : 3;
+  }
+  if (command == "checkpoints") {
+    if (args.size() != 3) return Usage("checkpoints takes one job id");
+    mamba::v1::ListCheckpointsRequest request;
+    request.set_id(args[2]);
+    mamba::v1::ListCheckpointsResponse response;
+    if (grpc::Status s = stub->ListCheckpoints(context().get(), request, &response); !s.ok()) {
+      return Refused(s);
+    }
+    if (json) {
+      std::cout << Json(response) << "\n";
+    } else {
+      for (const std::string& c : response.checkpoints()) std::cout << c << "\n";
     }
     return 0;
   }

@@ -58,7 +58,12 @@ spec short 20 >short.json
 short=$(ctl submit short.json | awk '{print $NF}')
 wait_state "$short" SUCCEEDED
 [[ -d ckpt/$short/step_00000020 ]] || fail "no final checkpoint for $short"
-echo "ok: $short SUCCEEDED"
+out=$(ctl checkpoints "$short")
+[[ $out == *"ckpt/$short/step_00000020"* ]] || fail "checkpoints: $out"
+out=$(ctl watch "$short") || fail "watch of a job that succeeded: $out"
+[[ $out == *"[0] QUEUED: submitted"* && $out == *"step 20/20"* && $out == *"SUCCEEDED: 20 steps"* ]] ||
+  fail "watch: $out"
+echo "ok: $short SUCCEEDED; its checkpoints and its events (mambactl watch) are there"
 
 spec long 1000000 >long.json
 long=$(ctl submit long.json | awk '{print $NF}')
