@@ -1,10 +1,12 @@
 // mamba-coordinator: the gRPC front door of the service (proto/service.proto). Jobs live in a
 // SQLite file and survive restarts.
 //   mamba-coordinator [--listen 127.0.0.1:50051] [--db coordinator.db] [--token_file F]
+//                     [--local_workers N] [--lease 30s] [--checkpoint_root runs]
 // Prints "listening on HOST:PORT" once it serves (port 0 picks a free one); SIGINT or SIGTERM
 // stop it gracefully.
 #include <chrono>
 #include <csignal>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -16,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "coordinator/job_service.h"
+#include "coordinator/local_pool.h"
 #include "coordinator/worker_service.h"
 #include "grpcpp/grpcpp.h"
 
@@ -28,6 +31,11 @@ ABSL_FLAG(absl::Duration, lease, absl::Seconds(30),
           "How long a worker pool may stay silent before it is declared lost (its job recovers "
           "on another pool).");
 ABSL_FLAG(absl::Duration, heartbeat, absl::Seconds(1), "How often pools heartbeat.");
+ABSL_FLAG(int32_t, local_workers, 0,
+          "Start (and supervise) a local pool of this many mpirun ranks that trains the jobs "
+          "(0: none; pools started elsewhere register themselves).");
+ABSL_FLAG(std::string, worker, "",
+          "The mamba-worker binary of the local pool (default: the one beside this binary).");
 ABSL_FLAG(std::string, checkpoint_root, "runs",
           "Where jobs that name no checkpoint directory keep theirs: <root>/<job id>.");
 
@@ -78,7 +86,19 @@ int main(int argc, char** argv) {
   std::cout << "listening on " << host << ":" << port << std::endl;
   std::signal(SIGINT, [](int) { g_stop = 1; });
   std::signal(SIGTERM, [](int) { g_stop = 1; });
+  std::unique_ptr<mamba::coordinator::LocalPool> pool;
+  if (const int n = absl::GetFlag(FLAGS_local_workers); n > 0) {
+    std::string worker = absl::GetFlag(FLAGS_worker);
+    if (worker.empty()) {
+      worker =
+          (std::filesystem::read_symlink("/proc/self/exe").parent_path() / "mamba-worker").string();
+    }
+    pool = std::make_unique<mamba::coordinator::LocalPool>(
+        mamba::coordinator::LocalPool::MpirunCommand(n, worker, absl::StrCat("127.0.0.1:", port),
+                                                     absl::GetFlag(FLAGS_token_file)));
+  }
   while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  pool.reset();  // stops the local pool first
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   std::cout << "stopped" << std::endl;
   return 0;

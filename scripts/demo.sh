@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# The main job. For now: a short induction-heads training run on the CPU (the paper's synthetic
-# task, small enough for a laptop) by a local worker pool of DEMO_RANKS (default 2) mpirun ranks
-# splitting each batch (data parallel, one thread a rank), printing progress and a held-out
-# evaluation. DEMO_RANKS=1 trains in one process.
+# The main job, as the whole service on this machine: a coordinator (gRPC, SQLite job store) with
+# a local worker pool of DEMO_RANKS (default 2) mpirun ranks, and a job submitted with mambactl: a
+# short induction-heads run on the CPU (the paper's synthetic task, small enough for a laptop),
+# data parallel over the ranks, followed live (mambactl watch: state changes, step, loss,
+# tokens/s, ETA, the held-out evaluation), then listed with its checkpoints. Everything stops at
+# the end. Files go to runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Idle OpenMP threads sleep instead of spinning: much faster when the cores are shared.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 bash scripts/setup-deps.sh
-if [[ ! -x build/mamba-worker ]] || [[ -n "$(find worker proto CMakeLists.txt -newer build/mamba-worker -print -quit)" ]]; then
+targets=(mamba-worker mamba-coordinator mambactl)
+if [[ -n "$(find worker coordinator proto checkpoints CMakeLists.txt -newer build/mambactl -print -quit 2>/dev/null)" ]] ||
+  [[ ! -x build/mambactl ]]; then
   cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
-  cmake --build build -j"$(nproc)" --target mamba-worker
+  cmake --build build -j"$(nproc)" --target "${targets[@]}"
 fi
-mkdir -p runs
-ranks=${DEMO_RANKS:-2}
-if ((ranks == 1)); then
-  exec build/mamba-worker --job scripts/jobs/demo-induction-heads.json \
-    --summary_json runs/demo-summary.json "$@"
-fi
-root_flag=()
-if [[ $(id -u) -eq 0 ]]; then root_flag=(--allow-run-as-root); fi
-exec mpirun -np "$ranks" --oversubscribe --bind-to none "${root_flag[@]}" \
-  -x OMP_NUM_THREADS=1 -x OMP_WAIT_POLICY build/mamba-worker \
-  --job scripts/jobs/demo-induction-heads.json --summary_json runs/demo-summary.json "$@"
+rm -rf runs/demo && mkdir -p runs/demo
+build/mamba-coordinator --listen 127.0.0.1:0 --db runs/demo/coordinator.db \
+  --checkpoint_root runs/demo/checkpoints --local_workers "${DEMO_RANKS:-2}" \
+  >runs/demo/coordinator.log 2>&1 &
+coordinator=$!
+trap 'kill $coordinator 2>/dev/null; wait $coordinator 2>/dev/null' EXIT
+for _ in $(seq 100); do grep -q "listening on" runs/demo/coordinator.log && break; sleep 0.1; done
+address=$(sed -n 's/^listening on //p' runs/demo/coordinator.log)
+[[ -n $address ]] || { cat runs/demo/coordinator.log; exit 1; }
+echo "coordinator: $address (job store runs/demo/coordinator.db; pool log runs/demo/coordinator.log)"
+ctl() { build/mambactl --coordinator "$address" "$@"; }
+job=$(ctl submit scripts/jobs/demo-induction-heads.json --key demo | awk '{print $NF}')
+echo "submitted $job; following it:"
+status=0
+ctl watch "$job" || status=$?
+echo
+ctl list
+echo "checkpoints:"
+ctl checkpoints "$job"
+exit $status
