@@ -16,6 +16,77 @@ grpc::Status ToGrpc(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
+namespace {
+
+// `path` (relative: inside `root`) resolved: "..", and the symbolic links of whatever part of it
+// exists; INVALID_ARGUMENT naming `field` unless it lies within `root`, so resolved.
+absl::StatusOr<std::string> Within(const std::string& field, const std::string& path,
+                                   const std::string& root, const std::string& flag) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path base = fs::weakly_canonical(fs::absolute(root, ec), ec);
+  const fs::path given(path);
+  const fs::path full =
+      fs::weakly_canonical(fs::absolute(given.is_absolute() ? given : base / given, ec), ec);
+  if (ec) return absl::InvalidArgumentError(absl::StrCat(field, ": cannot resolve \"", path, "\""));
+  const auto [b, f] = std::mismatch(base.begin(), base.end(), full.begin(), full.end());
+  if (b != base.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": \"", path, "\" lies outside ", flag, " (", base.string(), ")"));
+  }
+  return full.string();
+}
+
+}  // namespace
+
+absl::Status JobServiceImpl::PlacePaths(v1::JobSpec& spec) const {
+  const auto place = [](std::string* path, const std::string& field, const std::string& root,
+                        const std::string& flag) -> absl::Status {
+    if (path->empty() || root.empty()) return absl::OkStatus();
+    auto resolved = Within(field, *path, root, flag);
+    if (!resolved.ok()) return resolved.status();
+    *path = *resolved;
+    return absl::OkStatus();
+  };
+  v1::DataSpec& d = *spec.mutable_data();
+  if (d.has_text_file()) {
+    if (absl::Status s = place(d.mutable_text_file()->mutable_path(), "data.text_file.path",
+                               data_root_, "--data_root");
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (d.has_token_file()) {
+    if (absl::Status s = place(d.mutable_token_file()->mutable_path(), "data.token_file.path",
+                               data_root_, "--data_root");
+        !s.ok()) {
+      return s;
+    }
+  }
+  v1::CheckpointSpec& c = *spec.mutable_checkpoint();
+  for (auto [path, field] : {std::pair{c.mutable_dir(), "checkpoint.dir"},
+                             std::pair{c.mutable_resume_from(), "checkpoint.resume_from"}}) {
+    if (absl::Status s = place(path, field, checkpoint_root_, "--checkpoint_root"); !s.ok()) {
+      return s;
+    }
+  }
+  // Pretrained weights may come from either root.
+  if (!c.init_from().empty()) {
+    std::string from_data = c.init_from();
+    if (!place(c.mutable_init_from(), "checkpoint.init_from", checkpoint_root_, "--checkpoint_root")
+             .ok()) {
+      if (data_root_.empty()) return absl::OkStatus();
+      if (absl::Status s = place(&from_data, "checkpoint.init_from", data_root_,
+                                 "--data_root or --checkpoint_root");
+          !s.ok()) {
+        return s;
+      }
+      c.set_init_from(from_data);
+    }
+  }
+  return absl::OkStatus();
+}
+
 grpc::Status JobServiceImpl::Authenticate(const grpc::ServerContext& context) const {
   if (token_.empty()) return grpc::Status::OK;
   const auto& metadata = context.client_metadata();
@@ -44,6 +115,7 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
   auto spec = ResolveJobSpec(given);
   if (!spec.ok()) return ToGrpc(spec.status());
   if (dir_later) spec->mutable_checkpoint()->clear_dir();
+  if (absl::Status s = PlacePaths(*spec); !s.ok()) return ToGrpc(s);
   auto submitted = store_->Submit(*spec, request->idempotency_key());
   if (!submitted.ok()) return ToGrpc(submitted.status());
   *response->mutable_job() = submitted->job;

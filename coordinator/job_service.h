@@ -17,9 +17,20 @@ grpc::Status ToGrpc(const absl::Status& status);
 class JobServiceImpl final : public v1::JobService::Service {
  public:
   // `token` empty: no authentication (the coordinator listens on loopback by default).
-  // Jobs that name no checkpoint directory keep theirs in <checkpoint_root>/<job id>.
-  JobServiceImpl(JobStore* store, std::string token, std::string checkpoint_root = "runs")
-      : store_(store), token_(std::move(token)), checkpoint_root_(std::move(checkpoint_root)) {}
+  // Jobs that name no checkpoint directory keep theirs in <checkpoint_root>/<job id>. A job's
+  // paths must lie within the roots: data files within `data_root` (empty: anywhere),
+  // checkpoint.dir and resume_from within `checkpoint_root`, init_from within either; relative
+  // paths are taken inside them (and stored absolute).
+  JobServiceImpl(JobStore* store, std::string token, std::string checkpoint_root = "runs",
+                 std::string data_root = "")
+      : store_(store),
+        token_(std::move(token)),
+        checkpoint_root_(std::move(checkpoint_root)),
+        data_root_(std::move(data_root)) {}
+
+  // The spec's paths checked against the roots and made absolute (INVALID_ARGUMENT naming the
+  // field and the root).
+  absl::Status PlacePaths(v1::JobSpec& spec) const;
 
   grpc::Status SubmitJob(grpc::ServerContext* context, const v1::SubmitJobRequest* request,
                          v1::SubmitJobResponse* response) override;
@@ -42,6 +53,7 @@ class JobServiceImpl final : public v1::JobService::Service {
   JobStore* store_;
   std::string token_;
   std::string checkpoint_root_;
+  std::string data_root_;
 };
 
 }  // namespace mamba::coordinator

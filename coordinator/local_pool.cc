@@ -34,13 +34,15 @@ LocalPool::~LocalPool() {
 
 std::vector<std::string> LocalPool::MpirunCommand(int ranks, const std::string& worker,
                                                   const std::string& address,
-                                                  const std::string& token_file) {
+                                                  const std::string& token_file,
+                                                  const std::string& tls_ca) {
   std::vector<std::string> argv = {
       "mpirun", "-np", std::to_string(ranks), "--oversubscribe", "--bind-to",
       "none",   "-x",  "OMP_NUM_THREADS=1"};
   if (geteuid() == 0) argv.push_back("--allow-run-as-root");
   argv.insert(argv.end(), {worker, "--coordinator", address});
   if (!token_file.empty()) argv.insert(argv.end(), {"--token_file", token_file});
+  if (!tls_ca.empty()) argv.insert(argv.end(), {"--tls_ca", tls_ca});
   return argv;
 }
 

@@ -22,10 +22,12 @@ class LocalPool {
   LocalPool(const LocalPool&) = delete;
   LocalPool& operator=(const LocalPool&) = delete;
 
-  // The mpirun command line for `ranks` ranks of `worker` dialing `address`.
+  // The mpirun command line for `ranks` ranks of `worker` dialing `address` (over TLS trusting
+  // `tls_ca` when it is set).
   static std::vector<std::string> MpirunCommand(int ranks, const std::string& worker,
                                                 const std::string& address,
-                                                const std::string& token_file);
+                                                const std::string& token_file,
+                                                const std::string& tls_ca);
 
  private:
   void Supervise();

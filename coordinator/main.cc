@@ -36,6 +36,11 @@ ABSL_FLAG(int32_t, local_workers, 0,
           "(0: none; pools started elsewhere register themselves).");
 ABSL_FLAG(std::string, worker, "",
           "The mamba-worker binary of the local pool (default: the one beside this binary).");
+ABSL_FLAG(std::string, data_root, "",
+          "Where jobs may read data files (paths outside, \"..\" and symbolic links out "
+          "included, are refused; relative ones are taken inside it). Empty: anywhere.");
+ABSL_FLAG(std::string, tls_cert, "", "TLS: the server's certificate chain (PEM); with --tls_key.");
+ABSL_FLAG(std::string, tls_key, "", "TLS: the server's private key (PEM).");
 ABSL_FLAG(std::string, checkpoint_root, "runs",
           "Where jobs that name no checkpoint directory keep theirs: <root>/<job id>.");
 
@@ -64,8 +69,8 @@ int main(int argc, char** argv) {
   }
   auto store = mamba::coordinator::JobStore::Open(absl::GetFlag(FLAGS_db));
   if (!store.ok()) return Fail(std::string(store.status().message()));
-  mamba::coordinator::JobServiceImpl jobs(store->get(), token,
-                                          absl::GetFlag(FLAGS_checkpoint_root));
+  mamba::coordinator::JobServiceImpl jobs(store->get(), token, absl::GetFlag(FLAGS_checkpoint_root),
+                                          absl::GetFlag(FLAGS_data_root));
   mamba::coordinator::WorkerServiceOptions worker_options;
   worker_options.token = token;
   worker_options.lease = absl::GetFlag(FLAGS_lease);
@@ -74,7 +79,25 @@ int main(int argc, char** argv) {
   mamba::coordinator::WorkerServiceImpl workers(store->get(), worker_options);
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), grpc::InsecureServerCredentials(), &port);
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (!absl::GetFlag(FLAGS_tls_cert).empty() || !absl::GetFlag(FLAGS_tls_key).empty()) {
+    const auto read = [](const std::string& path) -> std::string {
+      std::ifstream in(path);
+      if (!in) return "";
+      std::stringstream ss;
+      ss << in.rdbuf();
+      return ss.str();
+    };
+    grpc::SslServerCredentialsOptions ssl;
+    const std::string cert = read(absl::GetFlag(FLAGS_tls_cert)),
+                      key = read(absl::GetFlag(FLAGS_tls_key));
+    if (cert.empty() || key.empty()) {
+      return Fail("--tls_cert and --tls_key: both must name readable PEM files");
+    }
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    credentials = grpc::SslServerCredentials(ssl);
+  }
+  builder.AddListeningPort(absl::GetFlag(FLAGS_listen), credentials, &port);
   builder.RegisterService(&jobs);
   builder.RegisterService(&workers);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -95,7 +118,8 @@ int main(int argc, char** argv) {
     }
     pool = std::make_unique<mamba::coordinator::LocalPool>(
         mamba::coordinator::LocalPool::MpirunCommand(n, worker, absl::StrCat("127.0.0.1:", port),
-                                                     absl::GetFlag(FLAGS_token_file)));
+                                                     absl::GetFlag(FLAGS_token_file),
+                                                     absl::GetFlag(FLAGS_tls_cert)));
   }
   while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   pool.reset();  // stops the local pool first

@@ -32,6 +32,8 @@ ABSL_FLAG(std::string, transport, "auto",
 ABSL_FLAG(std::string, coordinator, "",
           "Service mode: train the jobs of the coordinator at HOST:PORT (worker/pool.h).");
 ABSL_FLAG(std::string, token_file, "", "Service mode: a file holding the coordinator's token.");
+ABSL_FLAG(std::string, tls_ca, "",
+          "Service mode: the certificates (PEM) to trust for the coordinator's TLS; empty: none.");
 ABSL_FLAG(std::string, backend, "",
           "Service mode: the backend the pool offers, cpu or cuda (default: cuda where a GPU is "
           "visible).");
@@ -96,6 +98,11 @@ int main(int argc, char** argv) {
       std::ifstream in(path);
       if (!in) return Fail(absl::InvalidArgumentError("--token_file: cannot read " + path), true);
       std::getline(in, pool.token);
+    }
+    if (const std::string path = absl::GetFlag(FLAGS_tls_ca); !path.empty()) {
+      std::ifstream in(path);
+      if (!in) return Fail(absl::InvalidArgumentError("--tls_ca: cannot read " + path), true);
+      pool.tls_ca.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
     }
     pool.backend = absl::GetFlag(FLAGS_backend);
     if (pool.backend.empty()) {

@@ -66,8 +66,14 @@ class Link {
  public:
   explicit Link(const PoolOptions& o)
       : options_(o),
-        stub_(v1::WorkerService::NewStub(
-            grpc::CreateChannel(o.coordinator, grpc::InsecureChannelCredentials()))) {}
+        stub_(v1::WorkerService::NewStub(grpc::CreateChannel(o.coordinator, Credentials(o)))) {}
+
+  static std::shared_ptr<grpc::ChannelCredentials> Credentials(const PoolOptions& o) {
+    if (o.tls_ca.empty()) return grpc::InsecureChannelCredentials();
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = o.tls_ca;
+    return grpc::SslCredentials(ssl);
+  }
 
   std::unique_ptr<grpc::ClientContext> Context() const {
     auto c = std::make_unique<grpc::ClientContext>();

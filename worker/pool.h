@@ -19,6 +19,7 @@ namespace mamba {
 struct PoolOptions {
   std::string coordinator;  // HOST:PORT
   std::string token;        // bearer token, or empty
+  std::string tls_ca;       // PEM certificates to trust for the coordinator's TLS; empty: none
   std::string backend;      // what the pool offers: "cpu" or "cuda"
   RankOptions rank;
 };

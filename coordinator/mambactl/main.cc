@@ -30,6 +30,8 @@
 ABSL_FLAG(std::string, coordinator, "127.0.0.1:50051", "The coordinator's address.");
 ABSL_FLAG(std::string, token_file, "", "A file holding the coordinator's bearer token.");
 ABSL_FLAG(bool, json, false, "Print JSON instead of tables.");
+ABSL_FLAG(std::string, tls_ca, "",
+          "TLS: the certificates (PEM) to trust for the coordinator's; empty: no TLS.");
 ABSL_FLAG(std::string, key, "", "submit: the idempotency key.");
 ABSL_FLAG(std::string, state, "", "list: only jobs in this state (QUEUED, RUNNING, ...).");
 ABSL_FLAG(std::string, name, "", "list: only jobs of this name.");
@@ -115,8 +117,17 @@ int main(int argc, char** argv) {
     ss << in.rdbuf();
     token = std::string(absl::StripAsciiWhitespace(ss.str()));
   }
-  auto channel =
-      grpc::CreateChannel(absl::GetFlag(FLAGS_coordinator), grpc::InsecureChannelCredentials());
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (const std::string ca = absl::GetFlag(FLAGS_tls_ca); !ca.empty()) {
+    std::ifstream in(ca);
+    if (!in) return Usage(absl::StrCat("--tls_ca ", ca, ": cannot read it"));
+    std::stringstream ss;
+    ss << in.rdbuf();
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = ss.str();
+    credentials = grpc::SslCredentials(ssl);
+  }
+  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_coordinator), credentials);
   auto stub = mamba::v1::JobService::NewStub(channel);
   const auto context = [&]() {
     auto c = std::make_unique<grpc::ClientContext>();
