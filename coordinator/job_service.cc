@@ -116,7 +116,13 @@ grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,
   if (!spec.ok()) return ToGrpc(spec.status());
   if (dir_later) spec->mutable_checkpoint()->clear_dir();
   if (absl::Status s = PlacePaths(*spec); !s.ok()) return ToGrpc(s);
-  auto submitted = store_->Submit(*spec, request->idempotency_key());
+  const v1::ParallelSpec& p = spec->parallel();
+  const std::string ranks =
+      p.has_dp() ? absl::StrCat(p.dp() * p.sp(), " ranks (dp ", p.dp(), " x sp ", p.sp(), ")")
+                 : absl::StrCat("a multiple of ", p.sp(), " ranks (sp ", p.sp(), ")");
+  auto submitted =
+      store_->Submit(*spec, request->idempotency_key(),
+                     absl::StrCat("waiting for a ", spec->backend(), " pool of ", ranks));
   if (!submitted.ok()) return ToGrpc(submitted.status());
   *response->mutable_job() = submitted->job;
   response->set_created(submitted->created);

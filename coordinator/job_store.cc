@@ -193,7 +193,8 @@ absl::StatusOr<v1::Job> JobStore::GetLocked(const std::string& id) {
 }
 
 absl::StatusOr<JobStore::Submitted> JobStore::Submit(const v1::JobSpec& spec,
-                                                     const std::string& idempotency_key) {
+                                                     const std::string& idempotency_key,
+                                                     const std::string& reason) {
   std::lock_guard<std::mutex> lock(mu_);
   const std::string bytes = Canonical(spec);
   RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
@@ -221,10 +222,10 @@ absl::StatusOr<JobStore::Submitted> JobStore::Submit(const v1::JobSpec& spec,
   const int64_t now = NowMs();
   Statement insert(db_,
                    "INSERT INTO jobs (id, name, spec, state, reason, priority, idempotency_key, "
-                   "created_ms, updated_ms) VALUES ('', ?1, ?2, ?3, '', ?4, ?5, ?6, ?6)");
+                   "created_ms, updated_ms) VALUES ('', ?1, ?2, ?3, ?7, ?4, ?5, ?6, ?6)");
   if (!insert.ok()) return rollback(Error("preparing an insert"));
   insert.Bind(1, spec.name()).BindBlob(2, bytes).Bind(3, int64_t{v1::QUEUED});
-  insert.Bind(4, int64_t{spec.priority()}).Bind(6, now);
+  insert.Bind(4, int64_t{spec.priority()}).Bind(6, now).Bind(7, reason);
   if (idempotency_key.empty()) {
     insert.BindNull(5);
   } else {

@@ -39,7 +39,8 @@ class JobStore {
   };
   // Stores a new QUEUED job for a resolved spec, or, when `idempotency_key` names a job already
   // stored, returns that one (created false) if its spec is the same, else ALREADY_EXISTS.
-  absl::StatusOr<Submitted> Submit(const v1::JobSpec& spec, const std::string& idempotency_key);
+  absl::StatusOr<Submitted> Submit(const v1::JobSpec& spec, const std::string& idempotency_key,
+                                   const std::string& reason = "");
   // NOT_FOUND naming the id when there is no such job.
   absl::StatusOr<v1::Job> Get(const std::string& id);
 

@@ -5,6 +5,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "coordinator/job_service.h"
 
 namespace mamba::coordinator {
@@ -98,11 +99,19 @@ void WorkerServiceImpl::ExpireLeases() {
       store_->Transition(job.id(), {v1::STOPPING}, v1::CANCELLED, why + " while stopping")
           .IgnoreError();
     } else if (job.restarts() >= job.spec().max_restarts()) {
-      // Every attempt's reason is in the job's events; the last one and the count here.
+      // Every attempt's reason: the earlier recoveries' and this one's.
+      std::vector<std::string> attempts;
+      if (auto events = store_->Events(job.id(), 0); events.ok()) {
+        for (const JobStore::Event& e : *events) {
+          if (absl::StartsWith(e.text, "RECOVERING: ")) attempts.push_back(e.text.substr(12));
+        }
+      }
+      attempts.push_back(why);
       store_
-          ->Transition(job.id(), {job.state()}, v1::FAILED,
-                       absl::StrCat(why, "; out of restarts (", job.restarts(), " of ",
-                                    job.spec().max_restarts(), ")"))
+          ->Transition(
+              job.id(), {job.state()}, v1::FAILED,
+              absl::StrCat("out of restarts (", job.restarts(), " of ", job.spec().max_restarts(),
+                           "); attempts: ", absl::StrJoin(attempts, " | ")))
           .IgnoreError();
     } else {
       store_

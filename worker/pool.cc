@@ -293,11 +293,26 @@ int RunPool(const PoolOptions& options, std::ostream& log) {
                                       summary->first_loss, summary->final_loss,
                                       summary->tokens_per_second));
     }
-    v1::CompleteJobResponse response;
-    const grpc::Status s = link->stub().CompleteJob(link->Context().get(), done, &response);
     log << "job " << job_id << ": " << v1::JobState_Name(done.state()) << " (" << done.reason()
-        << ")" << (s.ok() ? "" : " - the coordinator did not take the report: " + s.error_message())
-        << "\n";
+        << ")\n";
+    // The report must arrive: while the coordinator is away (restarting), try again; after a
+    // restart, register again first (naming the job, which it may have given away meanwhile).
+    for (int attempt = 0; !g_stop; ++attempt) {
+      v1::CompleteJobResponse response;
+      const grpc::Status s = link->stub().CompleteJob(link->Context().get(), done, &response);
+      if (s.ok()) break;
+      if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION ||
+          s.error_code() == grpc::StatusCode::NOT_FOUND) {
+        log << "job " << job_id << ": the coordinator refuses the report (" << s.error_message()
+            << "); dropped\n";
+        break;
+      }
+      if (attempt % 10 == 0) {
+        log << "job " << job_id << ": reporting again (" << s.error_message() << ")\n";
+      }
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+      if (s.error_code() == grpc::StatusCode::UNAVAILABLE && !link->Register(job_id, log)) break;
+    }
   }
   if (root) log << "pool " << (link ? link->pool_id() : "") << ": stopped\n";
   return 0;

@@ -3,7 +3,9 @@
 # service mode, driven by mambactl. A job runs to SUCCEEDED; a running job is cancelled (it stops
 # at a step, checkpoints, ends CANCELLED); a job whose data cannot be read FAILS at once with the
 # reason; a job no pool fits stays QUEUED; a pool killed with kill -9 mid-job loses its lease, the
-# job goes RECOVERING and resumes from its last checkpoint on a new pool, to SUCCEEDED. Every wait
+# job goes RECOVERING and resumes from its last checkpoint on a new pool, to SUCCEEDED; a job
+# with no restarts left FAILS listing every attempt; a coordinator restarted while a job runs
+# finds its pool again (it registers anew, naming the job) and the job ends SUCCEEDED. Every wait
 # is bounded. Usage: pool_e2e.sh COORDINATOR MAMBACTL WORKER MPIRUN_ARGS...
 set -uo pipefail
 coordinator=$1 ctl=$2 worker=$3
@@ -25,12 +27,16 @@ fail() {
   exit 1
 }
 cd "$work"
-"$coordinator" --listen 127.0.0.1:0 --db jobs.db --lease 3s --heartbeat 200ms \
-  --checkpoint_root ckpt >coordinator.log 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do grep -q "listening on" coordinator.log && break; sleep 0.1; done
-port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' coordinator.log)
-[[ -n $port ]] || fail "the coordinator did not start"
+start_coordinator() {  # [port]
+  "$coordinator" --listen "127.0.0.1:${1:-0}" --db jobs.db --lease 3s --heartbeat 200ms \
+    --checkpoint_root ckpt >>coordinator.log 2>&1 &
+  coordinator_pid=$!
+  pids+=($coordinator_pid)
+  for _ in $(seq 100); do grep -q "listening on" coordinator.log && break; sleep 0.1; done
+  port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' coordinator.log | tail -1)
+  [[ -n $port ]] || fail "the coordinator did not start"
+}
+start_coordinator
 ctl() { timeout 30 "$ctl" --coordinator "127.0.0.1:$port" "$@"; }
 pool() {
   "${mpirun_args[@]}" -np 2 "$worker" --coordinator "127.0.0.1:$port" --comm_timeout 20s \
@@ -101,5 +107,28 @@ grep -q "resumed from ckpt/$recover/step_" pool2.log || fail "$recover did not r
 echo "ok: $recover resumed from its checkpoint on a new pool and SUCCEEDED"
 out=$(ctl get "$wide")
 [[ $out =~ $wide\ +QUEUED ]] || fail "a job no pool fits left the queue: $out"
-echo "ok: $wide (sp 3) waits in the queue for a pool that fits"
+[[ $out == *"waiting for a cpu pool of a multiple of 3 ranks (sp 3)"* ]] ||
+  fail "the queued job does not say what it waits for: $out"
+echo "ok: $wide (sp 3) waits in the queue for a pool that fits, and says so"
+
+spec once 1000000 ',"maxRestarts":0' >once.json
+once=$(ctl submit once.json | awk '{print $NF}')
+wait_state "$once" RUNNING
+kill -9 "$pool_pid"
+pkill -9 -f -- "--coordinator 127.0.0.1:$port" 2>/dev/null
+wait_state "$once" FAILED
+out=$(ctl get "$once")
+[[ $out == *"out of restarts (0 of 0); attempts: pool"*"lost"* ]] || fail "no attempts listed: $out"
+echo "ok: $once FAILED when its pool was lost with no restarts left, naming the attempt"
+
+pool 3
+spec survive 600 ',"checkpoint":{"everySteps":100}' >survive.json
+survive=$(ctl submit survive.json | awk '{print $NF}')
+wait_state "$survive" RUNNING
+kill "$coordinator_pid"
+wait "$coordinator_pid" 2>/dev/null
+sleep 1
+start_coordinator "$port"
+wait_state "$survive" SUCCEEDED
+echo "ok: $survive ran on while the coordinator restarted, and SUCCEEDED"
 echo "PASS"
