@@ -139,5 +139,83 @@ TEST_F(JobStoreTest, RefusesAFileFromANewerCoordinatorOrNotADatabase) {
   EXPECT_FALSE(JobStore::Open(path_).ok());
 }
 
+// A file of schema version 1 (no pool column) is migrated forward when opened, its jobs kept.
+TEST_F(JobStoreTest, MigratesAVersionOneFileForward) {
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    const v1::JobSpec spec = Spec("old");
+    std::string bytes;
+    spec.SerializeToString(&bytes);
+    ASSERT_EQ(sqlite3_exec(db, R"sql(
+      CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL, spec BLOB NOT NULL, state INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '', priority INTEGER NOT NULL, idempotency_key TEXT UNIQUE,
+        created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+        restarts INTEGER NOT NULL DEFAULT 0);
+      CREATE INDEX jobs_by_state ON jobs(state, seq);
+      CREATE TABLE events (job_id TEXT NOT NULL REFERENCES jobs(id), offset INTEGER NOT NULL,
+        unix_ms INTEGER NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL,
+        PRIMARY KEY (job_id, offset));
+      PRAGMA user_version = 1;)sql",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_stmt* insert = nullptr;
+    ASSERT_EQ(sqlite3_prepare_v2(db,
+                                 "INSERT INTO jobs (id, name, spec, state, priority, created_ms, "
+                                 "updated_ms) VALUES ('job-000001', 'old', ?1, 1, 0, 1, 1)",
+                                 -1, &insert, nullptr),
+              SQLITE_OK);
+    sqlite3_bind_blob(insert, 1, bytes.data(), int(bytes.size()), SQLITE_TRANSIENT);
+    ASSERT_EQ(sqlite3_step(insert), SQLITE_DONE);
+    sqlite3_finalize(insert);
+    sqlite3_close(db);
+  }
+  auto store = JobStore::Open(path_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto job = (*store)->Get("job-000001");
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->name(), "old");
+  EXPECT_EQ(job->pool_id(), "");
+  auto assigned = (*store)->AssignNext("pool-x", [](const v1::JobSpec&) { return true; });
+  ASSERT_TRUE(assigned.ok() && assigned->has_value());
+  EXPECT_EQ((**assigned).pool_id(), "pool-x");
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* version = nullptr;
+  sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &version, nullptr);
+  ASSERT_EQ(sqlite3_step(version), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(version, 0), JobStore::kSchemaVersion);
+  sqlite3_finalize(version);
+  sqlite3_close(db);
+}
+
+// Scheduling: priority first, then the oldest; only jobs that fit; a recovering job counts a
+// restart.
+TEST_F(JobStoreTest, AssignsByPriorityThenAgeAmongJobsThatFit) {
+  auto store = JobStore::Open(path_);
+  ASSERT_TRUE(store.ok());
+  v1::JobSpec low = Spec("low"), high = Spec("high"), wide = Spec("wide");
+  high.set_priority(5);
+  wide.set_priority(9);
+  wide.mutable_parallel()->set_sp(4);
+  const std::string low_id = (*store)->Submit(low, "")->job.id();
+  const std::string high_id = (*store)->Submit(high, "")->job.id();
+  (*store)->Submit(wide, "").IgnoreError();
+  const auto fits = [](const v1::JobSpec& s) { return s.parallel().sp() == 1; };
+  auto first = (*store)->AssignNext("p", fits);
+  ASSERT_TRUE(first.ok() && first->has_value());
+  EXPECT_EQ((**first).id(), high_id);
+  EXPECT_EQ((**first).state(), v1::ASSIGNED);
+  auto second = (*store)->AssignNext("p", fits);
+  EXPECT_EQ((**second).id(), low_id);
+  EXPECT_FALSE((*store)->AssignNext("p", fits)->has_value());  // only the wide one is left
+  ASSERT_TRUE((*store)->Transition(low_id, {v1::ASSIGNED}, v1::RECOVERING, "pool lost").ok());
+  auto again = (*store)->AssignNext("q", fits);
+  EXPECT_EQ((**again).id(), low_id);
+  EXPECT_EQ((**again).restarts(), 1);
+  EXPECT_EQ((**again).pool_id(), "q");
+}
+
 }  // namespace
 }  // namespace mamba::coordinator
