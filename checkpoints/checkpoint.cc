@@ -6,9 +6,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <map>
+#include <optional>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -16,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "checkpoints/durable_io.h"
 #include "checkpoints/hf_config.h"
+#include "checkpoints/json_reader.h"
 #include "checkpoints/model_io.h"
 #include "checkpoints/safetensors.h"
 #include "worker/check.h"
@@ -107,10 +111,8 @@ absl::Status Prune(const std::string& root, const std::string& keep, const SaveO
 absl::StatusOr<TrainerState> ParseState(const std::string& path) {
   auto text = ReadWholeFile(path);
   if (!text.ok()) return text.status();
-  const json j = json::parse(*text, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::DataLossError(absl::StrCat(path, ": not a valid JSON object"));
-  }
+  ASSIGN_OR_RETURN(const json j, ParseJsonBounded(*text, path));
+  if (!j.is_object()) return absl::DataLossError(absl::StrCat(path, ": not a JSON object"));
   auto bad = [&](const std::string& field) {
     return absl::DataLossError(absl::StrCat(path, ": ", field, ": missing or of the wrong type"));
   };
@@ -118,11 +120,23 @@ absl::StatusOr<TrainerState> ParseState(const std::string& path) {
     return absl::DataLossError(absl::StrCat(path, ": format_version must be ", kFormatVersion));
   }
   TrainerState s;
-  if (!j.contains("step") || !j["step"].is_number_unsigned()) return bad("step");
-  s.step = j["step"].get<int64_t>();
-  if (!j.contains("next_lr") || !j["next_lr"].is_number()) return bad("next_lr");
+  // Every value's type is checked before it is read: a wrong one is an error, never a throw.
+  const auto step_of = [](const json& v) -> std::optional<int64_t> {
+    if (!v.is_number_unsigned()) return std::nullopt;
+    const uint64_t u = v.get<uint64_t>();
+    if (u > uint64_t(std::numeric_limits<int64_t>::max())) return std::nullopt;
+    return static_cast<int64_t>(u);
+  };
+  const std::optional<int64_t> step = j.contains("step") ? step_of(j["step"]) : std::nullopt;
+  if (!step) return bad("step");
+  s.step = *step;
+  if (!j.contains("next_lr") || !j["next_lr"].is_number() ||
+      !std::isfinite(j["next_lr"].get<double>())) {
+    return bad("next_lr");
+  }
   s.next_lr = j["next_lr"].get<double>();
-  if (!j.contains("rng") || !j["rng"].contains("seed") || !j["rng"]["seed"].is_number_unsigned()) {
+  if (!j.contains("rng") || !j["rng"].is_object() || !j["rng"].contains("seed") ||
+      !j["rng"]["seed"].is_number_unsigned()) {
     return bad("rng.seed");
   }
   s.seed = j["rng"]["seed"].get<uint64_t>();
@@ -133,8 +147,14 @@ absl::StatusOr<TrainerState> ParseState(const std::string& path) {
   }
   if (!j.contains("job_spec") || !j["job_spec"].is_object()) return bad("job_spec");
   s.job_spec = j["job_spec"];
-  if (j.contains("data_cursor") && j["data_cursor"].value("step", int64_t{-1}) != s.step) {
-    return absl::DataLossError(absl::StrCat(path, ": data_cursor.step differs from step"));
+  if (j.contains("data_cursor")) {
+    const json& cursor = j["data_cursor"];
+    if (!cursor.is_object() || !cursor.contains("step")) return bad("data_cursor.step");
+    const std::optional<int64_t> cursor_step = step_of(cursor["step"]);
+    if (!cursor_step) return bad("data_cursor.step");
+    if (*cursor_step != s.step) {
+      return absl::DataLossError(absl::StrCat(path, ": data_cursor.step differs from step"));
+    }
   }
   return s;
 }

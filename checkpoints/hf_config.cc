@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoints/durable_io.h"
+#include "checkpoints/json_reader.h"
 #include "worker/status_macros.h"
 
 namespace mamba::ckpt {
@@ -24,7 +25,7 @@ absl::StatusOr<int64_t> Int(const json& j, const std::string& field, int64_t fal
   }
   const json& v = j[field];
   if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > (int64_t{1} << 30)) {
-    return Bad(label, field, absl::StrCat("must be an integer in [1, 2^30], got ", v.dump()));
+    return Bad(label, field, absl::StrCat("must be an integer in [1, 2^30], got ", ShortJson(v)));
   }
   return v.get<int64_t>();
 }
@@ -72,7 +73,7 @@ absl::StatusOr<ModelConfig> ParseTransformers(const json& j, const std::string& 
   }
   if (j.contains("hidden_act") && j["hidden_act"] != "silu") {
     return Bad(label, "hidden_act",
-               absl::StrCat("only \"silu\" is supported, got ", j["hidden_act"].dump()));
+               absl::StrCat("only \"silu\" is supported, got ", ShortJson(j["hidden_act"])));
   }
   // MambaConfig's defaults: use_bias true, use_conv_bias true, tie_word_embeddings true.
   RETURN_IF_ERROR(
@@ -97,7 +98,7 @@ absl::StatusOr<ModelConfig> ParseMambaSsm(const json& j, const std::string& labe
   const std::string ssm_label = label + ": ssm_cfg";
   if (ssm.contains("layer") && ssm["layer"] != "Mamba1") {
     return Bad(ssm_label, "layer",
-               absl::StrCat("only Mamba1 is supported, got ", ssm["layer"].dump()));
+               absl::StrCat("only Mamba1 is supported, got ", ShortJson(ssm["layer"])));
   }
   ASSIGN_OR_RETURN(c.d_state, Int(ssm, "d_state", 16, ssm_label));
   ASSIGN_OR_RETURN(c.d_conv, Int(ssm, "d_conv", 4, ssm_label));
@@ -158,13 +159,12 @@ json HfConfigJson(const ModelConfig& c, const std::string& dtype) {
 
 absl::StatusOr<ModelConfig> ParseModelConfigJson(const std::string& text,
                                                  const std::string& label) {
-  const json j = json::parse(text, nullptr, false);
-  if (j.is_discarded()) return absl::DataLossError(absl::StrCat(label, ": not valid JSON"));
+  ASSIGN_OR_RETURN(const json j, ParseJsonBounded(text, label));
   if (!j.is_object()) return absl::DataLossError(absl::StrCat(label, ": not a JSON object"));
   if (j.contains("model_type")) {
     if (j["model_type"] != "mamba") {
       return Bad(label, "model_type",
-                 absl::StrCat("must be \"mamba\", got ", j["model_type"].dump()));
+                 absl::StrCat("must be \"mamba\", got ", ShortJson(j["model_type"])));
     }
     return ParseTransformers(j, label);
   }

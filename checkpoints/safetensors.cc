@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "checkpoints/durable_io.h"
+#include "checkpoints/json_reader.h"
 #include "nlohmann/json.hpp"
 #include "worker/check.h"
 
@@ -23,15 +24,10 @@ absl::Status Corrupt(const std::string& label, const std::string& problem) {
 
 // Product of dims times element size, or nullopt on overflow.
 std::optional<size_t> ByteSize(const Shape& shape, size_t elem) {
-  size_t n = elem;
-  for (int64_t d : shape) {
-    if (d < 0) return std::nullopt;
-    if (d != 0 && n > std::numeric_limits<size_t>::max() / static_cast<size_t>(d)) {
-      return std::nullopt;
-    }
-    n *= static_cast<size_t>(d);
-  }
-  return n;
+  const std::optional<int64_t> n = CheckedNumElements(shape);
+  int64_t bytes = 0;
+  if (!n || __builtin_mul_overflow(*n, static_cast<int64_t>(elem), &bytes)) return std::nullopt;
+  return static_cast<size_t>(bytes);
 }
 
 absl::StatusOr<TensorEntry> ParseEntry(const std::string& label, const std::string& name,
@@ -172,8 +168,10 @@ absl::StatusOr<SafetensorsReader> SafetensorsReader::Parse(std::string bytes, st
   if (n > kMaxHeaderBytes) {
     return Corrupt(r.label_, absl::StrCat("header length ", n, " exceeds the 100 MB limit"));
   }
-  const json header = json::parse(b.begin() + 8, b.begin() + 8 + n, nullptr, false);
-  if (header.is_discarded()) return Corrupt(r.label_, "header is not valid JSON");
+  auto parsed =
+      ParseJsonBounded(std::string_view(reinterpret_cast<const char*>(b.data()) + 8, n), "header");
+  if (!parsed.ok()) return Corrupt(r.label_, std::string(parsed.status().message()));
+  const json& header = *parsed;
   if (!header.is_object()) return Corrupt(r.label_, "header is not a JSON object");
   r.data_start_ = 8 + n;
   const size_t data_size = b.size() - r.data_start_;

@@ -205,6 +205,13 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* context,
           .IgnoreError();
     }
     if (job->state() == v1::STOPPING) response->set_cancel(true);
+    if (request->step() > 0) {  // progress, as a metric event (watchers see it live)
+      store_
+          ->AddEvents(job->id(), {{"metric", absl::StrFormat("step=%d loss=%.4f tokens_per_s=%.0f",
+                                                             request->step(), request->loss(),
+                                                             request->tokens_per_second())}})
+          .IgnoreError();
+    }
     return grpc::Status::OK;
   }
   auto next = store_->AssignNext(request->pool_id(), [&](const v1::JobSpec& spec) {

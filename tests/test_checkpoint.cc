@@ -295,7 +295,7 @@ TEST(Checkpoint, CorruptCheckpointFilesAreClearErrors) {
   // Bad JSON in the trainer state.
   const std::string state = *ReadWholeFile(*dir + "/trainer_state.json");
   WriteText(*dir + "/trainer_state.json", state.substr(0, state.size() / 2));
-  expect_error("trainer_state.json", "not a valid JSON object");
+  expect_error("trainer_state.json", "not valid JSON");
   WriteText(*dir + "/trainer_state.json", state);
   // Optimizer without its step.
   const std::string opt_bytes = *ReadWholeFile(*dir + "/optimizer.safetensors");
@@ -309,6 +309,93 @@ TEST(Checkpoint, CorruptCheckpointFilesAreClearErrors) {
   WriteText(*dir + "/optimizer.safetensors", opt_bytes);
   Fixture ok(15);
   EXPECT_TRUE(LoadCheckpoint(*dir, ok.model, ok.opt, *ok.backend).ok());
+}
+
+// Files crafted by a hostile hand (issue 19's cases): each is answered with the file, the field
+// and the rule, never a crash or an exception, and nothing is loaded.
+std::string Nested(int depth, const std::string& inner) {
+  return std::string(depth, '[') + inner + std::string(depth, ']');
+}
+
+TEST(Checkpoint, CraftedTrainerStatesAreClearErrors) {
+  const std::string root = TempRoot("crafted");
+  Fixture a(21);
+  auto dir = SaveCheckpoint(root, State(7, a), a.model, a.opt, *a.backend, {});
+  ASSERT_TRUE(dir.ok());
+  const std::string good = *ReadWholeFile(*dir + "/trainer_state.json");
+  const nlohmann::json base = nlohmann::json::parse(good);
+  const auto with = [&](const std::string& key, const std::string& value_json) {
+    nlohmann::json j = base;
+    j.erase(key);
+    std::string text = j.dump();
+    text.insert(text.size() - 1, ",\"" + key + "\":" + value_json);
+    return text;
+  };
+  const struct {
+    std::string text, needle;
+  } cases[] = {
+      {with("data_cursor", "5"), "data_cursor.step: missing or of the wrong type"},
+      {with("data_cursor", R"({"step": "x"})"), "data_cursor.step: missing or of the wrong type"},
+      {with("step", "1e300"), "step: missing or of the wrong type"},
+      {with("step", "18446744073709551615"), "step: missing or of the wrong type"},
+      {with("step", "-3"), "step: missing or of the wrong type"},
+      {with("next_lr", "\"fast\""), "next_lr: missing or of the wrong type"},
+      {with("rng", "7"), "rng.seed: missing or of the wrong type"},
+      {with("job_spec", "{\"x\":" + Nested(80000, "1") + "}"), "nested deeper than 64 levels"},
+      {Nested(80000, ""), "nested deeper than 64 levels"},
+  };
+  for (const auto& c : cases) {
+    WriteText(*dir + "/trainer_state.json", c.text);
+    Fixture b(22);
+    const auto before = b.Params();
+    const absl::Status s = LoadCheckpoint(*dir, b.model, b.opt, *b.backend).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << c.needle << ": " << s;
+    EXPECT_NE(s.message().find(*dir + "/trainer_state.json"), std::string::npos) << s;
+    EXPECT_NE(s.message().find(c.needle), std::string::npos) << s;
+    EXPECT_EQ(b.Params(), before);
+  }
+  WriteText(*dir + "/trainer_state.json", good);
+  Fixture ok(23);
+  EXPECT_TRUE(LoadCheckpoint(*dir, ok.model, ok.opt, *ok.backend).ok());
+}
+
+TEST(Import, CraftedConfigsAreClearErrors) {
+  for (const std::string& text :
+       {R"({"d_model":1,"n_layer":1,"vocab_size":1,"ssm_cfg":{"x":)" + Nested(80000, "") + "}}",
+        R"({"model_type":)" + Nested(80000, "") + "}"}) {
+    auto c = ParseModelConfigJson(text, "config.json");
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kDataLoss) << c.status();
+    EXPECT_NE(c.status().message().find("config.json: JSON nested deeper than 64 levels"),
+              std::string::npos)
+        << c.status();
+  }
+  // A long wrong value is quoted short.
+  auto c = ParseModelConfigJson(R"({"model_type":")" + std::string(100000, 'x') + R"("})",
+                                "config.json");
+  EXPECT_LT(c.status().message().size(), 200u) << c.status();
+}
+
+TEST(Safetensors, ElementCountsThatOverflowAreRefused) {
+  // 2^62 x 2 x 0 bytes: zero bytes, but a count that leaves int64 on the way.
+  SafetensorsWriter w;
+  const std::string header = R"({"t":{"dtype":"U8","shape":[4611686018427387904,2,0],)"
+                             R"("data_offsets":[0,0]}})";
+  std::string bytes(8, '\0');
+  const uint64_t n = header.size();
+  std::memcpy(bytes.data(), &n, 8);
+  bytes += header;
+  auto r = SafetensorsReader::Parse(bytes, "crafted.safetensors");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+  EXPECT_NE(r.status().message().find("tensor \"t\""), std::string::npos) << r.status();
+  // And a header nested too deep.
+  const std::string deep = R"({"__metadata__":)" + Nested(80000, "") + "}";
+  std::string deep_bytes(8, '\0');
+  const uint64_t m = deep.size();
+  std::memcpy(deep_bytes.data(), &m, 8);
+  deep_bytes += deep;
+  r = SafetensorsReader::Parse(deep_bytes, "deep.safetensors");
+  EXPECT_NE(r.status().message().find("nested deeper than 64 levels"), std::string::npos)
+      << r.status();
 }
 
 TEST(Checkpoint, CrashAtAnyStageLeavesTheOldOrTheNewCheckpoint) {

@@ -62,10 +62,18 @@ std::string ShapeString(const Shape& shape) {
   return out.str();
 }
 
-int64_t NumElements(const Shape& shape) {
+std::optional<int64_t> CheckedNumElements(const Shape& shape) {
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  for (int64_t d : shape) {
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return std::nullopt;
+  }
   return n;
+}
+
+int64_t NumElements(const Shape& shape) {
+  const std::optional<int64_t> n = CheckedNumElements(shape);
+  MAMBA_CHECK(n.has_value()) << "shape " << ShapeString(shape) << " has no element count";
+  return *n;
 }
 
 void RegisterAllocator(Device device, DeviceAllocator allocator) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,7 +36,13 @@ constexpr DType DTypeOf<int32_t>() {
 
 using Shape = std::vector<int64_t>;
 std::string ShapeString(const Shape& shape);
+// The number of elements of `shape`: the one place element counts are computed. Checked aborts
+// on negative dimensions or a count beyond int64 (a programming error: shapes from files are
+// checked with CheckedNumElements first).
 int64_t NumElements(const Shape& shape);
+// The number of elements, or nullopt when a dimension is negative or the running product of the
+// dimensions (in order, zeros included) leaves int64.
+std::optional<int64_t> CheckedNumElements(const Shape& shape);
 
 // Allocates `bytes` on a device and returns a deleter-owning pointer. The CPU allocator is built
 // in; a GPU backend registers its own for Device::kCUDA.
