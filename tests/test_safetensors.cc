@@ -145,7 +145,7 @@ TEST(Safetensors, EveryCorruptionIsAClearError) {
   ExpectCorrupt(good.substr(0, good.size() - 1), "out of range");  // truncated in the data
   ExpectCorrupt(good + "xx", "tensors cover 64 bytes but the data buffer has 66");
   ExpectCorrupt(RawFile(ok_header, data, 1000), "header length 1000 exceeds");
-  ExpectCorrupt(RawFile("{\"a\": [1,", data), "header is not valid JSON");
+  ExpectCorrupt(RawFile("{\"a\": [1,", data), "header: not valid JSON");
   ExpectCorrupt(RawFile("[1, 2]", ""), "header is not a JSON object");
   ExpectCorrupt(RawFile(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", data),
                 "data_offsets [0, 16] out of range of the 8-byte data buffer");
