@@ -6,12 +6,9 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <limits>
 #include <map>
-#include <optional>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -19,7 +16,6 @@
 #include "absl/strings/str_format.h"
 #include "checkpoints/durable_io.h"
 #include "checkpoints/hf_config.h"
-#include "checkpoints/json_reader.h"
 #include "checkpoints/model_io.h"
 #include "checkpoints/safetensors.h"
 #include "worker/check.h"
@@ -33,7 +29,6 @@ using nlohmann::json;
 
 constexpr char kStepPrefix[] = "step_";
 constexpr char kTempPrefix[] = ".tmp-step_";
-constexpr int kFormatVersion = 1;
 
 // The step of a directory named step_<digits>, or -1.
 int64_t ParseStepDir(const std::string& name) {
@@ -59,16 +54,6 @@ std::string OptimizerBytes(MambaModel& model, AdamWOptimizer& opt, Backend& back
   w.AddRaw("step", "I64", {}, std::string(reinterpret_cast<const char*>(&step), 8));
   w.SetMetadata("format", "mamba-adamw");
   return w.Serialize();
-}
-
-json StateJson(const TrainerState& s) {
-  return json{{"format_version", kFormatVersion},
-              {"step", s.step},
-              {"next_lr", s.next_lr},
-              {"data_cursor", {{"split", "train"}, {"step", s.step}}},
-              {"rng", {{"seed", s.seed}, {"stateful", false}}},
-              {"losses", s.losses},
-              {"job_spec", s.job_spec}};
 }
 
 absl::Status Hook(const SaveOptions& o, std::string_view stage) {
@@ -107,58 +92,6 @@ absl::Status Prune(const std::string& root, const std::string& keep, const SaveO
   return SyncDirectory(root);
 }
 
-// Parses and checks trainer_state.json.
-absl::StatusOr<TrainerState> ParseState(const std::string& path) {
-  auto text = ReadWholeFile(path);
-  if (!text.ok()) return text.status();
-  ASSIGN_OR_RETURN(const json j, ParseJsonBounded(*text, path));
-  if (!j.is_object()) return absl::DataLossError(absl::StrCat(path, ": not a JSON object"));
-  auto bad = [&](const std::string& field) {
-    return absl::DataLossError(absl::StrCat(path, ": ", field, ": missing or of the wrong type"));
-  };
-  if (!j.contains("format_version") || j["format_version"] != kFormatVersion) {
-    return absl::DataLossError(absl::StrCat(path, ": format_version must be ", kFormatVersion));
-  }
-  TrainerState s;
-  // Every value's type is checked before it is read: a wrong one is an error, never a throw.
-  const auto step_of = [](const json& v) -> std::optional<int64_t> {
-    if (!v.is_number_unsigned()) return std::nullopt;
-    const uint64_t u = v.get<uint64_t>();
-    if (u > uint64_t(std::numeric_limits<int64_t>::max())) return std::nullopt;
-    return static_cast<int64_t>(u);
-  };
-  const std::optional<int64_t> step = j.contains("step") ? step_of(j["step"]) : std::nullopt;
-  if (!step) return bad("step");
-  s.step = *step;
-  if (!j.contains("next_lr") || !j["next_lr"].is_number() ||
-      !std::isfinite(j["next_lr"].get<double>())) {
-    return bad("next_lr");
-  }
-  s.next_lr = j["next_lr"].get<double>();
-  if (!j.contains("rng") || !j["rng"].is_object() || !j["rng"].contains("seed") ||
-      !j["rng"]["seed"].is_number_unsigned()) {
-    return bad("rng.seed");
-  }
-  s.seed = j["rng"]["seed"].get<uint64_t>();
-  if (!j.contains("losses") || !j["losses"].is_array()) return bad("losses");
-  for (const json& l : j["losses"]) {
-    if (!l.is_number()) return bad("losses");
-    s.losses.push_back(l.get<double>());
-  }
-  if (!j.contains("job_spec") || !j["job_spec"].is_object()) return bad("job_spec");
-  s.job_spec = j["job_spec"];
-  if (j.contains("data_cursor")) {
-    const json& cursor = j["data_cursor"];
-    if (!cursor.is_object() || !cursor.contains("step")) return bad("data_cursor.step");
-    const std::optional<int64_t> cursor_step = step_of(cursor["step"]);
-    if (!cursor_step) return bad("data_cursor.step");
-    if (*cursor_step != s.step) {
-      return absl::DataLossError(absl::StrCat(path, ": data_cursor.step differs from step"));
-    }
-  }
-  return s;
-}
-
 }  // namespace
 
 std::string StepDirName(int64_t step) { return absl::StrFormat("%s%08d", kStepPrefix, step); }
@@ -195,7 +128,8 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& root, const Traine
     return fail(s);
   }
   RETURN_IF_ERROR(Hook(o, "optimizer"));
-  if (absl::Status s = WriteFileDurably(tmp + "/trainer_state.json", StateJson(state).dump(1));
+  if (absl::Status s =
+          WriteFileDurably(tmp + "/trainer_state.json", TrainerStateJson(state).dump(1));
       !s.ok()) {
     return fail(s);
   }
@@ -264,7 +198,9 @@ absl::StatusOr<TrainerState> LoadCheckpoint(const std::string& dir, MambaModel& 
   auto config = ReadModelConfig(dir);
   if (!config.ok()) return config.status();
   RETURN_IF_ERROR(CheckSameShape(*config, model.config(), dir + "/config.json"));
-  auto state = ParseState(dir + "/trainer_state.json");
+  auto state_text = ReadWholeFile(dir + "/trainer_state.json");
+  if (!state_text.ok()) return state_text.status();
+  auto state = ParseTrainerState(*state_text, dir + "/trainer_state.json");
   if (!state.ok()) return state.status();
   auto weights = SafetensorsReader::Open(dir + "/model.safetensors");
   if (!weights.ok()) return weights.status();

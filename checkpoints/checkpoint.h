@@ -17,20 +17,13 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "checkpoints/trainer_state.h"
 #include "nlohmann/json.hpp"
 #include "worker/backend.h"
 #include "worker/model.h"
 #include "worker/optimizer.h"
 
 namespace mamba::ckpt {
-
-struct TrainerState {
-  int64_t step = 0;    // optimizer steps done = the data cursor (data is a function of step)
-  double next_lr = 0;  // the schedule's learning rate for the next step
-  uint64_t seed = 0;   // data and initialization are pure functions of (seed, step)
-  std::vector<double> losses;  // mean training loss of every step so far
-  nlohmann::json job_spec;     // the JobSpec (protobuf JSON mapping) the run came from
-};
 
 struct SaveOptions {
   bool bf16 = false;    // model.safetensors in bf16 (the optimizer keeps fp32 masters)

@@ -14,6 +14,7 @@ PACKAGES=(
   libopenmpi-dev openmpi-bin
   nlohmann-json3-dev
   clang-format
+  clang libclang-rt-14-dev  # the parsers' libFuzzer harnesses (tests/fuzz/)
 )
 
 missing=()
