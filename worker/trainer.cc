@@ -2,7 +2,9 @@
 
 #include <chrono>
 #include <cmath>
+#include <future>
 #include <ostream>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -334,18 +336,31 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   auto window_start = t0;
   LossStats window;
   int64_t window_steps = 0;
+  // The next step's batch is drawn on another thread while this one trains: batches are pure
+  // functions of the step, so drawing them ahead changes nothing but the wait.
+  const auto draw = [this, L](int64_t step) -> absl::StatusOr<PreparedBatch> {
+    ASSIGN_OR_RETURN(data::Batch batch, LocalBatch(data::Split::kTrain, step, L));
+    PreparedBatch p;
+    p.targets_counted = CountTargets(batch);
+    std::tie(p.inputs, p.targets) = BatchTensors(batch);
+    return p;
+  };
+  std::future<absl::StatusOr<PreparedBatch>> next;
+  if (start_step_ < steps) next = std::async(std::launch::async, draw, start_step_);
   for (int64_t step = start_step_; step < steps; ++step) {
     const auto step_start = Clock::now();
-    ASSIGN_OR_RETURN(data::Batch batch, LocalBatch(data::Split::kTrain, step, L));
+    ASSIGN_OR_RETURN(PreparedBatch batch, next.get());
+    if (step + 1 < steps) next = std::async(std::launch::async, draw, step + 1);
     // The loss is the mean over every target of the global batch: the count is summed first.
     LossStats local_count;
-    local_count.count = CountTargets(batch);
+    local_count.count = batch.targets_counted;
     ASSIGN_OR_RETURN(const LossStats global_count, SumOverRanks(local_count));
     const int64_t counted = global_count.count;
     if (counted == 0) {
       return absl::FailedPreconditionError(absl::StrCat("step ", step, ": batch has no targets"));
     }
-    auto [inputs, targets] = BatchTensors(batch);
+    const Tensor& inputs = batch.inputs;
+    const Tensor& targets = batch.targets;
     activity_ = absl::StrCat("step ", step + 1);
     profiling::ScopedRange step_range("step");
     model_->ZeroGrad();

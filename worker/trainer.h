@@ -100,6 +100,11 @@ class Trainer {
   // Loads checkpoint.resume_from (a step_ directory or a root) after checking that the saved job
   // spec trains the same model on the same data.
   absl::Status Resume(const std::string& path);
+  // A training step's batch as the model takes it, drawn ahead of its step.
+  struct PreparedBatch {
+    Tensor inputs, targets;  // int32 host tensors (count, seq_len)
+    int64_t targets_counted = 0;
+  };
   // This rank's part of batch `index` of a split: its dp share of the samples, its sp slice of
   // the positions.
   absl::StatusOr<data::Batch> LocalBatch(data::Split split, int64_t index, int64_t seq_len) const;
