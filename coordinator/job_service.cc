@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "coordinator/auth.h"
 #include "worker/job_spec.h"
 
 namespace mamba::coordinator {
@@ -88,16 +89,7 @@ absl::Status JobServiceImpl::PlacePaths(v1::JobSpec& spec) const {
 }
 
 grpc::Status JobServiceImpl::Authenticate(const grpc::ServerContext& context) const {
-  if (token_.empty()) return grpc::Status::OK;
-  const auto& metadata = context.client_metadata();
-  const auto it = metadata.find("authorization");
-  if (it == metadata.end() ||
-      std::string(it->second.data(), it->second.size()) != absl::StrCat("Bearer ", token_)) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        "this coordinator needs \"authorization: Bearer <token>\" (mambactl "
-                        "--token_file)");
-  }
-  return grpc::Status::OK;
+  return CheckBearer(context, token_, "mambactl --token_file");
 }
 
 grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* context,

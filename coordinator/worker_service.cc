@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "coordinator/auth.h"
 #include "coordinator/job_service.h"
 
 namespace mamba::coordinator {
@@ -63,15 +64,7 @@ WorkerServiceImpl::~WorkerServiceImpl() {
 }
 
 grpc::Status WorkerServiceImpl::Authenticate(const grpc::ServerContext& context) const {
-  if (options_.token.empty()) return grpc::Status::OK;
-  const auto it = context.client_metadata().find("authorization");
-  if (it == context.client_metadata().end() ||
-      std::string(it->second.data(), it->second.size()) != "Bearer " + options_.token) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                        "this coordinator needs \"authorization: Bearer <token>\" "
-                        "(mamba-worker --token_file)");
-  }
-  return grpc::Status::OK;
+  return CheckBearer(context, options_.token, "mamba-worker --token_file");
 }
 
 void WorkerServiceImpl::ExpireLeases() {
