@@ -21,14 +21,16 @@ endif()
 
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(MAMBA_FUZZ_LIBS REQUIRED absl_status absl_statusor absl_strings absl_str_format
-                  protobuf)
+                  protobuf grpc++ sqlite3)
 set(src ${PROJECT_SOURCE_DIR})
 set(gen ${CMAKE_BINARY_DIR}/proto)
 set(fuzz_common ${src}/worker/tensor.cc ${src}/checkpoints/json_reader.cc)
 set(fuzz_safetensors_sources ${src}/checkpoints/safetensors.cc ${src}/checkpoints/durable_io.cc)
 set(fuzz_hf_config_sources ${src}/checkpoints/hf_config.cc ${src}/checkpoints/durable_io.cc)
 set(fuzz_trainer_state_sources ${src}/checkpoints/trainer_state.cc)
-set(fuzz_job_spec_sources ${src}/worker/job_spec.cc ${gen}/job.pb.cc ${gen}/service.pb.cc)
+set(fuzz_job_spec_sources ${src}/worker/job_spec.cc ${src}/coordinator/job_service.cc
+    ${src}/coordinator/job_store.cc ${gen}/job.pb.cc ${gen}/service.pb.cc
+    ${gen}/service.grpc.pb.cc)
 file(GLOB data_sources ${src}/worker/data/*.cc)
 set(fuzz_token_file_sources ${data_sources} ${gen}/job.pb.cc)
 
