@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -194,15 +196,42 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
+std::string JobServiceImpl::CheckpointDir(const v1::Job& job) const {
+  return job.spec().checkpoint().dir().empty() ? checkpoint_root_ + "/" + job.id()
+                                               : job.spec().checkpoint().dir();
+}
+
+grpc::Status JobServiceImpl::GetProfile(grpc::ServerContext* context,
+                                        const v1::GetProfileRequest* request,
+                                        v1::GetProfileResponse* response) {
+  if (grpc::Status s = Authenticate(*context); !s.ok()) return s;
+  auto job = store_->Get(request->id());
+  if (!job.ok()) return ToGrpc(job.status());
+  const std::string dir = CheckpointDir(*job) + "/profile";
+  response->set_dir(dir);
+  for (const char* name : {"profile.json", "profile.md", "profile.svg"}) {
+    std::ifstream in(dir + "/" + name, std::ios::binary);
+    if (!in) continue;
+    std::stringstream ss;
+    ss << in.rdbuf();
+    (*response->mutable_files())[name] = ss.str();
+  }
+  if (response->files().empty()) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                        absl::StrCat("job ", job->id(), " has no profile in ", dir,
+                                     " (its spec asks for one with \"profile\": {}; the report "
+                                     "is written when the job ends)"));
+  }
+  return grpc::Status::OK;
+}
+
 grpc::Status JobServiceImpl::ListCheckpoints(grpc::ServerContext* context,
                                              const v1::ListCheckpointsRequest* request,
                                              v1::ListCheckpointsResponse* response) {
   if (grpc::Status s = Authenticate(*context); !s.ok()) return s;
   auto job = store_->Get(request->id());
   if (!job.ok()) return ToGrpc(job.status());
-  const std::string dir = job->spec().checkpoint().dir().empty()
-                              ? checkpoint_root_ + "/" + job->id()
-                              : job->spec().checkpoint().dir();
+  const std::string dir = CheckpointDir(*job);
   response->set_dir(dir);
   std::vector<std::string> steps;
   std::error_code ec;

@@ -42,11 +42,15 @@ class JobServiceImpl final : public v1::JobService::Service {
                          v1::Job* response) override;
   grpc::Status WatchJob(grpc::ServerContext* context, const v1::WatchJobRequest* request,
                         grpc::ServerWriter<v1::JobUpdate>* writer) override;
+  grpc::Status GetProfile(grpc::ServerContext* context, const v1::GetProfileRequest* request,
+                          v1::GetProfileResponse* response) override;
   grpc::Status ListCheckpoints(grpc::ServerContext* context,
                                const v1::ListCheckpointsRequest* request,
                                v1::ListCheckpointsResponse* response) override;
 
  private:
+  // The directory job `job` keeps its checkpoints in.
+  std::string CheckpointDir(const v1::Job& job) const;
   // UNAUTHENTICATED unless the call carries "authorization: Bearer <token>".
   grpc::Status Authenticate(const grpc::ServerContext& context) const;
 

@@ -7,6 +7,7 @@
 //     watch ID [--from N]          its events (state changes, training log, checkpoints) as they
 //                                  happen, until it ends; reconnects where it left off
 //     checkpoints ID               the checkpoints it has written
+//     profile ID [--save DIR]      its profiling report: the tables printed, the files saved
 // Tables by default, JSON (protobuf's mapping) with --json. Exit status: 0 on success, 1 when the
 // coordinator refuses (its status printed), 2 for a bad command line; watch: 3 when the job
 // ended other than SUCCEEDED.
@@ -38,6 +39,7 @@ ABSL_FLAG(std::string, name, "", "list: only jobs of this name.");
 ABSL_FLAG(int32_t, page_size, 50, "list: jobs a page.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "How long one call may take.");
 ABSL_FLAG(int64_t, from, 0, "watch: the first event to show.");
+ABSL_FLAG(std::string, save, ".", "profile: where to save the report's files.");
 
 namespace {
 
@@ -240,6 +242,24 @@ int main(int argc, char** argv) {
       std::this_thread::sleep_for(std::chrono::seconds(1));
     }
     return last == mamba::v1::SUCCEEDED ? 0 : 3;
+  }
+  if (command == "profile") {
+    if (args.size() != 3) return Usage("profile takes one job id");
+    mamba::v1::GetProfileRequest request;
+    request.set_id(args[2]);
+    mamba::v1::GetProfileResponse response;
+    if (grpc::Status s = stub->GetProfile(context().get(), request, &response); !s.ok()) {
+      return Refused(s);
+    }
+    const std::string dir = absl::GetFlag(FLAGS_save);
+    for (const auto& [name, bytes] : response.files()) {
+      std::ofstream(dir + "/" + name, std::ios::binary) << bytes;
+    }
+    if (const auto it = response.files().find("profile.md"); it != response.files().end()) {
+      std::cout << it->second;
+    }
+    std::cerr << "saved " << response.files().size() << " file(s) to " << dir << "\n";
+    return 0;
   }
   if (command == "checkpoints") {
     if (args.size() != 3) return Usage("checkpoints takes one job id");

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "coordinator/job_service.h"
@@ -21,7 +22,7 @@ class JobServiceTest : public ::testing::Test {
     auto store = JobStore::Open(db_);
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = std::move(*store);
-    service_ = std::make_unique<JobServiceImpl>(store_.get(), "t0ken");
+    service_ = std::make_unique<JobServiceImpl>(store_.get(), "t0ken", CheckpointRoot());
     grpc::ServerBuilder builder;
     int port = 0;
     builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
@@ -34,6 +35,9 @@ class JobServiceTest : public ::testing::Test {
   void TearDown() override {
     server_->Shutdown();
     for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(db_ + suffix);
+  }
+  static std::string CheckpointRoot() {
+    return ::testing::TempDir() + "/job-service-ckpt-" + std::to_string(getpid());
   }
   std::unique_ptr<grpc::ClientContext> Context(const std::string& token = "t0ken") {
     auto c = std::make_unique<grpc::ClientContext>();
@@ -170,6 +174,30 @@ TEST_F(JobServiceTest, WatchStreamsEventsFromAnOffsetUntilTheJobEnds) {
   ASSERT_EQ(rest.size(), 2u);
   EXPECT_EQ(rest[0], all[3]);
   EXPECT_EQ(rest[1], all[4]);
+}
+
+// GetProfile serves the report files a pool wrote into the job's checkpoint directory, and is
+// NOT_FOUND while there are none.
+TEST_F(JobServiceTest, GetProfileServesTheReportTheJobWrote) {
+  v1::SubmitJobResponse r;
+  v1::SubmitJobRequest req = Request(32, "");
+  const std::string dir = CheckpointRoot() + "/profile-job";
+  std::filesystem::remove_all(dir);
+  req.mutable_spec()->mutable_checkpoint()->set_dir(dir);
+  ASSERT_TRUE(stub_->SubmitJob(Context().get(), req, &r).ok());
+  v1::GetProfileRequest get;
+  get.set_id(r.job().id());
+  v1::GetProfileResponse profile;
+  grpc::Status s = stub_->GetProfile(Context().get(), get, &profile);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_NE(s.error_message().find("has no profile"), std::string::npos);
+  std::filesystem::create_directories(dir + "/profile");
+  std::ofstream(dir + "/profile/profile.md") << "| kernel | ms |\n";
+  std::ofstream(dir + "/profile/profile.json") << "{\"kernels\": []}";
+  ASSERT_TRUE(stub_->GetProfile(Context().get(), get, &profile).ok());
+  EXPECT_EQ(profile.files().size(), 2u);
+  EXPECT_EQ(profile.files().at("profile.md"), "| kernel | ms |\n");
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
