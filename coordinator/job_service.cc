@@ -173,6 +173,15 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "from_offset: must be at least 0");
   }
   int64_t next = request->from_offset();
+  {
+    auto so_far = store_->Events(request->id(), 0);
+    if (!so_far.ok()) return ToGrpc(so_far.status());
+    if (next > static_cast<int64_t>(so_far->size())) {
+      return grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
+                          absl::StrCat("from_offset: ", next, " is past the job's next event (",
+                                       so_far->size(), ")"));
+    }
+  }
   while (!context->IsCancelled()) {
     // The state first, then the events: an ended job's last events are all stored by then.
     auto job = store_->Get(request->id());
@@ -190,7 +199,9 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
       next = e.offset + 1;
     }
     const v1::JobState st = job->state();
-    if (st == v1::SUCCEEDED || st == v1::FAILED || st == v1::CANCELLED) return grpc::Status::OK;
+    if (request->snapshot() || st == v1::SUCCEEDED || st == v1::FAILED || st == v1::CANCELLED) {
+      return grpc::Status::OK;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   return grpc::Status::OK;

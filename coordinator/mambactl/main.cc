@@ -1,11 +1,14 @@
 // mambactl: the command-line client of the coordinator (JobService).
 //   mambactl [--coordinator 127.0.0.1:50051] [--token_file F] [--json] COMMAND ...
-//     submit SPEC.json [--key K]   submit a job (the same key and spec return the same job)
+//     submit SPEC.json [--key K] [--priority N]
+//                                  submit a job (the same key and spec return the same job)
 //     get ID                       one job
 //     list [--state S] [--name N] [--page_size N]   jobs, newest first (every page)
 //     cancel ID                    cancel a job
 //     watch ID [--from N]          its events (state changes, training log, checkpoints) as they
-//                                  happen, until it ends; reconnects where it left off
+//                                  happen, until it ends; reconnects where it left off; exits 0
+//                                  when it SUCCEEDED
+//     logs ID [--follow]           its events so far (with --follow: as watch)
 //     checkpoints ID               the checkpoints it has written
 //     profile ID [--save DIR]      its profiling report: the tables printed, the files saved
 // Tables by default, JSON (protobuf's mapping) with --json. Exit status: 0 on success, 1 when the
@@ -34,6 +37,8 @@ ABSL_FLAG(bool, json, false, "Print JSON instead of tables.");
 ABSL_FLAG(std::string, tls_ca, "",
           "TLS: the certificates (PEM) to trust for the coordinator's; empty: no TLS.");
 ABSL_FLAG(std::string, key, "", "submit: the idempotency key.");
+ABSL_FLAG(int32_t, priority, 0, "submit: the job's priority (overrides the spec's when not 0).");
+ABSL_FLAG(bool, follow, false, "logs: keep printing new events until the job ends.");
 ABSL_FLAG(std::string, state, "", "list: only jobs in this state (QUEUED, RUNNING, ...).");
 ABSL_FLAG(std::string, name, "", "list: only jobs of this name.");
 ABSL_FLAG(int32_t, page_size, 50, "list: jobs a page.");
@@ -153,12 +158,15 @@ int main(int argc, char** argv) {
       return Usage(absl::StrCat(args[2], ": not a JobSpec: ", std::string(s.message())));
     }
     request.set_idempotency_key(absl::GetFlag(FLAGS_key));
+    if (const int32_t p = absl::GetFlag(FLAGS_priority); p != 0)
+      request.mutable_spec()->set_priority(p);
     mamba::v1::SubmitJobResponse response;
     if (grpc::Status s = stub->SubmitJob(context().get(), request, &response); !s.ok()) {
       return Refused(s);
     }
     if (json) {
-      std::cout << Json(response) << "\n";
+      std::cout << "{\"id\": \"" << response.job().id()
+                << "\", \"created\": " << (response.created() ? "true" : "false") << "}\n";
     } else {
       std::cout << (response.created() ? "submitted " : "already submitted ") << response.job().id()
                 << "\n";
@@ -215,11 +223,12 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  if (command == "watch") {
-    if (args.size() != 3) return Usage("watch takes one job id");
+  if (command == "watch" || command == "logs") {
+    if (args.size() != 3) return Usage(command + " takes one job id");
     mamba::v1::WatchJobRequest request;
     request.set_id(args[2]);
     request.set_from_offset(absl::GetFlag(FLAGS_from));
+    request.set_snapshot(command == "logs" && !absl::GetFlag(FLAGS_follow));
     mamba::v1::JobState last = mamba::v1::JOB_STATE_UNSPECIFIED;
     // A broken stream (the coordinator restarting, say) is picked up where it stopped.
     for (int reconnects = 0;; ++reconnects) {
@@ -241,6 +250,7 @@ int main(int argc, char** argv) {
       if (s.error_code() != grpc::StatusCode::UNAVAILABLE || reconnects >= 30) return Refused(s);
       std::this_thread::sleep_for(std::chrono::seconds(1));
     }
+    if (request.snapshot()) return 0;
     return last == mamba::v1::SUCCEEDED ? 0 : 3;
   }
   if (command == "profile") {

@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 
 #include "coordinator/job_service.h"
@@ -198,6 +201,166 @@ TEST_F(JobServiceTest, GetProfileServesTheReportTheJobWrote) {
   EXPECT_EQ(profile.files().size(), 2u);
   EXPECT_EQ(profile.files().at("profile.md"), "| kernel | ms |\n");
   std::filesystem::remove_all(dir);
+}
+
+// Bad input, each with its status code and message, and nothing stored by any of them.
+TEST_F(JobServiceTest, BadInputGetsItsStatusAndChangesNothing) {
+  // Jobs stored on purpose: one under a key, one finished.
+  v1::SubmitJobResponse r;
+  ASSERT_TRUE(stub_->SubmitJob(Context().get(), Request(32, "kept"), &r).ok());
+  const std::string kept = r.job().id();
+  ASSERT_TRUE(stub_->SubmitJob(Context().get(), Request(40, ""), &r).ok());
+  const std::string finished = r.job().id();
+  ASSERT_TRUE(store_->Transition(finished, {v1::QUEUED}, v1::CANCELLED, "test").ok());
+  const size_t events_before = store_->Events(kept, 0)->size();
+
+  struct Case {
+    std::string what;
+    std::function<void(v1::JobSpec&)> edit;
+    std::string message;
+  };
+  const std::vector<Case> specs = {
+      {"d_state", [](v1::JobSpec& s) { s.mutable_model()->set_d_state(300); },
+       "model.d_state: must be in [1, 256], got 300"},
+      {"d_model", [](v1::JobSpec& s) { s.mutable_model()->set_d_model(0); }, "model.d_model"},
+      {"n_layer", [](v1::JobSpec& s) { s.mutable_model()->set_n_layer(0); }, "model.n_layer"},
+      {"d_conv", [](v1::JobSpec& s) { s.mutable_model()->set_d_conv(17); }, "model.d_conv"},
+      {"expand", [](v1::JobSpec& s) { s.mutable_model()->set_expand(0); }, "model.expand"},
+      {"dt_rank", [](v1::JobSpec& s) { s.mutable_model()->set_dt_rank(0); }, "model.dt_rank"},
+      {"vocab", [](v1::JobSpec& s) { s.mutable_model()->set_vocab_size(0); }, "model.vocab_size"},
+      {"no data", [](v1::JobSpec& s) { s.clear_data(); }, "data: one source is required"},
+      {"lr", [](v1::JobSpec& s) { s.mutable_optimizer()->set_lr(-1); }, "optimizer.lr"},
+      {"beta1", [](v1::JobSpec& s) { s.mutable_optimizer()->set_beta1(1.5); }, "optimizer.beta1"},
+      {"beta2", [](v1::JobSpec& s) { s.mutable_optimizer()->set_beta2(-0.5); }, "optimizer.beta2"},
+      {"eps", [](v1::JobSpec& s) { s.mutable_optimizer()->set_eps(0); }, "optimizer.eps"},
+      {"wd", [](v1::JobSpec& s) { s.mutable_optimizer()->set_weight_decay(-1); },
+       "optimizer.weight_decay"},
+      {"clip", [](v1::JobSpec& s) { s.mutable_optimizer()->set_grad_clip(-1); },
+       "optimizer.grad_clip"},
+      {"lr nan", [](v1::JobSpec& s) { s.mutable_optimizer()->set_lr(std::nan("")); },
+       "optimizer.lr"},
+      {"steps", [](v1::JobSpec& s) { s.set_steps(0); }, "steps: must be in"},
+      {"warmup",
+       [](v1::JobSpec& s) { s.set_steps(10), s.mutable_schedule()->set_warmup_steps(11); },
+       "schedule.warmup_steps"},
+      {"min lr", [](v1::JobSpec& s) { s.mutable_schedule()->set_min_lr_ratio(2); },
+       "schedule.min_lr_ratio"},
+      {"batch", [](v1::JobSpec& s) { s.set_batch_size(0); }, "batch_size"},
+      {"log_every", [](v1::JobSpec& s) { s.set_log_every(0); }, "log_every"},
+      {"eval batches", [](v1::JobSpec& s) { s.mutable_eval()->set_batches(-1); }, "eval.batches"},
+      {"eval len", [](v1::JobSpec& s) { s.mutable_eval()->add_seq_lens(0); }, "eval.seq_lens[0]"},
+      {"sp", [](v1::JobSpec& s) { s.mutable_parallel()->set_sp(0); }, "parallel.sp"},
+      {"dp", [](v1::JobSpec& s) { s.mutable_parallel()->set_dp(3); },
+       "batch_size: must be a multiple of parallel.dp (3)"},
+      {"bucket", [](v1::JobSpec& s) { s.mutable_parallel()->set_grad_bucket_mb(-1); },
+       "parallel.grad_bucket_mb"},
+      {"backend", [](v1::JobSpec& s) { s.set_backend("tpu"); }, "backend: must be"},
+      {"precision", [](v1::JobSpec& s) { s.set_precision("fp8"); }, "precision: must be"},
+      {"cpu bf16", [](v1::JobSpec& s) { s.set_precision("bf16"); },
+       "precision: the cpu backend trains in fp32 only"},
+      {"ckpt dtype", [](v1::JobSpec& s) { s.mutable_checkpoint()->set_dtype("fp16"); },
+       "checkpoint.dtype"},
+      {"keep_last", [](v1::JobSpec& s) { s.mutable_checkpoint()->set_keep_last(-1); },
+       "checkpoint.keep_last"},
+      {"resume+init",
+       [](v1::JobSpec& s) {
+         s.mutable_checkpoint()->set_resume_from("a");
+         s.mutable_checkpoint()->set_init_from("b");
+       },
+       "checkpoint.init_from: cannot be combined"},
+      {"priority", [](v1::JobSpec& s) { s.set_priority(2000000); }, "priority: must be in"},
+      {"restarts", [](v1::JobSpec& s) { s.set_max_restarts(-1); }, "max_restarts: must be in"},
+      {"dir outside", [](v1::JobSpec& s) { s.mutable_checkpoint()->set_dir("/etc/jobs"); },
+       "checkpoint.dir: \"/etc/jobs\" lies outside --checkpoint_root"},
+      {"dir ..", [](v1::JobSpec& s) { s.mutable_checkpoint()->set_dir("../../x"); },
+       "checkpoint.dir"},
+      {"resume outside", [](v1::JobSpec& s) { s.mutable_checkpoint()->set_resume_from("/tmp/r"); },
+       "checkpoint.resume_from"},
+  };
+  for (const Case& c : specs) {
+    v1::SubmitJobRequest req = Request(32, "");
+    c.edit(*req.mutable_spec());
+    const grpc::Status s = stub_->SubmitJob(Context().get(), req, &r);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.what;
+    EXPECT_NE(s.error_message().find(c.message), std::string::npos)
+        << c.what << ": " << s.error_message();
+  }
+  const auto expect = [](const grpc::Status& s, grpc::StatusCode code, const std::string& message,
+                         const std::string& what) {
+    EXPECT_EQ(s.error_code(), code) << what << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(message), std::string::npos)
+        << what << ": " << s.error_message();
+  };
+  expect(stub_->SubmitJob(Context().get(), v1::SubmitJobRequest(), &r),
+         grpc::StatusCode::INVALID_ARGUMENT, "spec: required", "no spec");
+  expect(stub_->SubmitJob(Context().get(), Request(64, "kept"), &r),
+         grpc::StatusCode::ALREADY_EXISTS, "idempotency_key \"kept\"", "a reused key");
+  expect(stub_->SubmitJob(Context("wrong").get(), Request(32, ""), &r),
+         grpc::StatusCode::UNAUTHENTICATED, "Bearer", "a wrong token");
+  v1::SubmitJobRequest huge = Request(32, "");
+  huge.mutable_spec()->set_name(std::string(5 << 20, 'x'));
+  EXPECT_EQ(stub_->SubmitJob(Context().get(), huge, &r).error_code(),
+            grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << "an oversized message";
+  v1::Job job;
+  v1::GetJobRequest get;
+  get.set_id("job-999999");
+  expect(stub_->GetJob(Context().get(), get, &job), grpc::StatusCode::NOT_FOUND,
+         "job job-999999: no such job", "an unknown id");
+  v1::CancelJobRequest cancel;
+  cancel.set_id("nope");
+  expect(stub_->CancelJob(Context().get(), cancel, &job), grpc::StatusCode::NOT_FOUND,
+         "no such job", "cancelling an unknown id");
+  cancel.set_id(finished);
+  expect(stub_->CancelJob(Context().get(), cancel, &job), grpc::StatusCode::FAILED_PRECONDITION,
+         "is CANCELLED", "cancelling a finished job");
+  v1::ListJobsRequest list;
+  v1::ListJobsResponse listed;
+  list.set_page_size(5000);
+  expect(stub_->ListJobs(Context().get(), list, &listed), grpc::StatusCode::INVALID_ARGUMENT,
+         "page_size", "a page too large");
+  list.set_page_size(10);
+  list.set_page_token("zz");
+  expect(stub_->ListJobs(Context().get(), list, &listed), grpc::StatusCode::INVALID_ARGUMENT,
+         "page_token", "a token never given");
+  for (const int64_t from : {int64_t{-1}, int64_t{1000}}) {
+    v1::WatchJobRequest w;
+    w.set_id(finished);
+    w.set_from_offset(from);
+    auto c = Context();
+    auto reader = stub_->WatchJob(c.get(), w);
+    v1::JobUpdate u;
+    EXPECT_FALSE(reader->Read(&u));
+    expect(reader->Finish(),
+           from < 0 ? grpc::StatusCode::INVALID_ARGUMENT : grpc::StatusCode::OUT_OF_RANGE,
+           "from_offset", "watching from " + std::to_string(from));
+  }
+  // Nothing was stored or changed by any of it.
+  auto all = store_->List(v1::JOB_STATE_UNSPECIFIED, "", 100, "");
+  ASSERT_EQ(all->jobs.size(), 2u);
+  EXPECT_EQ(store_->Get(kept)->state(), v1::QUEUED);
+  EXPECT_EQ(store_->Events(kept, 0)->size(), events_before);
+}
+
+// Many clients submitting with one key at once get one job.
+TEST_F(JobServiceTest, ConcurrentSubmissionsWithOneKeyMakeOneJob) {
+  constexpr int kClients = 16;
+  std::vector<std::string> ids(kClients);
+  std::vector<bool> created(kClients);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kClients; ++i) {
+    clients.emplace_back([&, i] {
+      v1::SubmitJobResponse r;
+      if (stub_->SubmitJob(Context().get(), Request(32, "one-key"), &r).ok()) {
+        ids[i] = r.job().id();
+        created[i] = r.created();
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(std::count(created.begin(), created.end(), true), 1);
+  for (const std::string& id : ids) EXPECT_EQ(id, ids[0]);
+  EXPECT_EQ(store_->List(v1::JOB_STATE_UNSPECIFIED, "", 100, "")->jobs.size(), 1u);
 }
 
 }  // namespace
