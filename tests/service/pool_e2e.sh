@@ -104,7 +104,13 @@ echo "ok: $recover RECOVERING after its pool was killed"
 pool 2
 wait_state "$recover" SUCCEEDED
 grep -q "resumed from ckpt/$recover/step_" pool2.log || fail "$recover did not resume"
-echo "ok: $recover resumed from its checkpoint on a new pool and SUCCEEDED"
+# The same job uninterrupted ends with the same bits.
+reference=$(ctl submit recover.json | awk '{print $NF}')
+wait_state "$reference" SUCCEEDED
+cmp -s "ckpt/$recover/step_00004000/model.safetensors" \
+  "ckpt/$reference/step_00004000/model.safetensors" ||
+  fail "the recovered job's parameters differ from an uninterrupted run's"
+echo "ok: $recover resumed from its checkpoint on a new pool and SUCCEEDED, bit-identical to $reference"
 out=$(ctl get "$wide")
 [[ $out =~ $wide\ +QUEUED ]] || fail "a job no pool fits left the queue: $out"
 [[ $out == *"waiting for a cpu pool of a multiple of 3 ranks (sp 3)"* ]] ||
@@ -125,10 +131,27 @@ pool 3
 spec survive 600 ',"checkpoint":{"everySteps":100}' >survive.json
 survive=$(ctl submit survive.json | awk '{print $NF}')
 wait_state "$survive" RUNNING
-kill "$coordinator_pid"
+kill -9 "$coordinator_pid"
 wait "$coordinator_pid" 2>/dev/null
 sleep 1
 start_coordinator "$port"
 wait_state "$survive" SUCCEEDED
-echo "ok: $survive ran on while the coordinator restarted, and SUCCEEDED"
+out=$(sqlite3 jobs.db "select count(*) from events where job_id='$survive' and text like 'SUCCEEDED:%'")
+[[ $out == 1 ]] || fail "$survive completed $out times"
+echo "ok: $survive ran on while the coordinator was killed (-9) and restarted, and SUCCEEDED once"
+
+# A pool that stops heartbeating (SIGSTOP) loses its job to another pool.
+kill -9 "$pool_pid"
+pkill -9 -f -- "--coordinator 127.0.0.1:$port" 2>/dev/null
+pool 4
+stopped_pool=$pool_pid
+spec stall 3000 ',"checkpoint":{"everySteps":200}' >stall.json
+stall=$(ctl submit stall.json | awk '{print $NF}')
+wait_state "$stall" RUNNING
+for p in $(pgrep -f -- "--coordinator 127.0.0.1:$port"); do kill -STOP "$p"; done
+wait_state "$stall" RECOVERING
+pool 5
+wait_state "$stall" SUCCEEDED
+kill -9 "$stopped_pool" 2>/dev/null
+echo "ok: $stall RECOVERING when its pool stopped heartbeating, then finished on another pool"
 echo "PASS"
