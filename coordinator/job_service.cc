@@ -182,6 +182,7 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
                                        so_far->size(), ")"));
     }
   }
+  int64_t version = store_->version(request->id());
   while (!context->IsCancelled()) {
     // The state first, then the events: an ended job's last events are all stored by then.
     auto job = store_->Get(request->id());
@@ -202,7 +203,8 @@ grpc::Status JobServiceImpl::WatchJob(grpc::ServerContext* context,
     if (request->snapshot() || st == v1::SUCCEEDED || st == v1::FAILED || st == v1::CANCELLED) {
       return grpc::Status::OK;
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    // Sleeps until the store changes (or a second passes, to notice a client that left).
+    version = store_->WaitForChange(request->id(), version, std::chrono::seconds(1));
   }
   return grpc::Status::OK;
 }

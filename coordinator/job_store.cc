@@ -139,11 +139,40 @@ absl::Status JobStore::Migrate() {
   if (s.ok() && v < 2) {
     s = Exec("ALTER TABLE jobs ADD COLUMN pool TEXT NOT NULL DEFAULT ''; PRAGMA user_version = 2;");
   }
+  if (s.ok() && v < 3) s = AddGridColumns();
   if (!s.ok()) {
     Exec("ROLLBACK").IgnoreError();
     return s;
   }
   return Exec("COMMIT");
+}
+
+absl::Status JobStore::AddGridColumns() {
+  RETURN_IF_ERROR(
+      Exec("ALTER TABLE jobs ADD COLUMN backend TEXT NOT NULL DEFAULT 'cpu';"
+           "ALTER TABLE jobs ADD COLUMN dp INTEGER NOT NULL DEFAULT 0;"  // 0: unset
+           "ALTER TABLE jobs ADD COLUMN sp INTEGER NOT NULL DEFAULT 1;"
+           "CREATE INDEX jobs_queue ON jobs(state, backend, priority DESC, seq);"));
+  std::vector<std::pair<int64_t, v1::JobSpec>> rows;
+  {
+    Statement s(db_, "SELECT seq, spec FROM jobs");
+    if (!s.ok()) return Error("reading specs to migrate");
+    for (int rc = s.Step(); rc == SQLITE_ROW; rc = s.Step()) {
+      v1::JobSpec spec;
+      spec.ParseFromString(s.Text(1));
+      rows.emplace_back(s.Int(0), std::move(spec));
+    }
+  }
+  for (const auto& [seq, spec] : rows) {
+    Statement u(db_, "UPDATE jobs SET backend = ?1, dp = ?2, sp = ?3 WHERE seq = ?4");
+    if (!u.ok()) return Error("preparing a migration");
+    u.Bind(1, spec.backend().empty() ? std::string("cpu") : spec.backend())
+        .Bind(2, int64_t{spec.parallel().has_dp() ? spec.parallel().dp() : 0})
+        .Bind(3, int64_t{spec.parallel().has_sp() ? spec.parallel().sp() : 1})
+        .Bind(4, seq);
+    if (u.Step() != SQLITE_DONE) return Error("migrating a job");
+  }
+  return Exec("PRAGMA user_version = 3;");
 }
 
 absl::Status JobStore::CreateVersion1() {
@@ -222,10 +251,14 @@ absl::StatusOr<JobStore::Submitted> JobStore::Submit(const v1::JobSpec& spec,
   const int64_t now = NowMs();
   Statement insert(db_,
                    "INSERT INTO jobs (id, name, spec, state, reason, priority, idempotency_key, "
-                   "created_ms, updated_ms) VALUES ('', ?1, ?2, ?3, ?7, ?4, ?5, ?6, ?6)");
+                   "created_ms, updated_ms, backend, dp, sp) VALUES ('', ?1, ?2, ?3, ?7, ?4, ?5, "
+                   "?6, ?6, ?8, ?9, ?10)");
   if (!insert.ok()) return rollback(Error("preparing an insert"));
   insert.Bind(1, spec.name()).BindBlob(2, bytes).Bind(3, int64_t{v1::QUEUED});
   insert.Bind(4, int64_t{spec.priority()}).Bind(6, now).Bind(7, reason);
+  insert.Bind(8, spec.backend().empty() ? std::string("cpu") : spec.backend())
+      .Bind(9, int64_t{spec.parallel().has_dp() ? spec.parallel().dp() : 0})
+      .Bind(10, int64_t{spec.parallel().has_sp() ? spec.parallel().sp() : 1});
   if (idempotency_key.empty()) {
     insert.BindNull(5);
   } else {
@@ -244,6 +277,7 @@ absl::StatusOr<JobStore::Submitted> JobStore::Submit(const v1::JobSpec& spec,
   auto job = GetLocked(id);
   if (!job.ok()) return rollback(job.status());
   RETURN_IF_ERROR(Exec("COMMIT"));
+  Changed(id);
   return Submitted{*job, true};
 }
 
@@ -310,6 +344,7 @@ absl::StatusOr<v1::Job> JobStore::Transition(const std::string& id,
   auto updated = GetLocked(id);
   if (!updated.ok()) return rollback(updated.status());
   RETURN_IF_ERROR(Exec("COMMIT"));
+  Changed(id);
   return *updated;
 }
 
@@ -325,11 +360,13 @@ absl::Status JobStore::AddEvents(const std::string& id,
       return s;
     }
   }
-  return Exec("COMMIT");
+  RETURN_IF_ERROR(Exec("COMMIT"));
+  Changed(id);
+  return absl::OkStatus();
 }
 
-absl::StatusOr<std::optional<v1::Job>> JobStore::AssignNext(
-    const std::string& pool, const std::function<bool(const v1::JobSpec&)>& fits) {
+absl::StatusOr<std::optional<v1::Job>> JobStore::AssignNext(const std::string& pool, int world_size,
+                                                            const std::string& backend) {
   std::lock_guard<std::mutex> lock(mu_);
   RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
   const auto rollback = [&](absl::Status s) {
@@ -339,17 +376,14 @@ absl::StatusOr<std::optional<v1::Job>> JobStore::AssignNext(
   std::optional<v1::Job> chosen;
   {
     Statement s(db_, absl::StrCat("SELECT ", kJobColumns,
-                                  " FROM jobs WHERE state IN (?1, ?2) ORDER BY priority DESC, seq")
+                                  " FROM jobs WHERE state IN (?1, ?2) AND backend = ?3 AND "
+                                  "((dp > 0 AND dp * sp = ?4) OR (dp = 0 AND sp > 0 AND ?4 % sp "
+                                  "= 0)) ORDER BY priority DESC, seq LIMIT 1")
                          .c_str());
     if (!s.ok()) return rollback(Error("preparing the queue"));
-    s.Bind(1, int64_t{v1::QUEUED}).Bind(2, int64_t{v1::RECOVERING});
-    for (int rc = s.Step(); rc == SQLITE_ROW; rc = s.Step()) {
-      v1::Job job = JobFromRow(s);
-      if (fits(job.spec())) {
-        chosen = std::move(job);
-        break;
-      }
-    }
+    s.Bind(1, int64_t{v1::QUEUED}).Bind(2, int64_t{v1::RECOVERING}).Bind(3, backend);
+    s.Bind(4, int64_t{world_size});
+    if (s.Step() == SQLITE_ROW) chosen = JobFromRow(s);
   }
   if (!chosen) {
     RETURN_IF_ERROR(Exec("COMMIT"));
@@ -374,6 +408,7 @@ absl::StatusOr<std::optional<v1::Job>> JobStore::AssignNext(
   auto job = GetLocked(chosen->id());
   if (!job.ok()) return rollback(job.status());
   RETURN_IF_ERROR(Exec("COMMIT"));
+  Changed(chosen->id());
   return std::optional<v1::Job>(*job);
 }
 
@@ -403,6 +438,31 @@ absl::StatusOr<std::vector<JobStore::Event>> JobStore::Events(const std::string&
     events.push_back({s.Int(0), s.Int(1), s.Text(2), s.Text(3)});
   }
   return events;
+}
+
+void JobStore::Changed(const std::string& id) {
+  {
+    std::lock_guard<std::mutex> lock(version_mu_);
+    ++versions_[id];
+  }
+  version_cv_.notify_all();
+}
+
+int64_t JobStore::version(const std::string& id) const {
+  std::lock_guard<std::mutex> lock(version_mu_);
+  const auto it = versions_.find(id);
+  return it == versions_.end() ? 0 : it->second;
+}
+
+int64_t JobStore::WaitForChange(const std::string& id, int64_t seen,
+                                std::chrono::milliseconds timeout) const {
+  std::unique_lock<std::mutex> lock(version_mu_);
+  const auto now = [&] {
+    const auto it = versions_.find(id);
+    return it == versions_.end() ? 0 : it->second;
+  };
+  version_cv_.wait_for(lock, timeout, [&] { return now() != seen; });
+  return now();
 }
 
 }  // namespace mamba::coordinator

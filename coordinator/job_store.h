@@ -10,8 +10,11 @@
 //   "cancelled").status());
 #pragma once
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -69,15 +72,23 @@ class JobStore {
   absl::Status AddEvents(const std::string& id,
                          const std::vector<std::pair<std::string, std::string>>& events);
 
-  // Scheduling: the first job, by priority then age, among the QUEUED and RECOVERING ones that
-  // `fits` (its grid and backend match a pool), moved to ASSIGNED on `pool` with its event (a
-  // RECOVERING one counts a restart). nullopt when none fits.
-  absl::StatusOr<std::optional<v1::Job>> AssignNext(
-      const std::string& pool, const std::function<bool(const v1::JobSpec&)>& fits);
+  // Scheduling: the first job, by priority then age, among the QUEUED and RECOVERING ones that a
+  // pool of `world_size` ranks on `backend` runs (dp x sp equal to the ranks, or, dp unset, sp
+  // dividing them), moved to ASSIGNED on `pool` with its event (a RECOVERING one counts a
+  // restart); nullopt when none fits. One indexed query, however long the queue.
+  absl::StatusOr<std::optional<v1::Job>> AssignNext(const std::string& pool, int world_size,
+                                                    const std::string& backend);
   // The jobs that a pool holds (ASSIGNED, RUNNING or STOPPING on it).
   absl::StatusOr<std::vector<v1::Job>> ActiveJobs();
 
-  static constexpr int kSchemaVersion = 2;
+  // A counter a job's every stored change moves: a watcher of the job waits for it to pass the
+  // value it last saw (WaitForChange returns the new value, or the old one after `timeout`)
+  // instead of polling, and only its own job's changes wake it.
+  int64_t version(const std::string& id) const;
+  int64_t WaitForChange(const std::string& id, int64_t seen,
+                        std::chrono::milliseconds timeout) const;
+
+  static constexpr int kSchemaVersion = 3;
 
  private:
   explicit JobStore(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {}
@@ -88,12 +99,19 @@ class JobStore {
   absl::Status AddEvent(const std::string& id, const std::string& kind, const std::string& text,
                         int64_t now_ms);
   absl::Status CreateVersion1();
+  // Version 3: the grid and backend of each job as columns, filled in from the stored specs.
+  absl::Status AddGridColumns();
 
   sqlite3* db_;
   std::string path_;
   // The server's threads share the connection; a transaction must not interleave with another
   // thread's statements.
   std::mutex mu_;
+  // Changes, for watchers (Changed after each commit).
+  void Changed(const std::string& id);
+  mutable std::mutex version_mu_;
+  mutable std::condition_variable version_cv_;
+  std::map<std::string, int64_t> versions_;
 };
 
 }  // namespace mamba::coordinator

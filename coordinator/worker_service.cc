@@ -14,14 +14,6 @@ namespace {
 
 bool Active(v1::JobState s) { return s == v1::ASSIGNED || s == v1::RUNNING || s == v1::STOPPING; }
 
-// Whether a pool of `world` ranks on `backend` runs the spec's grid.
-bool Fits(const v1::JobSpec& spec, int world, const std::string& backend) {
-  if (spec.backend() != backend || world <= 0) return false;
-  const int sp = spec.parallel().has_sp() ? spec.parallel().sp() : 1;
-  if (spec.parallel().has_dp()) return spec.parallel().dp() * sp == world;
-  return world % sp == 0;
-}
-
 // Whether a checkpoint root holds a step_ directory.
 bool HasCheckpoint(const std::string& root) {
   std::error_code ec;
@@ -207,9 +199,7 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* context,
     }
     return grpc::Status::OK;
   }
-  auto next = store_->AssignNext(request->pool_id(), [&](const v1::JobSpec& spec) {
-    return Fits(spec, pool.world_size, pool.backend);
-  });
+  auto next = store_->AssignNext(request->pool_id(), pool.world_size, pool.backend);
   if (!next.ok()) return ToGrpc(next.status());
   if (next->has_value()) {
     v1::JobAssignment& a = *response->mutable_assignment();

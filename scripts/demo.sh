@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The main job, as the whole service on this machine: a coordinator (gRPC, SQLite job store) with
 # a local worker pool of DEMO_RANKS (default 2) mpirun ranks, and a job submitted with mambactl: a
-# short induction-heads run on the CPU (the paper's synthetic task, small enough for a laptop),
-# data parallel over the ranks, followed live (mambactl watch: state changes, step, loss,
-# tokens/s, ETA, the held-out evaluation), then listed with its checkpoints. Everything stops at
-# the end. Files go to runs/demo/.
+# short induction-heads run (the paper's synthetic task, small enough for a laptop; on the GPU
+# where there is one), data parallel over the ranks, followed live (mambactl watch: state changes,
+# step, loss, tokens/s, ETA, the held-out evaluation), then listed with its checkpoints. Everything
+# stops at the end, also on Ctrl-C. Files go to runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Idle OpenMP threads sleep instead of spinning: much faster when the cores are shared.
@@ -27,7 +27,14 @@ address=$(sed -n 's/^listening on //p' runs/demo/coordinator.log)
 [[ -n $address ]] || { cat runs/demo/coordinator.log; exit 1; }
 echo "coordinator: $address (job store runs/demo/coordinator.db; pool log runs/demo/coordinator.log)"
 ctl() { build/mambactl --coordinator "$address" "$@"; }
-job=$(ctl submit scripts/jobs/demo-induction-heads.json --key demo | awk '{print $NF}')
+spec=scripts/jobs/demo-induction-heads.json
+# With a GPU (and a CUDA build), the same job on it.
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 &&
+  grep -q "MAMBA_CUDA:BOOL=ON" build/CMakeCache.txt; then
+  sed 's/"seed": 1234,/"seed": 1234, "backend": "cuda",/' "$spec" >runs/demo/job.json
+  spec=runs/demo/job.json
+fi
+job=$(ctl submit "$spec" --key demo | awk '{print $NF}')
 echo "submitted $job; following it:"
 status=0
 ctl watch "$job" || status=$?

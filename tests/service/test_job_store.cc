@@ -177,7 +177,7 @@ TEST_F(JobStoreTest, MigratesAVersionOneFileForward) {
   ASSERT_TRUE(job.ok()) << job.status();
   EXPECT_EQ(job->name(), "old");
   EXPECT_EQ(job->pool_id(), "");
-  auto assigned = (*store)->AssignNext("pool-x", [](const v1::JobSpec&) { return true; });
+  auto assigned = (*store)->AssignNext("pool-x", 1, "cpu");
   ASSERT_TRUE(assigned.ok() && assigned->has_value());
   EXPECT_EQ((**assigned).pool_id(), "pool-x");
   sqlite3* db = nullptr;
@@ -202,16 +202,18 @@ TEST_F(JobStoreTest, AssignsByPriorityThenAgeAmongJobsThatFit) {
   const std::string low_id = (*store)->Submit(low, "")->job.id();
   const std::string high_id = (*store)->Submit(high, "")->job.id();
   (*store)->Submit(wide, "").IgnoreError();
-  const auto fits = [](const v1::JobSpec& s) { return s.parallel().sp() == 1; };
-  auto first = (*store)->AssignNext("p", fits);
+  // A pool of 2 cpu ranks: the sp 4 job does not fit it.
+  auto first = (*store)->AssignNext("p", 2, "cpu");
   ASSERT_TRUE(first.ok() && first->has_value());
   EXPECT_EQ((**first).id(), high_id);
   EXPECT_EQ((**first).state(), v1::ASSIGNED);
-  auto second = (*store)->AssignNext("p", fits);
+  auto second = (*store)->AssignNext("p", 2, "cpu");
   EXPECT_EQ((**second).id(), low_id);
-  EXPECT_FALSE((*store)->AssignNext("p", fits)->has_value());  // only the wide one is left
+  EXPECT_FALSE((*store)->AssignNext("p", 2, "cpu")->has_value());   // only the wide one is left
+  EXPECT_FALSE((*store)->AssignNext("g", 4, "cuda")->has_value());  // another backend
+  EXPECT_TRUE((*store)->AssignNext("w", 4, "cpu")->has_value());    // the wide one fits 4 ranks
   ASSERT_TRUE((*store)->Transition(low_id, {v1::ASSIGNED}, v1::RECOVERING, "pool lost").ok());
-  auto again = (*store)->AssignNext("q", fits);
+  auto again = (*store)->AssignNext("q", 2, "cpu");
   EXPECT_EQ((**again).id(), low_id);
   EXPECT_EQ((**again).restarts(), 1);
   EXPECT_EQ((**again).pool_id(), "q");
