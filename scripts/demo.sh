@@ -42,4 +42,6 @@ echo
 ctl list
 echo "checkpoints:"
 ctl checkpoints "$job"
+echo "profile:"
+ctl profile "$job" --save runs/demo 2>&1 | tail -3 || true
 exit $status

@@ -14,6 +14,8 @@
 // Tables by default, JSON (protobuf's mapping) with --json. Exit status: 0 on success, 1 when the
 // coordinator refuses (its status printed), 2 for a bad command line; watch: 3 when the job
 // ended other than SUCCEEDED.
+#include <unistd.h>
+
 #include <fstream>
 #include <iomanip>
 #include <iostream>
@@ -23,6 +25,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
@@ -230,6 +233,8 @@ int main(int argc, char** argv) {
     request.set_from_offset(absl::GetFlag(FLAGS_from));
     request.set_snapshot(command == "logs" && !absl::GetFlag(FLAGS_follow));
     mamba::v1::JobState last = mamba::v1::JOB_STATE_UNSPECIFIED;
+    const bool live = !request.snapshot() && isatty(STDOUT_FILENO);
+    bool progress_shown = false;
     // A broken stream (the coordinator restarting, say) is picked up where it stopped.
     for (int reconnects = 0;; ++reconnects) {
       grpc::ClientContext c;
@@ -239,8 +244,15 @@ int main(int argc, char** argv) {
       while (reader->Read(&u)) {
         if (json) {
           std::cout << Json(u) << std::endl;
-        } else {
-          std::cout << "[" << u.offset() << "] " << u.text() << std::endl;
+        } else if (live && u.kind() == "log" && absl::StartsWith(u.text(), "step ")) {
+          // On a terminal, progress lines redraw one line (step/total, loss, accuracy, tokens/s,
+          // ETA); everything else is printed below it.
+          std::cout << "\r\033[K" << u.text() << std::flush;
+          progress_shown = true;
+        } else if (u.kind() != "metric" || !live) {
+          std::cout << (progress_shown ? "\n" : "") << "[" << u.offset() << "] " << u.text()
+                    << std::endl;
+          progress_shown = false;
         }
         request.set_from_offset(u.offset() + 1);
         last = u.state();

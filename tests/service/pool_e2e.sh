@@ -6,10 +6,10 @@
 # job goes RECOVERING and resumes from its last checkpoint on a new pool, to SUCCEEDED; a job
 # with no restarts left FAILS listing every attempt; a coordinator restarted while a job runs
 # finds its pool again (it registers anew, naming the job) and the job ends SUCCEEDED. Every wait
-# is bounded. Usage: pool_e2e.sh COORDINATOR MAMBACTL WORKER MPIRUN_ARGS...
+# is bounded. Usage: pool_e2e.sh COORDINATOR MAMBACTL WORKER LOGITS MPIRUN_ARGS...
 set -uo pipefail
-coordinator=$1 ctl=$2 worker=$3
-shift 3
+coordinator=$1 ctl=$2 worker=$3 logits=$4
+shift 4
 mpirun_args=("$@")
 work=$(mktemp -d)
 pids=()
@@ -64,6 +64,9 @@ spec short 20 >short.json
 short=$(ctl submit short.json | awk '{print $NF}')
 wait_state "$short" SUCCEEDED
 [[ -d ckpt/$short/step_00000020 ]] || fail "no final checkpoint for $short"
+"$logits" --random_tokens 2,16 --seed 1 --vocab 16 --tokens tokens.safetensors >/dev/null &&
+  "$logits" --checkpoint "ckpt/$short/step_00000020" --tokens tokens.safetensors \
+    --out logits.safetensors >/dev/null || fail "the job's checkpoint does not load"
 out=$(ctl checkpoints "$short")
 [[ $out == *"ckpt/$short/step_00000020"* ]] || fail "checkpoints: $out"
 out=$(ctl watch "$short") || fail "watch of a job that succeeded: $out"
@@ -97,10 +100,16 @@ for _ in $(seq 300); do
   sleep 0.1
 done
 ls -d ckpt/"$recover"/step_* >/dev/null 2>&1 || fail "no checkpoint to recover from"
-kill -9 "$pool_pid"
-pkill -9 -f -- "--coordinator 127.0.0.1:$port" 2>/dev/null
+# kill -9 one worker rank (rank 1): mpirun ends the pool, whose lease then expires.
+victim=""
+for p in $(pgrep -f -- "$worker --coordinator 127.0.0.1:$port"); do
+  grep -qx "OMPI_COMM_WORLD_RANK=1" < <(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null) && victim=$p
+done
+[[ -n $victim ]] || fail "rank 1 of the pool not found"
+kill -9 "$victim"
 wait_state "$recover" RECOVERING
-echo "ok: $recover RECOVERING after its pool was killed"
+pkill -9 -f -- "--coordinator 127.0.0.1:$port" 2>/dev/null
+echo "ok: $recover RECOVERING after a rank of its pool was killed (-9)"
 pool 2
 wait_state "$recover" SUCCEEDED
 grep -q "resumed from ckpt/$recover/step_" pool2.log || fail "$recover did not resume"
