@@ -1,0 +1,60 @@
+// The profiling report of a job: per kernel its time, the traffic model's bytes and FLOPs, the
+// counters measured where they were collected, and what they imply against the device's measured
+// peaks (achieved GB/s, % of peak bandwidth, arithmetic intensity, % of the roofline bound
+// min(peak FLOP/s, intensity x bandwidth)); per step tokens/s, model FLOP/s, MFU and the time
+// split. Written as profile.json (the fields issue 16 names), profile.md (tables) and profile.svg
+// (time per kernel, and a roofline with each kernel as a point).
+#pragma once
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "nlohmann/json.hpp"
+#include "profiling/traffic_model.h"
+
+namespace mamba::profiling {
+
+struct Peaks {
+  double bandwidth_gbps = 0;  // measured copy bandwidth, read + write
+  double flops = 0;           // measured GEMM FLOP/s
+  std::string device;         // what was measured
+};
+
+// Counters collected for a kernel (CUPTI or Nsight Compute), when they were.
+struct Measured {
+  double dram_read_bytes = 0, dram_write_bytes = 0, shared_bytes = 0;
+};
+
+struct KernelRow {
+  std::string name;
+  int64_t calls = 0;
+  double time_ms = 0;  // over the profiled steps, summed
+  Traffic model;       // over the same calls, summed
+  double sram_bytes = 0;
+  std::optional<Measured> measured;
+};
+
+struct StepStats {
+  double tokens_per_s = 0;
+  double model_flops_per_token = 0;        // 6 x parameters + the scan's, as the job computes it
+  std::map<std::string, double> split_ms;  // GEMM, scan, conv, norms, loss, optimizer, ...
+};
+
+struct Report {
+  std::vector<KernelRow> kernels;
+  Peaks peaks;
+  StepStats step;
+  // Why counters are absent, when they are (no GPU, no rights to the profiler, ...).
+  std::string counters_note;
+};
+
+// The report as profile.json.
+nlohmann::json ReportJson(const Report& r);
+// The tables (markdown).
+std::string ReportMarkdown(const Report& r);
+// Time per kernel (bars) and the roofline (kernels as points on log axes), one SVG.
+std::string ReportSvg(const Report& r);
+
+}  // namespace mamba::profiling
