@@ -1,7 +1,9 @@
 // The CPU backend: float32 for training, float64 for finite-difference tests. Each op checks
 // shapes, dispatches on dtype and calls the templated reference in worker/kernels/.
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
 
 #include "worker/backend.h"
 #include "worker/check.h"
@@ -73,6 +75,7 @@ class CpuBackend final : public Backend {
   }
 
   void EmbeddingForward(const Tensor& ids, const Tensor& weight, Tensor& out) override {
+    OpTimer timer(this, "embedding_fwd");
     MAMBA_CHECK(out.numel() == ids.numel() * weight.dim(1));
     Dispatch(weight, [&](auto z) {
       using T = decltype(z);
@@ -81,6 +84,7 @@ class CpuBackend final : public Backend {
     });
   }
   void EmbeddingBackward(const Tensor& ids, const Tensor& dout, Tensor& dweight) override {
+    OpTimer timer(this, "embedding_bwd");
     MAMBA_CHECK(dout.numel() == ids.numel() * dweight.dim(1));
     Dispatch(dweight, [&](auto z) {
       using T = decltype(z);
@@ -91,6 +95,7 @@ class CpuBackend final : public Backend {
 
   void AddRmsNormForward(const Tensor& residual_in, const Tensor& x, const Tensor& weight,
                          double eps, Tensor& residual_out, Tensor& y, Tensor& rstd) override {
+    OpTimer timer(this, "rmsnorm_fwd");
     CheckSameShape(x, y, "rmsnorm");
     CheckSameShape(x, residual_out, "rmsnorm residual");
     MAMBA_CHECK(x.dim(-1) == weight.numel() && rstd.numel() == x.rows());
@@ -105,6 +110,7 @@ class CpuBackend final : public Backend {
   void AddRmsNormBackward(const Tensor& dy, const Tensor& dresidual_out, const Tensor& residual_out,
                           const Tensor& weight, const Tensor& rstd, Tensor& dx, Tensor& dweight,
                           Tensor& dx_copy) override {
+    OpTimer timer(this, "rmsnorm_bwd");
     CheckSameShape(dy, dx, "rmsnorm backward");
     Dispatch(dy, [&](auto z) {
       using T = decltype(z);
@@ -119,6 +125,7 @@ class CpuBackend final : public Backend {
   }
 
   void LinearForward(const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& y) override {
+    OpTimer timer(this, "linear_fwd");
     const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(x.dim(-1) == K && y.numel() == M * N)
         << "linear: x " << x.DebugString() << " w " << w.DebugString() << " y " << y.DebugString();
@@ -130,6 +137,7 @@ class CpuBackend final : public Backend {
   using Backend::LinearBackward;
   void LinearBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor& dx, Tensor& dw,
                       Tensor& dbias, bool accumulate_dx) override {
+    OpTimer timer(this, "linear_bwd");
     const int64_t M = x.rows(), N = w.dim(0), K = w.dim(1);
     MAMBA_CHECK(dy.numel() == M * N && dw.shape() == w.shape());
     Dispatch(x, [&](auto z) {
@@ -141,6 +149,7 @@ class CpuBackend final : public Backend {
 
   void CausalConv1dForward(const Tensor& x, const Tensor& weight, const Tensor& bias,
                            const Tensor& prefix, bool silu, Tensor& y) override {
+    OpTimer timer(this, "conv1d_fwd");
     CheckSameShape(x, y, "conv1d");
     const int64_t C = x.dim(2), K = weight.dim(-1);
     MAMBA_CHECK(weight.numel() == C * K);
@@ -153,6 +162,7 @@ class CpuBackend final : public Backend {
   void CausalConv1dBackward(const Tensor& x, const Tensor& weight, const Tensor& bias,
                             const Tensor& prefix, bool silu, const Tensor& dy, Tensor& dx,
                             Tensor& dweight, Tensor& dbias, Tensor& dprefix) override {
+    OpTimer timer(this, "conv1d_bwd");
     CheckSameShape(x, dx, "conv1d backward");
     const int64_t C = x.dim(2), K = weight.dim(-1);
     Dispatch(x, [&](auto z) {
@@ -165,6 +175,7 @@ class CpuBackend final : public Backend {
   }
 
   void SiluForward(const Tensor& x, Tensor& y) override {
+    OpTimer timer(this, "silu_fwd");
     CheckSameShape(x, y, "silu");
     Dispatch(x, [&](auto z) {
       using T = decltype(z);
@@ -172,6 +183,7 @@ class CpuBackend final : public Backend {
     });
   }
   void SiluBackward(const Tensor& x, const Tensor& dy, Tensor& dx) override {
+    OpTimer timer(this, "silu_bwd");
     CheckSameShape(x, dx, "silu backward");
     Dispatch(x, [&](auto z) {
       using T = decltype(z);
@@ -180,6 +192,7 @@ class CpuBackend final : public Backend {
   }
 
   void SelectiveScanForward(const ScanInputs& given, Tensor& out, Tensor& h_last) override {
+    OpTimer timer(this, "selective_scan_fwd");
     const ScanInputs in = WithBlocks(given);
     const kernels::ScanShape s = ScanShapeOf(in);
     Dispatch(in.u, [&](auto z) {
@@ -192,6 +205,7 @@ class CpuBackend final : public Backend {
   }
   void SelectiveScanBackward(const ScanInputs& given, const Tensor& dout, const Tensor& dh_last,
                              ScanGrads& g) override {
+    OpTimer timer(this, "selective_scan_bwd");
     const ScanInputs in = WithBlocks(given);
     if (given.bc.defined()) {  // gradients of the blocks, then into dbc's columns
       CheckSameShape(given.bc, g.dbc, "scan backward dbc");
@@ -224,6 +238,7 @@ class CpuBackend final : public Backend {
   }
 
   void SelectiveScanStateMap(const ScanInputs& given, Tensor& decay, Tensor& state) override {
+    OpTimer timer(this, "scan_state_map");
     const ScanInputs in = WithBlocks(given);
     const kernels::ScanShape s = ScanShapeOf(in);
     Dispatch(in.u, [&](auto z) {
@@ -233,6 +248,7 @@ class CpuBackend final : public Backend {
   }
   void SelectiveScanStateGrad(const ScanInputs& given, const Tensor& dout,
                               Tensor& dstate) override {
+    OpTimer timer(this, "scan_state_grad");
     const ScanInputs in = WithBlocks(given);
     const kernels::ScanShape s = ScanShapeOf(in);
     Dispatch(in.u, [&](auto z) {
@@ -245,6 +261,7 @@ class CpuBackend final : public Backend {
   kernels::CrossEntropyStats CrossEntropy(const Tensor& logits, const Tensor& targets,
                                           int32_t ignore_index, double grad_scale,
                                           Tensor& dlogits) override {
+    OpTimer timer(this, "cross_entropy");
     MAMBA_CHECK(targets.numel() == logits.rows());
     return Dispatch(logits, [&](auto z) {
       using T = decltype(z);
@@ -265,6 +282,14 @@ class CpuBackend final : public Backend {
     const kernels::CrossEntropyStats total = cross_entropy_total_;
     cross_entropy_total_ = {};
     return total;
+  }
+
+  // Host time per op (the ops run synchronously), for the profiling report and benchmarks.
+  void EnableOpTiming(bool on) override { timing_ = on; }
+  std::vector<std::pair<std::string, double>> TakeOpTimes() override {
+    std::vector<std::pair<std::string, double>> out(op_ms_.begin(), op_ms_.end());
+    op_ms_.clear();
+    return out;
   }
 
   void CopyColumns(const Tensor& src, int64_t col0, Tensor& dst) override {
@@ -322,6 +347,7 @@ class CpuBackend final : public Backend {
     });
   }
   double SumSquares(const std::vector<Tensor>& xs) override {
+    OpTimer timer(this, "sum_squares");
     double s = 0;
     for (const Tensor& x : xs) {
       Dispatch(x, [&](auto z) {
@@ -335,6 +361,7 @@ class CpuBackend final : public Backend {
 
   void AdamW(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, Tensor& param_bf16,
              const AdamWHyper& h) override {
+    OpTimer timer(this, "adamw");
     CheckSameShape(param, grad, "adamw");
     CheckSameShape(param, m, "adamw");
     CheckSameShape(param, v, "adamw");
@@ -359,6 +386,26 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // Times one op while timing is on.
+  class OpTimer {
+   public:
+    OpTimer(CpuBackend* be, const char* name)
+        : be_(be), name_(name), start_(be->timing_ ? Clock::now() : Clock::time_point()) {}
+    ~OpTimer() {
+      if (be_->timing_) {
+        be_->op_ms_[name_] +=
+            std::chrono::duration<double, std::milli>(Clock::now() - start_).count();
+      }
+    }
+
+   private:
+    using Clock = std::chrono::steady_clock;
+    CpuBackend* be_;
+    const char* name_;
+    Clock::time_point start_;
+  };
+  bool timing_ = false;
+  std::map<std::string, double> op_ms_;
   kernels::CrossEntropyStats cross_entropy_total_;
 
   // ScanInputs with Bm and Cm as their own tensors: copies of bc's column blocks when given so.
