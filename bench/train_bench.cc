@@ -21,6 +21,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "nlohmann/json.hpp"
+#include "profiling/step_model.h"
 #include "worker/model.h"
 #include "worker/optimizer.h"
 
@@ -48,18 +49,6 @@ ABSL_FLAG(std::string, json, "", "write results here");
 namespace {
 
 using mamba::Tensor;
-
-// The phase an op's time counts toward.
-std::string Phase(const std::string& op) {
-  if (op.rfind("linear", 0) == 0) return "gemm";
-  if (op.rfind("selective_scan", 0) == 0) return "scan";
-  if (op.rfind("conv1d", 0) == 0 || op.rfind("silu", 0) == 0) return "conv";
-  if (op.rfind("rmsnorm", 0) == 0) return "norm";
-  if (op == "cross_entropy") return "loss";
-  if (op == "adamw" || op == "sum_squares") return "optimizer";
-  if (op.rfind("embedding", 0) == 0) return "embedding";
-  return "other";
-}
 
 // Whether training steps of `batch` sequences fit in device memory as a job runs them: a probe
 // forward/backward and gradient norm (no update), the workspace reserved from its buffers, and a
@@ -249,7 +238,7 @@ int main(int argc, char** argv) {
     if (timed) step_ms.push_back(ms);
     if (profiled) {
       for (const auto& [op, t] : backend->TakeOpTimes()) {
-        phase_ms[Phase(op)] += t;
+        phase_ms[mamba::profiling::PhaseOf(op)] += t;
         op_ms[op] += t;
       }
     }

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "nlohmann/json.hpp"
 #include "worker/backend.h"
 #include "worker/job_spec.h"
 #include "worker/trainer.h"
@@ -87,6 +88,50 @@ TEST(Trainer, CudaBackendWithoutGpuIsAClearError) {
   EXPECT_EQ(trainer.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(trainer.status().message().find("backend: \"cuda\""), std::string::npos)
       << trainer.status();
+}
+
+// A job with "profile": {} writes its report (CPU: op times and the traffic model, no counters,
+// said so) into its checkpoint directory.
+TEST(Trainer, ProfiledJobWritesItsReport) {
+  const std::string dir =
+      std::filesystem::temp_directory_path() / ("mamba_profile_test_" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  auto spec = ParseJobSpecJson(R"({"data":{"inductionHeads":{"seqLen":32}},"model":{"dModel":16,)"
+                               R"("nLayer":2},"steps":6,"batchSize":4,"eval":{"batches":0},)"
+                               R"("profile":{"steps":2},"checkpoint":{"dir":")" +
+                               dir + R"("}})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  auto trainer = Trainer::Create(*spec);
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  std::ostringstream log;
+  ASSERT_TRUE((*trainer)->Run(log).ok());
+  EXPECT_NE(log.str().find("profile: " + dir + "/profile/profile.md (2 steps profiled)"),
+            std::string::npos)
+      << log.str();
+  std::ifstream in(dir + "/profile/profile.json");
+  ASSERT_TRUE(in.good());
+  const nlohmann::json j = nlohmann::json::parse(in);
+  EXPECT_NE(j["counters"].get<std::string>().find("not collected"), std::string::npos);
+  EXPECT_GT(j["peaks"]["bandwidth_gbps"].get<double>(), 0);
+  EXPECT_GT(j["step"]["tokens_per_s"].get<double>(), 0);
+  bool scan = false;
+  for (const auto& k : j["kernels"]) {
+    EXPECT_FALSE(k.contains("measured")) << k["name"];
+    EXPECT_GT(k["time_ms"].get<double>(), 0) << k["name"];
+    if (k["name"] == "selective_scan_fwd") {
+      scan = true;
+      EXPECT_EQ(k["calls"].get<int64_t>(), 2 * 2);  // 2 layers x 2 profiled steps
+      EXPECT_GT(k["hbm_read_bytes"].get<double>(), 0);
+      EXPECT_GT(k["flops"].get<double>(), 0);
+    }
+  }
+  EXPECT_TRUE(scan);
+  std::ifstream svg(dir + "/profile/profile.svg");
+  std::string first;
+  std::getline(svg, first);
+  EXPECT_EQ(first.rfind("<svg", 0), 0u);
+  EXPECT_TRUE(std::filesystem::exists(dir + "/profile/profile.md"));
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

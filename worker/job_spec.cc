@@ -1,5 +1,6 @@
 #include "worker/job_spec.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -114,6 +115,11 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
   if (!spec.has_max_restarts()) spec.set_max_restarts(3);
   RETURN_IF_ERROR(InRange("priority", spec.priority(), -1000000, 1000000));
   RETURN_IF_ERROR(InRange("max_restarts", spec.max_restarts(), 0, 1000));
+  if (spec.has_profile()) {
+    v1::ProfileSpec& pr = *spec.mutable_profile();
+    if (!pr.has_steps()) pr.set_steps(static_cast<int32_t>(std::min<int64_t>(3, spec.steps())));
+    RETURN_IF_ERROR(InRange<int64_t>("profile.steps", pr.steps(), 1, spec.steps()));
+  }
   RETURN_IF_ERROR(InRange<int64_t>("log_every", spec.log_every(), 1, int64_t{1} << 40));
 
   // Evaluation.

@@ -2,8 +2,12 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <future>
 #include <ostream>
+#include <random>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -14,6 +18,8 @@
 #include "google/protobuf/util/message_differencer.h"
 #include "nlohmann/json.hpp"
 #include "profiling/nvtx.h"
+#include "profiling/report.h"
+#include "profiling/step_model.h"
 #include "worker/job_spec.h"
 #include "worker/status_macros.h"
 
@@ -217,6 +223,106 @@ absl::StatusOr<data::Batch> Trainer::LocalBatch(data::Split split, int64_t index
   return slice;
 }
 
+namespace {
+
+// The device's peaks, measured: a large copy (bytes read + written a second) and a GEMM (FLOP/s),
+// each the best of three, on random data.
+profiling::Peaks MeasurePeaks(Backend& be) {
+  using Seconds = std::chrono::duration<double>;
+  const bool device = be.device() != Device::kCPU;
+  profiling::Peaks peaks;
+  peaks.device = device ? be.name() : "this CPU (" + be.name() + " backend)";
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1, 1);
+  const auto random = [&](const Shape& shape) {
+    Tensor host = Tensor::Empty(shape, DType::kF32);
+    for (int64_t i = 0; i < host.numel(); ++i) host.data<float>()[i] = u(rng);
+    return device ? be.FromHost(host) : host;
+  };
+  const int64_t n = int64_t{1} << (device ? 28 : 24);  // 1 GiB / 64 MiB of floats
+  Tensor src = random({n}), dst = be.Empty({n}, DType::kF32);
+  double best = 1e30;
+  for (int i = 0; i < 3; ++i) {
+    be.Synchronize();
+    const auto t0 = Clock::now();
+    if (device) {
+      be.Convert(src, dst);  // a device-to-device copy
+    } else {
+      std::memcpy(dst.raw(), src.raw(), src.nbytes());
+    }
+    be.Synchronize();
+    best = std::min(best, Seconds(Clock::now() - t0).count());
+  }
+  peaks.bandwidth_gbps = 2.0 * n * 4 / best / 1e9;
+  const int64_t m = device ? 8192 : 512;
+  Tensor x = random({m, m}), w = random({m, m}), y = be.Empty({m, m}, DType::kF32);
+  best = 1e30;
+  for (int i = 0; i < 3; ++i) {
+    be.Synchronize();
+    const auto t0 = Clock::now();
+    be.LinearForward(x, w, Tensor(), y);
+    be.Synchronize();
+    best = std::min(best, Seconds(Clock::now() - t0).count());
+  }
+  peaks.flops = 2.0 * m * m * m / best;
+  return peaks;
+}
+
+}  // namespace
+
+absl::Status Trainer::WriteProfile(std::ostream& log) {
+  const comm::Layout& layout = groups_.layout;
+  const int64_t B = spec_.batch_size() / layout.dp, L = dataset_->seq_len() / layout.sp;
+  profiling::StepShape shape;
+  shape.batch = B;
+  shape.len = L;
+  shape.act_bytes = spec_.precision() == "bf16" ? 2 : 4;
+  shape.recompute_layer = spec_.memory().recompute() == v1::MemorySpec::LAYER;
+  shape.parameters = model_->num_parameters();
+  const auto model = profiling::StepModel(model_->config(), shape);
+  profiling::Report report;
+  report.peaks = MeasurePeaks(*backend_);
+  report.counters_note =
+      "not collected: this build measures op times and models the traffic; it collects no "
+      "hardware counters yet";
+  const int64_t steps = profile_.steps;
+  double op_total = 0, step_flops = 0;
+  for (const auto& [op, ms] : profile_.op_ms) {
+    profiling::KernelRow row;
+    row.name = op;
+    row.time_ms = ms;
+    if (const auto it = model.find(op); it != model.end()) {
+      row.calls = it->second.calls * steps;
+      for (int64_t i = 0; i < steps; ++i) row.model += it->second.traffic;
+    }
+    report.kernels.push_back(row);
+    op_total += ms;
+    report.step.split_ms[profiling::PhaseOf(op)] += ms / steps;
+  }
+  for (const auto& [op, m] : model) step_flops += m.traffic.flops;
+  report.step.split_ms["host/idle"] = std::max(0.0, profile_.seconds * 1e3 - op_total) / steps;
+  report.step.tokens_per_s =
+      double(spec_.batch_size() * dataset_->seq_len() * steps) / std::max(profile_.seconds, 1e-9);
+  report.step.model_flops_per_token = step_flops / double(B * L);
+  const std::string dir =
+      spec_.checkpoint().dir().empty()
+          ? "profile-" + (spec_.name().empty() ? std::string("job") : spec_.name())
+          : spec_.checkpoint().dir() + "/profile";
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  const std::pair<const char*, std::string> files[] = {
+      {"profile.json", profiling::ReportJson(report).dump(2) + "\n"},
+      {"profile.md", profiling::ReportMarkdown(report)},
+      {"profile.svg", profiling::ReportSvg(report)}};
+  for (const auto& [name, text] : files) {
+    std::ofstream out(dir + "/" + name);
+    out << text;
+    if (!out) return absl::InternalError(absl::StrCat("profile: cannot write ", dir, "/", name));
+  }
+  log << absl::StrFormat("profile: %s/profile.md (%d steps profiled)\n", dir, steps);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<LossStats> Trainer::SumOverRanks(const LossStats& local) {
   Tensor t = Tensor::Empty({3}, DType::kF64);
   double* v = t.data<double>();
@@ -348,6 +454,10 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   std::future<absl::StatusOr<PreparedBatch>> next;
   if (start_step_ < steps) next = std::async(std::launch::async, draw, start_step_);
   for (int64_t step = start_step_; step < steps; ++step) {
+    // The last profile.steps steps run with every op timed (profiling).
+    const bool profiled = spec_.has_profile() && step >= steps - spec_.profile().steps();
+    if (profiled && profile_.steps == 0) backend_->TakeOpTimes();  // none from before
+    backend_->EnableOpTiming(profiled);
     const auto step_start = Clock::now();
     ASSIGN_OR_RETURN(PreparedBatch batch, next.get());
     if (step + 1 < steps) next = std::async(std::launch::async, draw, step + 1);
@@ -382,6 +492,11 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
       // Nothing was updated: the parameters and the last checkpoint are the last good state.
       return absl::InternalError(absl::StrCat("step ", step, ": gradient norm is not finite (",
                                               info.grad_norm, "); stopping before the update"));
+    }
+    if (profiled) {
+      for (const auto& [op, ms] : backend_->TakeOpTimes()) profile_.op_ms[op] += ms;
+      profile_.seconds += SecondsSince(step_start);
+      ++profile_.steps;
     }
     summary.losses.push_back(s.mean_loss());
     window.loss_sum += s.loss_sum;
@@ -451,6 +566,10 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
       summary.steps = step + 1;
       return summary;
     }
+  }
+  backend_->EnableOpTiming(false);
+  if (profile_.steps > 0 && groups_.is_root()) {
+    if (absl::Status st = WriteProfile(log); !st.ok()) return st;
   }
   summary.steps = steps;
   summary.seconds = SecondsSince(t0);

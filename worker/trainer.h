@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <iosfwd>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -131,6 +132,15 @@ class Trainer {
   std::string resumed_from_;          // never deleted by keep_last
   std::string activity_;              // what runs now, for an out-of-memory message
   TrainObserver* observer_ = nullptr;
+  // The profiled steps' op times (profiling), summed.
+  struct ProfiledSteps {
+    std::map<std::string, double> op_ms;
+    double seconds = 0;
+    int64_t steps = 0;
+  };
+  ProfiledSteps profile_;
+  // Writes the profiling report of the profiled steps (rank 0).
+  absl::Status WriteProfile(std::ostream& log);
 };
 
 // "1h02m", "3m05s", "12s".

@@ -74,6 +74,15 @@ out=$(ctl watch "$short") || fail "watch of a job that succeeded: $out"
   fail "watch: $out"
 echo "ok: $short SUCCEEDED; its checkpoints and its events (mambactl watch) are there"
 
+spec profiled 12 ',"profile":{}' >profiled.json
+profiled=$(ctl submit profiled.json | awk '{print $NF}')
+wait_state "$profiled" SUCCEEDED
+mkdir -p fetched
+out=$(ctl profile "$profiled" --save fetched 2>&1) || fail "profile: $out"
+[[ $out == *"| selective_scan_fwd |"* && -s fetched/profile.json && -s fetched/profile.svg ]] ||
+  fail "no report: $out"
+echo "ok: $profiled's profile (tables printed, files saved) through mambactl profile"
+
 spec long 1000000 >long.json
 long=$(ctl submit long.json | awk '{print $NF}')
 wait_state "$long" RUNNING
