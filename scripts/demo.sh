@@ -42,6 +42,6 @@ echo
 ctl list
 echo "checkpoints:"
 ctl checkpoints "$job"
-echo "profile:"
-ctl profile "$job" --save runs/demo 2>&1 | tail -3 || true
+echo "profile (the slowest ops; all of it in runs/demo/profile.md, .json, .svg):"
+ctl profile "$job" --save runs/demo 2>/dev/null | sed -n '7,14p' || true
 exit $status

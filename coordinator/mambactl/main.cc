@@ -249,7 +249,7 @@ int main(int argc, char** argv) {
           // ETA); everything else is printed below it.
           std::cout << "\r\033[K" << u.text() << std::flush;
           progress_shown = true;
-        } else if (u.kind() != "metric" || !live) {
+        } else if (u.kind() != "metric") {  // the log lines already say what metrics do
           std::cout << (progress_shown ? "\n" : "") << "[" << u.offset() << "] " << u.text()
                     << std::endl;
           progress_shown = false;
