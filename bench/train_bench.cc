@@ -7,8 +7,12 @@
 // sequence (a multiple of 16384) whose step fits at the given batch: with --recompute layer, the
 // longest single sequence that trains on one GPU. After the first warm-up step the step's buffers
 // become one workspace (Backend::ReserveWorkspace), as in training jobs.
+// --job SPEC.json first runs that job's real training loop (data, logging, evaluation and all,
+// through the Trainer) and then the bare step at the job's shapes, and prints both: the gap is
+// what the job loop loses outside the step.
 //   train_bench [--d_model 768 --n_layer 24 --batch 8 --seq_len 2048 --steps 10]
 //               [--precision fp32|tf32|bf16] [--recompute conv|layer|none] [--json out.json]
+//   train_bench --job spec.json [--steps 10]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -22,8 +26,10 @@
 #include "absl/flags/parse.h"
 #include "nlohmann/json.hpp"
 #include "profiling/step_model.h"
+#include "worker/job_spec.h"
 #include "worker/model.h"
 #include "worker/optimizer.h"
+#include "worker/trainer.h"
 
 ABSL_FLAG(int64_t, d_model, 768, "model width");
 ABSL_FLAG(int64_t, n_layer, 24, "layers");
@@ -45,6 +51,9 @@ ABSL_FLAG(std::string, precision, "fp32",
           "GEMM precision on cuda: fp32 (exact), tf32 (TF32 tensor cores) or bf16 (bf16 operands, "
           "fp32 accumulation)");
 ABSL_FLAG(std::string, json, "", "write results here");
+ABSL_FLAG(std::string, job, "",
+          "a job spec: run its training loop first, then the step alone at its shapes (the model, "
+          "batch, length, backend and precision come from the spec)");
 
 namespace {
 
@@ -137,8 +146,34 @@ int main(int argc, char** argv) {
   int64_t L = absl::GetFlag(FLAGS_seq_len);
   const int64_t steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
   const int64_t profile_steps = std::max<int64_t>(1, absl::GetFlag(FLAGS_profile_steps));
-  const std::string backend_name = absl::GetFlag(FLAGS_backend);
-  const std::string precision = absl::GetFlag(FLAGS_precision);
+  std::string backend_name = absl::GetFlag(FLAGS_backend);
+  std::string precision = absl::GetFlag(FLAGS_precision);
+  double job_tokens_per_s = 0;
+  if (const std::string path = absl::GetFlag(FLAGS_job); !path.empty()) {
+    auto spec = mamba::LoadJobSpecFile(path);
+    if (!spec.ok()) {
+      std::fprintf(stderr, "train_bench: %s\n", std::string(spec.status().message()).c_str());
+      return 2;
+    }
+    auto trainer = mamba::Trainer::Create(*spec);
+    if (!trainer.ok()) {
+      std::fprintf(stderr, "train_bench: %s\n", std::string(trainer.status().message()).c_str());
+      return 2;
+    }
+    std::printf("the job's loop (%s):\n", path.c_str());
+    auto summary = (*trainer)->Run(std::cout);
+    if (!summary.ok()) {
+      std::fprintf(stderr, "train_bench: %s\n", std::string(summary.status().message()).c_str());
+      return 2;
+    }
+    job_tokens_per_s = summary->tokens_per_second;
+    c = (*trainer)->model().config();
+    B = spec->batch_size();
+    L = (*trainer)->dataset().seq_len();
+    backend_name = spec->backend();
+    precision = spec->precision();
+    std::printf("\nthe step alone at its shapes:\n");
+  }
 
   std::unique_ptr<mamba::Backend> backend;
 #ifdef MAMBA_HAS_CUDA
@@ -252,6 +287,11 @@ int main(int argc, char** argv) {
   std::sort(sorted.begin(), sorted.end());
   const double median = sorted[sorted.size() / 2];
   const double tokens_per_s = double(B * L) / (median / 1e3);
+  if (job_tokens_per_s > 0) {
+    std::printf(
+        "\njob loop %.0f tokens/s vs the step alone %.0f tokens/s: the loop reaches %.1f %%\n",
+        job_tokens_per_s, tokens_per_s, 100 * job_tokens_per_s / tokens_per_s);
+  }
   const mamba::DeviceMemoryStats mem = backend->MemoryStats();
   const double peak_gib = double(mem.peak_in_use) / (1 << 30);
   std::printf(
@@ -272,6 +312,10 @@ int main(int argc, char** argv) {
     nlohmann::json j;
     j["backend"] = backend->name();
     j["precision"] = precision;
+    if (job_tokens_per_s > 0) {
+      j["job"] = absl::GetFlag(FLAGS_job);
+      j["job_loop_tokens_per_second"] = job_tokens_per_s;
+    }
     j["d_model"] = c.d_model;
     j["n_layer"] = c.n_layer;
     j["vocab"] = c.vocab_size;
