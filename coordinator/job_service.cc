@@ -3,12 +3,11 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "checkpoints/durable_io.h"
 #include "coordinator/auth.h"
 #include "worker/job_spec.h"
 
@@ -223,11 +222,8 @@ grpc::Status JobServiceImpl::GetProfile(grpc::ServerContext* context,
   const std::string dir = CheckpointDir(*job) + "/profile";
   response->set_dir(dir);
   for (const char* name : {"profile.json", "profile.md", "profile.svg"}) {
-    std::ifstream in(dir + "/" + name, std::ios::binary);
-    if (!in) continue;
-    std::stringstream ss;
-    ss << in.rdbuf();
-    (*response->mutable_files())[name] = ss.str();
+    auto bytes = ckpt::ReadWholeFile(dir + "/" + name);
+    if (bytes.ok()) (*response->mutable_files())[name] = *std::move(bytes);
   }
   if (response->files().empty()) {
     return grpc::Status(grpc::StatusCode::NOT_FOUND,

@@ -7,9 +7,7 @@
 #include <chrono>
 #include <csignal>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 #include <thread>
 
 #include "absl/flags/flag.h"
@@ -17,6 +15,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "checkpoints/durable_io.h"
 #include "coordinator/job_service.h"
 #include "coordinator/local_pool.h"
 #include "coordinator/worker_service.h"
@@ -60,11 +59,9 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   std::string token;
   if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
-    std::ifstream in(path);
-    if (!in) return Fail(absl::StrCat("--token_file ", path, ": cannot read it"));
-    std::stringstream ss;
-    ss << in.rdbuf();
-    token = std::string(absl::StripAsciiWhitespace(ss.str()));
+    auto text = mamba::ckpt::ReadWholeFile(path);
+    if (!text.ok()) return Fail(absl::StrCat("--token_file ", path, ": cannot read it"));
+    token = std::string(absl::StripAsciiWhitespace(*text));
     if (token.empty()) return Fail(absl::StrCat("--token_file ", path, ": the file is empty"));
   }
   auto store = mamba::coordinator::JobStore::Open(absl::GetFlag(FLAGS_db));
@@ -81,12 +78,8 @@ int main(int argc, char** argv) {
   int port = 0;
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!absl::GetFlag(FLAGS_tls_cert).empty() || !absl::GetFlag(FLAGS_tls_key).empty()) {
-    const auto read = [](const std::string& path) -> std::string {
-      std::ifstream in(path);
-      if (!in) return "";
-      std::stringstream ss;
-      ss << in.rdbuf();
-      return ss.str();
+    const auto read = [](const std::string& path) {
+      return mamba::ckpt::ReadWholeFile(path).value_or("");
     };
     grpc::SslServerCredentialsOptions ssl;
     const std::string cert = read(absl::GetFlag(FLAGS_tls_cert)),

@@ -14,7 +14,9 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/time.h"
+#include "checkpoints/durable_io.h"
 #include "nlohmann/json.hpp"
 #include "worker/comm/process_groups.h"
 #include "worker/job_spec.h"
@@ -94,15 +96,18 @@ int main(int argc, char** argv) {
     mamba::PoolOptions pool;
     pool.coordinator = coordinator;
     pool.rank = rank;
+    // The token as the coordinator reads its own file: the whole file, whitespace trimmed.
     if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
-      std::ifstream in(path);
-      if (!in) return Fail(absl::InvalidArgumentError("--token_file: cannot read " + path), true);
-      std::getline(in, pool.token);
+      auto text = mamba::ckpt::ReadWholeFile(path);
+      if (!text.ok()) {
+        return Fail(absl::InvalidArgumentError("--token_file: cannot read " + path), true);
+      }
+      pool.token = std::string(absl::StripAsciiWhitespace(*text));
     }
     if (const std::string path = absl::GetFlag(FLAGS_tls_ca); !path.empty()) {
-      std::ifstream in(path);
-      if (!in) return Fail(absl::InvalidArgumentError("--tls_ca: cannot read " + path), true);
-      pool.tls_ca.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      auto pem = mamba::ckpt::ReadWholeFile(path);
+      if (!pem.ok()) return Fail(absl::InvalidArgumentError("--tls_ca: cannot read " + path), true);
+      pool.tls_ca = *pem;
     }
     pool.backend = absl::GetFlag(FLAGS_backend);
     if (pool.backend.empty()) {

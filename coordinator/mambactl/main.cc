@@ -19,7 +19,6 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
-#include <sstream>
 #include <thread>
 
 #include "absl/flags/flag.h"
@@ -29,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
+#include "checkpoints/durable_io.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/service.grpc.pb.h"
@@ -121,20 +121,16 @@ int main(int argc, char** argv) {
   const std::string command = args[1];
   std::string token;
   if (const std::string path = absl::GetFlag(FLAGS_token_file); !path.empty()) {
-    std::ifstream in(path);
-    if (!in) return Usage(absl::StrCat("--token_file ", path, ": cannot read it"));
-    std::stringstream ss;
-    ss << in.rdbuf();
-    token = std::string(absl::StripAsciiWhitespace(ss.str()));
+    auto text = mamba::ckpt::ReadWholeFile(path);
+    if (!text.ok()) return Usage(absl::StrCat("--token_file ", path, ": cannot read it"));
+    token = std::string(absl::StripAsciiWhitespace(*text));
   }
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (const std::string ca = absl::GetFlag(FLAGS_tls_ca); !ca.empty()) {
-    std::ifstream in(ca);
-    if (!in) return Usage(absl::StrCat("--tls_ca ", ca, ": cannot read it"));
-    std::stringstream ss;
-    ss << in.rdbuf();
+    auto pem = mamba::ckpt::ReadWholeFile(ca);
+    if (!pem.ok()) return Usage(absl::StrCat("--tls_ca ", ca, ": cannot read it"));
     grpc::SslCredentialsOptions ssl;
-    ssl.pem_root_certs = ss.str();
+    ssl.pem_root_certs = *pem;
     credentials = grpc::SslCredentials(ssl);
   }
   auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_coordinator), credentials);
@@ -149,14 +145,12 @@ int main(int argc, char** argv) {
 
   if (command == "submit") {
     if (args.size() != 3) return Usage("submit takes one spec file");
-    std::ifstream in(args[2]);
-    if (!in) return Usage(absl::StrCat("submit: cannot read ", args[2]));
-    std::stringstream ss;
-    ss << in.rdbuf();
+    auto text = mamba::ckpt::ReadWholeFile(args[2]);
+    if (!text.ok()) return Usage(absl::StrCat("submit: cannot read ", args[2]));
     mamba::v1::SubmitJobRequest request;
     google::protobuf::util::JsonParseOptions options;
     if (auto s =
-            google::protobuf::util::JsonStringToMessage(ss.str(), request.mutable_spec(), options);
+            google::protobuf::util::JsonStringToMessage(*text, request.mutable_spec(), options);
         !s.ok()) {
       return Usage(absl::StrCat(args[2], ": not a JobSpec: ", std::string(s.message())));
     }

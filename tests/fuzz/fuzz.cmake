@@ -29,7 +29,7 @@ set(fuzz_safetensors_sources ${src}/checkpoints/safetensors.cc ${src}/checkpoint
 set(fuzz_hf_config_sources ${src}/checkpoints/hf_config.cc ${src}/checkpoints/durable_io.cc)
 set(fuzz_trainer_state_sources ${src}/checkpoints/trainer_state.cc)
 set(fuzz_job_spec_sources ${src}/worker/job_spec.cc ${src}/coordinator/job_service.cc
-    ${src}/coordinator/job_store.cc ${gen}/job.pb.cc ${gen}/service.pb.cc
+    ${src}/coordinator/job_store.cc ${src}/checkpoints/durable_io.cc ${gen}/job.pb.cc ${gen}/service.pb.cc
     ${gen}/service.grpc.pb.cc)
 file(GLOB data_sources ${src}/worker/data/*.cc)
 set(fuzz_token_file_sources ${data_sources} ${gen}/job.pb.cc)
