@@ -150,15 +150,18 @@ void MambaModel::ExchangeHalo(Layer& l, int64_t B, int64_t L) {
   l.prefix = Tensor();
   if (H == 0) return;
   profiling::ScopedRange range("sp_halo");
-  // The last H positions of each sequence: a column block of x seen as (B, L * E).
-  Tensor halo;
-  if (r + 1 < P) {
-    halo = Act16({B, H, E});
-    Tensor halo_rows = halo.Reshape({B, H * E});
-    backend_->CopyColumns(l.x.Reshape({B, L * E}), (L - H) * E, halo_rows);
-  }
+  const Tensor halo = r + 1 < P ? LastPositions(l.x, B, L, H) : Tensor();
   if (r > 0) l.prefix = Act16({B, H, E});
   comm::ThrowIfError(sp_->SendRecv(halo, r + 1 < P ? r + 1 : -1, l.prefix, r > 0 ? r - 1 : -1));
+}
+
+Tensor MambaModel::LastPositions(const Tensor& x, int64_t B, int64_t L, int64_t H) {
+  // A column block of x seen as (B, L * E).
+  const int64_t E = x.dim(-1);
+  Tensor last = Act16({B, H, E});
+  Tensor rows = last.Reshape({B, H * E});
+  backend_->CopyColumns(x.Reshape({B, L * E}), (L - H) * E, rows);
+  return last;
 }
 
 void MambaModel::HandOffState(Layer& l, int64_t B) {
@@ -218,8 +221,7 @@ void MambaModel::ExchangeHaloGrad(const Tensor& dprefix, Tensor& dx, int64_t B, 
   comm::ThrowIfError(sp_->SendRecv(dprefix, r > 0 ? r - 1 : -1, from_next, r + 1 < P ? r + 1 : -1));
   if (!from_next.defined()) return;
   // The next slice's conv read this slice's last H positions: their gradient adds to dx there.
-  Tensor dx_rows = dx.Reshape({B, L * E}), tail = Act16({B, H * E});
-  backend_->CopyColumns(dx_rows, (L - H) * E, tail);
+  Tensor tail = LastPositions(dx, B, L, H).Reshape({B, H * E}), dx_rows = dx.Reshape({B, L * E});
   backend_->Add(from_next.Reshape({B, H * E}), tail);
   backend_->WriteColumns(tail, dx_rows, (L - H) * E);
 }
@@ -250,12 +252,7 @@ void MambaModel::ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor&
     // next (a chunk is at least d_conv - 1 long, but the last).
     l.prefix = carry_->tails[index];
     const int64_t H = config_.d_conv - 1;
-    if (H > 0 && L >= H) {
-      Tensor tail = Act16({B, H, E});
-      Tensor tail_rows = tail.Reshape({B, H * E});
-      be.CopyColumns(l.x.Reshape({B, L * E}), (L - H) * E, tail_rows);
-      carry_->tails[index] = tail;
-    }
+    if (H > 0 && L >= H) carry_->tails[index] = LastPositions(l.x, B, L, H);
   }
   l.xa = Act16({B, L, E});
   be.CausalConv1dForward(l.x, l.conv_w->value, l.conv_b->value, l.prefix, /*silu=*/true, l.xa);

@@ -132,6 +132,8 @@ class MambaModel {
   // `order` is empty.
   Tensor ComposeMaps(const Tensor& maps, const std::vector<int>& order, int64_t B);
   void ExchangeHaloGrad(const Tensor& dprefix, Tensor& dx, int64_t B, int64_t L);
+  // A copy of the last H positions of each of the B sequences of x (B, L, E): (B, H, E).
+  Tensor LastPositions(const Tensor& x, int64_t B, int64_t L, int64_t H);
 
   // recompute: rerun for the backward (Recompute::kLayer): keep every activation, skip out_proj.
   void ForwardLayer(Layer& l, const Tensor& residual_in, const Tensor& hidden_in, int64_t B,
