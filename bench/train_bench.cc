@@ -13,19 +13,27 @@
 //   train_bench [--d_model 768 --n_layer 24 --batch 8 --seq_len 2048 --steps 10]
 //               [--precision fp32|tf32|bf16] [--recompute conv|layer|none] [--json out.json]
 //   train_bench --job spec.json [--steps 10]
+// --report DIR writes the profiling report (profile.json/.md/.svg) of the --profile_steps steps:
+// with --count_ops OPS one more step collects those ops' hardware counters in process (CUPTI),
+// or --ncu_csv OP=FILE,... takes them from Nsight Compute's raw CSV of this same step
+// (scripts/profile.sh: the cross-check).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <map>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "nlohmann/json.hpp"
+#include "profiling/ncu_csv.h"
+#include "profiling/report.h"
 #include "profiling/step_model.h"
+#include "worker/device_peaks.h"
 #include "worker/job_spec.h"
 #include "worker/model.h"
 #include "worker/optimizer.h"
@@ -51,6 +59,13 @@ ABSL_FLAG(std::string, precision, "fp32",
           "GEMM precision on cuda: fp32 (exact), tf32 (TF32 tensor cores) or bf16 (bf16 operands, "
           "fp32 accumulation)");
 ABSL_FLAG(std::string, json, "", "write results here");
+ABSL_FLAG(std::string, report, "", "write the profiling report (profile.json, .md, .svg) here");
+ABSL_FLAG(std::vector<std::string>, count_ops, {},
+          "with --report: ops whose kernels' hardware counters one more step collects (CUPTI), "
+          "e.g. selective_scan_fwd,selective_scan_bwd (\"*\": every op)");
+ABSL_FLAG(std::vector<std::string>, ncu_csv, {},
+          "with --report: OP=FILE pairs, each Nsight Compute's raw CSV (ncu --csv --page raw) of "
+          "that op's kernels over one step at these shapes, taken as the op's counters");
 ABSL_FLAG(std::string, job, "",
           "a job spec: run its training loop first, then the step alone at its shapes (the model, "
           "batch, length, backend and precision come from the spec)");
@@ -244,7 +259,7 @@ int main(int argc, char** argv) {
   Tensor inputs, targets;
   std::vector<double> step_ms;
   std::map<std::string, double> phase_ms, op_ms;
-  double loss = 0;
+  double loss = 0, profiled_seconds = 0;
   size_t workspace = 0;
   for (int64_t s = 0; s < warmup + steps + profile_steps; ++s) {
     random_batch(B, L, inputs, targets);
@@ -272,6 +287,7 @@ int main(int argc, char** argv) {
     loss = st.mean_loss();
     if (timed) step_ms.push_back(ms);
     if (profiled) {
+      profiled_seconds += ms / 1e3;
       for (const auto& [op, t] : backend->TakeOpTimes()) {
         phase_ms[mamba::profiling::PhaseOf(op)] += t;
         op_ms[op] += t;
@@ -307,6 +323,64 @@ int main(int argc, char** argv) {
   }
   std::printf("\n%-20s %10s\n", "op", "ms/step");
   for (const auto& [op, t] : op_ms) std::printf("%-20s %10.2f\n", op.c_str(), t / profile_steps);
+  if (const std::string dir = absl::GetFlag(FLAGS_report); !dir.empty()) {
+    mamba::profiling::ProfiledRun run;
+    mamba::profiling::StepShape shape;
+    shape.batch = B;
+    shape.len = L;
+    shape.act_bytes = precision == "bf16" ? 2 : 4;
+    shape.recompute_layer = recompute == "layer";
+    shape.parameters = model.num_parameters();
+    run.model = mamba::profiling::StepModel(c, shape);
+    run.op_ms = op_ms;
+    run.steps = profile_steps;
+    run.seconds = profiled_seconds;
+    run.tokens_per_step = double(B * L);
+    if (const auto csvs = absl::GetFlag(FLAGS_ncu_csv); !csvs.empty()) {
+      run.counters_note = "Nsight Compute (ncu --csv), one step";
+      for (const std::string& pair : csvs) {
+        const size_t eq = pair.find('=');
+        std::ifstream in(eq == std::string::npos ? "" : pair.substr(eq + 1));
+        std::stringstream text;
+        text << in.rdbuf();
+        auto kernels = mamba::profiling::ParseNcuCsv(text.str());
+        absl::StatusOr<mamba::profiling::Measured> m =
+            kernels.ok() ? mamba::profiling::SumNcuKernels(*kernels) : kernels.status();
+        if (eq == std::string::npos || !in || !m.ok()) {
+          std::fprintf(stderr, "train_bench: --ncu_csv %s: %s\n", pair.c_str(),
+                       m.ok() ? "want OP=FILE, a readable file" : m.status().ToString().c_str());
+          return 2;
+        }
+        run.measured_per_step[pair.substr(0, eq)] = *m;
+        std::printf("ncu: %s: %zu kernels\n", pair.c_str(), kernels->size());
+      }
+    } else if (const auto ops = absl::GetFlag(FLAGS_count_ops); !ops.empty()) {
+      std::string why = backend->EnableOpCounters(ops);
+      if (why.empty()) {
+        random_batch(B, L, inputs, targets);
+        model.ZeroGrad();
+        model.ForwardBackward(inputs, targets, -100, 1.0 / (B * L), true);
+        opt.Step();
+        backend->Synchronize();
+        for (const auto& [op, k] : backend->TakeOpCounters(&why)) {
+          run.measured_per_step[op] = mamba::profiling::Measured{
+              k.dram_read_bytes, k.dram_write_bytes, k.shared_bytes(), k.gpu_time_ns * 1e-6};
+          std::printf("counters: %s: %ld kernels\n", op.c_str(), long(k.kernels));
+        }
+        backend->DisableOpCounters();
+      }
+      run.counters_note = why.empty() ? "CUPTI range profiler, one step" : "not collected: " + why;
+    } else {
+      run.counters_note = "not collected (no --count_ops or --ncu_csv)";
+    }
+    const mamba::profiling::Report report =
+        mamba::profiling::AssembleReport(run, mamba::MeasurePeaks(*backend));
+    if (absl::Status st = mamba::profiling::WriteReport(report, dir); !st.ok()) {
+      std::fprintf(stderr, "train_bench: %s\n", st.ToString().c_str());
+      return 2;
+    }
+    std::printf("\n%s", mamba::profiling::ReportMarkdown(report).c_str());
+  }
   const std::string out = absl::GetFlag(FLAGS_json);
   if (!out.empty()) {
     nlohmann::json j;

@@ -3,6 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
 
 namespace mamba::profiling {
 namespace {
@@ -34,6 +38,52 @@ std::string Fixed(double v, int digits) {
 
 }  // namespace
 
+Report AssembleReport(const ProfiledRun& run, const Peaks& peaks) {
+  Report report;
+  report.peaks = peaks;
+  report.counters_note = run.counters_note;
+  const int64_t steps = std::max<int64_t>(run.steps, 1);
+  double op_total = 0, step_flops = 0;
+  for (const auto& [op, ms] : run.op_ms) {
+    KernelRow row;
+    row.name = op;
+    row.time_ms = ms;
+    if (const auto it = run.model.find(op); it != run.model.end()) {
+      row.calls = it->second.calls * steps;
+      for (int64_t i = 0; i < steps; ++i) row.model += it->second.traffic;
+      row.sram_bytes = it->second.sram_bytes * steps;
+    }
+    if (const auto it = run.measured_per_step.find(op); it != run.measured_per_step.end()) {
+      const Measured& m = it->second;
+      row.measured = Measured{m.dram_read_bytes * steps, m.dram_write_bytes * steps,
+                              m.shared_bytes * steps, m.gpu_time_ms * steps};
+    }
+    report.kernels.push_back(row);
+    op_total += ms;
+    report.step.split_ms[PhaseOf(op)] += ms / steps;
+  }
+  for (const auto& [op, m] : run.model) step_flops += m.traffic.flops;
+  report.step.split_ms["host/idle"] = std::max(0.0, run.seconds * 1e3 - op_total) / steps;
+  report.step.tokens_per_s = run.tokens_per_step * steps / std::max(run.seconds, 1e-9);
+  report.step.model_flops_per_token = step_flops / std::max(run.tokens_per_step, 1.0);
+  return report;
+}
+
+absl::Status WriteReport(const Report& r, const std::string& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  const std::pair<const char*, std::string> files[] = {
+      {"profile.json", ReportJson(r).dump(2) + "\n"},
+      {"profile.md", ReportMarkdown(r)},
+      {"profile.svg", ReportSvg(r)}};
+  for (const auto& [name, text] : files) {
+    std::ofstream out(dir + "/" + name);
+    out << text;
+    if (!out) return absl::InternalError(absl::StrCat("profile: cannot write ", dir, "/", name));
+  }
+  return absl::OkStatus();
+}
+
 nlohmann::json ReportJson(const Report& r) {
   nlohmann::json j;
   j["peaks"] = {{"bandwidth_gbps", r.peaks.bandwidth_gbps},
@@ -57,7 +107,8 @@ nlohmann::json ReportJson(const Report& r) {
     if (k.measured) {
       e["measured"] = {{"dram_read_bytes", k.measured->dram_read_bytes},
                        {"dram_write_bytes", k.measured->dram_write_bytes},
-                       {"shared_bytes", k.measured->shared_bytes}};
+                       {"shared_bytes", k.measured->shared_bytes},
+                       {"gpu_time_ms", k.measured->gpu_time_ms}};
     }
     j["kernels"].push_back(e);
   }
@@ -76,7 +127,8 @@ std::string ReportMarkdown(const Report& r) {
         " TFLOP/s.\n\n";
   if (!r.counters_note.empty()) md += "Counters: " + r.counters_note + "\n\n";
   md += "| kernel | calls | ms | GB (model) | GB/s | % peak BW | FLOP/B | % roofline |";
-  md += " DRAM GB (measured) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+  md += " DRAM GB (measured) | shared GB (model) | shared GB (measured) |\n";
+  md += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
   std::vector<KernelRow> rows = r.kernels;
   std::sort(rows.begin(), rows.end(),
             [](const KernelRow& a, const KernelRow& b) { return a.time_ms > b.time_ms; });
@@ -87,7 +139,8 @@ std::string ReportMarkdown(const Report& r) {
           " | " + Fixed(k.model.intensity(), 2) + " | " + Fixed(d.pct_roofline, 1) + " | " +
           (k.measured ? Fixed((k.measured->dram_read_bytes + k.measured->dram_write_bytes) / 1e9, 3)
                       : std::string("-")) +
-          " |\n";
+          " | " + (k.sram_bytes > 0 ? Fixed(k.sram_bytes / 1e9, 3) : std::string("-")) + " | " +
+          (k.measured ? Fixed(k.measured->shared_bytes / 1e9, 3) : std::string("-")) + " |\n";
   }
   const nlohmann::json step = ReportJson(r)["step"];
   md += "\nStep: " + Fixed(r.step.tokens_per_s, 0) + " tokens/s, " +

@@ -11,7 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "nlohmann/json.hpp"
+#include "profiling/step_model.h"
 #include "profiling/traffic_model.h"
 
 namespace mamba::profiling {
@@ -25,14 +27,15 @@ struct Peaks {
 // Counters collected for a kernel (CUPTI or Nsight Compute), when they were.
 struct Measured {
   double dram_read_bytes = 0, dram_write_bytes = 0, shared_bytes = 0;
+  double gpu_time_ms = 0;  // the counted kernels' duration under the profiler
 };
 
 struct KernelRow {
   std::string name;
   int64_t calls = 0;
-  double time_ms = 0;  // over the profiled steps, summed
-  Traffic model;       // over the same calls, summed
-  double sram_bytes = 0;
+  double time_ms = 0;     // over the profiled steps, summed
+  Traffic model;          // over the same calls, summed
+  double sram_bytes = 0;  // the model's shared-memory bytes, over the same calls
   std::optional<Measured> measured;
 };
 
@@ -50,11 +53,29 @@ struct Report {
   std::string counters_note;
 };
 
+// What a profiled run gives: the traffic model of one step; each op's time summed over `steps`
+// timed steps; each op's counters per step where they were collected (else why not).
+struct ProfiledRun {
+  std::map<std::string, OpModel> model;
+  std::map<std::string, double> op_ms;
+  int64_t steps = 0;
+  double seconds = 0;  // wall time of the timed steps
+  double tokens_per_step = 0;
+  std::map<std::string, Measured> measured_per_step;
+  std::string counters_note;
+};
+
+// The report's rows (ops joined with their model and counters), the step's speed and split.
+Report AssembleReport(const ProfiledRun& run, const Peaks& peaks);
+
 // The report as profile.json.
 nlohmann::json ReportJson(const Report& r);
 // The tables (markdown).
 std::string ReportMarkdown(const Report& r);
 // Time per kernel (bars) and the roofline (kernels as points on log axes), one SVG.
 std::string ReportSvg(const Report& r);
+
+// profile.json, profile.md and profile.svg in `dir` (made if missing).
+absl::Status WriteReport(const Report& r, const std::string& dir);
 
 }  // namespace mamba::profiling

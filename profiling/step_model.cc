@@ -4,10 +4,11 @@ namespace mamba::profiling {
 namespace {
 
 void Add(std::map<std::string, OpModel>& m, const std::string& op, const Traffic& t,
-         int64_t calls = 1) {
+         int64_t calls = 1, double sram_bytes = 0) {
   OpModel& o = m[op];
   o.calls += calls;
   o.traffic += t;
+  o.sram_bytes += sram_bytes;
 }
 
 // A conv backward: x, dy in; dx out; weight and bias gradients: about twice the forward's bytes.
@@ -42,7 +43,7 @@ std::map<std::string, OpModel> StepModel(const ModelConfig& c, const StepShape& 
     Add(m, "conv1d_fwd", Conv1dForward(s.batch, s.len, E, K, a));
     Add(m, "linear_fwd", GemmForward(M, R + 2 * N, E, a, w, a));  // x_proj
     Add(m, "linear_fwd", GemmForward(M, E, R, a, w, a));          // dt_proj
-    Add(m, "selective_scan_fwd", ScanForward(scan, a));
+    Add(m, "selective_scan_fwd", ScanForward(scan, a), 1, ScanForwardSramBytes(scan));
     if (with_out_proj) Add(m, "linear_fwd", GemmForward(M, dm, E, a, w, a));
   };
   for (int64_t l = 0; l < c.n_layer; ++l) {
@@ -55,7 +56,7 @@ std::map<std::string, OpModel> StepModel(const ModelConfig& c, const StepShape& 
       Add(m, "linear_fwd", GemmForward(M, E, R, a, w, a));
     }
     Add(m, "linear_bwd", GemmBackward(M, dm, E, a, w));  // out_proj
-    Add(m, "selective_scan_bwd", ScanBackward(scan, a));
+    Add(m, "selective_scan_bwd", ScanBackward(scan, a), 1, ScanBackwardSramBytes(scan));
     Add(m, "linear_bwd", GemmBackward(M, E, R, a, w));          // dt_proj
     Add(m, "linear_bwd", GemmBackward(M, R + 2 * N, E, a, w));  // x_proj
     Add(m, "conv1d_bwd", ConvBackward(s.batch, s.len, E, K, a));
@@ -90,6 +91,38 @@ std::map<std::string, OpModel> StepModel(const ModelConfig& c, const StepShape& 
   norm.flops = 2.0 * s.parameters;
   Add(m, "sum_squares", norm);
   return m;
+}
+
+const std::vector<std::string>& OpNames() {
+  static const std::vector<std::string> names = {"adamw",
+                                                 "add",
+                                                 "addproduct",
+                                                 "conv1d_bwd",
+                                                 "conv1d_fwd",
+                                                 "convert",
+                                                 "copy_columns",
+                                                 "copy_from_host",
+                                                 "cross_entropy",
+                                                 "cross_entropy_stats",
+                                                 "embedding_bwd",
+                                                 "embedding_fwd",
+                                                 "from_host",
+                                                 "linear_bwd",
+                                                 "linear_fwd",
+                                                 "negexp",
+                                                 "rmsnorm_bwd",
+                                                 "rmsnorm_fwd",
+                                                 "scale",
+                                                 "scan_state_grad",
+                                                 "scan_state_map",
+                                                 "selective_scan_bwd",
+                                                 "selective_scan_fwd",
+                                                 "silu_bwd",
+                                                 "silu_fwd",
+                                                 "sum_squares",
+                                                 "to_host",
+                                                 "write_columns"};
+  return names;
 }
 
 std::string PhaseOf(const std::string& op) {

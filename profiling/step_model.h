@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "profiling/traffic_model.h"
 #include "worker/model_config.h"
@@ -15,6 +16,7 @@ namespace mamba::profiling {
 struct OpModel {
   int64_t calls = 0;
   Traffic traffic;
+  double sram_bytes = 0;  // through shared memory, where the kernel stages data there
 };
 
 struct StepShape {
@@ -25,6 +27,9 @@ struct StepShape {
 };
 
 std::map<std::string, OpModel> StepModel(const ModelConfig& c, const StepShape& s);
+
+// The names the backends time and count ops under (profile.kernels picks among them).
+const std::vector<std::string>& OpNames();
 
 // The phase of the step an op counts toward: gemm, scan, conv, norm, loss, optimizer,
 // embedding, or other.

@@ -58,6 +58,14 @@ Traffic ScanBackward(const ScanShape& s, int act_bytes) {
   return t;
 }
 
+double ScanForwardSramBytes(const ScanShape& s) {
+  return s.dstate == 16 ? 224.0 * s.batch * s.len * s.dim : 0;
+}
+
+double ScanBackwardSramBytes(const ScanShape& s) {
+  return s.dstate == 16 ? 576.0 * s.batch * s.len * s.dim : 0;
+}
+
 Traffic Conv1dForward(int64_t B, int64_t L, int64_t C, int64_t K, int act_bytes) {
   const double n = double(B) * L * C;
   Traffic t;

@@ -42,6 +42,17 @@ Traffic GemmBackward(int64_t M, int64_t N, int64_t K, int act_bytes, int w_bytes
 Traffic ScanForward(const ScanShape& s, int act_bytes);
 Traffic ScanBackward(const ScanShape& s, int act_bytes);
 
+// Shared-memory bytes of the tiled scan kernels (N = 16: a block of 32 channels, 4 lanes a
+// channel, 4 states a lane; tiles of steps staged in shared memory as fp32). Per (b, l, d),
+// forward: u, delta and z staged (12 B) and B, C once per 32-channel block (4 B), read by the
+// channel's 4 lanes (48 B) and B, C by each lane for its 4 states (128 B); the lanes' partial
+// sums written and gathered (32 B): 224 B. Backward: twice the forward's staging and reads (it
+// recomputes the forward) plus each lane's state history written and read (128 B): 576 B. Other N
+// run the untiled kernels, which keep the state in registers: 0 (their small per-block scratch
+// is left out).
+double ScanForwardSramBytes(const ScanShape& s);
+double ScanBackwardSramBytes(const ScanShape& s);
+
 // Depthwise causal conv1d of K taps over (B, L, C) with bias and SiLU: reads x, writes y, reads
 // the fp32 weight and bias; 2 K + 4 FLOPs an element (the taps, the bias, the SiLU).
 Traffic Conv1dForward(int64_t B, int64_t L, int64_t C, int64_t K, int act_bytes);

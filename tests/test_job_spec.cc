@@ -60,6 +60,31 @@ TEST(JobSpec, BadSpecsNameTheFieldAndRule) {
   ExpectError(R"({"data": {"inductionHeads": {}}, "parallel": {"dp": 3}})",
               "batch_size: must be a multiple");
   ExpectError(R"(not json)", "job spec is not a valid JobSpec JSON");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "steps": 5, "profile": {"steps": 6}})",
+              "profile.steps: must be in [1, 5], got 6");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "steps": 5,
+                  "profile": {"steps": 3, "counterSteps": 3}})",
+              "profile.counter_steps: must be in [0, 2], got 3");
+  ExpectError(R"({"data": {"inductionHeads": {}}, "profile": {"kernels": ["scan"]}})",
+              "profile.kernels[0]: \"scan\" is not an op (one of adamw, ");
+}
+
+// "profile": {} takes 3 timed steps, 1 counted step and the scan kernels; a run too short for a
+// counted step after the timed ones counts none.
+TEST(JobSpec, ProfileDefaults) {
+  auto spec = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}, "steps": 10, "profile": {}})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->profile().steps(), 3);
+  EXPECT_EQ(spec->profile().counter_steps(), 1);
+  ASSERT_EQ(spec->profile().kernels_size(), 2);
+  EXPECT_EQ(spec->profile().kernels(0), "selective_scan_fwd");
+  EXPECT_EQ(spec->profile().kernels(1), "selective_scan_bwd");
+  spec = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}, "steps": 3, "profile": {}})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->profile().counter_steps(), 0);
+  spec = ParseJobSpecJson(
+      R"({"data": {"inductionHeads": {}}, "profile": {"kernels": ["*", "linear_bwd"]}})");
+  EXPECT_TRUE(spec.ok()) << spec.status();
 }
 
 // The rank grid's rules, for a world of `ranks` processes.

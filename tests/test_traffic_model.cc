@@ -24,6 +24,14 @@ TEST(TrafficModel, ScanMatchesDesignsHbmFloors) {
   EXPECT_DOUBLE_EQ((4 * bdl + 2 * bnl) * 2, 202375168.0);
 }
 
+TEST(TrafficModel, ScanSharedMemoryFollowsTheTiling) {
+  // N = 16 runs the tiled kernels: 224 B (forward) and 576 B (backward) a (b, l, d).
+  const ScanShape s{2, 1024, 64, 16, 1};
+  EXPECT_DOUBLE_EQ(ScanForwardSramBytes(s), 224.0 * 2 * 1024 * 64);  // 29,360,128
+  EXPECT_DOUBLE_EQ(ScanBackwardSramBytes(s), 576.0 * 2 * 1024 * 64);
+  EXPECT_DOUBLE_EQ(ScanForwardSramBytes({2, 1024, 64, 8, 1}), 0);  // untiled: registers
+}
+
 TEST(TrafficModel, GemmConvAndNorm) {
   // x (2048, 768) bf16 times w (1536, 768) bf16 into y (2048, 1536) bf16.
   const Traffic g = GemmForward(2048, 1536, 768, 2, 2, 2);

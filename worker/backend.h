@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "profiling/cupti_counters.h"
 #include "worker/kernels/cross_entropy_cpu.h"
 #include "worker/tensor.h"
 
@@ -88,6 +89,17 @@ class Backend {
   virtual void EnableOpTiming(bool /*on*/) {}
   // Milliseconds per op name since the last call (waits for the device); empty when disabled.
   virtual std::vector<std::pair<std::string, double>> TakeOpTimes() { return {}; }
+  // Hardware counters (profiling/cupti_counters.h) of the kernels of the ops named ("*": every
+  // op) while enabled; ops run as before, slower. Returns "" when counting, else why it cannot.
+  virtual std::string EnableOpCounters(const std::vector<std::string>& /*ops*/) {
+    return "the " + name() + " backend has no hardware counters";
+  }
+  virtual void DisableOpCounters() {}
+  // The counters per op name since the last call; *why says why counting stopped, if it did.
+  virtual std::vector<std::pair<std::string, profiling::KernelCounters>> TakeOpCounters(
+      std::string* /*why*/) {
+    return {};
+  }
 
   // Memory.
   virtual DeviceMemoryStats MemoryStats() const { return {}; }

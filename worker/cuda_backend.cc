@@ -15,6 +15,8 @@
 #include <cmath>
 #include <cstdio>
 #include <initializer_list>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -477,6 +479,27 @@ class CudaBackend final : public Backend {
     return totals;
   }
 
+  std::string EnableOpCounters(const std::vector<std::string>& ops) override {
+    if (!cupti_) {
+      if (!counters_why_.empty()) return counters_why_;  // tried before: the same reason
+      MAMBA_CUDA_CHECK("counters", cudaStreamSynchronize(stream_));
+      cupti_ = profiling::CuptiCounters::Create(&counters_why_);
+      if (!cupti_) return counters_why_;
+    }
+    counted_ops_ = ops;
+    counters_ = cupti_.get();
+    return "";
+  }
+  void DisableOpCounters() override { counters_ = nullptr; }
+  std::vector<std::pair<std::string, profiling::KernelCounters>> TakeOpCounters(
+      std::string* why) override {
+    *why = counters_why_;
+    std::vector<std::pair<std::string, profiling::KernelCounters>> out(counted_.begin(),
+                                                                       counted_.end());
+    counted_.clear();
+    return out;
+  }
+
   Tensor Empty(const Shape& shape, DType dtype) override {
     return Tensor::Empty(shape, dtype, Device::kCUDA);
   }
@@ -935,13 +958,22 @@ class CudaBackend final : public Backend {
   // A scratch buffer of at least `bytes`, reused by every op (ops on the one stream never
   // overlap). Grows on demand; the model's first step settles its size.
   // An NVTX range around one op and, when op timing is on, CUDA events around its kernels.
+  // When counters are on for this op (and no enclosing op is counted), its kernels are counted.
   class OpScope {
    public:
     OpScope(CudaBackend* be, const char* name) : nvtx_(name), be_(be), name_(name) {
       if (be_->timing_) start_ = be_->RecordEvent();
+      if (be_->counters_ && !be_->counting_now_ && be_->Counted(name)) {
+        counting_ = be_->counting_now_ = be_->counters_->Begin(&be_->counters_why_);
+      }
     }
     ~OpScope() {
       if (be_->timing_) be_->timed_.push_back({name_, start_, be_->RecordEvent()});
+      if (counting_) {
+        be_->counting_now_ = false;
+        const profiling::KernelCounters k = be_->counters_->End(&be_->counters_why_);
+        if (k.kernels > 0) be_->counted_[name_] += k;
+      }
     }
 
    private:
@@ -949,7 +981,14 @@ class CudaBackend final : public Backend {
     CudaBackend* be_;
     const char* name_;
     cudaEvent_t start_ = nullptr;
+    bool counting_ = false;
   };
+
+  bool Counted(const char* op) const {
+    return std::find_if(counted_ops_.begin(), counted_ops_.end(), [&](const std::string& o) {
+             return o == "*" || o == op;
+           }) != counted_ops_.end();
+  }
 
   cudaEvent_t RecordEvent() {
     cudaEvent_t e;
@@ -970,6 +1009,13 @@ class CudaBackend final : public Backend {
   bool timing_ = false;
   std::vector<TimedOp> timed_;
   std::vector<cudaEvent_t> free_events_;
+  // Hardware counters: made on first use (CUPTI), kept for the backend's life.
+  std::unique_ptr<profiling::CuptiCounters> cupti_;
+  profiling::CuptiCounters* counters_ = nullptr;  // cupti_ while counting is enabled
+  std::vector<std::string> counted_ops_;
+  bool counting_now_ = false;
+  std::string counters_why_;
+  std::map<std::string, profiling::KernelCounters> counted_;
 
   void* Workspace(size_t bytes) {
     if (bytes > workspace_bytes_) {

@@ -5,7 +5,9 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "google/protobuf/util/json_util.h"
+#include "profiling/step_model.h"
 #include "worker/status_macros.h"
 
 namespace mamba {
@@ -119,6 +121,24 @@ absl::StatusOr<v1::JobSpec> ResolveJobSpec(v1::JobSpec spec) {
     v1::ProfileSpec& pr = *spec.mutable_profile();
     if (!pr.has_steps()) pr.set_steps(static_cast<int32_t>(std::min<int64_t>(3, spec.steps())));
     RETURN_IF_ERROR(InRange<int64_t>("profile.steps", pr.steps(), 1, spec.steps()));
+    if (!pr.has_counter_steps()) {
+      pr.set_counter_steps(spec.steps() > pr.steps() ? 1 : 0);
+    }
+    RETURN_IF_ERROR(InRange<int64_t>("profile.counter_steps", pr.counter_steps(), 0,
+                                     spec.steps() - pr.steps()));
+    if (pr.kernels().empty()) {
+      pr.add_kernels("selective_scan_fwd");
+      pr.add_kernels("selective_scan_bwd");
+    }
+    for (int i = 0; i < pr.kernels_size(); ++i) {
+      const std::string& k = pr.kernels(i);
+      const auto& ops = profiling::OpNames();
+      if (k != "*" && std::find(ops.begin(), ops.end(), k) == ops.end()) {
+        return absl::InvalidArgumentError(absl::StrCat("profile.kernels[", i, "]: \"", k,
+                                                       "\" is not an op (one of ",
+                                                       absl::StrJoin(ops, ", "), ", or \"*\")"));
+      }
+    }
   }
   RETURN_IF_ERROR(InRange<int64_t>("log_every", spec.log_every(), 1, int64_t{1} << 40));
 

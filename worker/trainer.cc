@@ -20,6 +20,7 @@
 #include "profiling/nvtx.h"
 #include "profiling/report.h"
 #include "profiling/step_model.h"
+#include "worker/device_peaks.h"
 #include "worker/job_spec.h"
 #include "worker/status_macros.h"
 
@@ -223,52 +224,6 @@ absl::StatusOr<data::Batch> Trainer::LocalBatch(data::Split split, int64_t index
   return slice;
 }
 
-namespace {
-
-// The device's peaks, measured: a large copy (bytes read + written a second) and a GEMM (FLOP/s),
-// each the best of three, on random data.
-profiling::Peaks MeasurePeaks(Backend& be) {
-  using Seconds = std::chrono::duration<double>;
-  const bool device = be.device() != Device::kCPU;
-  profiling::Peaks peaks;
-  peaks.device = device ? be.name() : "this CPU (" + be.name() + " backend)";
-  std::mt19937 rng(1);
-  std::uniform_real_distribution<float> u(-1, 1);
-  const auto random = [&](const Shape& shape) {
-    Tensor host = Tensor::Empty(shape, DType::kF32);
-    for (int64_t i = 0; i < host.numel(); ++i) host.data<float>()[i] = u(rng);
-    return device ? be.FromHost(host) : host;
-  };
-  // The fastest of three runs of f, in seconds.
-  const auto best_of_three = [&](const auto& f) {
-    double best = 1e30;
-    for (int i = 0; i < 3; ++i) {
-      be.Synchronize();
-      const auto t0 = Clock::now();
-      f();
-      be.Synchronize();
-      best = std::min(best, Seconds(Clock::now() - t0).count());
-    }
-    return best;
-  };
-  const int64_t n = int64_t{1} << (device ? 28 : 24);  // 1 GiB / 64 MiB of floats
-  Tensor src = random({n}), dst = be.Empty({n}, DType::kF32);
-  peaks.bandwidth_gbps = 2.0 * n * 4 / best_of_three([&] {
-                           if (device) {
-                             be.Convert(src, dst);  // a device-to-device copy
-                           } else {
-                             std::memcpy(dst.raw(), src.raw(), src.nbytes());
-                           }
-                         }) /
-                         1e9;
-  const int64_t m = device ? 8192 : 512;
-  Tensor x = random({m, m}), w = random({m, m}), y = be.Empty({m, m}, DType::kF32);
-  peaks.flops = 2.0 * m * m * m / best_of_three([&] { be.LinearForward(x, w, Tensor(), y); });
-  return peaks;
-}
-
-}  // namespace
-
 absl::Status Trainer::WriteProfile(std::ostream& log) {
   const comm::Layout& layout = groups_.layout;
   const int64_t B = spec_.batch_size() / layout.dp, L = dataset_->seq_len() / layout.sp;
@@ -278,47 +233,36 @@ absl::Status Trainer::WriteProfile(std::ostream& log) {
   shape.act_bytes = spec_.precision() == "bf16" ? 2 : 4;
   shape.recompute_layer = spec_.memory().recompute() == v1::MemorySpec::LAYER;
   shape.parameters = model_->num_parameters();
-  const auto model = profiling::StepModel(model_->config(), shape);
-  profiling::Report report;
-  report.peaks = MeasurePeaks(*backend_);
-  report.counters_note =
-      "not collected: this build measures op times and models the traffic; it collects no "
-      "hardware counters yet";
-  const int64_t steps = profile_.steps;
-  double op_total = 0, step_flops = 0;
-  for (const auto& [op, ms] : profile_.op_ms) {
-    profiling::KernelRow row;
-    row.name = op;
-    row.time_ms = ms;
-    if (const auto it = model.find(op); it != model.end()) {
-      row.calls = it->second.calls * steps;
-      for (int64_t i = 0; i < steps; ++i) row.model += it->second.traffic;
+  profiling::ProfiledRun run;
+  run.model = profiling::StepModel(model_->config(), shape);
+  run.op_ms = profile_.op_ms;
+  run.steps = profile_.steps;
+  run.seconds = profile_.seconds;
+  run.tokens_per_step = double(spec_.batch_size() * dataset_->seq_len());
+  if (spec_.profile().counter_steps() == 0) {
+    run.counters_note = "not collected (profile.counter_steps is 0)";
+  } else if (!profile_.counters_note.empty()) {
+    run.counters_note = "not collected: " + profile_.counters_note;
+  } else {
+    run.counters_note = absl::StrFormat(
+        "CUPTI range profiler over %d step(s) after the timed ones, scaled to the %d timed "
+        "step(s); shared bytes are wavefronts x 128 B",
+        profile_.counted_steps, profile_.steps);
+    for (const auto& [op, k] : profile_.counters) {
+      const double per_step = 1.0 / double(profile_.counted_steps);
+      run.measured_per_step[op] =
+          profiling::Measured{k.dram_read_bytes * per_step, k.dram_write_bytes * per_step,
+                              k.shared_bytes() * per_step, k.gpu_time_ns * 1e-6 * per_step};
     }
-    report.kernels.push_back(row);
-    op_total += ms;
-    report.step.split_ms[profiling::PhaseOf(op)] += ms / steps;
   }
-  for (const auto& [op, m] : model) step_flops += m.traffic.flops;
-  report.step.split_ms["host/idle"] = std::max(0.0, profile_.seconds * 1e3 - op_total) / steps;
-  report.step.tokens_per_s =
-      double(spec_.batch_size() * dataset_->seq_len() * steps) / std::max(profile_.seconds, 1e-9);
-  report.step.model_flops_per_token = step_flops / double(B * L);
+  const profiling::Report report = profiling::AssembleReport(run, MeasurePeaks(*backend_));
   const std::string dir =
       spec_.checkpoint().dir().empty()
           ? "profile-" + (spec_.name().empty() ? std::string("job") : spec_.name())
           : spec_.checkpoint().dir() + "/profile";
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  const std::pair<const char*, std::string> files[] = {
-      {"profile.json", profiling::ReportJson(report).dump(2) + "\n"},
-      {"profile.md", profiling::ReportMarkdown(report)},
-      {"profile.svg", profiling::ReportSvg(report)}};
-  for (const auto& [name, text] : files) {
-    std::ofstream out(dir + "/" + name);
-    out << text;
-    if (!out) return absl::InternalError(absl::StrCat("profile: cannot write ", dir, "/", name));
-  }
-  log << absl::StrFormat("profile: %s/profile.md (%d steps profiled)\n", dir, steps);
+  RETURN_IF_ERROR(profiling::WriteReport(report, dir));
+  log << absl::StrFormat("profile: %s/profile.md (%d steps timed, %d counted)\n", dir,
+                         profile_.steps, profile_.counted_steps);
   return absl::OkStatus();
 }
 
@@ -453,10 +397,18 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   std::future<absl::StatusOr<PreparedBatch>> next;
   if (start_step_ < steps) next = std::async(std::launch::async, draw, start_step_);
   for (int64_t step = start_step_; step < steps; ++step) {
-    // The last profile.steps steps run with every op timed (profiling).
-    const bool profiled = spec_.has_profile() && step >= steps - spec_.profile().steps();
+    // Profiling: profile.steps steps with every op timed, then profile.counter_steps steps with
+    // the chosen ops' hardware counters collected, at the end of the run.
+    const int64_t counted_from = steps - spec_.profile().counter_steps();
+    const bool profiled = spec_.has_profile() && step >= counted_from - spec_.profile().steps() &&
+                          step < counted_from;
+    const bool counters_on = spec_.has_profile() && step >= counted_from;
     if (profiled && profile_.steps == 0) backend_->TakeOpTimes();  // none from before
     backend_->EnableOpTiming(profiled);
+    if (counters_on && step == counted_from) {
+      const auto& k = spec_.profile().kernels();
+      profile_.counters_note = backend_->EnableOpCounters({k.begin(), k.end()});
+    }
     const auto step_start = Clock::now();
     ASSIGN_OR_RETURN(PreparedBatch batch, next.get());
     if (step + 1 < steps) next = std::async(std::launch::async, draw, step + 1);
@@ -496,6 +448,13 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
       for (const auto& [op, ms] : backend_->TakeOpTimes()) profile_.op_ms[op] += ms;
       profile_.seconds += SecondsSince(step_start);
       ++profile_.steps;
+    }
+    if (counters_on && profile_.counters_note.empty()) {  // counting: this step is slower
+      std::string why;
+      for (const auto& [op, k] : backend_->TakeOpCounters(&why)) profile_.counters[op] += k;
+      profile_.counters_note = why;
+      ++profile_.counted_steps;
+      profile_.counted_seconds += SecondsSince(step_start);
     }
     summary.losses.push_back(s.mean_loss());
     window.loss_sum += s.loss_sum;
@@ -567,6 +526,8 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     }
   }
   backend_->EnableOpTiming(false);
+  backend_->DisableOpCounters();
+  const double train_seconds = SecondsSince(t0) - profile_.counted_seconds;
   if (profile_.steps > 0 && groups_.is_root()) {
     if (absl::Status st = WriteProfile(log); !st.ok()) return st;
   }
@@ -576,8 +537,10 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   summary.workspace_bytes = after.workspace;
   summary.peak_memory_bytes = after.peak_in_use;
   summary.step_device_allocations = after.device_allocations - before.device_allocations;
+  // The steps' speed: the counted steps (replayed kernels) and the report are left out.
   summary.tokens_per_second =
-      double(std::max<int64_t>(0, steps - start_step_) * B * L) / std::max(summary.seconds, 1e-9);
+      double(std::max<int64_t>(0, steps - start_step_ - profile_.counted_steps) * B * L) /
+      std::max(train_seconds, 1e-9);
 
   if (spec_.eval().batches() > 0) {
     log << "held-out evaluation:\n";

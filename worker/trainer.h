@@ -137,6 +137,11 @@ class Trainer {
     std::map<std::string, double> op_ms;
     double seconds = 0;
     int64_t steps = 0;
+    // The counted steps' hardware counters per op, or why there are none.
+    std::map<std::string, profiling::KernelCounters> counters;
+    std::string counters_note;
+    int64_t counted_steps = 0;
+    double counted_seconds = 0;
   };
   ProfiledSteps profile_;
   // Writes the profiling report of the profiled steps (rank 0).

@@ -28,7 +28,8 @@ set(fuzz_common ${src}/worker/tensor.cc ${src}/checkpoints/json_reader.cc)
 set(fuzz_safetensors_sources ${src}/checkpoints/safetensors.cc ${src}/checkpoints/durable_io.cc)
 set(fuzz_hf_config_sources ${src}/checkpoints/hf_config.cc ${src}/checkpoints/durable_io.cc)
 set(fuzz_trainer_state_sources ${src}/checkpoints/trainer_state.cc)
-set(fuzz_job_spec_sources ${src}/worker/job_spec.cc ${src}/coordinator/job_service.cc
+set(fuzz_job_spec_sources ${src}/worker/job_spec.cc ${src}/profiling/step_model.cc
+    ${src}/profiling/traffic_model.cc ${src}/coordinator/job_service.cc
     ${src}/coordinator/job_store.cc ${src}/checkpoints/durable_io.cc ${gen}/job.pb.cc ${gen}/service.pb.cc
     ${gen}/service.grpc.pb.cc)
 file(GLOB data_sources ${src}/worker/data/*.cc)
