@@ -578,7 +578,8 @@ class CudaBackend final : public Backend {
     OpScope range(this, op);
     MAMBA_CHECK(dweight.rank() == 2 && dout.numel() == ids.numel() * dweight.dim(1))
         << "embedding backward: ids " << ids.DebugString() << " dout " << dout.DebugString();
-    const size_t bytes = kernels::EmbeddingBackwardWorkspaceBytes(ids.numel(), dweight.dim(0));
+    const size_t bytes = kernels::EmbeddingBackwardWorkspaceBytes(ids.numel(), dweight.dim(0),
+                                                                   dweight.dim(1));
     WithActType(ActDType(op, {{"dout", dout}}), [&](auto tag) {
       using T = typename decltype(tag)::type;
       kernels::EmbeddingBackwardCuda(Ids(ids, op), ids.numel(), Act<T>(dout, op, "dout"),

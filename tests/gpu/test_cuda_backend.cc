@@ -256,7 +256,12 @@ TEST_P(CudaBackendActTest, Silu) {
 
 TEST_P(CudaBackendActTest, Embedding) {
   const DType act = GetParam();
-  for (const auto [T, V, C] : {std::array<int64_t, 3>{1003, 37, 67}, {4099, 50280, 33}}) {
+  // Small vocabularies (<= 256: tiles of tokens, then the tiles) and large ones (sorted runs);
+  // 70,001 tokens of 16 ids: runs of ~4,400 rows across 274 tiles.
+  for (const auto [T, V, C] : {std::array<int64_t, 3>{1003, 37, 67},
+                               {4099, 50280, 33},
+                               {70001, 16, 64},
+                               {5000, 256, 40}}) {
     SCOPED_TRACE(::testing::Message() << "tokens " << T << " vocab " << V << " dim " << C);
     std::vector<int32_t> ids(T);
     std::mt19937 rng(7);
@@ -272,8 +277,9 @@ TEST_P(CudaBackendActTest, Embedding) {
     }
     ExpectBits(out, want, "embedding forward");
 
-    // Backward from dout (an activation) into float32 dweight, twice: the float32 CPU
-    // reference's order of additions on the same (widened) values, so the bits match it.
+    // Backward from dout (an activation) into float32 dweight, twice: large vocabularies add in
+    // the float32 CPU reference's order on the same (widened) values, so the bits match it;
+    // small ones in their own fixed order, close to the float64 reference.
     const std::vector<float> dout = Rand(T * C), dw0 = RandF32(V * C);
     Tensor gdout = Gpu({T, C}, dout, act), dw[2];
     for (int run = 0; run < 2; ++run) {
@@ -283,8 +289,8 @@ TEST_P(CudaBackendActTest, Embedding) {
     Tensor cdw = HostTensor({V, C}, dw0, DType::kF32), rdw = Ref({V, C}, dw0);
     cpu_->EmbeddingBackward(HostInts({T}, ids), HostTensor({T, C}, dout, DType::kF32), cdw);
     cpu_->EmbeddingBackward(HostInts({T}, ids), Ref({T, C}, dout), rdw);
-    ExpectBits(dw[0], Values(cdw), "embedding dweight");
-    ExpectClose(dw[0], rdw, "embedding dweight");
+    if (V > 256) ExpectBits(dw[0], Values(cdw), "embedding dweight");
+    ExpectClose(dw[0], rdw, "embedding dweight", V > 256 ? kF32Tol : kScanGradTol);
     ExpectSameBits(dw[0], dw[1], "embedding dweight");
   }
 }

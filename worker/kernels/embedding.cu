@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cub/device/device_radix_sort.cuh>
 
 #include "worker/kernels/cuda_check.h"
@@ -50,6 +51,59 @@ __global__ void AccumulateRunsKernel(const int32_t* keys, const int32_t* tokens,
   dweight[key * dim + j] = acc;
 }
 
+// Small vocabularies (at most kSmallVocab ids: each id's run is long, and one thread adding a
+// run of thousands of rows in turn took most of a small model's step) sum in two deterministic
+// levels instead: tiles of tokens into shared memory, then the tiles in order.
+constexpr int64_t kSmallVocab = 256;
+constexpr int kCols = 32;  // columns a block: one a lane
+
+// Tokens a tile: at least 256, and 4 per id, so the tiles' sums take at most a quarter of dout's
+// size in floats.
+int64_t TileTokens(int64_t vocab) { return std::max<int64_t>(256, 4 * vocab); }
+int64_t NumTiles(int64_t num_tokens, int64_t vocab) {
+  return (num_tokens + TileTokens(vocab) - 1) / TileTokens(vocab);
+}
+
+// Block (tile, column group): lane j owns column y*32 + j and adds the tile's rows into its slot
+// of each id's shared row in token order, then writes the tile's sums to partial[tile, id, col].
+template <typename T>
+__global__ void TileSumsKernel(const int32_t* ids, int64_t num_tokens, const T* dout, int64_t vocab,
+                               int64_t dim, int64_t tile_tokens, float* partial, int* error_flag) {
+  extern __shared__ float acc[];  // [vocab][kCols]
+  const int lane = threadIdx.x;
+  const int64_t tile = blockIdx.x, col = blockIdx.y * int64_t(kCols) + lane;
+  for (int64_t v = 0; v < vocab; ++v) acc[v * kCols + lane] = 0.f;
+  const int64_t t0 = tile * tile_tokens, t1 = min(num_tokens, t0 + tile_tokens);
+  constexpr int kAhead = 8;  // loads issued before their adds
+  for (int64_t t = t0; t < t1; t += kAhead) {
+    int32_t id[kAhead];
+    float x[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      id[u] = t + u < t1 ? ids[t + u] : -1;
+      const bool ok = id[u] >= 0 && id[u] < vocab;
+      if (!ok && t + u < t1 && lane == 0 && blockIdx.y == 0) atomicOr(error_flag, kBadEmbeddingId);
+      x[u] = ok && col < dim ? Load(dout + (t + u) * dim + col) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      if (id[u] >= 0 && id[u] < vocab) acc[id[u] * kCols + lane] += x[u];
+    }
+  }
+  if (col >= dim) return;
+  for (int64_t v = 0; v < vocab; ++v) partial[(tile * vocab + v) * dim + col] = acc[v * kCols + lane];
+}
+
+// Thread (id, column): the tiles' sums added in tile order, then into dweight.
+__global__ void SumTilesKernel(const float* partial, int64_t tiles, int64_t vocab, int64_t dim,
+                               float* dweight) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= vocab * dim) return;
+  float sum = 0.f;
+  for (int64_t tile = 0; tile < tiles; ++tile) sum += partial[tile * vocab * dim + i];
+  dweight[i] += sum;
+}
+
 int KeyBits(int64_t vocab) {
   int bits = 1;
   while (bits < 31 && (int64_t(1) << bits) <= vocab) ++bits;  // room for the sentinel `vocab`
@@ -81,7 +135,8 @@ void EmbeddingForwardCuda(const int32_t* ids, int64_t num_tokens, const float* w
   MAMBA_CUDA_CHECK_LAUNCH("embedding_fwd");
 }
 
-size_t EmbeddingBackwardWorkspaceBytes(int64_t num_tokens, int64_t vocab) {
+size_t EmbeddingBackwardWorkspaceBytes(int64_t num_tokens, int64_t vocab, int64_t dim) {
+  if (vocab <= kSmallVocab) return sizeof(float) * NumTiles(num_tokens, vocab) * vocab * dim;
   return 4 * Align(num_tokens * sizeof(int32_t)) + Align(SortTempBytes(num_tokens, vocab));
 }
 
@@ -91,8 +146,20 @@ void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const T* dout
                            int* error_flag, cudaStream_t stream) {
   if (num_tokens == 0 || dim == 0) return;
   MAMBA_CHECK(num_tokens < (int64_t(1) << 31)) << "embedding: too many tokens";
-  MAMBA_CHECK(workspace_bytes >= EmbeddingBackwardWorkspaceBytes(num_tokens, vocab))
+  MAMBA_CHECK(workspace_bytes >= EmbeddingBackwardWorkspaceBytes(num_tokens, vocab, dim))
       << "embedding_bwd: workspace too small";
+  if (vocab <= kSmallVocab) {
+    const int64_t tiles = NumTiles(num_tokens, vocab);
+    float* partial = static_cast<float*>(workspace);
+    const dim3 grid(static_cast<unsigned int>(tiles), GridFor(dim, kCols));
+    TileSumsKernel<<<grid, kCols, vocab * kCols * sizeof(float), stream>>>(
+        ids, num_tokens, dout, vocab, dim, TileTokens(vocab), partial, error_flag);
+    MAMBA_CUDA_CHECK_LAUNCH("embedding_bwd");
+    SumTilesKernel<<<GridFor(vocab * dim, 256), 256, 0, stream>>>(partial, tiles, vocab, dim,
+                                                                  dweight);
+    MAMBA_CUDA_CHECK_LAUNCH("embedding_bwd");
+    return;
+  }
   char* p = static_cast<char*>(workspace);
   const size_t vec = Align(num_tokens * sizeof(int32_t));
   int32_t* keys_in = reinterpret_cast<int32_t*>(p);
