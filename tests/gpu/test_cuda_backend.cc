@@ -305,12 +305,13 @@ TEST_P(CudaBackendActTest, AddRmsNorm) {
                                                              {DType::kF32, DType::kBF16},
                                                              {DType::kBF16, DType::kF32}};
   for (const auto [x_dtype, y_dtype] : dtypes) {
-    for (const int64_t dim : {3, 1000, 1537}) {
+    for (const int64_t dim : {3, 64, 100, 1000, 1537}) {  // <= 128: a warp a row
       for (const bool with_residual : {false, true}) {
         SCOPED_TRACE(::testing::Message()
                      << "x " << DTypeName(x_dtype) << " y " << DTypeName(y_dtype) << " dim " << dim
                      << " residual " << with_residual);
-        const int64_t rows = dim == 3 ? 1031 : 77;  // 1031: several rows per dweight chunk
+        // 20,011 rows: ~10 a dweight chunk (of 2048), so each warp of a chunk takes rows.
+        const int64_t rows = dim <= 100 ? 20011 : 77;
         const Shape s{rows, dim};
         const std::vector<float> res = RandF32(rows * dim), x = Rand(rows * dim, -2, 2),
                                  w = RandF32(dim, 0.5, 1.5), dy = Rand(rows * dim),

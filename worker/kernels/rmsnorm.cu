@@ -17,6 +17,94 @@ constexpr int64_t kMaxBackwardDim = kThreads * 32;
 
 int64_t RowChunks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxRowChunks)); }
 
+// Rows of at most kWarpDim columns take a warp each (a block runs kWarps rows at once): a block a
+// row left most of its threads idle on narrow models and waited on block-wide barriers per row.
+constexpr int64_t kWarpDim = 128;
+constexpr int kWarps = kThreads / 32;
+
+template <typename TX, typename TY>
+__global__ void AddRmsNormForwardWarpKernel(int64_t rows, int64_t dim, const float* residual_in,
+                                            const TX* x, const float* weight, float eps,
+                                            float* residual_out, TY* y, float* rstd) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int64_t base = r * dim;
+  float sum_sq = 0.f;
+  for (int64_t i = lane; i < dim; i += 32) {
+    const float v = residual_in ? residual_in[base + i] + Load(x + base + i) : Load(x + base + i);
+    residual_out[base + i] = v;
+    sum_sq += v * v;
+  }
+  sum_sq = WarpSum(sum_sq);
+  const float s = rsqrtf(sum_sq / float(dim) + eps);
+  if (lane == 0) rstd[r] = s;
+  for (int64_t i = lane; i < dim; i += 32) {
+    Store(y + base + i, residual_out[base + i] * s * weight[i]);
+  }
+}
+
+// The backward of narrow rows: block c's warps take the rows of its chunk in turn (warp w the
+// rows r_begin + w, + kWarps, ...), lane j columns j + 32 k; the warps' dweight partials are
+// added in warp order into the chunk's partial[c * dim + i].
+template <typename T, int kCols>
+__global__ void __launch_bounds__(kThreads)
+    AddRmsNormBackwardWarpKernel(int64_t rows, int64_t dim, int64_t chunks, const T* dy,
+                                 const float* dresidual_out, const float* residual_out,
+                                 const float* weight, const float* rstd, float* dx, bf16* dx_bf16,
+                                 double* partial) {
+  __shared__ double warp_dw[kWarps][kWarpDim];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t c = blockIdx.x;
+  const int64_t r_begin = rows * c / chunks, r_end = rows * (c + 1) / chunks;
+  double dw[kCols];
+  float w[kCols];
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    const int64_t i = lane + 32 * j;
+    dw[j] = 0.0;
+    w[j] = i < dim ? weight[i] : 0.f;
+  }
+  for (int64_t r = r_begin + warp; r < r_end; r += kWarps) {
+    const int64_t base = r * dim;
+    const float s = rstd[r];
+    float g[kCols], res[kCols];
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      const int64_t i = lane + 32 * j;
+      g[j] = i < dim ? Load(dy + base + i) : 0.f;
+      res[j] = i < dim ? residual_out[base + i] : 0.f;
+    }
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      dot += g[j] * w[j] * res[j];
+      dw[j] += double(g[j]) * double(res[j]) * double(s);
+    }
+    dot = WarpSum(dot);  // every lane has read its dy before any lane writes dx (dx may be dy)
+    const float k = s * s * dot / float(dim);
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      const int64_t i = lane + 32 * j;
+      if (i >= dim) continue;
+      float v = s * (g[j] * w[j] - res[j] * k);
+      if (dresidual_out) v += dresidual_out[base + i];
+      dx[base + i] = v;
+      if (dx_bf16) dx_bf16[base + i] = __float2bfloat16_rn(v);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) {
+    if (lane + 32 * j < kWarpDim) warp_dw[warp][lane + 32 * j] = dw[j];
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
+    double sum = 0.0;
+    for (int v = 0; v < kWarps; ++v) sum += warp_dw[v][i];
+    partial[c * dim + i] = sum;
+  }
+}
+
 template <typename TX, typename TY>
 __global__ void AddRmsNormForwardKernel(int64_t dim, const float* residual_in, const TX* x,
                                         const float* weight, float eps, float* residual_out, TY* y,
@@ -103,8 +191,14 @@ void AddRmsNormForwardCuda(int64_t rows, int64_t dim, const float* residual_in, 
                            cudaStream_t stream) {
   if (rows == 0) return;
   MAMBA_CHECK(rows < (int64_t(1) << 31)) << "rmsnorm: too many rows";
-  AddRmsNormForwardKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
-      dim, residual_in, x, weight, eps, residual_out, y, rstd);
+  if (dim <= kWarpDim) {
+    AddRmsNormForwardWarpKernel<<<static_cast<unsigned int>((rows + kWarps - 1) / kWarps),
+                                  kThreads, 0, stream>>>(rows, dim, residual_in, x, weight, eps,
+                                                         residual_out, y, rstd);
+  } else {
+    AddRmsNormForwardKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+        dim, residual_in, x, weight, eps, residual_out, y, rstd);
+  }
   MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_fwd");
 }
 
@@ -128,7 +222,16 @@ void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float*
   AddRmsNormBackwardKernel<T, cols><<<blocks, kThreads, 0, stream>>>( \
       rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, dx_bf16, partial)
     const int64_t cols = (dim + kThreads - 1) / kThreads;
-    if (cols <= 1) {
+#define MAMBA_LAUNCH_WARP(cols)                                           \
+  AddRmsNormBackwardWarpKernel<T, cols><<<blocks, kThreads, 0, stream>>>( \
+      rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, dx_bf16, partial)
+    if (dim <= 32) {
+      MAMBA_LAUNCH_WARP(1);
+    } else if (dim <= 64) {
+      MAMBA_LAUNCH_WARP(2);
+    } else if (dim <= kWarpDim) {
+      MAMBA_LAUNCH_WARP(4);
+    } else if (cols <= 1) {
       MAMBA_LAUNCH(1);
     } else if (cols <= 2) {
       MAMBA_LAUNCH(2);
@@ -142,6 +245,7 @@ void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float*
       MAMBA_LAUNCH(32);
     }
 #undef MAMBA_LAUNCH
+#undef MAMBA_LAUNCH_WARP
     MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_bwd");
   }
   LaunchAddChunkSums(dim, rows > 0 ? chunks : 0, partial, dweight, stream);
