@@ -116,6 +116,13 @@ class Backend {
   virtual void Zero(Tensor& t) = 0;
   virtual Tensor FromHost(const Tensor& host) = 0;  // a device copy of a CPU tensor
   virtual Tensor ToHost(const Tensor& t) = 0;       // a CPU copy
+  // A CPU tensor for staging device data through host memory (the MPI transport): page-locked
+  // where the device copies faster from and to it, reused once the tensor is gone.
+  virtual Tensor StagingHostEmpty(const Shape& shape, DType dtype) {
+    return Tensor::Empty(shape, dtype);
+  }
+  // Copies device tensor t into an existing CPU tensor of the same shape and dtype.
+  virtual void CopyToHost(const Tensor& t, Tensor& host) = 0;
   // Copies a CPU tensor into an existing device tensor of the same shape and dtype (its buffer,
   // and so every view of it, stays the same). The host tensor may be freed once this returns.
   virtual void CopyFromHost(const Tensor& host, Tensor& dst) = 0;

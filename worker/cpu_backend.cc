@@ -56,6 +56,7 @@ class CpuBackend final : public Backend {
     return t;
   }
   Tensor ToHost(const Tensor& t) override { return FromHost(t); }
+  void CopyToHost(const Tensor& t, Tensor& host) override { CopyFromHost(t, host); }
   void CopyFromHost(const Tensor& host, Tensor& dst) override {
     CheckSameShape(host, dst, "copy_from_host");
     MAMBA_CHECK(host.dtype() == dst.dtype() && host.device() == Device::kCPU &&

@@ -525,6 +525,39 @@ class CudaBackend final : public Backend {
     SyncAndCheck("to_host");
     return host;
   }
+  void CopyToHost(const Tensor& t, Tensor& host) override {
+    OpScope range(this, "to_host");
+    CheckSameShape(t, host, "to_host");
+    MAMBA_CHECK(t.device() == Device::kCUDA && host.device() == Device::kCPU &&
+                t.dtype() == host.dtype())
+        << "to_host: " << t.DebugString() << " to " << host.DebugString();
+    MAMBA_CUDA_CHECK("to_host", cudaMemcpyAsync(host.raw(), t.raw(), t.nbytes(),
+                                                cudaMemcpyDeviceToHost, stream_));
+    SyncAndCheck("to_host");
+  }
+  // Page-locked blocks, kept by size class (powers of two) and handed out again once their
+  // tensor is gone: cudaMallocHost takes milliseconds, the copies run at full PCIe speed.
+  Tensor StagingHostEmpty(const Shape& shape, DType dtype) override {
+    const size_t bytes = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
+    size_t cls = 4096;
+    while (cls < bytes) cls *= 2;
+    void* block = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(pinned_->mutex);
+      auto& free = pinned_->free[cls];
+      if (!free.empty()) {
+        block = free.back();
+        free.pop_back();
+      }
+    }
+    if (!block) MAMBA_CUDA_CHECK("staging", cudaMallocHost(&block, cls));
+    std::shared_ptr<PinnedCache> cache = pinned_;
+    std::shared_ptr<void> buffer(block, [cache, cls](void* p) {
+      std::lock_guard<std::mutex> lock(cache->mutex);
+      cache->free[cls].push_back(p);
+    });
+    return Tensor::Over(std::move(buffer), shape, dtype, Device::kCPU);
+  }
   void CopyFromHost(const Tensor& host, Tensor& dst) override {
     OpScope range(this, "copy_from_host");
     CheckSameShape(host, dst, "copy_from_host");
@@ -578,8 +611,8 @@ class CudaBackend final : public Backend {
     OpScope range(this, op);
     MAMBA_CHECK(dweight.rank() == 2 && dout.numel() == ids.numel() * dweight.dim(1))
         << "embedding backward: ids " << ids.DebugString() << " dout " << dout.DebugString();
-    const size_t bytes = kernels::EmbeddingBackwardWorkspaceBytes(ids.numel(), dweight.dim(0),
-                                                                   dweight.dim(1));
+    const size_t bytes =
+        kernels::EmbeddingBackwardWorkspaceBytes(ids.numel(), dweight.dim(0), dweight.dim(1));
     WithActType(ActDType(op, {{"dout", dout}}), [&](auto tag) {
       using T = typename decltype(tag)::type;
       kernels::EmbeddingBackwardCuda(Ids(ids, op), ids.numel(), Act<T>(dout, op, "dout"),
@@ -1007,6 +1040,18 @@ class CudaBackend final : public Backend {
     const char* name;
     cudaEvent_t start, stop;
   };
+  // Free page-locked staging blocks by size; shared with the tensors that return them, and freed
+  // when the last of both goes.
+  struct PinnedCache {
+    std::mutex mutex;
+    std::map<size_t, std::vector<void*>> free;
+    ~PinnedCache() {
+      for (auto& [cls, blocks] : free) {
+        for (void* p : blocks) cudaFreeHost(p);
+      }
+    }
+  };
+  std::shared_ptr<PinnedCache> pinned_ = std::make_shared<PinnedCache>();
   bool timing_ = false;
   std::vector<TimedOp> timed_;
   std::vector<cudaEvent_t> free_events_;

@@ -102,6 +102,16 @@ Tensor Tensor::Empty(Shape shape, DType dtype, Device device) {
   return t;
 }
 
+Tensor Tensor::Over(std::shared_ptr<void> buffer, Shape shape, DType dtype, Device device) {
+  for (int64_t d : shape) MAMBA_CHECK(d >= 0) << "negative dimension in " << ShapeString(shape);
+  Tensor t;
+  t.shape_ = std::move(shape);
+  t.dtype_ = dtype;
+  t.device_ = device;
+  t.buffer_ = std::move(buffer);
+  return t;
+}
+
 Tensor Tensor::Zeros(Shape shape, DType dtype) {
   Tensor t = Empty(std::move(shape), dtype, Device::kCPU);
   std::memset(t.raw(), 0, t.nbytes());

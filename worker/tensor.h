@@ -53,6 +53,9 @@ class Tensor {
  public:
   Tensor() = default;  // undefined: the "absent" value of optional op arguments
   static Tensor Empty(Shape shape, DType dtype, Device device = Device::kCPU);
+  // A tensor over `buffer` (at least the shape's bytes, on `device`), which it shares ownership of:
+  // for backends that hand out memory of their own (pinned host staging buffers).
+  static Tensor Over(std::shared_ptr<void> buffer, Shape shape, DType dtype, Device device);
   // Zero-filled; CPU only (device backends zero with their own ops).
   static Tensor Zeros(Shape shape, DType dtype);
 

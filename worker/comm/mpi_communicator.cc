@@ -117,7 +117,9 @@ absl::Status MpiCommunicator::Exchange(const void* send, size_t bytes, int dst, 
 Tensor MpiCommunicator::HostOf(const Tensor& t) const {
   if (t.device() == Device::kCPU) return t;
   MAMBA_CHECK(backend_ != nullptr) << "a device tensor needs the backend to stage it";
-  return backend_->ToHost(t);
+  Tensor host = backend_->StagingHostEmpty(t.shape(), t.dtype());
+  backend_->CopyToHost(t, host);
+  return host;
 }
 
 void MpiCommunicator::WriteBack(const Tensor& host, Tensor& t) const {
@@ -203,7 +205,8 @@ absl::Status MpiCommunicator::AllGather(const Tensor& in, Tensor& out) {
   MAMBA_CHECK(out.numel() == in.numel() * size_ && out.dtype() == in.dtype())
       << "all_gather: out must hold size() x in";
   Tensor src = HostOf(in);
-  Tensor dst = out.device() == Device::kCPU ? out : Tensor::Empty(out.shape(), out.dtype());
+  Tensor dst =
+      out.device() == Device::kCPU ? out : backend_->StagingHostEmpty(out.shape(), out.dtype());
   const size_t bytes = in.nbytes();
   char* base = static_cast<char*>(dst.raw());
   std::memcpy(base + rank_ * bytes, src.raw(), bytes);
@@ -227,7 +230,8 @@ absl::Status MpiCommunicator::SendRecv(const Tensor& send, int dst, Tensor& recv
   Tensor out = dst >= 0 ? HostOf(send) : Tensor();
   Tensor in;
   if (src >= 0)
-    in = recv.device() == Device::kCPU ? recv : Tensor::Empty(recv.shape(), recv.dtype());
+    in = recv.device() == Device::kCPU ? recv
+                                       : backend_->StagingHostEmpty(recv.shape(), recv.dtype());
   RETURN_IF_ERROR(Exchange(dst >= 0 ? out.raw() : nullptr, dst >= 0 ? out.nbytes() : 0, dst,
                            src >= 0 ? in.raw() : nullptr, src >= 0 ? in.nbytes() : 0, src,
                            "send_recv"));

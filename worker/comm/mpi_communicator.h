@@ -1,8 +1,8 @@
 // Communicator over MPI. CPU tensors are sent from their own memory; CUDA tensors are staged
-// through host copies made by the backend (the transport of ranks that share a GPU, which NCCL
-// refuses, and the fallback where NCCL is absent). Reductions run on the host in a fixed ring
-// order: each chunk is summed once, by one rank, then copied to the others, so every rank holds
-// the same bits and a repeated run repeats them.
+// through the backend's page-locked host buffers (Backend::StagingHostEmpty; the transport of ranks
+// that share a GPU, which NCCL refuses, and the fallback where NCCL is absent). Reductions run on
+// the host in a fixed ring order: each chunk is summed once, by one rank, then copied to the
+// others, so every rank holds the same bits and a repeated run repeats them.
 #pragma once
 
 #include <mpi.h>
