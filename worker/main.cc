@@ -74,6 +74,8 @@ nlohmann::json SummaryJson(const mamba::v1::JobSpec& spec, const mamba::TrainSum
   j["final_loss"] = s.final_loss;
   j["final_accuracy"] = s.final_accuracy;
   j["losses"] = s.losses;
+  j["peak_memory_gib"] = double(s.peak_memory_bytes) / (1 << 30);  // rank 0's device tensors
+  j["workspace_gib"] = double(s.workspace_bytes) / (1 << 30);
   for (const auto& e : s.evals) {
     j["eval"].push_back(
         {{"seq_len", e.seq_len}, {"loss", e.loss}, {"accuracy", e.accuracy}, {"tokens", e.tokens}});
