@@ -7,7 +7,8 @@
 #            against one rank, reruns bit-identical.
 #   dp       Mamba-130M and 370M, seqlen 2048, batch 8 a GPU: tokens/s on 1..P GPUs with the
 #            all-reduce bucketed and overlapped (gradBucketMb 25) and after the backward (0).
-#   weak     Mamba-130M at batch 1, sp = P: 65,536 and 8,192 tokens a GPU against one GPU.
+#   weak     Mamba-130M at batch 1, sp = P: 65,536 and 8,192 tokens a GPU against one GPU, the
+#            state maps all-gathered and handed along a send/recv chain.
 #   longest  the longest single sequence of 130M at sp = P (recompute LAYER): LONGEST="1048576
 #            1146880" candidate lengths, the last that trains is the answer.
 # A dry run of the script's plumbing on CPUs: NGPU=2 BACKEND=cpu DP_MODELS="tiny 32 2"
@@ -100,11 +101,14 @@ if [[ " $RUNS " == *" weak "* ]]; then
     one=$(job "weak-$per-1" 1 "$(spec "$wd" "$wn" "$per" 1 10 '{}' CONV_AND_DELTA)") || status=1
     echo "weak $per tokens a GPU, 1 GPU: $one tokens/s" | tee -a "$OUT/table.txt"
     for p in "${sizes[@]}"; do
-      tps=$(job "weak-$per-$p" "$p" "$(spec "$wd" "$wn" $((per * p)) 1 10 "{\"sp\":$p}" \
-        CONV_AND_DELTA)") || status=1
-      echo "weak $per tokens a GPU, sp $p: $tps tokens/s, step time ratio" \
-        "$(python3 -c "print(f'{$p * max($one, 1) / max($tps, 1):.3f}')")" |
-        tee -a "$OUT/table.txt"
+      # The state maps all-gathered (default) or handed along a send/recv chain.
+      for exchange in ALL_GATHER CHAIN; do
+        tps=$(job "weak-$per-$p-$exchange" "$p" "$(spec "$wd" "$wn" $((per * p)) 1 10 \
+          "{\"sp\":$p,\"stateExchange\":\"$exchange\"}" CONV_AND_DELTA)") || status=1
+        echo "weak $per tokens a GPU, sp $p, $exchange: $tps tokens/s, step time ratio" \
+          "$(python3 -c "print(f'{$p * max($one, 1) / max($tps, 1):.3f}')")" |
+          tee -a "$OUT/table.txt"
+      done
     done
   done
 fi

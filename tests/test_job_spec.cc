@@ -69,6 +69,17 @@ TEST(JobSpec, BadSpecsNameTheFieldAndRule) {
               "profile.kernels[0]: \"scan\" is not an op (one of adamw, ");
 }
 
+// parallel.stateExchange picks how the model hands the scan state across sp ranks.
+TEST(JobSpec, StateExchangeReachesTheModel) {
+  auto spec = ParseJobSpecJson(R"({"data": {"inductionHeads": {}}})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_FALSE(ModelOptionsFromSpec(*spec).state_chain);
+  spec = ParseJobSpecJson(
+      R"({"data": {"inductionHeads": {}}, "parallel": {"sp": 2, "stateExchange": "CHAIN"}})");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(ModelOptionsFromSpec(*spec).state_chain);
+}
+
 // "profile": {} takes 3 timed steps, 1 counted step and the scan kernels; a run too short for a
 // counted step after the timed ones counts none.
 TEST(JobSpec, ProfileDefaults) {

@@ -276,6 +276,7 @@ OptimizerConfig OptimizerConfigFromSpec(const v1::JobSpec& spec) {
 
 ModelOptions ModelOptionsFromSpec(const v1::JobSpec& spec) {
   ModelOptions o;
+  o.state_chain = spec.parallel().state_exchange() == v1::ParallelSpec::CHAIN;
   switch (spec.memory().recompute()) {
     case v1::MemorySpec::NONE:
       o.recompute = Recompute::kNone;

@@ -176,9 +176,13 @@ void MambaModel::HandOffState(Layer& l, int64_t B) {
   in.h0 = Tensor();
   be.SelectiveScanStateMap(in, decay, state);
   // h0 of slice r: the earlier slices' maps composed in order, from a zero state.
-  std::vector<int> earlier;
-  for (int q = 0; q < r; ++q) earlier.push_back(q);
-  l.h0 = ComposeMaps(maps, earlier, B);
+  if (options_.state_chain) {
+    l.h0 = ChainMaps(maps, /*forward=*/true, B);
+  } else {
+    std::vector<int> earlier;
+    for (int q = 0; q < r; ++q) earlier.push_back(q);
+    l.h0 = ComposeMaps(maps, earlier, B);
+  }
   l.decay = decay;
 }
 
@@ -207,9 +211,31 @@ Tensor MambaModel::HandBackStateGrad(const Layer& l, const Tensor& dy, int64_t B
   be.Convert(l.decay, decay);
   be.SelectiveScanStateGrad(ScanInputsOf(l), dy, dstate);
   // dh_last of slice r: the later slices' maps composed from the last one back, from zero.
+  if (options_.state_chain) return ChainMaps(maps, /*forward=*/false, B);
   std::vector<int> later;
   for (int q = P - 1; q > r; --q) later.push_back(q);
   return ComposeMaps(maps, later, B);
+}
+
+Tensor MambaModel::ChainMaps(const Tensor& maps, bool forward, int64_t B) {
+  const int64_t E = config_.d_inner(), N = config_.d_state, S = B * E * N;
+  const int r = sp_->rank(), P = sp_->size();
+  const int from = forward ? r - 1 : r + 1, to = forward ? r + 1 : r - 1;
+  // The composed state so far; undefined (zero) at the chain's start. The same operations in the
+  // same order as ComposeMaps, so the same bits.
+  Tensor h;
+  if (from >= 0 && from < P) {
+    h = Act({B, E, N});
+    comm::ThrowIfError(sp_->SendRecv(Tensor(), -1, h, from));
+  }
+  if (to >= 0 && to < P) {
+    Tensor next = Act({B, E, N});
+    backend_->Convert(maps.View(S, {B, E, N}), next);
+    if (h.defined()) backend_->AddProduct(maps.View(0, {B, E, N}), h, next);
+    Tensor none;
+    comm::ThrowIfError(sp_->SendRecv(next, to, none, -1));
+  }
+  return h;
 }
 
 void MambaModel::ExchangeHaloGrad(const Tensor& dprefix, Tensor& dx, int64_t B, int64_t L) {

@@ -38,6 +38,10 @@ struct ModelOptions {
   // chunks of positions, each layer carrying its conv tail and scan state from chunk to chunk,
   // so that their memory does not grow with the length; 0 picks 65,536 rows.
   int64_t eval_chunk_rows = 0;
+  // Sequence parallelism: hand each layer's composed scan state from rank to rank (a send/recv
+  // chain: sp - 1 hops in turn) instead of all-gathering every slice's state map and composing
+  // them on every rank (one collective). Both give the same bits.
+  bool state_chain = false;
 };
 
 class MambaModel {
@@ -131,6 +135,9 @@ class MambaModel {
   // composes those of the ranks in `order`, first to last, from a zero state: undefined when
   // `order` is empty.
   Tensor ComposeMaps(const Tensor& maps, const std::vector<int>& order, int64_t B);
+  // The same composition as a chain: the state of the slices before this one (after it, when
+  // !forward) from the neighbour on that side, this slice's map applied to it for the other.
+  Tensor ChainMaps(const Tensor& maps, bool forward, int64_t B);
   void ExchangeHaloGrad(const Tensor& dprefix, Tensor& dx, int64_t B, int64_t L);
   // A copy of the last H positions of each of the B sequences of x (B, L, E): (B, H, E).
   Tensor LastPositions(const Tensor& x, int64_t B, int64_t L, int64_t H);

@@ -97,8 +97,12 @@ Tensor Block(const Tensor& t, int64_t b0, int64_t nb, int64_t t0, int64_t nt) {
 
 // A float64 model whose step sizes and embeddings are large enough that states carry far across
 // slice boundaries and every gradient has a checkable size.
-std::unique_ptr<MambaModel> MakeModel(Backend* backend, Recompute recompute) {
-  auto m = std::make_unique<MambaModel>(Config(), backend, DType::kF64, ModelOptions{recompute, 0});
+std::unique_ptr<MambaModel> MakeModel(Backend* backend, Recompute recompute,
+                                      bool state_chain = false) {
+  ModelOptions options;
+  options.recompute = recompute;
+  options.state_chain = state_chain;
+  auto m = std::make_unique<MambaModel>(Config(), backend, DType::kF64, options);
   m->Initialize(5);
   std::mt19937 rng(3);
   std::uniform_real_distribution<double> unit(-1.0, 0.5);
@@ -142,10 +146,13 @@ TEST(Distributed, EveryLayoutGivesOneRanksLossAndGradientsInFloat64) {
       ASSERT_TRUE(groups.ok()) << groups.status();
       const int64_t nb = B / layout.dp, b0 = groups->dp_rank * nb, t0 = groups->sp_rank * slice;
       const Tensor in = Block(inputs, b0, nb, t0, slice), tg = Block(targets, b0, nb, t0, slice);
-      // This rank's slice with the exchanges, and without them (a split that ignores the state
-      // and the halo must be far off, or the comparison proves nothing).
-      for (bool exchange : {true, false}) {
-        auto m = MakeModel(backend.get(), recompute);
+      // This rank's slice with the exchanges (the state maps all-gathered, then handed along a
+      // send/recv chain: the same bits), and without them (a split that ignores the state and
+      // the halo must be far off, or the comparison proves nothing).
+      std::vector<std::vector<double>> gathered;
+      for (const char* mode : {"all_gather", "chain", "none"}) {
+        const bool exchange = std::string(mode) != "none", chain = std::string(mode) == "chain";
+        auto m = MakeModel(backend.get(), recompute, chain);
         m->SetSequenceParallel(exchange ? groups->sp.get() : nullptr);
         m->ZeroGrad();
         const LossStats local = m->ForwardBackward(in, tg, kIgnore, 1.0 / counted, true);
@@ -159,6 +166,11 @@ TEST(Distributed, EveryLayoutGivesOneRanksLossAndGradientsInFloat64) {
         ASSERT_TRUE(groups->world->AllReduceSum(loss).ok());
         EXPECT_EQ(loss.data<double>()[1], double(ref.count));
         const auto got = Grads(*m), want = Grads(*one);
+        if (chain) {
+          EXPECT_EQ(got, gathered) << "the chain's gradients differ from the all-gather's";
+        } else if (exchange) {
+          gathered = got;
+        }
         double worst = 0;
         for (size_t i = 0; i < got.size(); ++i) {
           const double err = ::mamba::testing::NormRelativeError(got[i], want[i]);
