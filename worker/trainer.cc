@@ -407,7 +407,13 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     backend_->EnableOpTiming(profiled);
     if (counters_on && step == counted_from) {
       const auto& k = spec_.profile().kernels();
-      profile_.counters_note = backend_->EnableOpCounters({k.begin(), k.end()});
+      // Kernel replay serialises the context's kernels, the communication's among them: with
+      // peers waiting on each other inside a step, a rank's replays could stall the job.
+      profile_.counters_note =
+          groups_.layout.world() > 1
+              ? "hardware counters are collected on one-rank jobs only (kernel replay would "
+                "serialise with the ranks' communication)"
+              : backend_->EnableOpCounters({k.begin(), k.end()});
     }
     const auto step_start = Clock::now();
     ASSIGN_OR_RETURN(PreparedBatch batch, next.get());
