@@ -17,144 +17,85 @@ constexpr int64_t kMaxBackwardDim = kThreads * 32;
 
 int64_t RowChunks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxRowChunks)); }
 
-// Rows of at most kWarpDim columns take a warp each (a block runs kWarps rows at once): a block a
-// row left most of its threads idle on narrow models and waited on block-wide barriers per row.
+// A row is owned by the whole block (kWarp false) or, for rows of at most kWarpDim columns, by
+// one warp (a block runs kWarps rows at once): a block a row left most of its threads idle on
+// narrow models and waited on block-wide barriers per row.
 constexpr int64_t kWarpDim = 128;
 constexpr int kWarps = kThreads / 32;
 
-template <typename TX, typename TY>
-__global__ void AddRmsNormForwardWarpKernel(int64_t rows, int64_t dim, const float* residual_in,
-                                            const TX* x, const float* weight, float eps,
-                                            float* residual_out, TY* y, float* rstd) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
-  if (r >= rows) return;
+// The threads that share a row: their count, this thread's place among them, their sum.
+template <bool kWarp>
+struct RowTeam {
+  static constexpr int kSize = kWarp ? 32 : kThreads;
+  __device__ static int Index() { return kWarp ? threadIdx.x & 31 : threadIdx.x; }
+  __device__ static int Slot() { return kWarp ? threadIdx.x >> 5 : 0; }  // the team's row slot
+  static constexpr int kSlots = kWarp ? kWarps : 1;
+  // Every thread of the team gets the sum; the block version's barriers also order the team's
+  // earlier reads before its later writes, as the warp's shuffles do within a warp.
+  __device__ static float Sum(float v, float* scratch) {
+    if constexpr (kWarp) {
+      return WarpSum(v);
+    } else {
+      return BlockSum(v, scratch);
+    }
+  }
+};
+
+template <bool kWarp, typename TX, typename TY>
+__global__ void AddRmsNormForwardKernel(int64_t rows, int64_t dim, const float* residual_in,
+                                        const TX* x, const float* weight, float eps,
+                                        float* residual_out, TY* y, float* rstd) {
+  using Team = RowTeam<kWarp>;
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x * int64_t(Team::kSlots) + Team::Slot();
+  if (r >= rows) return;  // whole teams only: a warp team's row, or the block's
   const int64_t base = r * dim;
   float sum_sq = 0.f;
-  for (int64_t i = lane; i < dim; i += 32) {
+  for (int64_t i = Team::Index(); i < dim; i += Team::kSize) {
     const float v = residual_in ? residual_in[base + i] + Load(x + base + i) : Load(x + base + i);
     residual_out[base + i] = v;
     sum_sq += v * v;
   }
-  sum_sq = WarpSum(sum_sq);
+  sum_sq = Team::Sum(sum_sq, scratch);
   const float s = rsqrtf(sum_sq / float(dim) + eps);
-  if (lane == 0) rstd[r] = s;
-  for (int64_t i = lane; i < dim; i += 32) {
-    Store(y + base + i, residual_out[base + i] * s * weight[i]);
-  }
-}
-
-// The backward of narrow rows: block c's warps take the rows of its chunk in turn (warp w the
-// rows r_begin + w, + kWarps, ...), lane j columns j + 32 k; the warps' dweight partials are
-// added in warp order into the chunk's partial[c * dim + i].
-template <typename T, int kCols>
-__global__ void __launch_bounds__(kThreads)
-    AddRmsNormBackwardWarpKernel(int64_t rows, int64_t dim, int64_t chunks, const T* dy,
-                                 const float* dresidual_out, const float* residual_out,
-                                 const float* weight, const float* rstd, float* dx, bf16* dx_bf16,
-                                 double* partial) {
-  __shared__ double warp_dw[kWarps][kWarpDim];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t c = blockIdx.x;
-  const int64_t r_begin = rows * c / chunks, r_end = rows * (c + 1) / chunks;
-  double dw[kCols];
-  float w[kCols];
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) {
-    const int64_t i = lane + 32 * j;
-    dw[j] = 0.0;
-    w[j] = i < dim ? weight[i] : 0.f;
-  }
-  for (int64_t r = r_begin + warp; r < r_end; r += kWarps) {
-    const int64_t base = r * dim;
-    const float s = rstd[r];
-    float g[kCols], res[kCols];
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) {
-      const int64_t i = lane + 32 * j;
-      g[j] = i < dim ? Load(dy + base + i) : 0.f;
-      res[j] = i < dim ? residual_out[base + i] : 0.f;
-    }
-    float dot = 0.f;
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) {
-      dot += g[j] * w[j] * res[j];
-      dw[j] += double(g[j]) * double(res[j]) * double(s);
-    }
-    dot = WarpSum(dot);  // every lane has read its dy before any lane writes dx (dx may be dy)
-    const float k = s * s * dot / float(dim);
-#pragma unroll
-    for (int j = 0; j < kCols; ++j) {
-      const int64_t i = lane + 32 * j;
-      if (i >= dim) continue;
-      float v = s * (g[j] * w[j] - res[j] * k);
-      if (dresidual_out) v += dresidual_out[base + i];
-      dx[base + i] = v;
-      if (dx_bf16) dx_bf16[base + i] = __float2bfloat16_rn(v);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kCols; ++j) {
-    if (lane + 32 * j < kWarpDim) warp_dw[warp][lane + 32 * j] = dw[j];
-  }
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
-    double sum = 0.0;
-    for (int v = 0; v < kWarps; ++v) sum += warp_dw[v][i];
-    partial[c * dim + i] = sum;
-  }
-}
-
-template <typename TX, typename TY>
-__global__ void AddRmsNormForwardKernel(int64_t dim, const float* residual_in, const TX* x,
-                                        const float* weight, float eps, float* residual_out, TY* y,
-                                        float* rstd) {
-  __shared__ float scratch[32];
-  const int64_t base = blockIdx.x * dim;
-  float sum_sq = 0.f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = residual_in ? residual_in[base + i] + Load(x + base + i) : Load(x + base + i);
-    residual_out[base + i] = v;
-    sum_sq += v * v;
-  }
-  sum_sq = BlockSum(sum_sq, scratch);
-  const float s = rsqrtf(sum_sq / float(dim) + eps);
-  if (threadIdx.x == 0) rstd[blockIdx.x] = s;
+  if (Team::Index() == 0) rstd[r] = s;
   // Each thread reads back only the entries it wrote itself.
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+  for (int64_t i = Team::Index(); i < dim; i += Team::kSize) {
     Store(y + base + i, residual_out[base + i] * s * weight[i]);
   }
 }
 
 // Block c handles rows [c*rows/chunks, (c+1)*rows/chunks): dx for each row, and the chunk's
-// dweight partial (double) in partial[c * dim + i], owned by the thread of column i.
-// A thread owns the columns tid + j * kThreads, j < kCols, for all rows of its chunk: their
-// dweight partials stay in registers (in double, added in row order), and each row's loads are
-// issued together before the row's reduction.
-template <typename T, int kCols>
+// dweight partial (double) in partial[c * dim + i]. A team (the block, or each warp taking every
+// kWarps-th row of the chunk) owns a row; its thread t the columns t + j * team size, j < kCols,
+// whose dweight partials stay in registers (in double, added in row order) and each row's loads
+// are issued together before the row's reduction. Warp teams' partials add up in warp order.
+template <bool kWarp, typename T, int kCols>
 __global__ void __launch_bounds__(kThreads)
     AddRmsNormBackwardKernel(int64_t rows, int64_t dim, int64_t chunks, const T* dy,
                              const float* dresidual_out, const float* residual_out,
                              const float* weight, const float* rstd, float* dx, bf16* dx_bf16,
                              double* partial) {
+  using Team = RowTeam<kWarp>;
   __shared__ float scratch[32];
+  __shared__ double team_dw[Team::kSlots][kWarp ? kWarpDim : 1];
   const int64_t c = blockIdx.x;
   const int64_t r_begin = rows * c / chunks, r_end = rows * (c + 1) / chunks;
   double dw[kCols];
   float w[kCols];
 #pragma unroll
   for (int j = 0; j < kCols; ++j) {
-    const int64_t i = threadIdx.x + j * int64_t(kThreads);
+    const int64_t i = Team::Index() + j * int64_t(Team::kSize);
     dw[j] = 0.0;
     w[j] = i < dim ? weight[i] : 0.f;
   }
-  for (int64_t r = r_begin; r < r_end; ++r) {
+  for (int64_t r = r_begin + Team::Slot(); r < r_end; r += Team::kSlots) {
     const int64_t base = r * dim;
     const float s = rstd[r];
     float g[kCols], res[kCols];
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
-      const int64_t i = threadIdx.x + j * int64_t(kThreads);
+      const int64_t i = Team::Index() + j * int64_t(Team::kSize);
       g[j] = i < dim ? Load(dy + base + i) : 0.f;
       res[j] = i < dim ? residual_out[base + i] : 0.f;
     }
@@ -164,11 +105,11 @@ __global__ void __launch_bounds__(kThreads)
       dot += g[j] * w[j] * res[j];
       dw[j] += double(g[j]) * double(res[j]) * double(s);
     }
-    dot = BlockSum(dot, scratch);  // its barriers also order every read of dy before the writes
+    dot = Team::Sum(dot, scratch);  // every read of dy is done before the writes (dx may be dy)
     const float k = s * s * dot / float(dim);
 #pragma unroll
     for (int j = 0; j < kCols; ++j) {
-      const int64_t i = threadIdx.x + j * int64_t(kThreads);
+      const int64_t i = Team::Index() + j * int64_t(Team::kSize);
       if (i >= dim) continue;
       float v = s * (g[j] * w[j] - res[j] * k);
       if (dresidual_out) v += dresidual_out[base + i];
@@ -176,10 +117,23 @@ __global__ void __launch_bounds__(kThreads)
       if (dx_bf16) dx_bf16[base + i] = __float2bfloat16_rn(v);
     }
   }
+  if constexpr (!kWarp) {
 #pragma unroll
-  for (int j = 0; j < kCols; ++j) {
-    const int64_t i = threadIdx.x + j * int64_t(kThreads);
-    if (i < dim) partial[c * dim + i] = dw[j];
+    for (int j = 0; j < kCols; ++j) {
+      const int64_t i = Team::Index() + j * int64_t(Team::kSize);
+      if (i < dim) partial[c * dim + i] = dw[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) {
+      if (Team::Index() + 32 * j < kWarpDim) team_dw[Team::Slot()][Team::Index() + 32 * j] = dw[j];
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
+      double sum = 0.0;
+      for (int v = 0; v < kWarps; ++v) sum += team_dw[v][i];
+      partial[c * dim + i] = sum;
+    }
   }
 }
 
@@ -192,12 +146,12 @@ void AddRmsNormForwardCuda(int64_t rows, int64_t dim, const float* residual_in, 
   if (rows == 0) return;
   MAMBA_CHECK(rows < (int64_t(1) << 31)) << "rmsnorm: too many rows";
   if (dim <= kWarpDim) {
-    AddRmsNormForwardWarpKernel<<<static_cast<unsigned int>((rows + kWarps - 1) / kWarps),
-                                  kThreads, 0, stream>>>(rows, dim, residual_in, x, weight, eps,
-                                                         residual_out, y, rstd);
+    AddRmsNormForwardKernel<true>
+        <<<static_cast<unsigned int>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+            rows, dim, residual_in, x, weight, eps, residual_out, y, rstd);
   } else {
-    AddRmsNormForwardKernel<<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
-        dim, residual_in, x, weight, eps, residual_out, y, rstd);
+    AddRmsNormForwardKernel<false><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
+        rows, dim, residual_in, x, weight, eps, residual_out, y, rstd);
   }
   MAMBA_CUDA_CHECK_LAUNCH("rmsnorm_fwd");
 }
@@ -218,12 +172,12 @@ void AddRmsNormBackwardCuda(int64_t rows, int64_t dim, const T* dy, const float*
     MAMBA_CHECK(dim <= kMaxBackwardDim)
         << "rmsnorm_bwd: dim " << dim << " above " << kMaxBackwardDim;
     const unsigned int blocks = static_cast<unsigned int>(chunks);
-#define MAMBA_LAUNCH(cols)                                            \
-  AddRmsNormBackwardKernel<T, cols><<<blocks, kThreads, 0, stream>>>( \
+#define MAMBA_LAUNCH(cols)                                                   \
+  AddRmsNormBackwardKernel<false, T, cols><<<blocks, kThreads, 0, stream>>>( \
       rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, dx_bf16, partial)
     const int64_t cols = (dim + kThreads - 1) / kThreads;
-#define MAMBA_LAUNCH_WARP(cols)                                           \
-  AddRmsNormBackwardWarpKernel<T, cols><<<blocks, kThreads, 0, stream>>>( \
+#define MAMBA_LAUNCH_WARP(cols)                                             \
+  AddRmsNormBackwardKernel<true, T, cols><<<blocks, kThreads, 0, stream>>>( \
       rows, dim, chunks, dy, dresidual_out, residual_out, weight, rstd, dx, dx_bf16, partial)
     if (dim <= 32) {
       MAMBA_LAUNCH_WARP(1);
