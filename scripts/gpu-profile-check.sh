@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, with the bundle of scripts/gpu-bundle.sh carried as .gpu-bundle/: the profiling
 # work's GPU checks, logs and reports packed into $OUT/gpu-profile.tar.gz.
-#   1. the CUDA backend tests of the ops it changed (embedding, norms, the scan's state maps);
+#   1. the counters' test (a conversion's DRAM bytes) and the CUDA backend tests of the ops it
+#      changed (embedding, norms, the scan's state maps);
 #   2. scripts/profile.sh: the counters in process (CUPTI) and by Nsight Compute, side by side;
 #   3. the selective-copying job (scripts/jobs/selective-copying.json) through its real loop, then
 #      the bare step at its shapes (train_bench --job), with its profile report;
@@ -20,6 +21,7 @@ tar -xJf .gpu-bundle/bundle.tar.xz -C /tmp || exit 1
 run=/tmp/bundle/run.sh bin=/tmp/bundle/build
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
+"$run" "$bin/test_cuda_counters" 2>&1 | tee "$OUT/test_cuda_counters.log" | tail -12 || status=1
 "$run" "$bin/test_cuda_backend" --gtest_brief=1 \
   --gtest_filter='*Embedding*:*AddRmsNorm*:*SelectiveScan*' 2>&1 | tee "$OUT/test_cuda_backend.log" |
   tail -5 || status=1
