@@ -53,7 +53,8 @@ ABSL_FLAG(int64_t, steps, 10, "timed steps");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps first");
 ABSL_FLAG(int64_t, profile_steps, 2,
           "steps after the timed ones with per-op CUDA events, for the phase table (the timed "
-          "steps run without them: recording ~2 events per op costs host time)");
+          "steps run without them: recording ~2 events per op costs host time); 0: none (one "
+          "step exactly with --steps 1 --warmup 0, as scripts/profile.sh runs it under ncu)");
 ABSL_FLAG(std::string, backend, "cuda", "cuda or cpu");
 ABSL_FLAG(std::string, precision, "fp32",
           "GEMM precision on cuda: fp32 (exact), tf32 (TF32 tensor cores) or bf16 (bf16 operands, "
@@ -160,7 +161,38 @@ int main(int argc, char** argv) {
   int64_t B = absl::GetFlag(FLAGS_batch);
   int64_t L = absl::GetFlag(FLAGS_seq_len);
   const int64_t steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
-  const int64_t profile_steps = std::max<int64_t>(1, absl::GetFlag(FLAGS_profile_steps));
+  const int64_t profile_steps = std::max<int64_t>(0, absl::GetFlag(FLAGS_profile_steps));
+  if (steps < 1) {
+    std::fprintf(stderr, "train_bench: --steps must be at least 1\n");
+    return 2;
+  }
+  if (!absl::GetFlag(FLAGS_report).empty() && profile_steps == 0) {
+    std::fprintf(stderr, "train_bench: --report needs --profile_steps of at least 1\n");
+    return 2;
+  }
+  // Nsight Compute's tables, read before any work so that a bad one stops the run at once.
+  std::map<std::string, mamba::profiling::Measured> ncu_measured;
+  for (const std::string& pair : absl::GetFlag(FLAGS_ncu_csv)) {
+    const size_t eq = pair.find('=');
+    std::ifstream in(eq == std::string::npos ? "" : pair.substr(eq + 1));
+    if (eq == std::string::npos || !in) {
+      std::fprintf(stderr, "train_bench: --ncu_csv %s: want OP=FILE, a readable file\n",
+                   pair.c_str());
+      return 2;
+    }
+    std::stringstream text;
+    text << in.rdbuf();
+    auto kernels = mamba::profiling::ParseNcuCsv(text.str());
+    absl::StatusOr<mamba::profiling::Measured> m =
+        kernels.ok() ? mamba::profiling::SumNcuKernels(*kernels) : kernels.status();
+    if (!m.ok()) {
+      std::fprintf(stderr, "train_bench: --ncu_csv %s: %s\n", pair.c_str(),
+                   m.status().ToString().c_str());
+      return 2;
+    }
+    ncu_measured[pair.substr(0, eq)] = *m;
+    std::printf("ncu: %s: %zu kernels\n", pair.c_str(), kernels->size());
+  }
   std::string backend_name = absl::GetFlag(FLAGS_backend);
   std::string precision = absl::GetFlag(FLAGS_precision);
   double job_tokens_per_s = 0;
@@ -336,24 +368,9 @@ int main(int argc, char** argv) {
     run.steps = profile_steps;
     run.seconds = profiled_seconds;
     run.tokens_per_step = double(B * L);
-    if (const auto csvs = absl::GetFlag(FLAGS_ncu_csv); !csvs.empty()) {
+    if (!ncu_measured.empty()) {
       run.counters_note = "Nsight Compute (ncu --csv), one step";
-      for (const std::string& pair : csvs) {
-        const size_t eq = pair.find('=');
-        std::ifstream in(eq == std::string::npos ? "" : pair.substr(eq + 1));
-        std::stringstream text;
-        text << in.rdbuf();
-        auto kernels = mamba::profiling::ParseNcuCsv(text.str());
-        absl::StatusOr<mamba::profiling::Measured> m =
-            kernels.ok() ? mamba::profiling::SumNcuKernels(*kernels) : kernels.status();
-        if (eq == std::string::npos || !in || !m.ok()) {
-          std::fprintf(stderr, "train_bench: --ncu_csv %s: %s\n", pair.c_str(),
-                       m.ok() ? "want OP=FILE, a readable file" : m.status().ToString().c_str());
-          return 2;
-        }
-        run.measured_per_step[pair.substr(0, eq)] = *m;
-        std::printf("ncu: %s: %zu kernels\n", pair.c_str(), kernels->size());
-      }
+      run.measured_per_step = ncu_measured;
     } else if (const auto ops = absl::GetFlag(FLAGS_count_ops); !ops.empty()) {
       std::string why = backend->EnableOpCounters(ops);
       if (why.empty()) {
