@@ -380,8 +380,7 @@ int main(int argc, char** argv) {
         opt.Step();
         backend->Synchronize();
         for (const auto& [op, k] : backend->TakeOpCounters(&why)) {
-          run.measured_per_step[op] = mamba::profiling::Measured{
-              k.dram_read_bytes, k.dram_write_bytes, k.shared_bytes(), k.gpu_time_ns * 1e-6};
+          run.measured_per_step[op] = mamba::profiling::MeasuredOf(k);
           std::printf("counters: %s: %ld kernels\n", op.c_str(), long(k.kernels));
         }
         backend->DisableOpCounters();

@@ -14,15 +14,6 @@
 namespace mamba::profiling {
 namespace {
 
-// DESIGN.md's counters, in this order in every evaluation.
-const char* const kMetrics[] = {
-    "dram__bytes_read.sum",
-    "dram__bytes_write.sum",
-    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
-    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
-    "gpu__time_duration.sum",
-};
-constexpr size_t kNumMetrics = sizeof(kMetrics) / sizeof(kMetrics[0]);
 // Kernels one Begin/End may launch (an op launches a few).
 constexpr size_t kMaxRanges = 256;
 
@@ -203,7 +194,7 @@ struct CuptiCounters::State {
       return false;
     }
     host = host_init.pHostObject;
-    std::vector<const char*> metrics(kMetrics, kMetrics + kNumMetrics);
+    std::vector<const char*> metrics(kCounterMetrics, kCounterMetrics + kNumCounterMetrics);
     CUpti_Profiler_Host_ConfigAddMetrics_Params add = {
         CUpti_Profiler_Host_ConfigAddMetrics_Params_STRUCT_SIZE};
     add.pHostObject = host;
@@ -318,9 +309,9 @@ KernelCounters CuptiCounters::End(std::string* why) {
             "cuptiRangeProfilerGetCounterDataInfo", why)) {
     return total;
   }
-  std::vector<const char*> metrics(kMetrics, kMetrics + kNumMetrics);
+  std::vector<const char*> metrics(kCounterMetrics, kCounterMetrics + kNumCounterMetrics);
   for (size_t range = 0; range < info.numTotalRanges; ++range) {
-    double v[kNumMetrics] = {};
+    double v[kNumCounterMetrics] = {};
     CUpti_Profiler_Host_EvaluateToGpuValues_Params eval = {
         CUpti_Profiler_Host_EvaluateToGpuValues_Params_STRUCT_SIZE};
     eval.pHostObject = s.host;

@@ -19,6 +19,16 @@
 
 namespace mamba::profiling {
 
+// DESIGN.md's counters, as CUPTI and Nsight Compute name them, in KernelCounters' field order.
+inline constexpr const char* kCounterMetrics[] = {
+    "dram__bytes_read.sum",
+    "dram__bytes_write.sum",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
+    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
+    "gpu__time_duration.sum",
+};
+inline constexpr int kNumCounterMetrics = 5;
+
 // Summed over the kernels counted.
 struct KernelCounters {
   int64_t kernels = 0;

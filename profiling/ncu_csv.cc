@@ -7,14 +7,6 @@
 
 namespace mamba::profiling {
 
-const char* const kNcuMetrics[5] = {
-    "dram__bytes_read.sum",
-    "dram__bytes_write.sum",
-    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
-    "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
-    "gpu__time_duration.sum",
-};
-
 namespace {
 
 // One CSV line's fields ("a","b,c","" -> a | b,c | ""), quotes doubled inside fields.
@@ -127,18 +119,20 @@ absl::StatusOr<std::vector<NcuKernel>> ParseNcuCsv(std::string_view text) {
 }
 
 absl::StatusOr<Measured> SumNcuKernels(const std::vector<NcuKernel>& kernels) {
-  double sums[5] = {};
+  KernelCounters total;
   for (const NcuKernel& k : kernels) {
-    for (int m = 0; m < 5; ++m) {
-      const auto it = k.metrics.find(kNcuMetrics[m]);
+    double v[kNumCounterMetrics];
+    for (int m = 0; m < kNumCounterMetrics; ++m) {
+      const auto it = k.metrics.find(kCounterMetrics[m]);
       if (it == k.metrics.end()) {
         return absl::InvalidArgumentError(
-            absl::StrCat("ncu csv: kernel ", k.name, " lacks ", kNcuMetrics[m]));
+            absl::StrCat("ncu csv: kernel ", k.name, " lacks ", kCounterMetrics[m]));
       }
-      sums[m] += it->second;
+      v[m] = it->second;
     }
+    total += KernelCounters{1, v[0], v[1], v[2], v[3], v[4]};
   }
-  return Measured{sums[0], sums[1], 128 * (sums[2] + sums[3]), sums[4] * 1e-6};
+  return MeasuredOf(total);
 }
 
 }  // namespace mamba::profiling

@@ -14,9 +14,6 @@
 
 namespace mamba::profiling {
 
-// The metrics scripts/profile.sh asks ncu for (and the CUPTI counters collect).
-extern const char* const kNcuMetrics[5];
-
 struct NcuKernel {
   std::string name;
   std::map<std::string, double> metrics;  // in base units: bytes, nanoseconds, counts
@@ -25,7 +22,7 @@ struct NcuKernel {
 // The table's rows; INVALID_ARGUMENT naming the line and rule where it is not ncu's raw CSV.
 absl::StatusOr<std::vector<NcuKernel>> ParseNcuCsv(std::string_view text);
 
-// The kernels' counters summed (kNcuMetrics must all be present), and their number in *kernels.
+// The kernels' counters summed (every one of kCounterMetrics must be present).
 absl::StatusOr<Measured> SumNcuKernels(const std::vector<NcuKernel>& kernels);
 
 }  // namespace mamba::profiling

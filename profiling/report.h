@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "nlohmann/json.hpp"
+#include "profiling/cupti_counters.h"
 #include "profiling/step_model.h"
 #include "profiling/traffic_model.h"
 
@@ -29,6 +30,13 @@ struct Measured {
   double dram_read_bytes = 0, dram_write_bytes = 0, shared_bytes = 0;
   double gpu_time_ms = 0;  // the counted kernels' duration under the profiler
 };
+
+// Counters as the report shows them (shared bytes from wavefronts, milliseconds), times `scale`
+// (1 / counted steps: per step).
+inline Measured MeasuredOf(const KernelCounters& k, double scale = 1) {
+  return Measured{k.dram_read_bytes * scale, k.dram_write_bytes * scale, k.shared_bytes() * scale,
+                  k.gpu_time_ns * 1e-6 * scale};
+}
 
 struct KernelRow {
   std::string name;

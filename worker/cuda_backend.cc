@@ -517,12 +517,8 @@ class CudaBackend final : public Backend {
     return t;
   }
   Tensor ToHost(const Tensor& t) override {
-    OpScope range(this, "to_host");
-    MAMBA_CHECK(t.device() == Device::kCUDA) << "to_host: " << t.DebugString();
     Tensor host = Tensor::Empty(t.shape(), t.dtype());
-    MAMBA_CUDA_CHECK("to_host", cudaMemcpyAsync(host.raw(), t.raw(), t.nbytes(),
-                                                cudaMemcpyDeviceToHost, stream_));
-    SyncAndCheck("to_host");
+    CopyToHost(t, host);
     return host;
   }
   void CopyToHost(const Tensor& t, Tensor& host) override {

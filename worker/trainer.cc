@@ -249,10 +249,7 @@ absl::Status Trainer::WriteProfile(std::ostream& log) {
         "step(s); shared bytes are wavefronts x 128 B",
         profile_.counted_steps, profile_.steps);
     for (const auto& [op, k] : profile_.counters) {
-      const double per_step = 1.0 / double(profile_.counted_steps);
-      run.measured_per_step[op] =
-          profiling::Measured{k.dram_read_bytes * per_step, k.dram_write_bytes * per_step,
-                              k.shared_bytes() * per_step, k.gpu_time_ns * 1e-6 * per_step};
+      run.measured_per_step[op] = profiling::MeasuredOf(k, 1.0 / double(profile_.counted_steps));
     }
   }
   const profiling::Report report = profiling::AssembleReport(run, MeasurePeaks(*backend_));
