@@ -3,6 +3,7 @@
 
 #include "worker/kernels/cuda_check.h"
 #include "worker/kernels/cuda_dtype.cuh"
+#include "worker/kernels/cuda_reduce.cuh"
 #include "worker/kernels/embedding.h"
 
 namespace mamba::kernels {
@@ -53,12 +54,13 @@ __global__ void AccumulateRunsKernel(const int32_t* keys, const int32_t* tokens,
 
 // Small vocabularies (at most kSmallVocab ids: each id's run is long, and one thread adding a
 // run of thousands of rows in turn took most of a small model's step) sum in two deterministic
-// levels instead: tiles of tokens into shared memory, then the tiles in order.
+// levels instead: tiles of tokens into shared memory, then the tiles' sums (double) by the chunked
+// parameter-gradient reduction (LaunchAddChunkSums).
 constexpr int64_t kSmallVocab = 256;
 constexpr int kCols = 32;  // columns a block: one a lane
 
 // Tokens a tile: at least 256, and 4 per id, so the tiles' sums take at most a quarter of dout's
-// size in floats.
+// elements (in doubles).
 int64_t TileTokens(int64_t vocab) { return std::max<int64_t>(256, 4 * vocab); }
 int64_t NumTiles(int64_t num_tokens, int64_t vocab) {
   return (num_tokens + TileTokens(vocab) - 1) / TileTokens(vocab);
@@ -68,7 +70,7 @@ int64_t NumTiles(int64_t num_tokens, int64_t vocab) {
 // of each id's shared row in token order, then writes the tile's sums to partial[tile, id, col].
 template <typename T>
 __global__ void TileSumsKernel(const int32_t* ids, int64_t num_tokens, const T* dout, int64_t vocab,
-                               int64_t dim, int64_t tile_tokens, float* partial, int* error_flag) {
+                               int64_t dim, int64_t tile_tokens, double* partial, int* error_flag) {
   extern __shared__ float acc[];  // [vocab][kCols]
   const int lane = threadIdx.x;
   const int64_t tile = blockIdx.x, col = blockIdx.y * int64_t(kCols) + lane;
@@ -91,17 +93,8 @@ __global__ void TileSumsKernel(const int32_t* ids, int64_t num_tokens, const T* 
     }
   }
   if (col >= dim) return;
-  for (int64_t v = 0; v < vocab; ++v) partial[(tile * vocab + v) * dim + col] = acc[v * kCols + lane];
-}
-
-// Thread (id, column): the tiles' sums added in tile order, then into dweight.
-__global__ void SumTilesKernel(const float* partial, int64_t tiles, int64_t vocab, int64_t dim,
-                               float* dweight) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= vocab * dim) return;
-  float sum = 0.f;
-  for (int64_t tile = 0; tile < tiles; ++tile) sum += partial[tile * vocab * dim + i];
-  dweight[i] += sum;
+  for (int64_t v = 0; v < vocab; ++v)
+    partial[(tile * vocab + v) * dim + col] = acc[v * kCols + lane];
 }
 
 int KeyBits(int64_t vocab) {
@@ -136,7 +129,7 @@ void EmbeddingForwardCuda(const int32_t* ids, int64_t num_tokens, const float* w
 }
 
 size_t EmbeddingBackwardWorkspaceBytes(int64_t num_tokens, int64_t vocab, int64_t dim) {
-  if (vocab <= kSmallVocab) return sizeof(float) * NumTiles(num_tokens, vocab) * vocab * dim;
+  if (vocab <= kSmallVocab) return sizeof(double) * NumTiles(num_tokens, vocab) * vocab * dim;
   return 4 * Align(num_tokens * sizeof(int32_t)) + Align(SortTempBytes(num_tokens, vocab));
 }
 
@@ -150,13 +143,12 @@ void EmbeddingBackwardCuda(const int32_t* ids, int64_t num_tokens, const T* dout
       << "embedding_bwd: workspace too small";
   if (vocab <= kSmallVocab) {
     const int64_t tiles = NumTiles(num_tokens, vocab);
-    float* partial = static_cast<float*>(workspace);
+    double* partial = static_cast<double*>(workspace);
     const dim3 grid(static_cast<unsigned int>(tiles), GridFor(dim, kCols));
     TileSumsKernel<<<grid, kCols, vocab * kCols * sizeof(float), stream>>>(
         ids, num_tokens, dout, vocab, dim, TileTokens(vocab), partial, error_flag);
     MAMBA_CUDA_CHECK_LAUNCH("embedding_bwd");
-    SumTilesKernel<<<GridFor(vocab * dim, 256), 256, 0, stream>>>(partial, tiles, vocab, dim,
-                                                                  dweight);
+    LaunchAddChunkSums(vocab * dim, tiles, partial, dweight, stream);
     MAMBA_CUDA_CHECK_LAUNCH("embedding_bwd");
     return;
   }

@@ -7,7 +7,7 @@
 // (id, token) pairs groups each id's tokens in token order, and one thread owns each (id, column)
 // entry and adds the run into it in that order (the CPU reference's order, so the bits match it
 // too). Vocabularies of at most 256 ids (long runs): each tile of tokens sums into shared memory
-// in token order, then the tiles' sums add up in tile order (a fixed order, not the reference's:
+// in token order, then the tiles' sums add up in double in a fixed order (not the reference's:
 // float32 rounding differs from it).
 #pragma once
 
