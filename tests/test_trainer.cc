@@ -3,11 +3,13 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include "nlohmann/json.hpp"
+#include "profiling/step_model.h"
 #include "worker/backend.h"
 #include "worker/job_spec.h"
 #include "worker/trainer.h"
@@ -117,7 +119,10 @@ TEST(Trainer, ProfiledJobWritesItsReport) {
   EXPECT_GT(j["peaks"]["bandwidth_gbps"].get<double>(), 0);
   EXPECT_GT(j["step"]["tokens_per_s"].get<double>(), 0);
   bool scan = false;
+  const auto& names = profiling::OpNames();  // what job specs may name in profile.kernels
   for (const auto& k : j["kernels"]) {
+    EXPECT_NE(std::find(names.begin(), names.end(), k["name"].get<std::string>()), names.end())
+        << k["name"] << " is missing from profiling::OpNames()";
     EXPECT_FALSE(k.contains("measured")) << k["name"];
     EXPECT_GT(k["time_ms"].get<double>(), 0) << k["name"];
     if (k["name"] == "selective_scan_fwd") {
