@@ -278,6 +278,9 @@ TEST(SelectiveScanStateMapCpu, ComposesLikeTheScan) {
       EXPECT_GT(a, 0);
       EXPECT_LT(a, 1);
     }
+    std::vector<double> decay_alone(B * D * N, -1.0);  // no state asked for: the same decay
+    SelectiveScanStateMapCpu<double>(p.s, p.Args(), decay_alone.data(), nullptr);
+    EXPECT_EQ(decay_alone, decay);
 
     const std::vector<double> dout = RandomVector(p.u.size(), 7 + L);
     const std::vector<double> dh_last = RandomVector(B * D * N, 8 + L);

@@ -189,7 +189,8 @@ class Backend {
   // A slice's affine state maps, for sequence parallelism (selective_scan_cpu.h):
   //   h_last = decay * h0 + state,  dh0 = decay * dh_last + dstate
   // decay, state, dstate: (B, D, N) in the scan state's dtype. in.h0 is ignored; dstate is the
-  // state gradient that dout alone sends back to the slice's start.
+  // state gradient that dout alone sends back to the slice's start. state may be undefined: the
+  // decay alone (the step sizes summed, no recurrence).
   virtual void SelectiveScanStateMap(const ScanInputs& in, Tensor& decay, Tensor& state) = 0;
   virtual void SelectiveScanStateGrad(const ScanInputs& in, const Tensor& dout, Tensor& dstate) = 0;
 

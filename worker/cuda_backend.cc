@@ -808,12 +808,12 @@ class CudaBackend final : public Backend {
     kernels::cuda::ScanProblem p = ScanProblemOf(in, op, {});
     p.h0 = nullptr;
     const Shape maps{p.batch, p.dim, p.dstate};
-    MAMBA_CHECK(decay.shape() == maps && state.shape() == maps)
+    MAMBA_CHECK(decay.shape() == maps && (!state.defined() || state.shape() == maps))
         << op << ": decay and state must be (B, D, N), got " << decay.DebugString() << ", "
         << state.DebugString();
-    MAMBA_CUDA_CHECK(
-        op, kernels::cuda::LaunchScanStateMap(p, F32(decay, op, "decay"), F32(state, op, "state"),
-                                              stream_, ScanScratchFromCache()));
+    float* state_out = state.defined() ? F32(state, op, "state") : nullptr;
+    MAMBA_CUDA_CHECK(op, kernels::cuda::LaunchScanStateMap(p, F32(decay, op, "decay"), state_out,
+                                                           stream_, ScanScratchFromCache()));
   }
   void SelectiveScanStateGrad(const ScanInputs& in, const Tensor& dout, Tensor& dstate) override {
     constexpr const char* op = "scan_state_grad";

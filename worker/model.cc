@@ -167,14 +167,19 @@ Tensor MambaModel::LastPositions(const Tensor& x, int64_t B, int64_t L, int64_t 
 void MambaModel::HandOffState(Layer& l, int64_t B) {
   profiling::ScopedRange range("sp_state");
   const int64_t E = config_.d_inner(), N = config_.d_state, S = B * E * N;
-  const int r = sp_->rank();
+  const int r = sp_->rank(), P = sp_->size();
   Backend& be = *backend_;
-  // This slice's map h -> decay * h + state, then everyone's, rank after rank.
+  // This slice's map h -> decay * h + state, then everyone's, rank after rank. The last slice's
+  // state reaches no later slice: it takes only the decay (its backward map needs it), and the
+  // state it all-gathers, which no one reads, is zeros.
   Tensor maps = Act({2, B, E, N});
   Tensor decay = maps.View(0, {B, E, N}), state = maps.View(S, {B, E, N});
   ScanInputs in = ScanInputsOf(l);
   in.h0 = Tensor();
-  be.SelectiveScanStateMap(in, decay, state);
+  const bool last = r + 1 == P;
+  Tensor state_out = last ? Tensor() : state;
+  be.SelectiveScanStateMap(in, decay, state_out);
+  if (last && !options_.state_chain) be.Zero(state);
   // h0 of slice r: the earlier slices' maps composed in order, from a zero state.
   if (options_.state_chain) {
     l.h0 = ChainMaps(maps, /*forward=*/true, B);
@@ -205,11 +210,16 @@ Tensor MambaModel::HandBackStateGrad(const Layer& l, const Tensor& dy, int64_t B
   const int64_t E = config_.d_inner(), N = config_.d_state, S = B * E * N;
   const int r = sp_->rank(), P = sp_->size();
   Backend& be = *backend_;
-  // This slice's map dh_last -> decay * dh_last + dstate, then everyone's.
+  // This slice's map dh_last -> decay * dh_last + dstate, then everyone's. The first slice's map
+  // reaches no earlier slice: not computed (zeros where it is all-gathered, never read).
   Tensor maps = Act({2, B, E, N});
   Tensor decay = maps.View(0, {B, E, N}), dstate = maps.View(S, {B, E, N});
-  be.Convert(l.decay, decay);
-  be.SelectiveScanStateGrad(ScanInputsOf(l), dy, dstate);
+  if (r > 0) {
+    be.Convert(l.decay, decay);
+    be.SelectiveScanStateGrad(ScanInputsOf(l), dy, dstate);
+  } else if (!options_.state_chain) {
+    be.Zero(maps);
+  }
   // dh_last of slice r: the later slices' maps composed from the last one back, from zero.
   if (options_.state_chain) return ChainMaps(maps, /*forward=*/false, B);
   std::vector<int> later;

@@ -552,6 +552,9 @@ TEST_P(CudaBackendActTest, SelectiveScanStateMaps) {
     ExpectClose(gdecay, cdecay, "state map decay", kScanGradTol);
     ExpectClose(gstate, cstate, "state map state", kScanGradTol);
     ExpectClose(gdstate, cdstate, "state grad", kScanGradTol);
+    Tensor gdecay_alone = Poisoned(st), no_state;  // the last slice's: the decay alone
+    gpu_->SelectiveScanStateMap(gin, gdecay_alone, no_state);
+    ExpectClose(gdecay_alone, cdecay, "state map decay alone", kScanGradTol);
   }
 }
 

@@ -189,12 +189,13 @@ void SelectiveScanStateMapCpu(const ScanShape& s, const ScanForwardArgs<T>& a, T
           T dt, unused;
           StepSize(a, idx, d, &dt, &unused);
           dt_sum += dt;
+          if (state == nullptr) continue;  // the decay alone
           const T u = a.u[idx];
           for (int64_t n = 0; n < N; ++n) h[n] = std::exp(dt * A[n]) * h[n] + dt * Bt[n] * u;
         }
         for (int64_t n = 0; n < N; ++n) {
           decay[(b * D + d) * N + n] = std::exp(dt_sum * A[n]);
-          state[(b * D + d) * N + n] = h[n];
+          if (state != nullptr) state[(b * D + d) * N + n] = h[n];
         }
       }
     }

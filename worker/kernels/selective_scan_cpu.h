@@ -70,6 +70,7 @@ void SelectiveScanBackwardCpu(const ScanShape& s, const ScanBackwardArgs<T>& a);
 //   backward: dh0 = decay * dh_last + dstate       dstate = dh0 from dh_last = 0 and dout
 // so that ranks holding consecutive slices find their true h0 and dh_last by composing their
 // neighbours' maps. Only the recurrence runs: no outputs, no D_skip (z enters dstate as the gate).
+// state may be null: the decay alone, from the step sizes (the last slice's state reaches no one).
 template <typename T>
 void SelectiveScanStateMapCpu(const ScanShape& s, const ScanForwardArgs<T>& a, T* decay, T* state);
 template <typename T>

@@ -89,7 +89,7 @@ cudaError_t LaunchScanBackward(const ScanProblem& p, cudaStream_t stream,
 // Sequence parallelism's slice maps (SelectiveScanStateMapCpu / SelectiveScanStateGradCpu in
 // selective_scan_cpu.h), into (B, D, N) float32 arrays. The state map reads u, delta, Bm, A,
 // dt_bias; the state gradient reads dout, z, Cm, delta, A, dt_bias. Chunks of the slice run in
-// parallel and fold in a fixed order (selective_scan_state.cu).
+// parallel and fold in a fixed order (selective_scan_state.cu). state may be null: the decay alone.
 cudaError_t LaunchScanStateMap(const ScanProblem& p, float* decay, float* state,
                                cudaStream_t stream, const ScanScratch& scratch = {});
 cudaError_t LaunchScanStateGrad(const ScanProblem& p, float* dstate, cudaStream_t stream,

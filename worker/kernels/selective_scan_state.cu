@@ -139,11 +139,11 @@ __global__ void FoldChunks(ScanProblem p, int64_t chunks, const float* chunk_s,
   float h = 0.f, dt_sum = 0.f;
   for (int64_t k = 0; k < chunks; ++k) {
     const int64_t c = kBackward ? chunks - 1 - k : k;
-    h = __expf(A * chunk_dt[c * rows + row]) * h + chunk_s[c * chains + i];
+    if (state) h = __expf(A * chunk_dt[c * rows + row]) * h + chunk_s[c * chains + i];
     dt_sum += chunk_dt[c * rows + row];
   }
   if (decay) decay[i] = __expf(A * dt_sum);
-  state[i] = h;
+  if (state) state[i] = h;
 }
 
 template <bool kBackward>
@@ -188,10 +188,12 @@ cudaError_t Launch(const ScanProblem& p, float* decay, float* state, cudaStream_
   } else {
     ChunkStepSums<bf16><<<grid, kThreads, 0, stream>>>(p, chunk_len, chunk_dt);
   }
-  if (p.dtype == DType::kF32) {
-    vec ? MAMBA_CHUNK_MAPS(float, true) : MAMBA_CHUNK_MAPS(float, false);
-  } else {
-    vec ? MAMBA_CHUNK_MAPS(bf16, true) : MAMBA_CHUNK_MAPS(bf16, false);
+  if (state != nullptr) {  // (the decay alone needs only the step sums)
+    if (p.dtype == DType::kF32) {
+      vec ? MAMBA_CHUNK_MAPS(float, true) : MAMBA_CHUNK_MAPS(float, false);
+    } else {
+      vec ? MAMBA_CHUNK_MAPS(bf16, true) : MAMBA_CHUNK_MAPS(bf16, false);
+    }
   }
 #undef MAMBA_CHUNK_MAPS
   FoldChunks<kBackward>
