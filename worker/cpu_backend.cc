@@ -244,7 +244,8 @@ class CpuBackend final : public Backend {
     const kernels::ScanShape s = ScanShapeOf(in);
     Dispatch(in.u, [&](auto z) {
       using T = decltype(z);
-      kernels::SelectiveScanStateMapCpu<T>(s, ForwardArgs<T>(in), decay.data<T>(), OptMut<T>(state));
+      kernels::SelectiveScanStateMapCpu<T>(s, ForwardArgs<T>(in), decay.data<T>(),
+                                           OptMut<T>(state));
     });
   }
   void SelectiveScanStateGrad(const ScanInputs& given, const Tensor& dout,
