@@ -8,7 +8,7 @@ target_include_directories(test_distributed PRIVATE ${PROJECT_SOURCE_DIR})
 set(MAMBA_MPIRUN ${MPIEXEC_EXECUTABLE} --oversubscribe --allow-run-as-root --bind-to none
     -x OMP_NUM_THREADS=1 -x OMP_WAIT_POLICY=PASSIVE)
 string(JOIN " " MAMBA_MPIRUN_SH ${MAMBA_MPIRUN})  # for sh -c command lines
-foreach(np 2 4)
+foreach(np 2 4 8)
   add_test(NAME mpi.np${np}.distributed
            COMMAND ${MAMBA_MPIRUN} -np ${np} $<TARGET_FILE:test_distributed>)
   set_tests_properties(mpi.np${np}.distributed PROPERTIES TIMEOUT 600 RESOURCE_LOCK mpi

@@ -1,6 +1,7 @@
-// Multi-rank tests, run by ctest under `mpirun -np 2` and `-np 4` (one OpenMP thread a rank): every
-// dp x sp layout of the world against one rank computed in the same process, on the CPU backend
-// over the MPI transport (and on the CUDA backend where a GPU is visible, the ranks sharing it).
+// Multi-rank tests, run by ctest under `mpirun -np 2`, `-np 4` and `-np 8` (one OpenMP thread a
+// rank): every dp x sp layout of the world against one rank computed in the same process, on the
+// CPU backend over the MPI transport (and on the CUDA backend where a GPU is visible, the ranks
+// sharing it).
 //
 // - float64: the loss and every parameter's gradient of one step equal one rank's to 1e-12
 //   (relative), with slices of odd lengths and of exactly d_conv - 1 positions (the halo then
@@ -40,6 +41,12 @@ std::vector<comm::Layout> Layouts() {
     if (P % sp == 0) layouts.push_back({P / sp, sp});
   }
   return layouts;
+}
+
+// A global batch of at least 4 sequences that every layout's dp divides.
+int64_t GlobalBatch() {
+  const int P = Mpi().world_size();
+  return P * ((4 + P - 1) / P);
 }
 
 // The world as one group, for the tests' own exchanges.
@@ -126,7 +133,7 @@ std::vector<std::vector<double>> Grads(const MambaModel& m) {
 
 TEST(Distributed, EveryLayoutGivesOneRanksLossAndGradientsInFloat64) {
   auto backend = MakeCpuBackend();
-  const int64_t B = 4;
+  const int64_t B = GlobalBatch();
   for (const comm::Layout& layout : Layouts()) {
     // Slices of 7 positions (odd), or of 3 = d_conv - 1 from sp 4 on (the halo is a whole slice).
     const int64_t slice = layout.sp >= 4 ? 3 : 7, L = slice * layout.sp;
@@ -213,8 +220,8 @@ v1::JobSpec Spec(const comm::Layout& layout, const std::string& checkpoint_dir =
                  Sync sync = {}) {
   std::ostringstream json;
   json << R"({"data":{"inductionHeads":{"seqLen":24,"vocabSize":11}},)"
-       << R"("model":{"dModel":8,"nLayer":2,"dState":4},"steps":10,"batchSize":4,)"
-       << R"("logEvery":5,"eval":{"batches":1,"seqLens":[24,48]},)"
+       << R"("model":{"dModel":8,"nLayer":2,"dState":4},"steps":10,"batchSize":)" << GlobalBatch()
+       << R"(,"logEvery":5,"eval":{"batches":1,"seqLens":[24,48]},)"
        << R"("optimizer":{"lr":0.01,"shardState":)" << (sync.shard ? "true" : "false") << "},"
        << R"("parallel":{"dp":)" << layout.dp << R"(,"sp":)" << layout.sp << R"(,"gradBucketMb":)"
        << sync.bucket_mb << "}";
