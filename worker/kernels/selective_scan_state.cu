@@ -160,7 +160,9 @@ cudaError_t Launch(const ScanProblem& p, float* decay, float* state, cudaStream_
   const int64_t want = std::max<int64_t>(1, (int64_t(sms) * 2048 + rows - 1) / rows);
   const int64_t chunks = std::clamp<int64_t>(want, 1, std::min<int64_t>(65535, (p.len + 63) / 64));
   const int64_t chunk_len = (p.len + chunks - 1) / chunks;
-  const size_t bytes = size_t(chunks) * (chains + rows) * sizeof(float);
+  // Chunk states only where the state is wanted (the decay alone needs the step sums).
+  const int64_t state_floats = state != nullptr ? chunks * chains : 0;
+  const size_t bytes = size_t(state_floats + chunks * rows) * sizeof(float);
   std::shared_ptr<void> held;
   float* base = nullptr;
   if (scratch.allocate) {
@@ -172,7 +174,7 @@ cudaError_t Launch(const ScanProblem& p, float* decay, float* state, cudaStream_
     return err;
   }
   float* chunk_s = base;
-  float* chunk_dt = base + chunks * chains;
+  float* chunk_dt = base + state_floats;
   constexpr int kThreads = 128;
   const dim3 grid(static_cast<unsigned>((rows + kThreads - 1) / kThreads),
                   static_cast<unsigned>(chunks));
