@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 
@@ -49,6 +50,11 @@ double UnitScale(std::string_view unit) {
     if (unit == name) return scale;
   }
   return 1;
+}
+
+bool IsCounterMetric(std::string_view column) {
+  return std::find(std::begin(kCounterMetrics), std::end(kCounterMetrics), column) !=
+         std::end(kCounterMetrics);
 }
 
 }  // namespace
@@ -99,7 +105,9 @@ absl::StatusOr<std::vector<NcuKernel>> ParseNcuCsv(std::string_view text) {
     NcuKernel k;
     k.name = fields[name_col];
     for (size_t c = 0; c < columns.size(); ++c) {
-      // Metrics are the dotted counter names; their values may carry thousands separators.
+      // Metrics are the dotted counter names; their values may carry thousands separators. The
+      // raw page also lists device attributes, some of them words ("No-CC"): only the counters
+      // the report reads must be numbers.
       if (columns[c].find("__") == std::string::npos) continue;
       std::string digits;
       for (char ch : fields[c]) {
@@ -107,11 +115,12 @@ absl::StatusOr<std::vector<NcuKernel>> ParseNcuCsv(std::string_view text) {
       }
       char* end = nullptr;
       const double v = std::strtod(digits.c_str(), &end);
-      if (digits.empty() || end != digits.c_str() + digits.size()) {
+      if (!digits.empty() && end == digits.c_str() + digits.size()) {
+        k.metrics[columns[c]] = v * scale[c];
+      } else if (IsCounterMetric(columns[c])) {
         return absl::InvalidArgumentError(absl::StrCat("ncu csv line ", i + 1, ": ", columns[c],
                                                        " is \"", fields[c], "\", not a number"));
       }
-      k.metrics[columns[c]] = v * scale[c];
     }
     kernels.push_back(std::move(k));
   }

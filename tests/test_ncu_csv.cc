@@ -72,5 +72,62 @@ TEST(NcuCsv, RefusesWhatIsNotItsTable) {
             std::string::npos);
 }
 
+std::string ReadFixture(const std::string& name) {
+  std::ifstream in(std::string(MAMBA_NCU_FIXTURES) + "/" + name);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Nsight Compute 2025's output on an H100 (scripts/profile.sh, Mamba-130M's shapes at 2 layers,
+// batch 8 x 2048, bf16): its warnings and the program's lines before the table, every device
+// attribute of the raw page beside the counters (some of them words: "No-CC"), NVTX range
+// columns full of quotes and commas. The expected sums were added up from the file by hand.
+TEST(NcuCsv, ReadsARecordedForwardProfile) {
+  const std::string text = ReadFixture("selective_scan_fwd_h100.csv");
+  ASSERT_FALSE(text.empty()) << "fixture missing";
+  auto kernels = ParseNcuCsv(text);
+  ASSERT_TRUE(kernels.ok()) << kernels.status();
+  ASSERT_EQ(kernels->size(), 2u);  // one forward scan a layer
+  for (const NcuKernel& k : *kernels) {
+    EXPECT_NE(k.name.find("TiledScanKernel"), std::string::npos) << k.name;
+    EXPECT_EQ(k.metrics.count("device__attribute_confidential_computing_mode"), 0u);
+  }
+  EXPECT_EQ((*kernels)[0].metrics.at("dram__bytes_read.sum"), 153094656);
+  auto m = SumNcuKernels(*kernels);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->dram_read_bytes, 306193920);
+  EXPECT_EQ(m->dram_write_bytes, 86257152);
+  EXPECT_EQ(m->shared_bytes, 128.0 * (66187693 + 14157312));
+  EXPECT_NEAR(m->gpu_time_ms, 0.400864, 1e-9);
+}
+
+TEST(NcuCsv, ReadsARecordedBackwardProfile) {
+  auto kernels = ParseNcuCsv(ReadFixture("selective_scan_bwd_h100.csv"));
+  ASSERT_TRUE(kernels.ok()) << kernels.status();
+  // A layer's backward: the pre-pass, the segment composition, the main pass, the reductions.
+  ASSERT_EQ(kernels->size(), 8u);
+  EXPECT_NE((*kernels)[1].name.find("ScanComposeKernel"), std::string::npos);
+  EXPECT_NE((*kernels)[3].name.find("TiledReduceBCKernel"), std::string::npos);
+  auto m = SumNcuKernels(*kernels);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->dram_read_bytes, 1258583040);
+  EXPECT_EQ(m->dram_write_bytes, 679961856);
+  EXPECT_EQ(m->shared_bytes, 128.0 * (187351742 + 63209522));
+  EXPECT_NEAR(m->gpu_time_ms, 1.829856, 1e-9);
+}
+
+TEST(NcuCsv, AWordWhereACounterShouldBeIsRefused) {
+  std::string text = ReadFixture("selective_scan_fwd_h100.csv");
+  const size_t at = text.find("\"153,094,656\"");
+  ASSERT_NE(at, std::string::npos);
+  text.replace(at, 13, "\"No-CC\"");
+  auto bad = ParseNcuCsv(text);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(std::string(bad.status().message()).find("dram__bytes_read.sum is \"No-CC\""),
+            std::string::npos)
+      << bad.status();
+}
+
 }  // namespace
 }  // namespace mamba::profiling

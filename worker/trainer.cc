@@ -382,6 +382,9 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
   auto window_start = t0;
   LossStats window;
   int64_t window_steps = 0;
+  // Counting hardware counters (set-up, replayed kernels) is left out of the speeds shown.
+  double window_counted_seconds = 0;
+  int64_t window_counted_steps = 0;
   // The next step's batch is drawn on another thread while this one trains: batches are pure
   // functions of the step, so drawing them ahead changes nothing but the wait.
   const auto draw = [this, L](int64_t step) -> absl::StatusOr<PreparedBatch> {
@@ -403,6 +406,7 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     if (profiled && profile_.steps == 0) backend_->TakeOpTimes();  // none from before
     backend_->EnableOpTiming(profiled);
     if (counters_on && step == counted_from) {
+      const auto setup_start = Clock::now();  // set-up counts as counting, not as training
       const auto& k = spec_.profile().kernels();
       // Kernel replay serialises the context's kernels, the communication's among them: with
       // peers waiting on each other inside a step, a rank's replays could stall the job.
@@ -411,6 +415,7 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
               ? "hardware counters are collected on one-rank jobs only (kernel replay would "
                 "serialise with the ranks' communication)"
               : backend_->EnableOpCounters({k.begin(), k.end()});
+      profile_.counted_seconds += SecondsSince(setup_start);
     }
     const auto step_start = Clock::now();
     ASSIGN_OR_RETURN(PreparedBatch batch, next.get());
@@ -457,6 +462,7 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
       for (const auto& [op, k] : backend_->TakeOpCounters(&why)) profile_.counters[op] += k;
       profile_.counters_note = why;
       ++profile_.counted_steps;
+      ++window_counted_steps;
       profile_.counted_seconds += SecondsSince(step_start);
     }
     summary.losses.push_back(s.mean_loss());
@@ -468,7 +474,13 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
     const bool last = step + 1 == steps;
     if ((step + 1) % spec_.log_every() == 0 || last) {
       const double elapsed = SecondsSince(t0);
-      const double window_tps = double(window_steps * B * L) / SecondsSince(window_start);
+      const int64_t timed_steps = window_steps - window_counted_steps;
+      const double window_tps =
+          timed_steps > 0 ? double(timed_steps * B * L) /
+                                std::max(SecondsSince(window_start) -
+                                             (profile_.counted_seconds - window_counted_seconds),
+                                         1e-9)
+                          : double(window_steps * B * L) / SecondsSince(window_start);
       const double eta = elapsed / double(step + 1 - start_step_) * double(steps - step - 1);
       if (summary.first_loss == 0) summary.first_loss = window.mean_loss();
       summary.final_loss = window.mean_loss();
@@ -481,6 +493,8 @@ absl::StatusOr<TrainSummary> Trainer::RunSteps(std::ostream& log) {
       log.flush();
       window = LossStats();
       window_steps = 0;
+      window_counted_steps = 0;
+      window_counted_seconds = profile_.counted_seconds;
       window_start = Clock::now();
     }
     const int64_t every = spec_.eval().every_steps();

@@ -141,7 +141,7 @@ class Trainer {
     std::map<std::string, profiling::KernelCounters> counters;
     std::string counters_note;
     int64_t counted_steps = 0;
-    double counted_seconds = 0;
+    double counted_seconds = 0;  // the counted steps and the counters' set-up
   };
   ProfiledSteps profile_;
   // Writes the profiling report of the profiled steps (rank 0).
