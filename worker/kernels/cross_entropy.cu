@@ -1,4 +1,5 @@
 #include <cfloat>
+#include <type_traits>
 
 #include "worker/kernels/cross_entropy.h"
 #include "worker/kernels/cuda_check.h"
@@ -10,6 +11,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kStatsThreads = 1024;
+// Up to this vocabulary a row is read by a group of at most 32 lanes (GroupRowKernel), beyond
+// it by a block (RowKernel).
+constexpr int64_t kGroupRowsMaxVocab = 1024;
 
 size_t Align(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
@@ -41,6 +45,21 @@ __device__ Online WarpCombine(Online v) {
     o.max = __shfl_xor_sync(0xffffffffu, v.max, offset);
     o.sum = __shfl_xor_sync(0xffffffffu, v.sum, offset);
     o.arg = __shfl_xor_sync(0xffffffffu, v.arg, offset);
+    v = Combine(v, o);
+  }
+  return v;
+}
+
+// The same over the G lanes of a row's group (G a power of two up to 32, groups aligned in the
+// warp): only the group's lanes take part, so groups may leave early on their own.
+template <int G>
+__device__ Online GroupCombine(Online v, unsigned mask) {
+#pragma unroll
+  for (int offset = G / 2; offset > 0; offset >>= 1) {
+    Online o;
+    o.max = __shfl_xor_sync(mask, v.max, offset, G);
+    o.sum = __shfl_xor_sync(mask, v.sum, offset, G);
+    o.arg = __shfl_xor_sync(mask, v.arg, offset, G);
     v = Combine(v, o);
   }
   return v;
@@ -131,6 +150,81 @@ __global__ void RowKernel(int64_t vocab, const T* logits, const int32_t* targets
   }
 }
 
+// Rows of at most 32 * V * 8 logits: G lanes a row (G * V at least the row, up to 32 lanes), so
+// a small vocabulary does not leave most of a 256-thread block idle (vocab 16: 4 lanes, 64 rows
+// a block, against 4 busy threads of 256 a row). The same math and results as RowKernel.
+template <typename T, int V, int G>
+__global__ void GroupRowKernel(int64_t rows, int64_t vocab, const T* logits, const int32_t* targets,
+                               int32_t ignore_index, float grad_scale, T* dlogits, double* row_loss,
+                               int* row_hit, int* error_flag) {
+  const int64_t r = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / G;
+  if (r >= rows) return;  // whole groups: G divides the block
+  const int g = threadIdx.x % G;
+  const unsigned mask =
+      G == 32 ? 0xffffffffu : ((1u << G) - 1) << ((threadIdx.x & 31) & ~unsigned(G - 1));
+  const int32_t target = targets[r];
+  const T* z = logits + r * vocab;
+  T* dz = dlogits ? dlogits + r * vocab : nullptr;
+  const bool bad = target != ignore_index && (target < 0 || target >= vocab);
+  if (target == ignore_index || bad) {
+    if (bad && g == 0) atomicOr(error_flag, kBadTarget);
+    if (dz) {
+      for (int64_t v = g * V; v < vocab; v += G * V) StoreVec<V>(dz + v, ZeroVec<V>());
+    }
+    if (g == 0) {
+      row_loss[r] = 0.0;
+      row_hit[r] = -1;
+    }
+    return;
+  }
+  Online acc{-FLT_MAX, 0.f, -1};
+  for (int64_t v = g * V; v < vocab; v += G * V) Fold<V>(LoadVec<V>(z + v), v, acc);
+  acc = GroupCombine<G>(acc, mask);  // every lane of the group holds the row's result
+  const float lse = acc.max + logf(acc.sum);
+  const float z_target = Load(z + target);
+  __syncwarp(mask);  // dz may alias z: z[target] is read by the group before any write
+  if (dz) {
+    const float lse2 = lse * kLog2e;
+    for (int64_t v = g * V; v < vocab; v += G * V) {
+      Vec<V> x = LoadVec<V>(z + v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float p = Ex2(fmaf(x.v[i], kLog2e, -lse2));
+        x.v[i] = grad_scale * (v + i == target ? p - 1.f : p);
+      }
+      StoreVec<V>(dz + v, x);
+    }
+  }
+  if (g == 0) {
+    row_loss[r] = double(lse) - double(z_target);
+    row_hit[r] = acc.arg == target ? 1 : 0;
+  }
+}
+
+// Launches GroupRowKernel with the fewest lanes that cover a row in one pass (at most 32).
+template <typename T, int V>
+void LaunchGroupRows(int64_t rows, int64_t vocab, const T* logits, const int32_t* targets,
+                     int32_t ignore_index, float grad_scale, T* dlogits, double* row_loss,
+                     int* row_hit, int* error_flag, cudaStream_t stream) {
+  const int64_t lanes_wanted = (vocab + V - 1) / V;
+  const auto launch = [&](auto group) {
+    constexpr int G = decltype(group)::value;
+    const int64_t blocks = (rows * G + kThreads - 1) / kThreads;
+    GroupRowKernel<T, V, G><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        rows, vocab, logits, targets, ignore_index, grad_scale, dlogits, row_loss, row_hit,
+        error_flag);
+  };
+  if (lanes_wanted <= 4) {
+    launch(std::integral_constant<int, 4>{});
+  } else if (lanes_wanted <= 8) {
+    launch(std::integral_constant<int, 8>{});
+  } else if (lanes_wanted <= 16) {
+    launch(std::integral_constant<int, 16>{});
+  } else {
+    launch(std::integral_constant<int, 32>{});
+  }
+}
+
 __global__ void StatsKernel(int64_t rows, const double* row_loss, const int* row_hit,
                             bool accumulate, CrossEntropyDeviceStats* stats) {
   __shared__ double dscratch[32];
@@ -176,7 +270,11 @@ void CrossEntropyCuda(int64_t rows, int64_t vocab, const T* logits, const int32_
     // 4-element accesses when every row starts 4-aligned (the allocator aligns the base).
     const bool vec = vocab % 4 == 0 && reinterpret_cast<uintptr_t>(logits) % (4 * sizeof(T)) == 0 &&
                      reinterpret_cast<uintptr_t>(dlogits) % (4 * sizeof(T)) == 0;
-    if (vec) {
+    if (vocab <= kGroupRowsMaxVocab) {
+      (vec ? LaunchGroupRows<T, 4>
+           : LaunchGroupRows<T, 1>)(rows, vocab, logits, targets, ignore_index, float(grad_scale),
+                                    dlogits, row_loss, row_hit, error_flag, stream);
+    } else if (vec) {
       RowKernel<T, 4><<<static_cast<unsigned int>(rows), kThreads, 0, stream>>>(
           vocab, logits, targets, ignore_index, float(grad_scale), dlogits, row_loss, row_hit,
           error_flag);
