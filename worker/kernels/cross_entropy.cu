@@ -93,6 +93,38 @@ __device__ __forceinline__ void Fold(const Vec<V>& x, int64_t v, Online& acc) {
   for (int i = 0; i < V; ++i) acc.sum += Ex2(fmaf(x.v[i], kLog2e, -mk));
 }
 
+// A thread's share of a row: the elements v0 + k * stride .. + V - 1, k = 0, 1, ...
+template <typename T, int V>
+__device__ __forceinline__ Online FoldShare(const T* z, int64_t v0, int64_t stride, int64_t vocab) {
+  Online acc{-FLT_MAX, 0.f, -1};
+  for (int64_t v = v0; v < vocab; v += stride) Fold<V>(LoadVec<V>(z + v), v, acc);
+  return acc;
+}
+
+// dz = grad_scale * (softmax(z) - one_hot(target)) over a thread's share. Each element is read
+// before it is written, so dz may alias z.
+template <typename T, int V>
+__device__ __forceinline__ void WriteGradShare(const T* z, T* dz, int64_t v0, int64_t stride,
+                                               int64_t vocab, int32_t target, float lse,
+                                               float grad_scale) {
+  const float lse2 = lse * kLog2e;
+  for (int64_t v = v0; v < vocab; v += stride) {
+    Vec<V> g = LoadVec<V>(z + v);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float p = Ex2(fmaf(g.v[i], kLog2e, -lse2));
+      g.v[i] = grad_scale * (v + i == target ? p - 1.f : p);
+    }
+    StoreVec<V>(dz + v, g);
+  }
+}
+
+// An ignored row's gradient: zeros.
+template <typename T, int V>
+__device__ __forceinline__ void ZeroShare(T* dz, int64_t v0, int64_t stride, int64_t vocab) {
+  for (int64_t v = v0; v < vocab; v += stride) StoreVec<V>(dz + v, ZeroVec<V>());
+}
+
 // Per row: loss (double) and hit into row_loss / row_hit (0 loss and -1 hit for ignored rows).
 // V logits per access (V = 4 when rows are 4-aligned: 8- or 16-byte loads). Plain loads, not
 // the read-only path: dlogits may alias logits.
@@ -108,22 +140,14 @@ __global__ void RowKernel(int64_t vocab, const T* logits, const int32_t* targets
   const bool bad = target != ignore_index && (target < 0 || target >= vocab);
   if (target == ignore_index || bad) {
     if (bad && threadIdx.x == 0) atomicOr(error_flag, kBadTarget);
-    if (dz) {
-      for (int64_t v = threadIdx.x * V; v < vocab; v += blockDim.x * V) {
-        StoreVec<V>(dz + v, ZeroVec<V>());
-      }
-    }
+    if (dz) ZeroShare<T, V>(dz, threadIdx.x * V, blockDim.x * V, vocab);
     if (threadIdx.x == 0) {
       row_loss[r] = 0.0;
       row_hit[r] = -1;
     }
     return;
   }
-  Online acc{-FLT_MAX, 0.f, -1};
-  for (int64_t v = threadIdx.x * V; v < vocab; v += blockDim.x * V) {
-    Fold<V>(LoadVec<V>(z + v), v, acc);
-  }
-  acc = WarpCombine(acc);
+  Online acc = WarpCombine(FoldShare<T, V>(z, threadIdx.x * V, blockDim.x * V, vocab));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) scratch[warp] = acc;
   __syncthreads();
@@ -133,16 +157,7 @@ __global__ void RowKernel(int64_t vocab, const T* logits, const int32_t* targets
   const float z_target = Load(z + target);
   __syncthreads();  // dz may alias z: z[target] is read by every thread before any write
   if (dz) {
-    const float lse2 = lse * kLog2e;
-    for (int64_t v = threadIdx.x * V; v < vocab; v += blockDim.x * V) {
-      Vec<V> g = LoadVec<V>(z + v);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float p = Ex2(fmaf(g.v[i], kLog2e, -lse2));
-        g.v[i] = grad_scale * (v + i == target ? p - 1.f : p);
-      }
-      StoreVec<V>(dz + v, g);
-    }
+    WriteGradShare<T, V>(z, dz, threadIdx.x * V, blockDim.x * V, vocab, target, lse, grad_scale);
   }
   if (threadIdx.x == 0) {
     row_loss[r] = double(lse) - double(z_target);
@@ -168,33 +183,19 @@ __global__ void GroupRowKernel(int64_t rows, int64_t vocab, const T* logits, con
   const bool bad = target != ignore_index && (target < 0 || target >= vocab);
   if (target == ignore_index || bad) {
     if (bad && g == 0) atomicOr(error_flag, kBadTarget);
-    if (dz) {
-      for (int64_t v = g * V; v < vocab; v += G * V) StoreVec<V>(dz + v, ZeroVec<V>());
-    }
+    if (dz) ZeroShare<T, V>(dz, g * V, G * V, vocab);
     if (g == 0) {
       row_loss[r] = 0.0;
       row_hit[r] = -1;
     }
     return;
   }
-  Online acc{-FLT_MAX, 0.f, -1};
-  for (int64_t v = g * V; v < vocab; v += G * V) Fold<V>(LoadVec<V>(z + v), v, acc);
-  acc = GroupCombine<G>(acc, mask);  // every lane of the group holds the row's result
+  // Every lane of the group then holds the row's result.
+  const Online acc = GroupCombine<G>(FoldShare<T, V>(z, g * V, G * V, vocab), mask);
   const float lse = acc.max + logf(acc.sum);
   const float z_target = Load(z + target);
   __syncwarp(mask);  // dz may alias z: z[target] is read by the group before any write
-  if (dz) {
-    const float lse2 = lse * kLog2e;
-    for (int64_t v = g * V; v < vocab; v += G * V) {
-      Vec<V> x = LoadVec<V>(z + v);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float p = Ex2(fmaf(x.v[i], kLog2e, -lse2));
-        x.v[i] = grad_scale * (v + i == target ? p - 1.f : p);
-      }
-      StoreVec<V>(dz + v, x);
-    }
-  }
+  if (dz) WriteGradShare<T, V>(z, dz, g * V, G * V, vocab, target, lse, grad_scale);
   if (g == 0) {
     row_loss[r] = double(lse) - double(z_target);
     row_hit[r] = acc.arg == target ? 1 : 0;
