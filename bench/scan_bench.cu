@@ -18,22 +18,15 @@
 #include <string>
 #include <vector>
 
+#include "bench/cuda_timing.cuh"
 #include "worker/kernels/selective_scan_cuda.h"
 
 namespace {
 
+using mamba::bench::TimeMedian;
 using mamba::kernels::cuda::DType;
 using mamba::kernels::cuda::ScanProblem;
 using mamba::kernels::cuda::ScanTuning;
-
-#define CHECK_CUDA(x)                                                                         \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
 
 struct Row {
   int64_t B, D, L;
@@ -89,32 +82,6 @@ void* Alloc(size_t bytes) {
 struct Set {
   void *u, *delta, *z, *Bm, *Cm, *dout, *out, *du, *ddelta, *dz, *dBm, *dCm;
 };
-
-double Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-template <typename F>
-double TimeMedian(int warmup, int runs, F&& f) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  for (int i = 0; i < warmup; ++i) f(i);
-  std::vector<float> ms;
-  for (int i = 0; i < runs; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    f(i);
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  CHECK_CUDA(cudaEventDestroy(a));
-  CHECK_CUDA(cudaEventDestroy(b));
-  return Median(ms);
-}
 
 // Device-to-device copy bandwidth, bytes read + written per second.
 double CopyBandwidth() {

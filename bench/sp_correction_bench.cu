@@ -22,11 +22,13 @@
 #include <string>
 #include <vector>
 
+#include "bench/cuda_timing.cuh"
 #include "worker/kernels/cuda_dtype.cuh"
 #include "worker/kernels/selective_scan_cuda.h"
 
 namespace {
 
+using mamba::bench::TimeMedian;
 using mamba::kernels::Load;
 using mamba::kernels::LoadVec;
 using mamba::kernels::Store;
@@ -34,15 +36,6 @@ using mamba::kernels::Vec;
 using mamba::kernels::cuda::DType;
 using mamba::kernels::cuda::ScanProblem;
 using bf16 = __nv_bfloat16;
-
-#define CHECK_CUDA(x)                                                                         \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
 
 constexpr int kN = 16;
 constexpr int kThreads = 128;
@@ -116,28 +109,6 @@ __global__ void __launch_bounds__(kThreads)
     const float zv = Load(z + t * p.z.sl);
     Store(y + t * p.out.sl, Load(y + t * p.out.sl) + dot * zv / (1.f + __expf(-zv)));
   }
-}
-
-template <typename F>
-double TimeMedian(int runs, F&& f) {
-  cudaEvent_t a, b;
-  CHECK_CUDA(cudaEventCreate(&a));
-  CHECK_CUDA(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) f();
-  std::vector<float> ms;
-  for (int i = 0; i < runs; ++i) {
-    CHECK_CUDA(cudaEventRecord(a));
-    f();
-    CHECK_CUDA(cudaEventRecord(b));
-    CHECK_CUDA(cudaEventSynchronize(b));
-    float t = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  CHECK_CUDA(cudaEventDestroy(a));
-  CHECK_CUDA(cudaEventDestroy(b));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
 }
 
 template <typename T>
@@ -267,17 +238,17 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "the correction kernel is wrong\n");
     return 1;
   }
-  const double map_ms = TimeMedian(runs, [&] {
+  const double map_ms = TimeMedian(3, runs, [&](int) {
     CHECK_CUDA(mamba::kernels::cuda::LaunchScanStateMap(p, decay, state, nullptr));
   });
-  const double decay_ms = TimeMedian(runs, [&] {
+  const double decay_ms = TimeMedian(3, runs, [&](int) {
     CHECK_CUDA(mamba::kernels::cuda::LaunchScanStateMap(p, decay, nullptr, nullptr));
   });
-  const double sums_ms = TimeMedian(runs, [&] {
+  const double sums_ms = TimeMedian(3, runs, [&](int) {
     ChunkSums<<<grid, kThreads>>>(p, chunk_len, chunk_dt);
     CHECK_CUDA(cudaGetLastError());
   });
-  const double correct_ms = TimeMedian(runs, [&] {
+  const double correct_ms = TimeMedian(3, runs, [&](int) {
     CorrectOutputs<<<grid, kThreads>>>(p, chunk_len, chunk_dt, dh, out);
     CHECK_CUDA(cudaGetLastError());
   });
