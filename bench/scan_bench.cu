@@ -18,11 +18,13 @@
 #include <string>
 #include <vector>
 
-#include "bench/cuda_timing.cuh"
+#include "bench/cuda_bench.cuh"
 #include "worker/kernels/selective_scan_cuda.h"
 
 namespace {
 
+using mamba::bench::Alloc;
+using mamba::bench::Fill;
 using mamba::bench::TimeMedian;
 using mamba::kernels::cuda::DType;
 using mamba::kernels::cuda::ScanProblem;
@@ -42,41 +44,6 @@ const Row kRows[] = {
     {2, 5120, 8192, false, 3.166, 6.835},  {2, 5120, 8192, true, 1.858, 6.194},
 };
 constexpr int64_t kN = 16;
-
-// Uniform values in [lo, hi) from a hash of the index and seed (no host round trip).
-template <typename T>
-__global__ void FillKernel(T* p, int64_t n, uint32_t seed, float lo, float hi) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t x = uint32_t(i) * 2654435761u ^ seed * 2246822519u ^ uint32_t(i >> 32) * 3266489917u;
-    x ^= x >> 15;
-    x *= 2246822519u;
-    x ^= x >> 13;
-    x *= 3266489917u;
-    x ^= x >> 16;
-    const float v = lo + (hi - lo) * (x >> 8) * (1.f / 16777216.f);
-    if constexpr (std::is_same_v<T, float>) {
-      p[i] = v;
-    } else {
-      p[i] = __float2bfloat16_rn(v);
-    }
-  }
-}
-
-void Fill(void* p, int64_t n, bool bf16, uint32_t seed, float lo, float hi) {
-  if (bf16) {
-    FillKernel<<<1024, 256>>>(static_cast<__nv_bfloat16*>(p), n, seed, lo, hi);
-  } else {
-    FillKernel<<<1024, 256>>>(static_cast<float*>(p), n, seed, lo, hi);
-  }
-  CHECK_CUDA(cudaGetLastError());
-}
-
-void* Alloc(size_t bytes) {
-  void* p = nullptr;
-  CHECK_CUDA(cudaMalloc(&p, bytes));
-  return p;
-}
 
 // One input set and its outputs, channel-contiguous layout.
 struct Set {

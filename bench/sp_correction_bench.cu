@@ -22,52 +22,30 @@
 #include <string>
 #include <vector>
 
-#include "bench/cuda_timing.cuh"
+#include "bench/cuda_bench.cuh"
 #include "worker/kernels/cuda_dtype.cuh"
 #include "worker/kernels/selective_scan_cuda.h"
+#include "worker/kernels/selective_scan_state.cuh"
 
 namespace {
 
+using mamba::bench::Fill;
 using mamba::bench::TimeMedian;
 using mamba::kernels::Load;
 using mamba::kernels::LoadVec;
 using mamba::kernels::Store;
 using mamba::kernels::Vec;
+using mamba::kernels::cuda::ChunkSlice;
+using mamba::kernels::cuda::ChunkStepSums;
 using mamba::kernels::cuda::DType;
+using mamba::kernels::cuda::kNegligible;
 using mamba::kernels::cuda::ScanProblem;
+using mamba::kernels::cuda::StateChunking;
+using mamba::kernels::cuda::StepSize;
 using bf16 = __nv_bfloat16;
 
 constexpr int kN = 16;
 constexpr int kThreads = 128;
-constexpr float kNegligible = -32.f;  // as selective_scan_state.cu
-
-// Uniform values in [lo, hi) from a hash of the index.
-__global__ void FillKernel(bf16* p, int64_t n, uint32_t seed, float lo, float hi) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t x = uint32_t(i) * 2654435761u ^ seed * 2246822519u;
-    x ^= x >> 15;
-    x *= 2246822519u;
-    x ^= x >> 13;
-    p[i] = __float2bfloat16_rn(lo + (hi - lo) * (x >> 8) * (1.f / 16777216.f));
-  }
-}
-
-__device__ __forceinline__ float StepSize(float raw) {
-  return raw <= 20.f ? __logf(1.f + __expf(raw)) : raw;
-}
-
-// Each chunk's summed step size (what (b) shares with its decay pass).
-__global__ void ChunkSums(const ScanProblem p, int64_t chunk_len, float* chunk_dt) {
-  const int64_t rows = p.batch * p.dim, row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (row >= rows) return;
-  const int64_t d = row % p.dim, b = row / p.dim;
-  const int64_t t0 = blockIdx.y * chunk_len, t1 = min(p.len, t0 + chunk_len);
-  const bf16* delta = static_cast<const bf16*>(p.delta.p) + b * p.delta.sb + d * p.delta.sd;
-  float sum = 0.f;
-  for (int64_t t = t0; t < t1; ++t) sum += StepSize(Load(delta + t * p.delta.sl) + p.dt_bias[d]);
-  chunk_dt[blockIdx.y * rows + row] = sum;
-}
 
 // (b): one thread a (batch, channel) and chunk, N = 16 states in registers.
 __global__ void __launch_bounds__(kThreads)
@@ -95,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
   const float bias = p.dt_bias[d];
 #pragma unroll 2
   for (int64_t t = t0; t < t1; ++t) {
-    const float dt = StepSize(Load(delta + t * p.delta.sl) + bias);
+    const float dt = StepSize(p, Load(delta + t * p.delta.sl) + bias);
     float dot = 0.f;
 #pragma unroll
     for (int n = 0; n < kN; n += 4) {
@@ -113,9 +91,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 T* Alloc(size_t n) {
-  void* p = nullptr;
-  CHECK_CUDA(cudaMalloc(&p, n * sizeof(T)));
-  return static_cast<T*>(p);
+  return static_cast<T*>(mamba::bench::Alloc(n * sizeof(T)));
 }
 
 std::vector<float> ToHost(const bf16* p, int64_t n) {
@@ -188,13 +164,12 @@ int main(int argc, char** argv) {
   const int64_t rows = B * D, act = B * L * D, bc = B * L * kN;
   bf16 *u = Alloc<bf16>(act), *delta = Alloc<bf16>(act), *z = Alloc<bf16>(act);
   bf16 *out = Alloc<bf16>(act), *Bm = Alloc<bf16>(bc), *Cm = Alloc<bf16>(bc);
-  FillKernel<<<1024, 256>>>(u, act, 1, -1, 1);
-  FillKernel<<<1024, 256>>>(delta, act, 2, -0.5f, 0.5f);
-  FillKernel<<<1024, 256>>>(z, act, 3, -1, 1);
-  FillKernel<<<1024, 256>>>(out, act, 4, -1, 1);
-  FillKernel<<<1024, 256>>>(Bm, bc, 5, -1, 1);
-  FillKernel<<<1024, 256>>>(Cm, bc, 6, -1, 1);
-  CHECK_CUDA(cudaGetLastError());
+  Fill(u, act, true, 1, -1, 1);
+  Fill(delta, act, true, 2, -0.5f, 0.5f);
+  Fill(z, act, true, 3, -1, 1);
+  Fill(out, act, true, 4, -1, 1);
+  Fill(Bm, bc, true, 5, -1, 1);
+  Fill(Cm, bc, true, 6, -1, 1);
   std::vector<float> A(D * kN), bias(D), h(rows * kN);
   for (int64_t d = 0; d < D; ++d) {
     // Mamba's dt initialization: log-uniform in [1e-3, 1e-1], the bias its softplus inverse.
@@ -220,17 +195,16 @@ int main(int argc, char** argv) {
   p.A = dA, p.dt_bias = dbias;
   float *decay = Alloc<float>(rows * kN), *state = Alloc<float>(rows * kN);
 
-  // The same chunking as the state map (selective_scan_state.cu).
+  // The same chunking as the state map.
   int sms = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const int64_t want = std::max<int64_t>(1, (int64_t(sms) * 2048 + rows - 1) / rows);
-  const int64_t chunks = std::clamp<int64_t>(want, 1, std::min<int64_t>(65535, (L + 63) / 64));
-  const int64_t chunk_len = (L + chunks - 1) / chunks;
+  const StateChunking cut = ChunkSlice(rows, L, sms);
+  const int64_t chunks = cut.chunks, chunk_len = cut.chunk_len;
   float* chunk_dt = Alloc<float>(chunks * rows);
   const dim3 grid(unsigned((rows + kThreads - 1) / kThreads), unsigned(chunks));
 
   // (b) checked once against a float64 evaluation on a few channels before it is timed.
-  ChunkSums<<<grid, kThreads>>>(p, chunk_len, chunk_dt);
+  ChunkStepSums<bf16><<<grid, kThreads>>>(p, chunk_len, chunk_dt);
   const double worst = CheckCorrection(p, grid, chunk_len, chunk_dt, dh, A, bias, h);
   std::printf("correction vs float64 on channels 0, D/2, D-1 of batch 0: worst |error| %.2e\n",
               worst);
@@ -245,7 +219,7 @@ int main(int argc, char** argv) {
     CHECK_CUDA(mamba::kernels::cuda::LaunchScanStateMap(p, decay, nullptr, nullptr));
   });
   const double sums_ms = TimeMedian(3, runs, [&](int) {
-    ChunkSums<<<grid, kThreads>>>(p, chunk_len, chunk_dt);
+    ChunkStepSums<bf16><<<grid, kThreads>>>(p, chunk_len, chunk_dt);
     CHECK_CUDA(cudaGetLastError());
   });
   const double correct_ms = TimeMedian(3, runs, [&](int) {

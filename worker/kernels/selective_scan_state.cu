@@ -10,38 +10,15 @@
 
 #include "worker/kernels/cuda_dtype.cuh"
 #include "worker/kernels/selective_scan_cuda.h"
+#include "worker/kernels/selective_scan_state.cuh"
 
 namespace mamba::kernels::cuda {
 namespace {
 
-// Softplus of the raw step size plus its bias, with the hardware exponential and logarithm
-// (absolute error ~1e-7, as the scan kernels' own).
-__device__ __forceinline__ float StepSize(const ScanProblem& p, float raw) {
-  return p.softplus && raw <= 20.f ? __logf(1.f + __expf(raw)) : raw;
-}
-
-// The summed step size of each chunk of each (batch, channel).
-template <typename T>
-__global__ void __launch_bounds__(128)
-    ChunkStepSums(const ScanProblem p, int64_t chunk_len, float* chunk_dt) {
-  const int64_t rows = p.batch * p.dim;
-  const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (row >= rows) return;
-  const int64_t d = row % p.dim, b = row / p.dim;
-  const int64_t t0 = blockIdx.y * chunk_len, t1 = min(p.len, t0 + chunk_len);
-  const T* delta = static_cast<const T*>(p.delta.p) + b * p.delta.sb + d * p.delta.sd;
-  const float bias = p.dt_bias ? p.dt_bias[d] : 0.f;
-  float sum = 0.f;
-#pragma unroll 4
-  for (int64_t t = t0; t < t1; ++t) sum += StepSize(p, Load(delta + t * p.delta.sl) + bias);
-  chunk_dt[blockIdx.y * rows + row] = sum;
-}
-
 // A chunk's map enters the slice's scaled by the decay between the chunk and the slice's end
 // (forward) or start (backward), exp(A * the step sizes summed over the chunks between); where
-// that is below e^kNegligible for the slowest-decaying state (A nearest zero), the chunk cannot
-// move an fp32 result (2^-24 relative) and is skipped: for long slices most of it is.
-constexpr float kNegligible = -32.f;
+// that is below e^kNegligible for the slowest-decaying state (A nearest zero), the chunk is
+// skipped: for long slices most of it is.
 
 // One chunk of one (batch, channel): forward, the final states from zero; backward, the state
 // gradients at its start from zero at its end (zeros for a negligible chunk). A thread holds
@@ -154,12 +131,9 @@ cudaError_t Launch(const ScanProblem& p, float* decay, float* state, cudaStream_
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  // Enough chunks for ~2048 threads an SM (a thread a (batch, channel) and chunk), each at least
-  // 64 steps long.
   const int64_t rows = p.batch * p.dim;
-  const int64_t want = std::max<int64_t>(1, (int64_t(sms) * 2048 + rows - 1) / rows);
-  const int64_t chunks = std::clamp<int64_t>(want, 1, std::min<int64_t>(65535, (p.len + 63) / 64));
-  const int64_t chunk_len = (p.len + chunks - 1) / chunks;
+  const StateChunking cut = ChunkSlice(rows, p.len, sms);
+  const int64_t chunks = cut.chunks, chunk_len = cut.chunk_len;
   // Chunk states only where the state is wanted (the decay alone needs the step sums).
   const int64_t state_floats = state != nullptr ? chunks * chains : 0;
   const size_t bytes = size_t(state_floats + chunks * rows) * sizeof(float);
